@@ -1,0 +1,149 @@
+"""Typed configuration of the preprocessing job.
+
+The values live in ``conf/preprocess.yaml`` (and its groups); this module only declares their
+types and checks them, so Hydra stays the one source of defaults.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work; the message names the key and what to do."""
+
+
+@dataclass
+class Resources:
+    """What one worker of a stage asks the Ray scheduler for."""
+
+    num_cpus: float
+    num_gpus: float
+    batch_size: int
+    min_actors: int
+    max_actors: int
+
+
+@dataclass
+class StageSpec:
+    """One pluggable stage: the class to run, whether it runs, its resources and its own params."""
+
+    target: str
+    enabled: bool
+    resources: Resources
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RayConfig:
+    address: str | None  # None: start a local Ray; "auto" or "ray://host:10001": connect
+    num_cpus: int | None  # local Ray only
+    namespace: str
+    progress_bars: bool
+
+
+@dataclass
+class SamplesConfig:
+    dir: str | None  # where the built-in samples are generated; None: ~/.cache/dreamactor/samples
+    size: int  # long side of the photo-made videos
+    n_frames: int
+    fps: float
+    megamind: bool  # include opencv-doc's Megamind.avi when it is installed
+
+
+@dataclass
+class ProbeConfig:
+    timeout_s: float  # per video, probe + shot detection, in an isolated process
+    min_seconds: float  # shorter inputs are recorded as too_short
+    key_bytes: int  # bytes read from each end of the file for the content key
+
+
+@dataclass
+class PlanConfig:
+    target_fps: float | None  # None: keep the source fps; never upsampled
+    min_frames: int
+    max_frames: int
+    shot_threshold: float  # mean |ΔHSV| (0-255) between consecutive frames that marks a cut
+    min_shot_frames: int  # a cut closer than this to the previous one is ignored
+    analysis_width: int  # frames are downscaled to this width for shot detection
+
+
+@dataclass
+class DecodeConfig:
+    backend: str  # auto | pyav | decord
+    max_side: int  # the stored clip's long side is at most this (0: source size)
+    crf: int
+    preset: str
+
+
+@dataclass
+class WriterConfig:
+    shard_bytes: int
+    num_writers: int
+    num_cpus: float
+    jpeg_quality: int
+
+
+@dataclass
+class PreprocessConfig:
+    input: str | None  # dir, glob, manifest (.txt/.csv/.parquet) or URI; None: built-in samples
+    output: str
+    ray: RayConfig
+    samples: SamplesConfig
+    probe: ProbeConfig
+    plan: PlanConfig
+    decode: DecodeConfig
+    writer: WriterConfig
+    stages: dict[str, Resources]  # the engine's own stages: probe, decode, sink
+    annotators: dict[str, StageSpec]  # clip stages in order (run on the decoded frames)
+    video_stages: dict[str, StageSpec]  # per-video stages, run in the writer on a whole video
+    retry_failed: bool  # rerun videos whose failure was recorded by an earlier run
+    progress_interval_s: float
+    max_videos: int | None  # process at most this many inputs (smoke runs)
+
+
+def to_config(cfg: DictConfig) -> PreprocessConfig:
+    """Turn the composed Hydra config into typed objects and check the values."""
+    try:
+        schema = OmegaConf.structured(PreprocessConfig)
+        merged = OmegaConf.merge(schema, cfg)
+        out: PreprocessConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    except Exception as e:  # omegaconf names the key and the bad value
+        raise ConfigError(f"bad config: {e}") from None
+    check(out)
+    return out
+
+
+def check(c: PreprocessConfig) -> None:
+    """Reject values that cannot work, naming the key."""
+    p = c.plan
+    if p.min_frames < 1 or p.max_frames < p.min_frames:
+        raise ConfigError(f"plan.min_frames={p.min_frames} / plan.max_frames={p.max_frames}: "
+                          "need 1 <= min_frames <= max_frames")
+    if p.max_frames < 2 * p.min_frames - 1:
+        # A shot just longer than max_frames is split in two windows of >= min_frames each.
+        raise ConfigError(f"plan.max_frames={p.max_frames} must be >= 2*plan.min_frames-1 "
+                          f"({2 * p.min_frames - 1}) so long shots split into valid windows")
+    if p.target_fps is not None and p.target_fps <= 0:
+        raise ConfigError(f"plan.target_fps={p.target_fps} must be > 0 or null")
+    if c.decode.backend not in ("auto", "pyav", "decord"):
+        raise ConfigError(f"decode.backend={c.decode.backend!r}: use auto, pyav or decord")
+    if c.writer.shard_bytes < 1 << 16:
+        raise ConfigError(f"writer.shard_bytes={c.writer.shard_bytes} is below 64 KiB")
+    if c.writer.num_writers < 1:
+        raise ConfigError("writer.num_writers must be >= 1")
+    for name in ("probe", "decode", "sink"):
+        if name not in c.stages:
+            raise ConfigError(f"stages.{name} is missing (resources of the engine's {name} stage)")
+    for group, specs in (("stages", c.stages), ("annotators", c.annotators), ("video_stages", c.video_stages)):
+        for name, spec in specs.items():
+            r = spec if isinstance(spec, Resources) else spec.resources
+            where = f"{group}.{name}" + ("" if isinstance(spec, Resources) else ".resources")
+            if r.num_cpus < 0 or r.num_gpus < 0:
+                raise ConfigError(f"{where}: num_cpus/num_gpus must be >= 0")
+            if r.batch_size < 1:
+                raise ConfigError(f"{where}.batch_size must be >= 1")
+            if not 1 <= r.min_actors <= r.max_actors:
+                raise ConfigError(f"{where}: need 1 <= min_actors <= max_actors")

@@ -1,0 +1,197 @@
+"""The shard format: one definition of every field, imported by the writer, the validator and the
+training reader. No field name is spelled anywhere else.
+
+A sample is one clip. Its tar members are ``{key}.{field.member}``; ``key`` is
+``{video_key}_{clip:04d}`` (hex + underscore, no dots, so WebDataset splits the member name at the
+first dot into key and field). Fields are grouped: ``clip`` is written by the engine for every
+sample; every other group is written by one annotator stage and is required exactly when the
+dataset's ``dataset.json`` lists that group (see docs/data-format.md).
+"""
+from __future__ import annotations
+
+import io
+import json
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+SCHEMA_VERSION = 1
+
+KEY_RE = re.compile(r"^[0-9a-f]{16}_[0-9]{4}$")
+
+
+def clip_key(video_key: str, clip_index: int) -> str:
+    """The stable, dot-free key of clip ``clip_index`` of a video."""
+    return f"{video_key}_{clip_index:04d}"
+
+
+# SMPL-X joints (smplx.joint_names.JOINT_NAMES order) that the body fields carry: the 25 joints
+# of the kinematic body tree and the 11 face/foot keypoints. Hands have their own fields.
+SMPLX_BODY_JOINTS: tuple[tuple[int, str], ...] = (
+    (0, "pelvis"), (1, "left_hip"), (2, "right_hip"), (3, "spine1"), (4, "left_knee"),
+    (5, "right_knee"), (6, "spine2"), (7, "left_ankle"), (8, "right_ankle"), (9, "spine3"),
+    (10, "left_foot"), (11, "right_foot"), (12, "neck"), (13, "left_collar"), (14, "right_collar"),
+    (15, "head"), (16, "left_shoulder"), (17, "right_shoulder"), (18, "left_elbow"),
+    (19, "right_elbow"), (20, "left_wrist"), (21, "right_wrist"), (22, "jaw"),
+    (23, "left_eye_smplhf"), (24, "right_eye_smplhf"), (55, "nose"), (56, "right_eye"),
+    (57, "left_eye"), (58, "right_ear"), (59, "left_ear"), (60, "left_big_toe"),
+    (61, "left_small_toe"), (62, "left_heel"), (63, "right_big_toe"), (64, "right_small_toe"),
+    (65, "right_heel"),
+)
+BODY_JOINT_NAMES = tuple(n for _, n in SMPLX_BODY_JOINTS)
+BODY_SMPLX_INDEX = np.array([i for i, _ in SMPLX_BODY_JOINTS], dtype=np.int16)
+N_BODY = len(SMPLX_BODY_JOINTS)
+
+# 21 joints per hand in the MediaPipe/OpenPose order; index 0 is the subject's left hand.
+HAND_JOINT_NAMES = (
+    "wrist", "thumb1", "thumb2", "thumb3", "thumb_tip", "index1", "index2", "index3", "index_tip",
+    "middle1", "middle2", "middle3", "middle_tip", "ring1", "ring2", "ring3", "ring_tip",
+    "pinky1", "pinky2", "pinky3", "pinky_tip",
+)
+N_HAND = len(HAND_JOINT_NAMES)
+
+FACE_CROP_SIZE = 224
+REF_ROLES = ("yaw_max", "yaw_min", "yaw_median", "half_body")
+SHOT_SCALES = ("portrait", "upper_body", "full_body")
+
+
+@dataclass(frozen=True)
+class Field:
+    """One tar member of a sample."""
+
+    name: str  # member suffix after the key, without the file extension
+    ext: str  # npy | json | mp4 | jpg
+    group: str  # which stage writes it
+    dtype: str | None = None  # npy only
+    shape: tuple[int | str, ...] = ()  # npy only; "T" = frames of the clip
+    optional: bool = False  # may be absent even when its group is present
+    doc: str = ""
+
+    @property
+    def member(self) -> str:
+        """Member name after ``{key}.``"""
+        return f"{self.name}.{self.ext}"
+
+
+FIELDS: tuple[Field, ...] = (
+    # --- engine ---
+    Field("meta", "json", "clip", doc="clip metadata, see META_KEYS"),
+    Field("video", "mp4", "clip", doc="the clip, H.264 yuv420p, n_frames frames at meta.fps"),
+    Field("frame_index", "npy", "clip", "int32", ("T",), doc="source-video frame index of each frame"),
+    Field("timestamps", "npy", "clip", "float64", ("T",), doc="source-video time of each frame, s"),
+    # --- subject tracking ---
+    Field("subject_box", "npy", "subject", "float32", ("T", 4), doc="main subject box x0,y0,x1,y1 px"),
+    Field("subject_valid", "npy", "subject", "uint8", ("T",), doc="1 where the main subject was found"),
+    Field("person_count", "npy", "subject", "uint8", ("T",), doc="people detected in the frame"),
+    # --- body (SMPL-X ordered, camera frame) ---
+    Field("camera_K", "npy", "body", "float32", ("T", 3, 3), doc="intrinsics, pixels of the stored clip"),
+    Field("body_joints3d", "npy", "body", "float32", ("T", N_BODY, 3), doc="camera frame, metres"),
+    Field("body_joints2d", "npy", "body", "float32", ("T", N_BODY, 2), doc="pixels of the stored clip"),
+    Field("body_conf", "npy", "body", "float32", ("T", N_BODY), doc="0 = joint not filled"),
+    # --- hands ---
+    Field("hand_joints3d", "npy", "hands", "float32", ("T", 2, N_HAND, 3), doc="camera frame, metres"),
+    Field("hand_joints2d", "npy", "hands", "float32", ("T", 2, N_HAND, 2), doc="pixels"),
+    Field("hand_conf", "npy", "hands", "float32", ("T", 2, N_HAND), doc="0 = joint not filled"),
+    # --- head (FaceVerse-style parameters for the 3D head sphere) ---
+    Field("head_rotation", "npy", "head", "float32", ("T", 3, 3), doc="head frame -> camera frame"),
+    Field("head_ypr", "npy", "head", "float32", ("T", 3), doc="yaw, pitch, roll in degrees"),
+    Field("head_center", "npy", "head", "float32", ("T", 2), doc="head centre, pixels"),
+    Field("head_radius", "npy", "head", "float32", ("T",), doc="head sphere radius, pixels"),
+    Field("head_translation", "npy", "head", "float32", ("T", 3), doc="camera frame, metres"),
+    Field("head_scale", "npy", "head", "float32", ("T",), doc="head scale relative to the canonical head"),
+    Field("head_valid", "npy", "head", "uint8", ("T",)),
+    # --- face crops (input of the face motion encoder) ---
+    Field("face", "mp4", "face", doc=f"{FACE_CROP_SIZE}x{FACE_CROP_SIZE} face crops, one per frame"),
+    Field("face_box", "npy", "face", "float32", ("T", 4), doc="crop box x0,y0,x1,y1 px (before resize)"),
+    Field("face_valid", "npy", "face", "uint8", ("T",)),
+    Field("face_landmarks", "npy", "face", "float16", ("T", 478, 3), optional=True, doc="px, px, rel. depth"),
+    Field("face_blendshapes", "npy", "face", "float16", ("T", 52), optional=True),
+    # --- references and identity ---
+    *(Field(f"ref_{r}", "jpg", "refs", optional=(r == "half_body"), doc=f"reference image, role {r}")
+      for r in REF_ROLES),
+    Field("identity", "npy", "refs", "float32", (128,), doc="face-identity embedding of the clip's subject"),
+)
+FIELDS_BY_NAME = {f.name: f for f in FIELDS}
+GROUPS = tuple(dict.fromkeys(f.group for f in FIELDS))
+
+# Keys every meta.json carries (the engine's own); annotators may add more (documented in docs/data-format.md).
+META_KEYS = (
+    "schema_version", "key", "video_key", "clip_index", "source", "shot_index",
+    "start_frame", "end_frame", "n_frames", "fps", "width", "height",
+    "src_fps", "src_width", "src_height", "src_codec", "src_rotation",
+)
+
+
+def field(name: str) -> Field:
+    """Look a field up by name, naming the known ones on a miss."""
+    try:
+        return FIELDS_BY_NAME[name]
+    except KeyError:
+        raise KeyError(f"unknown shard field {name!r}; known: {sorted(FIELDS_BY_NAME)}") from None
+
+
+def fields_of(groups) -> list[Field]:
+    """Fields written by the given groups, in schema order."""
+    groups = set(groups)
+    unknown = groups - set(GROUPS)
+    if unknown:
+        raise ValueError(f"unknown field groups {sorted(unknown)}; known: {list(GROUPS)}")
+    return [f for f in FIELDS if f.group in groups]
+
+
+def resolve_shape(f: Field, n_frames: int) -> tuple[int, ...]:
+    """The concrete shape of an npy field for a clip of ``n_frames`` frames."""
+    return tuple(n_frames if d == "T" else d for d in f.shape)
+
+
+def empty(f: Field, n_frames: int = 0):
+    """A placeholder value of the right type (for rows that failed before this field was written)."""
+    if f.ext == "npy":
+        return np.zeros(resolve_shape(f, n_frames), dtype=f.dtype)
+    return b""
+
+
+def encode(f: Field, value) -> bytes:
+    """Serialise one field value to the bytes of its tar member."""
+    if f.ext == "npy":
+        arr = np.asarray(value)
+        if arr.dtype != np.dtype(f.dtype):
+            arr = arr.astype(f.dtype)
+        buf = io.BytesIO()
+        np.save(buf, arr, allow_pickle=False)
+        return buf.getvalue()
+    if f.ext == "json":
+        return json.dumps(value, sort_keys=True, separators=(",", ":")).encode()
+    if isinstance(value, np.ndarray):
+        value = value.tobytes()
+    return bytes(value)
+
+
+def decode(f: Field, data: bytes):
+    """Inverse of :func:`encode` (video and image members stay bytes)."""
+    if f.ext == "npy":
+        return np.load(io.BytesIO(data), allow_pickle=False)
+    if f.ext == "json":
+        return json.loads(data)
+    return data
+
+
+def check_value(f: Field, value, n_frames: int) -> str | None:
+    """Why a decoded value does not match the schema, or None when it does."""
+    if f.ext == "npy":
+        if value.dtype != np.dtype(f.dtype):
+            return f"{f.member}: dtype {value.dtype}, expected {f.dtype}"
+        want = resolve_shape(f, n_frames)
+        if tuple(value.shape) != want:
+            return f"{f.member}: shape {tuple(value.shape)}, expected {want}"
+        return None
+    if f.ext == "json":
+        if f.name == "meta":
+            missing = [k for k in META_KEYS if k not in value]
+            if missing:
+                return f"{f.member}: missing keys {missing}"
+        return None
+    if len(value) == 0:
+        return f"{f.member}: empty"
+    return None
