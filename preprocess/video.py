@@ -1,8 +1,10 @@
 """Video I/O: probing, frame readers (PyAV and decord behind one interface) and the H.264 encoder.
 
-Measured on the dev CPU (bench/preprocess.py, docs/performance.md): PyAV decodes contiguous frame
-ranges 2–4× faster than decord, so ``auto`` reads dense ranges with PyAV; decord stays the reader of
-sparse indices (and of the training loader, which seeks).
+Measured on the dev CPU (bench/decode.py, docs/performance.md): PyAV decodes contiguous frame
+ranges faster than decord, and frame numbers are taken from presentation timestamps, which is exact
+on files where decord's index drifts (Megamind.avi: packed B-frames in AVI put decord's frames off
+by up to a few positions). ``auto`` is therefore PyAV in preprocessing; decord remains selectable and
+is the reader of the training loader, which reads our own re-encoded MP4 clips.
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ class ProbeInfo:
     codec: str
     rotation: int  # degrees clockwise the frames must be turned for display
     duration: float  # seconds
+    start_pts: int = 0  # pts of frame 0 (the smallest of the first frames; not always stream.start_time)
 
 
 def _display_rotation(frame) -> int:
@@ -64,12 +67,18 @@ def probe(path: str, fileobj=None) -> ProbeInfo:
         elif container.duration is not None:
             duration = container.duration / av.time_base
         n = int(s.frames or 0) or int(round(duration * fps))
-        try:  # the first frame proves the stream decodes and carries the display rotation
-            first = next(iter(container.decode(s)))
-        except StopIteration:
-            raise VideoError("no_frames", f"{path}: the video stream has no decodable frame") from None
+        try:  # the first frames prove the stream decodes and carry the display rotation and pts origin
+            head = []
+            for fr in container.decode(s):
+                head.append(fr)
+                if len(head) >= 8:
+                    break
         except av.error.FFmpegError as e:
-            raise VideoError("undecodable", f"{path}: first frame does not decode ({e})") from None
+            raise VideoError("undecodable", f"{path}: first frames do not decode ({e})") from None
+        if not head:
+            raise VideoError("no_frames", f"{path}: the video stream has no decodable frame")
+        first = head[0]
+        pts = [fr.pts for fr in head if fr.pts is not None]
         rot = _display_rotation(first)
         w, h = first.width, first.height
         if rot in (90, 270):
@@ -77,7 +86,7 @@ def probe(path: str, fileobj=None) -> ProbeInfo:
         if not w or not h:
             raise VideoError("no_frame_size", f"{path}: the video stream has no frame size")
         return ProbeInfo(fps=fps, n_frames=n, width=w, height=h, codec=s.codec_context.name,
-                         rotation=rot, duration=duration or n / fps)
+                         rotation=rot, duration=duration or n / fps, start_pts=min(pts) if pts else 0)
 
 
 def _rotate(img: np.ndarray, rotation: int) -> np.ndarray:
@@ -106,7 +115,7 @@ def scaled_size(width: int, height: int, max_side: int) -> tuple[int, int]:
 
 
 def read_frames_pyav(path: str, indices: np.ndarray, *, rotation: int, size: tuple[int, int],
-                     fileobj=None) -> np.ndarray:
+                     start_pts: int = 0, fileobj=None) -> np.ndarray:
     """Frames at sorted ``indices`` (decode order), resized to ``size`` (w, h), uint8 T×H×W×3.
 
     Seeks to the keyframe before the first index, then decodes forward; frame numbers are counted
@@ -122,7 +131,6 @@ def read_frames_pyav(path: str, indices: np.ndarray, *, rotation: int, size: tup
         s.thread_type = "AUTO"
         rate = s.average_rate or s.guessed_rate
         tb = s.time_base
-        start_pts = s.start_time or 0
         first = int(indices[0])
         if first > 0 and tb is not None:
             target = start_pts + int(Fraction(first, 1) / Fraction(rate) / tb)
@@ -138,7 +146,7 @@ def read_frames_pyav(path: str, indices: np.ndarray, *, rotation: int, size: tup
                 out[idx] = _rotate(frame.to_ndarray(format="rgb24", width=dw, height=dh), rotation)
                 if len(out) == len(want):
                     break
-            if idx > indices[-1]:
+            if idx > indices[-1] + 8:  # past the last wanted frame by more than any reordering
                 break
     missing = [i for i in indices if int(i) not in out]
     if missing:
@@ -148,7 +156,7 @@ def read_frames_pyav(path: str, indices: np.ndarray, *, rotation: int, size: tup
 
 
 def read_frames_decord(path: str, indices: np.ndarray, *, rotation: int, size: tuple[int, int],
-                       fileobj=None) -> np.ndarray:
+                       start_pts: int = 0, fileobj=None) -> np.ndarray:
     """Same contract as :func:`read_frames_pyav`, with decord's batched reader."""
     import decord
 
@@ -161,14 +169,11 @@ def read_frames_decord(path: str, indices: np.ndarray, *, rotation: int, size: t
 
 
 def read_frames(path: str, indices: np.ndarray, *, rotation: int, size: tuple[int, int],
-                backend: str = "auto", fileobj=None) -> np.ndarray:
-    """Read sorted frame indices with the chosen backend (``auto``: PyAV for dense ranges)."""
+                backend: str = "auto", start_pts: int = 0, fileobj=None) -> np.ndarray:
+    """Read sorted frame indices with the chosen backend (``auto`` = PyAV, see the module doc)."""
     indices = np.sort(np.asarray(indices, dtype=np.int64))
-    if backend == "auto":
-        span = int(indices[-1] - indices[0] + 1)
-        backend = "pyav" if len(indices) * 2 >= span else "decord"
-    reader = read_frames_pyav if backend == "pyav" else read_frames_decord
-    return reader(path, indices, rotation=rotation, size=size, fileobj=fileobj)
+    reader = read_frames_decord if backend == "decord" else read_frames_pyav
+    return reader(path, indices, rotation=rotation, size=size, start_pts=start_pts, fileobj=fileobj)
 
 
 def encode_mp4(frames: np.ndarray, fps: float, *, crf: int = 20, preset: str = "veryfast") -> bytes:

@@ -1,0 +1,218 @@
+"""Local paths and object-store URIs through one interface (pyarrow.fs; fsspec for the rest)."""
+from __future__ import annotations
+
+import csv
+import fnmatch
+import io
+import os
+import posixpath
+import tempfile
+from dataclasses import dataclass
+
+import pyarrow.fs as pafs
+
+from .config import ConfigError
+
+
+def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path inside it) for a local path or a URI (s3://, gs://, hdfs://, or any fsspec)."""
+    if "://" not in uri:
+        return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
+    try:
+        return pafs.FileSystem.from_uri(uri)
+    except (pafs.ArrowInvalid if hasattr(pafs, "ArrowInvalid") else Exception, ValueError, OSError):
+        import fsspec
+        from pyarrow.fs import FSSpecHandler, PyFileSystem
+        fs, path = fsspec.core.url_to_fs(uri)
+        return PyFileSystem(FSSpecHandler(fs)), path
+
+
+def is_local(fs: pafs.FileSystem) -> bool:
+    return isinstance(fs, pafs.LocalFileSystem)
+
+
+class Storage:
+    """A directory (local or object store) with atomic writes: readers never see a partial file."""
+
+    def __init__(self, uri: str):
+        self.uri = uri
+        self.fs, self.root = filesystem(uri)
+        self.local = is_local(self.fs)
+        self.fs.create_dir(self.root, recursive=True)
+
+    def path(self, rel: str) -> str:
+        return posixpath.join(self.root, rel) if not self.local else os.path.join(self.root, rel)
+
+    def url(self, rel: str) -> str:
+        """Where a member lives, as a user would type it."""
+        if self.local:
+            return self.path(rel)
+        scheme = self.uri.split("://", 1)[0]
+        return f"{scheme}://{self.path(rel)}"
+
+    def exists(self, rel: str) -> bool:
+        return self.fs.get_file_info(self.path(rel)).type != pafs.FileType.NotFound
+
+    def makedirs(self, rel: str) -> None:
+        self.fs.create_dir(self.path(rel), recursive=True)
+
+    def list(self, rel: str, suffix: str = "") -> list[str]:
+        """Names (relative to ``rel``) of the files directly in ``rel`` ending with ``suffix``."""
+        sel = pafs.FileSelector(self.path(rel), allow_not_found=True, recursive=False)
+        return sorted(posixpath.basename(i.path) for i in self.fs.get_file_info(sel)
+                      if i.type == pafs.FileType.File and i.path.endswith(suffix))
+
+    def read_bytes(self, rel: str) -> bytes:
+        with self.fs.open_input_stream(self.path(rel)) as f:
+            return f.read()
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        """Write atomically: a temporary name then a rename (object stores publish on close)."""
+        if self.local:
+            dst = self.path(rel)
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            tmp = dst + ".tmp"
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, dst)
+        else:
+            with self.fs.open_output_stream(self.path(rel)) as f:
+                f.write(data)
+
+    def put_file(self, local_path: str, rel: str) -> None:
+        """Publish a finished local file at ``rel`` atomically (rename locally, one upload remotely)."""
+        if self.local:
+            dst = self.path(rel)
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            os.replace(local_path, dst)
+        else:
+            pafs.copy_files(local_path, self.path(rel), source_filesystem=pafs.LocalFileSystem(),
+                            destination_filesystem=self.fs)
+            os.unlink(local_path)
+
+    def delete(self, rel: str) -> None:
+        try:
+            self.fs.delete_file(self.path(rel))
+        except FileNotFoundError:
+            pass
+
+    def staging_dir(self) -> str:
+        """Where shards are built before they are published: beside them when local (rename is atomic)."""
+        if self.local:
+            d = self.path("_staging")
+            os.makedirs(d, exist_ok=True)
+            return d
+        return tempfile.mkdtemp(prefix="dreamactor-staging-")
+
+
+VIDEO_EXTENSIONS = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv", ".ts", ".3gp")
+MANIFEST_EXTENSIONS = (".txt", ".csv", ".parquet")
+
+
+@dataclass
+class InputFile:
+    uri: str  # as given (local path or URI)
+    size: int  # -1 when the file does not exist
+    mtime: float
+
+
+def _info(fs, path: str, uri: str) -> InputFile:
+    i = fs.get_file_info(path)
+    if i.type != pafs.FileType.File:
+        return InputFile(uri, -1, 0.0)
+    return InputFile(uri, int(i.size or 0), i.mtime.timestamp() if i.mtime else 0.0)
+
+
+def _join_uri(base_uri: str, fs_path: str) -> str:
+    if "://" in base_uri:
+        return f"{base_uri.split('://', 1)[0]}://{fs_path}"
+    return fs_path
+
+
+def read_manifest(uri: str) -> list[str]:
+    """Paths listed in a .txt (one per line, # comments), .csv (``path`` column or the first) or
+    .parquet (``path`` column) manifest; relative paths are relative to the manifest."""
+    fs, path = filesystem(uri)
+    base = posixpath.dirname(path) if "://" in uri else os.path.dirname(path)
+    if uri.endswith(".parquet"):
+        import pyarrow.parquet as pq
+        table = pq.read_table(path, filesystem=fs)
+        col = "path" if "path" in table.column_names else table.column_names[0]
+        entries = [str(p) for p in table.column(col).to_pylist() if p]
+    else:
+        with fs.open_input_stream(path) as f:
+            text = f.read().decode("utf-8-sig")
+        if uri.endswith(".csv"):
+            rows = list(csv.reader(io.StringIO(text)))
+            col = rows[0].index("path") if rows and "path" in rows[0] else 0
+            start = 1 if rows and ("path" in rows[0] or not os.path.splitext(rows[0][col])[1]) else 0
+            entries = [r[col].strip() for r in rows[start:] if r and r[col].strip()]
+        else:
+            entries = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    out = []
+    for e in entries:
+        if "://" in e or os.path.isabs(e):
+            out.append(e)
+        else:
+            out.append(_join_uri(uri, posixpath.join(base, e)) if "://" in uri else os.path.join(base, e))
+    return out
+
+
+def list_inputs(spec: str) -> list[InputFile]:
+    """Expand ``input=`` (a directory, a glob, a manifest, a single file; local or URI) to files.
+
+    Directories are walked recursively; every non-hidden file is an input (files that are not
+    videos become recorded failures, never silent drops). A missing manifest entry is kept with
+    size -1 and fails as ``missing_file``.
+    """
+    fs, path = filesystem(spec)
+    if any(ch in path for ch in "*?["):
+        root = path
+        while any(ch in root for ch in "*?["):
+            root = posixpath.dirname(root) if "://" in spec else os.path.dirname(root)
+        sel = pafs.FileSelector(root, recursive=True, allow_not_found=True)
+        files = [i for i in fs.get_file_info(sel) if i.type == pafs.FileType.File and fnmatch.fnmatch(i.path, path)]
+        if not files:
+            raise ConfigError(f"input={spec!r}: the glob matches no file")
+        return [InputFile(_join_uri(spec, i.path), int(i.size), i.mtime.timestamp() if i.mtime else 0.0)
+                for i in sorted(files, key=lambda i: i.path)]
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        raise ConfigError(f"input={spec!r} does not exist (give a directory, a glob, a manifest "
+                          f"{'/'.join(MANIFEST_EXTENSIONS)} or a video file)")
+    if info.type == pafs.FileType.Directory:
+        sel = pafs.FileSelector(path, recursive=True)
+        files = [i for i in fs.get_file_info(sel) if i.type == pafs.FileType.File
+                 and not any(part.startswith(".") for part in i.path[len(path):].split("/"))]
+        return [InputFile(_join_uri(spec, i.path), int(i.size), i.mtime.timestamp() if i.mtime else 0.0)
+                for i in sorted(files, key=lambda i: i.path)]
+    if spec.lower().endswith(MANIFEST_EXTENSIONS):
+        out = []
+        for e in read_manifest(spec):
+            efs, epath = filesystem(e)
+            out.append(_info(efs, epath, e))
+        if not out:
+            raise ConfigError(f"input={spec!r}: the manifest lists no file")
+        return out
+    return [_info(fs, path, spec)]
+
+
+def open_input(uri: str):
+    """A seekable binary file object for a local path or URI (for PyAV / decord)."""
+    fs, path = filesystem(uri)
+    if is_local(fs):
+        return open(path, "rb")
+    return io.BufferedReader(fs.open_input_file(path), buffer_size=8 << 20)
+
+
+def read_ends(uri: str, nbytes: int) -> tuple[int, bytes, bytes]:
+    """(size, first nbytes, last nbytes) of a file, for the content key."""
+    with open_input(uri) as f:
+        head = f.read(nbytes)
+        f.seek(0, io.SEEK_END)
+        size = f.tell()
+        f.seek(max(0, size - nbytes))
+        tail = f.read(nbytes)
+    return size, head, tail

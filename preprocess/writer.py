@@ -1,0 +1,241 @@
+"""The shard writer: whole videos into byte-sized WebDataset tars, committed by a stats file.
+
+A writer (a Ray actor; several run side by side, each video routed to one by its key) buffers the
+rows of a video until every planned clip has arrived, runs the per-video stages (references) on
+them, then appends the video's samples to its open tar. A video never spans two tars. When the tar
+reaches ``shard_bytes`` it is closed under a temporary name, published by rename, and then its
+stats file ``{part}.parquet`` (one row per clip and one per video, failures included) is written:
+that file, written last, is the commit. On a rerun, videos listed in a stats file are finished;
+a tar with no stats file is debris of a killed run and is deleted (see ``state.py``).
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+import time
+import traceback
+from collections import Counter
+
+import numpy as np
+import pandas as pd
+
+from . import schema
+from .config import StageSpec
+from .stage import FAILED, OK, SKIPPED, VideoStage, fail, load_stage
+from .storage import Storage
+
+SHARD_DIR = "shards"
+
+
+def part_name(run_id: str, writer_id: int, seq: int) -> str:
+    return f"{run_id}-w{writer_id:02d}-{seq:05d}"
+
+
+def sample_members(row: dict, fields: list[schema.Field]) -> list[tuple[str, bytes]]:
+    """The tar members of one clip row, meta first, in schema order."""
+    members = []
+    for f in fields:
+        if f.name not in row or row[f.name] is None:
+            if f.optional:
+                continue
+            raise KeyError(f"field {f.member!r} was not produced for clip {row['key']}")
+        members.append((f"{row['key']}.{f.member}", schema.encode(f, row[f.name])))
+    return members
+
+
+def clip_meta(row: dict) -> dict:
+    """meta.json of a clip: the engine's keys plus every ``m_*`` scalar an annotator added."""
+    meta = {"schema_version": schema.SCHEMA_VERSION}
+    for k in schema.META_KEYS:
+        if k in row:
+            meta[k] = _plain(row[k])
+    meta.update({k[2:]: _plain(v) for k, v in row.items() if k.startswith("m_")})
+    return meta
+
+
+def _plain(v):
+    if isinstance(v, np.generic):
+        return v.item()
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    return v
+
+
+class ShardWriter:
+    """Writes the shards of one writer id; used as a Ray actor (see pipeline.py)."""
+
+    def __init__(self, output: str, writer_id: int, run_id: str, shard_bytes: int, groups: list[str],
+                 video_stages: dict[str, StageSpec]):
+        self.storage = Storage(output)
+        self.storage.makedirs(SHARD_DIR)
+        self.staging = self.storage.staging_dir()
+        self.writer_id, self.run_id, self.shard_bytes = writer_id, run_id, shard_bytes
+        self.fields = schema.fields_of(["clip", *groups])
+        self.video_stages: list[VideoStage] = []
+        for name, spec in video_stages.items():
+            if spec.enabled:
+                st = load_stage(name, spec)
+                st.setup()
+                self.video_stages.append(st)
+        self.pending: dict[str, list[dict]] = {}  # video_key -> rows received so far
+        self.sources: dict[str, str] = {}  # video_key -> first source seen (duplicates dropped)
+        self.seq = 0
+        self.tar: tarfile.TarFile | None = None
+        self.tar_path = ""
+        self.tar_bytes = 0
+        self.records: list[dict] = []  # stats rows of the open part
+        self.stage_seconds: Counter = Counter()
+        self.stage_frames: Counter = Counter()
+
+    # ---- receiving rows -------------------------------------------------------------------
+    def add(self, rows: list[dict]) -> list[dict]:
+        """Take rows (any order, any video); returns events for finished videos and commits."""
+        events: list[dict] = []
+        for row in rows:
+            if row["status"] == SKIPPED:
+                continue
+            for st, sec in row.get("timings", {}).items():
+                self.stage_seconds[st] += sec
+                self.stage_frames[st] += row.get("stage_frames", {}).get(st, len(row.get("frame_index", ())))
+            vk = row["video_key"]
+            first = self.sources.setdefault(vk, row["source"])
+            if first != row["source"]:
+                events.append(self._record_video(row, FAILED, "duplicate",
+                                                 f"same content as {first}", n_clips=0, dup=True))
+                continue
+            self.pending.setdefault(vk, []).append(row)
+            if len(self.pending[vk]) >= max(1, int(row.get("n_clips", 1))) or row["kind"] == "video":
+                events.extend(self._finish_video(self.pending.pop(vk)))
+        return events
+
+    def _record_video(self, row: dict, status: str, error_class: str, message: str, n_clips: int,
+                      dup: bool = False) -> dict:
+        rec = {"kind": "video", "key": "", "video_key": row["video_key"], "source": row["source"],
+               "source_size": int(row.get("source_size", -1)), "source_mtime": float(row.get("source_mtime", 0.0)),
+               "source_seconds": float(row.get("source_seconds", 0.0)), "status": status,
+               "error_stage": row.get("error_stage", "") if status == FAILED else "",
+               "error_class": error_class, "error_message": message, "n_clips": n_clips,
+               "clips_dropped": json.dumps(row.get("dropped", {}))}
+        if not dup:  # a duplicate input is reported, not committed (its twin is)
+            self.records.append(rec)
+        return {"event": "video", **{k: rec[k] for k in ("video_key", "source", "status", "error_class",
+                                                          "source_seconds", "n_clips")},
+                "source_size": rec["source_size"]}
+
+    def _finish_video(self, rows: list[dict]) -> list[dict]:
+        rows.sort(key=lambda r: int(r.get("clip_index", 0)))
+        head = rows[0]
+        if head["kind"] == "video":  # failed before clips existed, or planned no clip
+            return [self._record_video(head, FAILED, head["error_class"], head["error_message"], 0)]
+        ok = [r for r in rows if r["status"] == OK]
+        if ok and self.video_stages:
+            for st in self.video_stages:
+                t0 = time.perf_counter()
+                try:
+                    st.process_video(ok)
+                except Exception as e:
+                    for r in ok:
+                        fail(r, st.name, e)
+                        r["error_message"] += "\n" + traceback.format_exc(limit=3)[-1500:]
+                    ok = []
+                    break
+                finally:
+                    self.stage_seconds[st.name] += time.perf_counter() - t0
+                    self.stage_frames[st.name] += sum(len(r.get("frame_index", ())) for r in rows)
+        for r in rows:
+            if r["status"] == OK:
+                try:
+                    self._write_clip(r)
+                except Exception as e:
+                    fail(r, "writer", e)
+            if r["status"] != OK:
+                self.records.append(self._clip_record(r, shard=""))
+        n_ok = sum(r["status"] == OK for r in rows)
+        if n_ok:
+            ev = self._record_video(head, OK, "", "", n_ok)
+        else:  # every clip failed: the video fails with the most common reason
+            reasons = Counter((r["error_stage"], r["error_class"]) for r in rows)
+            (stage, cls), _ = reasons.most_common(1)[0]
+            msg = next(r["error_message"] for r in rows if r["error_class"] == cls)
+            head = dict(head, error_stage=stage)
+            ev = self._record_video(head, FAILED, cls, msg, 0)
+        events = [ev]
+        if self.tar is not None and self.tar_bytes >= self.shard_bytes:
+            events.append(self.commit())
+        return events
+
+    # ---- writing -------------------------------------------------------------------------
+    def _open(self) -> None:
+        name = part_name(self.run_id, self.writer_id, self.seq)
+        self.tar_path = os.path.join(self.staging, name + ".tar.tmp")
+        self.tar = tarfile.open(self.tar_path, "w", format=tarfile.USTAR_FORMAT)
+        self.tar_bytes = 0
+
+    def _write_clip(self, row: dict) -> None:
+        row["meta"] = clip_meta(row)
+        members = sample_members(row, self.fields)  # raises before anything is written
+        if self.tar is None:
+            self._open()
+        for name, data in members:
+            ti = tarfile.TarInfo(name)
+            ti.size, ti.mtime, ti.mode, ti.uname, ti.gname = len(data), 0, 0o444, "", ""
+            self.tar.addfile(ti, io.BytesIO(data))
+            self.tar_bytes += 512 + (len(data) + 511) // 512 * 512
+        row["_bytes"] = sum(len(d) for _, d in members)
+        self.records.append(self._clip_record(row, shard=part_name(self.run_id, self.writer_id, self.seq) + ".tar"))
+
+    def _clip_record(self, row: dict, shard: str) -> dict:
+        fi = np.asarray(row.get("frame_index", []))
+        rec = {"kind": "clip", "key": row["key"], "video_key": row["video_key"], "shard": shard,
+               "source": row["source"], "status": row["status"], "error_stage": row["error_stage"],
+               "error_class": row["error_class"], "error_message": row["error_message"],
+               "clip_index": int(row.get("clip_index", -1)), "shot_index": int(row.get("shot_index", -1)),
+               "n_frames": int(len(fi)), "start_frame": int(fi[0]) if len(fi) else -1,
+               "end_frame": int(fi[-1]) if len(fi) else -1, "fps": float(row.get("fps", 0.0)),
+               "width": int(row.get("width", 0)), "height": int(row.get("height", 0)),
+               "duration_s": float(len(fi) / row["fps"]) if row.get("fps") else 0.0,
+               "bytes": int(row.get("_bytes", 0)),
+               "timings": json.dumps({k: round(v, 4) for k, v in row.get("timings", {}).items()})}
+        for k, v in row.items():
+            if k.startswith("m_") and np.ndim(v) == 0:
+                rec[k] = _plain(v)
+        return rec
+
+    def commit(self) -> dict:
+        """Publish the open part: tar renamed into place, then the stats file (the commit)."""
+        name = part_name(self.run_id, self.writer_id, self.seq)
+        n_clips = sum(r["kind"] == "clip" and r["status"] == OK for r in self.records)
+        nbytes = 0
+        if self.tar is not None:
+            self.tar.close()
+            nbytes = os.path.getsize(self.tar_path)
+            self.storage.put_file(self.tar_path, f"{SHARD_DIR}/{name}.tar")
+            self.tar = None
+        stats = pd.DataFrame(self.records)
+        buf = io.BytesIO()
+        stats.to_parquet(buf, index=False)
+        self.storage.write_bytes(f"{SHARD_DIR}/{name}.parquet", buf.getvalue())
+        self.records = []
+        self.seq += 1
+        return {"event": "commit", "part": name, "clips": n_clips, "bytes": nbytes}
+
+    def close(self) -> list[dict]:
+        """Finish: videos still missing clips fail (their clips were lost with a crashed worker), and
+        the last part is committed. Returns events and the writer's stage timings."""
+        events = []
+        for vk, rows in list(self.pending.items()):
+            head = rows[0]
+            want = int(head.get("n_clips", len(rows)))
+            for r in rows:
+                r["status"], r["error_stage"] = FAILED, "writer"
+            events.append(self._record_video(dict(head, error_stage="writer"), FAILED, "incomplete",
+                                             f"{len(rows)} of {want} clips arrived (a worker was lost); "
+                                             "rerun to redo this video", 0))
+        self.pending.clear()
+        if self.tar is not None or self.records:
+            events.append(self.commit())
+        events.append({"event": "timings", "stage_seconds": dict(self.stage_seconds),
+                       "stage_frames": dict(self.stage_frames)})
+        return events
