@@ -1,0 +1,197 @@
+"""Typed model configuration. The values live in ``conf/model/*.yaml`` (the only source of defaults);
+these dataclasses give them types and check that nothing is missing or misspelt.
+
+With Hydra: ``ModelConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True))``.
+Without Hydra (e.g. a GPU box that has only PyYAML): ``load_preset("wan1_3b")``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf" / "model"
+PRESETS = ("tiny", "small", "wan1_3b", "wan14b")
+
+
+@dataclass(frozen=True)
+class DiTConfig:
+    """Shape of the DiT backbone (Wan 2.1 names in brackets) and how it runs."""
+
+    num_heads: int  # [num_attention_heads]
+    head_dim: int  # [attention_head_dim]; dim = num_heads * head_dim
+    ffn_dim: int
+    num_layers: int
+    latent_channels: int  # VAE latent channels of the noisy / reference latents [out_channels]
+    cond_channels: int  # Wan I2V conditioning channels after the latent: 4 mask + 16 latent (0 = none)
+    patch_size: tuple[int, int, int]  # (t, h, w)
+    text_dim: int  # width of the fixed text context (umT5-XXL: 4096)
+    text_len: int  # tokens of the fixed text context (Wan pads prompts to 512)
+    image_dim: int | None  # CLIP image-context width of I2V checkpoints (1280), None for T2V
+    image_len: int  # tokens of the fixed image context (CLIP ViT-H: 257); unused when image_dim is None
+    freq_dim: int  # sinusoidal timestep features
+    eps: float
+    rope_theta: float
+    timestep_scale: float  # sigma in [0, 1] -> Wan timestep in [0, 1000]
+    attention_backends: tuple[str, ...]  # SDPA backends in priority order; () = PyTorch's choice
+    activation_checkpointing: int  # blocks (from the first) run under checkpointing; 0 off, -1 all
+
+    @property
+    def dim(self) -> int:
+        """Token width."""
+        return self.num_heads * self.head_dim
+
+
+@dataclass(frozen=True)
+class PoseEncoderConfig:
+    """[skeleton ; head sphere] maps -> features on the latent grid (paper 3.2, E_p)."""
+
+    in_channels: int  # 3 skeleton + 3 sphere
+    channels: tuple[int, ...]  # per-frame conv widths: full res, then one stride-2 stage per entry after it
+    out_channels: int  # features per latent cell, concatenated with the noisy latent
+
+
+@dataclass(frozen=True)
+class FaceEncoderConfig:
+    """PD-FGC-style face motion encoder + MLP -> face motion tokens (paper 3.2, E_f)."""
+
+    width: float  # channel multiplier of the FAN backbone; 1.0 = PD-FGC (required to load its weights)
+    crop_size: int  # face crops are crop_size x crop_size RGB in [-1, 1]
+    mlp_hidden: int  # hidden width of the motion-vector -> token MLP
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    """The pretrained 3D causal video VAE (diffusers AutoencoderKLWan)."""
+
+    latent_channels: int
+    temporal_compression: int
+    spatial_compression: int
+    arch: dict[str, Any] | None  # AutoencoderKLWan kwargs for a random init (tests only); None = pretrained
+    dtype: str  # float32 | bfloat16
+    tiling: bool  # spatial tiling for large frames (diffusers' enable_tiling)
+
+
+@dataclass(frozen=True)
+class FlowConfig:
+    """Flow matching: training timesteps and the sampler (paper 3.1, 4.1)."""
+
+    logit_mean: float  # logit-normal timestep sampling
+    logit_std: float
+    shift: float  # timestep shift at shift_ref_tokens video tokens; scales with sqrt(tokens / ref)
+    shift_ref_tokens: int
+    sample_steps: int
+    guidance_ref: float  # CFG scale of the reference condition
+    guidance_motion: float  # CFG scale of the motion condition (pose + face)
+    segment_frames: int  # frames per generated segment for long videos (4k + 1)
+
+
+@dataclass(frozen=True)
+class RenderConfig:
+    """How control signals are drawn; sizes are fractions of the shorter image side."""
+
+    limb_width: float
+    joint_radius: float
+    hand_limb_width: float
+    hand_joint_radius: float
+    min_confidence: float  # joints with confidence <= this are not drawn
+    draw_hands: bool
+
+
+@dataclass(frozen=True)
+class WeightsConfig:
+    """Local paths of pretrained weights; None = random init (refused when ``required``)."""
+
+    required: bool  # real presets: building with load_weights=True needs every path below except contexts
+    wan_transformer_dir: str | None  # diffusers WanTransformer3DModel dir (config.json + *.safetensors)
+    vae_dir: str | None  # diffusers AutoencoderKLWan dir
+    pdfgc_path: str | None  # PD-FGC motion encoder state dict (motion_model.pth)
+    text_context_path: str | None  # optional (text_len, text_dim) tensor: the fixed text context
+    image_context_path: str | None  # optional (image_len, image_dim) tensor: the fixed image context
+    ref_attn_init: str  # "self_attn": Ref Attn q/k/v start as copies of the block's self-attention; "random"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything the model side needs; one ``conf/model/<preset>.yaml`` per preset."""
+
+    name: str
+    dit: DiTConfig
+    pose_encoder: PoseEncoderConfig
+    face_encoder: FaceEncoderConfig
+    vae: VAEConfig
+    flow: FlowConfig
+    render: RenderConfig
+    weights: WeightsConfig
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ModelConfig":
+        """Build from a plain dict (yaml / OmegaConf container); unknown or missing keys raise."""
+        return _build(cls, data, "model")
+
+    def replace(self, **sections) -> "ModelConfig":
+        """Copy with some fields of some sections replaced: ``cfg.replace(dit={"num_layers": 2})``."""
+        changes = {}
+        for name, fields in sections.items():
+            current = getattr(self, name)
+            changes[name] = dataclasses.replace(current, **fields) if dataclasses.is_dataclass(current) else fields
+        return dataclasses.replace(self, **changes)
+
+
+def _build(tp, value, path: str):
+    """Recursively turn plain data into the annotated type ``tp``."""
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise TypeError(f"{path}: expected a mapping, got {type(value).__name__}")
+        hints = typing.get_type_hints(tp)
+        names = [f.name for f in dataclasses.fields(tp)]
+        unknown = sorted(set(value) - set(names))
+        missing = [n for n in names if n not in value]
+        if unknown or missing:
+            raise KeyError(f"{path}: unknown keys {unknown}, missing keys {missing}")
+        return tp(**{n: _build(hints[n], value[n], f"{path}.{n}") for n in names})
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _build(inner[0], value, path)
+    if origin is tuple:
+        items = list(value)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_build(args[0], v, f"{path}[{i}]") for i, v in enumerate(items))
+        if len(items) != len(args):
+            raise ValueError(f"{path}: expected {len(args)} items, got {len(items)}")
+        return tuple(_build(a, v, f"{path}[{i}]") for i, (a, v) in enumerate(zip(args, items)))
+    if origin is dict or tp is Any:
+        return dict(value) if isinstance(value, dict) else value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool) and not isinstance(value, tp):
+        raise TypeError(f"{path}: expected {tp.__name__}, got {value!r}")
+    return value
+
+
+def load_preset(name: str, overrides: dict | None = None) -> ModelConfig:
+    """Read ``conf/model/<name>.yaml`` (or a yaml path) with PyYAML, apply nested ``overrides``."""
+    import yaml
+
+    path = Path(name) if name.endswith(".yaml") else CONF_DIR / f"{name}.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"model preset {name!r} not found at {path}; presets: {', '.join(PRESETS)}")
+    data = yaml.safe_load(path.read_text())
+    if overrides:
+        data = _merge(data, overrides)
+    return ModelConfig.from_dict(data)
+
+
+def _merge(base: dict, over: dict) -> dict:
+    """Deep-merge ``over`` into a copy of ``base``."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out

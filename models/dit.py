@@ -1,0 +1,228 @@
+"""The DreamActor-M1 DiT (paper 3.1): a Wan 2.1 transformer that also carries reference tokens,
+Ref Attn, Face Attn and pose features.
+
+Token sequence: reference latents and noisy video latents are patchified by the same patch embedding
+and concatenated, ``[ref tokens ; video tokens]``. Reference tokens share every weight with the video
+tokens and are modulated with the timestep of a clean latent (sigma = 0). Per block:
+
+1. 3D self-attention over all tokens, 3D RoPE (video frames at t = 0..T-1, reference frames at
+   t = -R..-1), adaLN modulation (Wan's 6-way ``modulation`` table + timestep projection);
+2. Wan's text (+ image) cross-attention, kept and fed a fixed context (see ``DiT.text_context``);
+3. **Ref Attn**: video tokens cross-attend to all reference tokens. The paper reshapes T_D to
+   t_D x (h w) and T_R to 1 x (h w t_R): every frame's queries see the same keys, which is exactly
+   one cross-attention from all video tokens to all reference tokens, done here in one SDPA call;
+4. **Face Attn**: the video tokens of latent frame i cross-attend to the face motion tokens of the
+   pixel frames that latent frame covers (``face_group`` of them);
+5. MLP with adaLN modulation.
+
+Ref Attn, Face Attn, the pose-feature projection and the conditioning channels missing from a T2V
+checkpoint start at zero, so a converted Wan checkpoint computes exactly what Wan computes.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
+
+from .config import DiTConfig
+from .layers import FP32LayerNorm, FP32MLP, MLP, Attention, grid_positions, rope_cos_sin, timestep_features
+
+
+def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """adaLN: ``x * (1 + scale) + shift`` with (B, 1, D) parameters."""
+    return x * (1 + scale) + shift
+
+
+class ImageContextEmbed(nn.Module):
+    """Wan I2V's CLIP image-context projection: LayerNorm -> MLP (GELU) -> LayerNorm."""
+
+    def __init__(self, d_in: int, dim: int):
+        super().__init__()
+        self.norm_in = FP32LayerNorm(d_in)
+        self.mlp = MLP(d_in, d_in, dim, act="gelu")
+        self.norm_out = FP32LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, L, d_in) -> (B, L, dim)."""
+        h = self.norm_in(x).type_as(x)
+        return self.norm_out(self.mlp(h)).type_as(x)
+
+
+class DiTBlock(nn.Module):
+    """Self-attn -> text cross-attn -> Ref Attn -> Face Attn -> MLP, on separate ref / video streams."""
+
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        d, eps = cfg.dim, cfg.eps
+        self.backends = tuple(cfg.attention_backends)
+        self.norm1 = FP32LayerNorm(d, eps, elementwise_affine=False)
+        self.self_attn = Attention(d, cfg.num_heads, eps)
+        self.norm_text = FP32LayerNorm(d, eps, elementwise_affine=True)
+        self.text_attn = Attention(d, cfg.num_heads, eps, extra_kv_dim=d if cfg.image_dim is not None else None)
+        self.norm_ref = FP32LayerNorm(d, eps, elementwise_affine=True)
+        self.ref_attn = Attention(d, cfg.num_heads, eps)
+        self.norm_face = FP32LayerNorm(d, eps, elementwise_affine=True)
+        self.face_attn = Attention(d, cfg.num_heads, eps)
+        self.norm3 = FP32LayerNorm(d, eps, elementwise_affine=False)
+        self.ffn = MLP(d, cfg.ffn_dim, d, act="gelu_tanh")
+        self.modulation = nn.Parameter(torch.randn(1, 6, d) / d**0.5)
+
+    def _self_attention(self, xs, es, rope):
+        """Modulated 3D self-attention over the concatenation of the streams, gated back per stream."""
+        mods = [(self.modulation + e).chunk(6, dim=1) for e in es]
+        h = torch.cat([_modulate(self.norm1(x), m[0], m[1]).type_as(x) for x, m in zip(xs, mods)], dim=1)
+        a = self.self_attn(h, rope=rope, backends=self.backends)
+        parts = a.split([x.shape[1] for x in xs], dim=1)
+        return [(x.float() + p * m[2]).type_as(x) for x, p, m in zip(xs, parts, mods)], mods
+
+    def forward(self, x_ref, x_vid, e_ref, e_vid, rope, context, image_context, face_tokens, motion_keep):
+        """One block on the reference stream (B, Nr, D) and the video stream (B, Nv, D)."""
+        xs = [x_ref, x_vid] if x_ref.shape[1] else [x_vid]
+        es = [e_ref, e_vid] if x_ref.shape[1] else [e_vid]
+        xs, mods = self._self_attention(xs, es, rope)
+        xs = [x + self.text_attn(self.norm_text(x).type_as(x), context, extra_context=image_context,
+                                 backends=self.backends) for x in xs]
+        x_vid = xs[-1]
+        if len(xs) == 2:
+            r = self.norm_ref(xs[0]).type_as(x_vid)
+            x_vid = x_vid + self.ref_attn(self.norm_ref(x_vid).type_as(x_vid), r, backends=self.backends)
+        if face_tokens is not None:
+            groups = face_tokens.shape[0] // x_vid.shape[0]
+            f = self.face_attn(self.norm_face(x_vid).type_as(x_vid), face_tokens, backends=self.backends,
+                               query_groups=groups)
+            x_vid = x_vid + (f if motion_keep is None else f * motion_keep)
+        xs[-1] = x_vid
+        out = []
+        for x, m in zip(xs, mods):
+            h = _modulate(self.norm3(x), m[3], m[4]).type_as(x)
+            out.append((x.float() + self.ffn(h).float() * m[5]).type_as(x))
+        return (out[0] if len(out) == 2 else x_ref), out[-1]
+
+
+class DiT(nn.Module):
+    """The DreamActor DiT; see the module docstring for the token layout and block structure."""
+
+    def __init__(self, cfg: DiTConfig, pose_channels: int, face_group: int):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.dim
+        self.face_group = face_group
+        if cfg.patch_size[0] != 1:
+            raise ValueError("reference frames are single latent frames: patch_size[0] must be 1")
+        if cfg.cond_channels not in (0, cfg.latent_channels + 4):
+            raise ValueError(f"cond_channels must be 0 or {cfg.latent_channels + 4} (Wan I2V: 4 mask + latent)")
+        in_ch = cfg.latent_channels + cfg.cond_channels
+        self.patch_embed = nn.Conv3d(in_ch, d, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        # [noisy latent ; pose features] -> token is patch_embed on the latent part plus this on the pose part.
+        self.pose_embed = nn.Conv3d(pose_channels, d, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.time_embed = FP32MLP(cfg.freq_dim, d, d, act="silu")
+        self.time_proj = nn.Linear(d, 6 * d)
+        self.text_embed = MLP(cfg.text_dim, d, d, act="gelu_tanh")
+        # The fixed context fed to Wan's cross-attention (a buffer: saved in checkpoints, never trained).
+        self.register_buffer("text_context", torch.zeros(cfg.text_len, cfg.text_dim))
+        if cfg.image_dim is not None:
+            self.image_embed = ImageContextEmbed(cfg.image_dim, d)
+            self.register_buffer("image_context", torch.zeros(cfg.image_len, cfg.image_dim))
+        self.blocks = nn.ModuleList([DiTBlock(cfg) for _ in range(cfg.num_layers)])
+        self.norm_out = FP32LayerNorm(d, cfg.eps, elementwise_affine=False)
+        self.proj_out = nn.Linear(d, cfg.latent_channels * cfg.patch_size[0] * cfg.patch_size[1] * cfg.patch_size[2])
+        self.head_modulation = nn.Parameter(torch.randn(1, 2, d) / d**0.5)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Wan's initialisation for the backbone, zeros for every DreamActor branch."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        nn.init.xavier_uniform_(self.patch_embed.weight.flatten(1))
+        nn.init.zeros_(self.patch_embed.bias)
+        for mlp in (self.time_embed, self.text_embed):
+            nn.init.normal_(mlp.fc1.weight, std=0.02)
+            nn.init.normal_(mlp.fc2.weight, std=0.02)
+        nn.init.zeros_(self.proj_out.weight)
+        self.zero_dreamactor_branches()
+
+    @torch.no_grad()
+    def zero_dreamactor_branches(self) -> None:
+        """Zero the outputs of the new branches (Ref Attn, Face Attn, pose projection, cond channels are not
+        touched: a checkpoint may carry them)."""
+        nn.init.zeros_(self.pose_embed.weight)
+        nn.init.zeros_(self.pose_embed.bias)
+        for b in self.blocks:
+            for attn in (b.ref_attn, b.face_attn):
+                nn.init.zeros_(attn.to_out.weight)
+                nn.init.zeros_(attn.to_out.bias)
+
+    def timestep_embedding(self, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B,) sigma in [0, 1] -> fp32 embedding (B, D) and 6-way modulation (B, 6, D)."""
+        temb = self.time_embed(timestep_features(sigma * self.cfg.timestep_scale, self.cfg.freq_dim))
+        w = self.time_proj.weight.float()
+        proj = torch.nn.functional.linear(torch.nn.functional.silu(temb), w, self.time_proj.bias.float())
+        return temb, proj.unflatten(1, (6, -1))
+
+    def context(self, batch: int, dtype: torch.dtype):
+        """Embedded fixed text (and image) context, expanded to the batch."""
+        text = self.text_embed(self.text_context.to(dtype)[None]).expand(batch, -1, -1)
+        image = None
+        if self.cfg.image_dim is not None:
+            image = self.image_embed(self.image_context.to(dtype)[None]).expand(batch, -1, -1)
+        return text, image
+
+    def forward(self, latents: torch.Tensor, sigma: torch.Tensor, ref_latents: torch.Tensor | None = None,
+                pose_features: torch.Tensor | None = None, face_tokens: torch.Tensor | None = None,
+                cond: torch.Tensor | None = None, motion_keep: torch.Tensor | None = None) -> torch.Tensor:
+        """Predict the flow velocity.
+
+        latents: (B, C, T, H, W) noisy latents; sigma: (B,) noise level in [0, 1];
+        ref_latents: (B, C, R, H, W) clean reference latents or None;
+        pose_features: (B, Cp, T, H, W) pose-encoder output or None;
+        face_tokens: (B * T, G, D) face motion tokens grouped per latent frame, or None;
+        cond: (B, cond_channels, T, H, W) Wan I2V conditioning (mask + latent) or None (zeros);
+        motion_keep: (B,) 1 to keep, 0 to drop the motion condition (pose + face) of a sample.
+        Returns (B, C, T, H, W).
+        """
+        cfg = self.cfg
+        b, _, t, h, w = latents.shape
+        pt, ph, pw = cfg.patch_size
+        gt, gh, gw = t // pt, h // ph, w // pw
+        dtype = self.patch_embed.weight.dtype
+        if cond is None:
+            cond = latents.new_zeros(b, cfg.cond_channels, t, h, w)
+        x_vid = self.patch_embed(torch.cat([latents, cond], dim=1).to(dtype))
+        keep = None if motion_keep is None else motion_keep.to(dtype).view(b, 1, 1)
+        if pose_features is not None:
+            pose = self.pose_embed(pose_features.to(dtype))
+            x_vid = x_vid + (pose if motion_keep is None else pose * keep[..., None, None])
+        x_vid = x_vid.flatten(2).transpose(1, 2).contiguous()
+
+        n_ref = 0 if ref_latents is None else ref_latents.shape[2]
+        if n_ref:
+            ones = ref_latents.new_ones(b, cfg.cond_channels - cfg.latent_channels, n_ref, h, w)
+            ref_cond = torch.cat([ones, ref_latents], dim=1) if cfg.cond_channels else ref_latents[:, :0]
+            x_ref = self.patch_embed(torch.cat([ref_latents, ref_cond], dim=1).to(dtype))
+            x_ref = x_ref.flatten(2).transpose(1, 2).contiguous()
+        else:
+            x_ref = x_vid[:, :0]
+
+        positions = torch.cat([grid_positions(-n_ref, n_ref, gh, gw, latents.device),
+                               grid_positions(0, gt, gh, gw, latents.device)])
+        rope = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
+        temb, e_vid = self.timestep_embedding(sigma)
+        e_ref = self.timestep_embedding(torch.zeros_like(sigma))[1] if n_ref else None
+        context, image_context = self.context(b, dtype)
+        if face_tokens is not None:
+            face_tokens = face_tokens.to(dtype)
+
+        n_ckpt = len(self.blocks) if cfg.activation_checkpointing < 0 else cfg.activation_checkpointing
+        for i, block in enumerate(self.blocks):
+            args = (x_ref, x_vid, e_ref, e_vid, rope, context, image_context, face_tokens, keep)
+            if i < n_ckpt and torch.is_grad_enabled():
+                x_ref, x_vid = checkpoint(block, *args, use_reentrant=False)
+            else:
+                x_ref, x_vid = block(*args)
+
+        shift, scale = (self.head_modulation + temb[:, None]).chunk(2, dim=1)
+        out = self.proj_out(_modulate(self.norm_out(x_vid), shift, scale).type_as(x_vid))
+        out = out.reshape(b, gt, gh, gw, pt, ph, pw, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
+        return out.reshape(b, -1, t, h, w)

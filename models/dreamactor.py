@@ -1,0 +1,171 @@
+"""The DreamActor-M1 model (paper Fig. 2): pose encoder + face motion encoder + DiT, with the named
+parameter groups of the progressive training stages (paper 3.4).
+
+Inputs of :meth:`DreamActor.forward` (B = batch; T = 1 + 4k pixel frames, t = 1 + k latent frames;
+H, W pixels = 8 h, 8 w; R reference images):
+
+- ``noisy_latents`` (B, 16, t, h, w) normalised VAE latents at noise level ``timesteps`` (B,) = sigma in [0, 1]
+- ``ref_latents`` (B, 16, R, h, w) the references, each VAE-encoded as a single frame
+- ``pose_maps`` (B, 6, T, H, W) float in [0, 1]: [skeleton ; head sphere] from :mod:`models.render`
+- ``face_crops`` (B, T, 3, 224, 224) RGB in [-1, 1]; ``face_valid`` (B, T) optional
+- ``cond_latents`` (B, 16, t, h, w) + ``cond_mask`` (B, t): latent frames given as Wan-I2V conditioning
+  (segment continuation: the previous segment's last latent as frame 0); optional
+- ``drop_ref`` / ``drop_motion`` (B,) bool: classifier-free-guidance dropout per sample. A dropped reference
+  is a zero latent; dropped motion removes the pose-feature and Face Attn contributions of that sample.
+- ``use_face``: False in stage 1 (no face motion tokens, Face Attn skipped)
+
+Output: the predicted velocity (B, 16, t, h, w) (see :mod:`models.flow`).
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn as nn
+
+from .config import ModelConfig
+from .dit import DiT
+from .face_encoder import FaceMotionEncoder, load_pdfgc_weights
+from .flops import flops_per_step
+from .pose_encoder import PoseEncoder
+
+log = logging.getLogger(__name__)
+
+PARAM_GROUPS = ("dit", "pose_encoder", "face_encoder", "face_attn")
+STAGE_GROUPS = {
+    1: ("dit", "pose_encoder"),  # skeleton + head sphere only, no face tokens
+    2: ("face_encoder", "face_attn"),  # only the face motion encoder and Face Attn layers
+    3: PARAM_GROUPS,  # everything
+}
+
+
+def param_group_of(name: str) -> str:
+    """Which training group a parameter (by its name in :class:`DreamActor`) belongs to."""
+    if name.startswith("pose_encoder.") or name.startswith("dit.pose_embed."):
+        return "pose_encoder"
+    if name.startswith("face_encoder."):
+        return "face_encoder"
+    if ".face_attn." in name or ".norm_face." in name:
+        return "face_attn"
+    return "dit"
+
+
+class DreamActor(nn.Module):
+    """Pose encoder + face motion encoder + DiT; see the module docstring for the inputs."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        tc, sc = cfg.vae.temporal_compression, cfg.vae.spatial_compression
+        self.pose_encoder = PoseEncoder(cfg.pose_encoder, tc, sc)
+        self.face_encoder = FaceMotionEncoder(cfg.face_encoder, cfg.dit.dim, tc)
+        self.dit = DiT(cfg.dit, cfg.pose_encoder.out_channels, tc)
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig, load_weights: bool = True) -> "DreamActor":
+        """Build the model; with ``load_weights`` load every configured pretrained part (see ``load_pretrained``)."""
+        model = cls(cfg)
+        if load_weights:
+            model.load_pretrained()
+        return model
+
+    def load_pretrained(self) -> dict:
+        """Load the Wan transformer, PD-FGC and fixed contexts from ``cfg.weights``; returns what was loaded.
+
+        A configured path that does not exist raises an error naming it. With ``weights.required`` a path
+        left unset raises too (real presets must not train from random weights by accident).
+        """
+        from .wan_convert import load_context, load_wan_transformer
+
+        w = self.cfg.weights
+        if w.required:
+            unset = [k for k in ("wan_transformer_dir", "vae_dir", "pdfgc_path") if getattr(w, k) is None]
+            if unset:
+                raise FileNotFoundError(
+                    f"model.weights.{', model.weights.'.join(unset)} not set for preset {self.cfg.name!r}: pass e.g. "
+                    "model.weights.wan_transformer_dir=/ckpt/Wan2.1-T2V-1.3B-Diffusers/transformer "
+                    "model.weights.vae_dir=/ckpt/Wan2.1-T2V-1.3B-Diffusers/vae "
+                    "model.weights.pdfgc_path=/ckpt/pdfgc/motion_model.pth (docs/models.md lists the downloads)")
+        report = {}
+        if w.wan_transformer_dir is not None:
+            report["wan"] = load_wan_transformer(self.dit, w.wan_transformer_dir, w.ref_attn_init)
+        if w.pdfgc_path is not None:
+            load_pdfgc_weights(self.face_encoder, w.pdfgc_path)
+            report["pdfgc"] = w.pdfgc_path
+        if w.text_context_path is not None:
+            load_context(self.dit.text_context, w.text_context_path, "text context")
+        if w.image_context_path is not None:
+            if self.cfg.dit.image_dim is None:
+                raise ValueError("weights.image_context_path is set but dit.image_dim is null")
+            load_context(self.dit.image_context, w.image_context_path, "image context")
+        return report
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, ref_latents: torch.Tensor,
+                pose_maps: torch.Tensor, face_crops: torch.Tensor | None = None, *,
+                face_valid: torch.Tensor | None = None, cond_latents: torch.Tensor | None = None,
+                cond_mask: torch.Tensor | None = None, drop_ref: torch.Tensor | None = None,
+                drop_motion: torch.Tensor | None = None, use_face: bool = True) -> torch.Tensor:
+        """Predicted flow velocity (B, C, t, h, w)."""
+        b, _, t, h, w = noisy_latents.shape
+        tc, sc = self.cfg.vae.temporal_compression, self.cfg.vae.spatial_compression
+        want = (1 + (t - 1) * tc, h * sc, w * sc)
+        if tuple(pose_maps.shape[2:]) != want:
+            raise ValueError(f"pose_maps {tuple(pose_maps.shape)} do not match latents {tuple(noisy_latents.shape)}: "
+                             f"expected (B, C, {want[0]}, {want[1]}, {want[2]})")
+        if ref_latents.shape[-2:] != noisy_latents.shape[-2:]:
+            raise ValueError(f"ref_latents {tuple(ref_latents.shape)} must share the latent grid of the video")
+        if drop_ref is not None:
+            ref_latents = ref_latents * (~drop_ref.bool()).to(ref_latents.dtype).view(b, 1, 1, 1, 1)
+        keep = None if drop_motion is None else (~drop_motion.bool()).float()
+        pose_features = self.pose_encoder(pose_maps)
+        face_tokens = None
+        if use_face:
+            if face_crops is None:
+                raise ValueError("use_face=True needs face_crops (stage 1 passes use_face=False)")
+            if face_crops.shape[1] != want[0]:
+                raise ValueError(f"face_crops have {face_crops.shape[1]} frames, expected {want[0]}")
+            face_tokens = self.face_encoder(face_crops, face_valid)
+        cond = None
+        if cond_latents is not None:
+            if not self.cfg.dit.cond_channels:
+                raise ValueError("cond_latents given but dit.cond_channels is 0")
+            n_mask = self.cfg.dit.cond_channels - self.cfg.dit.latent_channels
+            m = torch.ones(b, t, device=noisy_latents.device) if cond_mask is None else cond_mask.float()
+            m = m.to(cond_latents.dtype)[:, None, :, None, None]
+            cond = torch.cat([m.expand(b, n_mask, t, h, w), cond_latents * m], dim=1)
+        return self.dit(noisy_latents, timesteps, ref_latents, pose_features, face_tokens, cond, keep)
+
+    # ------------------------------------------------------------------ stages and accounting
+
+    def named_param_groups(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
+        """Parameters by training group (``PARAM_GROUPS``)."""
+        groups = {g: [] for g in PARAM_GROUPS}
+        for name, p in self.named_parameters():
+            groups[param_group_of(name)].append((name, p))
+        return groups
+
+    def trainable_parameters(self, stage: int) -> list[nn.Parameter]:
+        """Parameters trained in ``stage`` (1, 2 or 3; paper 3.4)."""
+        if stage not in STAGE_GROUPS:
+            raise ValueError(f"stage must be one of {sorted(STAGE_GROUPS)}, got {stage}")
+        groups = self.named_param_groups()
+        return [p for g in STAGE_GROUPS[stage] for _, p in groups[g]]
+
+    def set_stage(self, stage: int) -> None:
+        """Freeze everything but the groups of ``stage`` (requires_grad); callers pass use_face=(stage > 1)."""
+        train = {id(p) for p in self.trainable_parameters(stage)}
+        for p in self.parameters():
+            p.requires_grad_(id(p) in train)
+
+    def num_parameters(self, group: str | None = None) -> int:
+        """Parameter count, of one group or of all."""
+        if group is None:
+            return sum(p.numel() for p in self.parameters())
+        return sum(p.numel() for _, p in self.named_param_groups()[group])
+
+    def flops_per_step(self, batch: int, frames: int, height: int, width: int, num_refs: int, *,
+                       use_face: bool = True, backward: bool = True) -> int:
+        """Model FLOPs of a training step on ``batch`` clips of ``frames`` x ``height`` x ``width`` pixels."""
+        return flops_per_step(self.cfg, batch, frames, height, width, num_refs, use_face=use_face, backward=backward)

@@ -1,0 +1,129 @@
+"""The pretrained 3D causal video VAE (paper 3.1): Wan 2.1's VAE through diffusers' ``AutoencoderKLWan``.
+
+16 latent channels, 4x temporal and 8x spatial compression, causal in time: T = 1 + 4k frames give
+1 + k latent frames (the first frame is encoded alone). Latents are normalised per channel with the
+VAE's ``latents_mean`` / ``latents_std`` (``z = (mu - mean) / std``); the model only sees normalised
+latents. Encoding uses the posterior mean (deterministic, so latents can be cached).
+
+Long clips: encoding runs through diffusers' causal cache one 4-frame chunk at a time, one sample at a
+time; decoding streams one latent frame at a time through the same cache and writes each decoded chunk
+straight into the output (optionally on another device, e.g. the CPU), so GPU memory does not grow
+with the clip length. Large frames can use diffusers' spatial tiling (``vae.tiling``).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from .config import VAEConfig
+
+
+def build_autoencoder(cfg: VAEConfig, vae_dir: str | None):
+    """An ``AutoencoderKLWan``: pretrained from ``vae_dir``, or randomly initialised from ``cfg.arch``."""
+    from diffusers import AutoencoderKLWan
+
+    dtype = getattr(torch, cfg.dtype)
+    if vae_dir is not None:
+        path = Path(vae_dir)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(
+                f"no Wan VAE at {path} (expected config.json + diffusion_pytorch_model.safetensors). Point "
+                "model.weights.vae_dir at the 'vae' folder of a Wan 2.1 diffusers checkpoint, e.g. "
+                "Wan-AI/Wan2.1-T2V-1.3B-Diffusers/vae.")
+        vae = AutoencoderKLWan.from_pretrained(str(path), torch_dtype=dtype)
+    elif cfg.arch is not None:
+        vae = AutoencoderKLWan(**cfg.arch)
+        if dtype != torch.float32:
+            vae = vae.to(dtype)
+    else:
+        raise FileNotFoundError(
+            "model.weights.vae_dir is not set: point it at the 'vae' folder of a Wan 2.1 diffusers checkpoint "
+            "(e.g. Wan-AI/Wan2.1-T2V-1.3B-Diffusers/vae).")
+    if vae.config.z_dim != cfg.latent_channels:
+        raise ValueError(f"VAE has {vae.config.z_dim} latent channels, config says {cfg.latent_channels}")
+    return vae
+
+
+class VideoVAE(nn.Module):
+    """Frozen wrapper: pixels in [-1, 1] (B, 3, T, H, W) <-> normalised latents (B, C, t, h, w)."""
+
+    def __init__(self, autoencoder, cfg: VAEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.autoencoder = autoencoder.eval().requires_grad_(False)
+        if cfg.tiling:
+            self.autoencoder.enable_tiling()
+        shape = (1, -1, 1, 1, 1)
+        self.register_buffer("mean", torch.tensor(autoencoder.config.latents_mean).view(shape), persistent=False)
+        self.register_buffer("std", torch.tensor(autoencoder.config.latents_std).view(shape), persistent=False)
+
+    @classmethod
+    def from_config(cls, cfg: VAEConfig, vae_dir: str | None) -> "VideoVAE":
+        """Build from the model config and the configured weights directory."""
+        return cls(build_autoencoder(cfg, vae_dir), cfg)
+
+    def train(self, mode: bool = True):
+        """The VAE is always frozen."""
+        return super().train(False)
+
+    def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int]:
+        """Latent (t, h, w) of a clip; frames must be 1 + k * temporal_compression."""
+        tc, sc = self.cfg.temporal_compression, self.cfg.spatial_compression
+        if (frames - 1) % tc or height % sc or width % sc:
+            raise ValueError(f"clip {frames}x{height}x{width} must have 1 + k*{tc} frames and sides divisible by {sc}")
+        return 1 + (frames - 1) // tc, height // sc, width // sc
+
+    def normalize(self, z: torch.Tensor) -> torch.Tensor:
+        """Raw VAE latents -> model latents."""
+        return (z - self.mean.to(z)) / self.std.to(z)
+
+    def denormalize(self, z: torch.Tensor) -> torch.Tensor:
+        """Model latents -> raw VAE latents."""
+        return z * self.std.to(z) + self.mean.to(z)
+
+    @torch.no_grad()
+    def encode(self, video: torch.Tensor) -> torch.Tensor:
+        """(B, 3, T, H, W) in [-1, 1] -> normalised posterior-mean latents (B, C, t, h, w) in float32."""
+        self.latent_shape(*video.shape[2:])
+        ae = self.autoencoder
+        dtype = next(ae.parameters()).dtype
+        out = []
+        for sample in video.split(1):
+            moments = ae.encode(sample.to(dtype)).latent_dist.mean
+            out.append(self.normalize(moments.float()))
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor, out_device: torch.device | str | None = None) -> torch.Tensor:
+        """Normalised latents (B, C, t, h, w) -> video (B, 3, 1 + (t-1)*tc, H, W) float32 in [-1, 1]."""
+        ae = self.autoencoder
+        dtype = next(ae.parameters()).dtype
+        b, _, t, h, w = latents.shape
+        tc, sc = self.cfg.temporal_compression, self.cfg.spatial_compression
+        out_device = latents.device if out_device is None else out_device
+        video = torch.empty(b, 3, 1 + (t - 1) * tc, h * sc, w * sc, device=out_device)
+        for i, z in enumerate(latents.split(1)):
+            z = self.denormalize(z.float()).to(dtype)
+            if ae.use_tiling or ae.config.patch_size is not None:
+                video[i] = ae.decode(z).sample[0].float().to(out_device)
+                continue
+            self._decode_streaming(z, video[i])
+        return video
+
+    def _decode_streaming(self, z: torch.Tensor, out: torch.Tensor) -> None:
+        """Decode one sample latent frame by latent frame through the causal cache (diffusers' own loop)."""
+        ae = self.autoencoder
+        ae.clear_cache()
+        x = ae.post_quant_conv(z)
+        pos = 0
+        for i in range(z.shape[2]):
+            ae._conv_idx = [0]
+            chunk = ae.decoder(x[:, :, i:i + 1], feat_cache=ae._feat_map, feat_idx=ae._conv_idx, first_chunk=i == 0)
+            chunk = chunk.clamp(-1.0, 1.0)[0]
+            out[:, pos:pos + chunk.shape[1]] = chunk.float().to(out.device)
+            pos += chunk.shape[1]
+        ae.clear_cache()
+        if pos != out.shape[1]:
+            raise RuntimeError(f"decoded {pos} frames, expected {out.shape[1]}")
