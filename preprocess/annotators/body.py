@@ -1,0 +1,132 @@
+"""Body stage: the main subject and its SMPL-X body joints in the camera frame (paper 3.2, "3D Body Skeletons").
+
+Per clip: a body backend finds every person in every frame; the main subject is tracked by box
+overlap (tracking.py); its metric, camera-aligned joints are placed in the camera frame of the stored
+clip (intrinsics: geometry.intrinsics) so that they project onto the detected 2D joints
+(geometry.place_on_image). Frames without the subject stay zero with ``subject_valid = 0`` and
+``body_conf = 0``: marked, never filled in. The shot scale (portrait / upper_body / full_body) of the
+clip is the majority over frames of what the visible joints reach.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..schema import BODY_JOINT_NAMES, N_BODY, SHOT_SCALES
+from .backends import BodyBackend, BodyFrame
+from .common import BackendClipStage, finite_or_none, frac, timestamps_ms
+from .geometry import intrinsics, lift_to_rays, place_on_image, smooth_series
+from .tracking import main_subject
+
+_J = {n: i for i, n in enumerate(BODY_JOINT_NAMES)}
+_FEET = [_J[n] for n in ("left_ankle", "right_ankle", "left_heel", "right_heel", "left_big_toe", "right_big_toe")]
+_HIPS = [_J["left_hip"], _J["right_hip"]]
+_ELBOWS = [_J["left_elbow"], _J["right_elbow"]]
+
+
+def shot_scale_of_frame(visible: np.ndarray) -> str:
+    """What the visible joints reach: full_body (a foot and a hip), upper_body (a hip or an elbow), portrait."""
+    if visible[_FEET].any() and visible[_HIPS].any():
+        return "full_body"
+    if visible[_HIPS].any() or visible[_ELBOWS].any():
+        return "upper_body"
+    return "portrait"
+
+
+def shot_scale(conf: np.ndarray, inside: np.ndarray, valid: np.ndarray, min_conf: float) -> str:
+    """The clip's shot scale: majority over frames with the subject ('' when it is never seen)."""
+    votes = Counter(shot_scale_of_frame((conf[t] >= min_conf) & inside[t]) for t in np.flatnonzero(valid))
+    if not votes:
+        return ""
+    best = max(votes.values())
+    return next(s for s in reversed(SHOT_SCALES) if votes.get(s) == best)  # ties: the wider shot
+
+
+class BodyStage(BackendClipStage):
+    """Subject tracking + SMPL-X body joints (``subject`` and ``body`` field groups)."""
+
+    name = "body"
+    reads = ("frames", "timestamps", "frame_index", "video_key", "width", "height")
+    writes = ("subject_box", "subject_valid", "person_count", "camera_K", "body_joints3d", "body_joints2d",
+              "body_conf", "body_filled", "body_fit_px",
+              "m_shot_scale", "m_person_count_max", "m_subject_valid_frac", "m_body_fit_px")
+
+    backend_kind = BodyBackend
+
+    @dataclass
+    class Params:
+        backend: dict[str, Any] = field(default_factory=dict)  # {target: ..., params: {...}}
+        focal_ratio: float = 1.0  # f = focal_ratio * max(W, H) px, principal point at the centre
+        min_conf: float = 0.5  # joints at least this sure are "visible" (boxes, shot scale)
+        box_pad: float = 0.15  # person box: visible joints' box grown by this fraction of its size per side
+        track_min_iou: float = 0.2  # a detection continues a track when its box overlaps this much
+        track_max_gap: int = 5  # frames a track may miss before it ends
+        smooth_sigma: float = 1.0  # temporal Gaussian (frames) on 2D joints and depths; 0: off
+
+    def setup(self) -> None:
+        super().setup()
+        self.filled = np.array([n in self.backend.filled for n in BODY_JOINT_NAMES])
+
+    def person_boxes(self, fr: BodyFrame, width: int, height: int) -> np.ndarray:
+        """(P, 4) boxes: the backend's, or the padded box of each person's visible joints."""
+        if fr.boxes is not None:
+            return np.asarray(fr.boxes, np.float64).reshape(-1, 4)
+        out = np.zeros((len(fr.conf), 4))
+        for k in range(len(fr.conf)):
+            vis = fr.conf[k] >= self.params.min_conf
+            if not vis.any():
+                vis = fr.conf[k] > 0
+            p = fr.joints2d[k][vis]
+            x0, y0 = p.min(0)
+            x1, y1 = p.max(0)
+            pad = self.params.box_pad * max(x1 - x0, y1 - y0, 1.0)
+            out[k] = np.clip([x0 - pad, y0 - pad, x1 + pad, y1 + pad], 0, [width, height, width, height])
+        return out
+
+    def process(self, row: dict) -> dict:
+        frames = row["frames"]
+        T, H, W = frames.shape[:3]
+        people = self.backend.estimate(frames, timestamps_ms(row), self.continuity.new_sequence(row))
+        boxes = [self.person_boxes(fr, W, H) for fr in people]
+        main = main_subject(boxes, W, H, min_iou=self.params.track_min_iou, max_gap=self.params.track_max_gap)
+        K = intrinsics(W, H, self.params.focal_ratio)
+
+        valid = main >= 0
+        uv = np.zeros((T, N_BODY, 2))
+        depth = np.zeros((T, N_BODY))
+        conf = np.zeros((T, N_BODY), np.float32)
+        box = np.zeros((T, 4), np.float32)
+        fit = np.zeros(T, np.float32)
+        for t in np.flatnonzero(valid):
+            fr, i = people[t], main[t]
+            w = fr.conf[i] * self.filled
+            if w.sum() < 1e-3:
+                w = self.filled.astype(np.float64)
+            p3, fit[t] = place_on_image(fr.joints3d[i], fr.joints2d[i], K, w)
+            uv[t], depth[t] = fr.joints2d[i], p3[:, 2]
+            conf[t] = fr.conf[i] * self.filled
+            box[t] = boxes[t][i]
+        # Per-frame detections jitter by a few px (measured: docs/annotators.md); a short symmetric
+        # Gaussian over the frames that have the subject damps it without lagging the motion.
+        uv = smooth_series(uv, valid, self.params.smooth_sigma)
+        depth = smooth_series(depth, valid, self.params.smooth_sigma)
+        j2 = np.where(self.filled[None, :, None], uv, 0.0).astype(np.float32)
+        j3 = np.zeros((T, N_BODY, 3), np.float32)
+        for t in np.flatnonzero(valid):
+            j3[t] = np.where(self.filled[:, None], lift_to_rays(depth[t], uv[t], K), 0.0)
+        inside = (j2[..., 0] >= 0) & (j2[..., 0] < W) & (j2[..., 1] >= 0) & (j2[..., 1] < H)
+        count = np.array([len(fr.conf) for fr in people])
+        return {
+            "subject_box": box, "subject_valid": valid.astype(np.uint8),
+            "person_count": np.minimum(count, 255).astype(np.uint8),
+            "camera_K": np.repeat(K[None].astype(np.float32), T, axis=0),
+            "body_joints3d": j3, "body_joints2d": j2, "body_conf": conf,
+            "body_filled": self.filled.astype(np.uint8), "body_fit_px": fit,
+            "m_shot_scale": shot_scale(conf, inside, valid, self.params.min_conf),
+            "m_person_count_max": int(count.max(initial=0)),
+            "m_subject_valid_frac": frac(valid),
+            "m_body_fit_px": finite_or_none(np.median(fit[valid]) if valid.any() else np.nan),
+        }
