@@ -130,8 +130,9 @@ def check(c: PreprocessConfig) -> None:
         raise ConfigError(f"plan.target_fps={p.target_fps} must be > 0 or null")
     if c.decode.backend not in ("auto", "pyav", "decord"):
         raise ConfigError(f"decode.backend={c.decode.backend!r}: use auto, pyav or decord")
-    if c.writer.shard_bytes < 1 << 16:
-        raise ConfigError(f"writer.shard_bytes={c.writer.shard_bytes} is below 64 KiB")
+    if c.writer.shard_bytes < 1024:
+        raise ConfigError(f"writer.shard_bytes={c.writer.shard_bytes}: shards are sized in bytes; use >= 1024 "
+                          "(e.g. 536870912 for 512 MiB)")
     if c.writer.num_writers < 1:
         raise ConfigError("writer.num_writers must be >= 1")
     for name in ("probe", "decode", "sink"):

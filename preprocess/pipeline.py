@@ -265,7 +265,8 @@ def init_ray(cfg: PreprocessConfig):
     if address:
         ray.init(address=address, **kwargs)
     else:
-        ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False, **kwargs)
+        # "local": a fresh Ray of our own, even if `ray start` left a cluster on this machine
+        ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=False, **kwargs)
     return ray
 
 
@@ -340,6 +341,8 @@ def run(cfg: PreprocessConfig, inputs: list[InputFile]) -> int:
                 stage_frames.update(ev.get("stage_frames", {}))
 
     # ---- consolidate: index, failures, summary, report
+    if storage.local and os.path.isdir(storage.path("_staging")) and not os.listdir(storage.path("_staging")):
+        os.rmdir(storage.path("_staging"))
     committed = load_committed(storage, cleanup=False)
     index = build_index(committed)
     dup_failures = [{"kind": "video", "video_key": e["video_key"], "key": "", "source": e["source"],

@@ -49,6 +49,11 @@ def load_committed(storage: Storage, cleanup: bool = True) -> Committed:
         for n in names:
             if n.endswith(".tmp") or (n.endswith(".tar") and n[:-4] not in stats_parts):
                 storage.delete(f"{SHARD_DIR}/{n}")
+        if storage.local:  # half-built shards of a killed run
+            import glob
+            import os
+            for p in glob.glob(storage.path("_staging/*.tmp")):
+                os.unlink(p)
     frames = []
     for p in sorted(stats_parts):
         df = pd.read_parquet(io.BytesIO(storage.read_bytes(f"{SHARD_DIR}/{p}.parquet")))

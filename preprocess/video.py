@@ -24,6 +24,13 @@ class VideoError(RuntimeError):
         super().__init__(message)
         self.reason = reason
 
+    def __reduce__(self):  # picklable across the isolated decoder process
+        return (VideoError, (self.reason, str(self)))
+
+
+# FFmpeg demuxers that turn text or still images into a "video" stream.
+NON_VIDEO_FORMATS = {"tty", "image2", "image2pipe", "lavfi", "srt", "ass", "webvtt", "txt", "subviewer", "mpl2"}
+
 
 @dataclass
 class ProbeInfo:
@@ -52,6 +59,9 @@ def probe(path: str, fileobj=None) -> ProbeInfo:
     except av.error.FFmpegError as e:
         raise VideoError("unreadable", f"{path}: {e}") from None
     with container:
+        fmt = container.format.name or ""
+        if fmt.split(",")[0] in NON_VIDEO_FORMATS or fmt.endswith("_pipe"):
+            raise VideoError("not_a_video", f"{path}: FFmpeg reads it as {fmt!r} (text or a still image), not a video")
         if not container.streams.video:
             raise VideoError("no_video_stream", f"{path}: no video stream")
         s = container.streams.video[0]

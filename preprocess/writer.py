@@ -99,7 +99,7 @@ class ShardWriter:
             for st, sec in row.get("timings", {}).items():
                 self.stage_seconds[st] += sec
                 self.stage_frames[st] += row.get("stage_frames", {}).get(st, len(row.get("frame_index", ())))
-            vk = row["video_key"]
+            vk = row["video_key"] or f"source:{row['source']}"  # failed before its key was known
             first = self.sources.setdefault(vk, row["source"])
             if first != row["source"]:
                 events.append(self._record_video(row, FAILED, "duplicate",

@@ -1,0 +1,187 @@
+"""python preprocess/validate.py output=DIR_OR_URI [--deep]: check every shard of a dataset.
+
+Checks: each tar reads to its end; member names are ``{key}.{field}`` with well-formed keys; each
+sample's members are contiguous and keys are unique across shards; every required field of the
+dataset's groups is present with the schema's dtype and shape; the index and the shards' stats files
+agree with the tars; no uncommitted tar is lying around. ``--deep`` also decodes every clip video and
+compares its frame count with ``meta.n_frames``. Exits 1 and names every problem found.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import tarfile
+from collections import defaultdict
+
+if __package__ in (None, ""):
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from preprocess import schema
+from preprocess.state import DATASET_FILE, INDEX_FILE, read_json, read_table
+from preprocess.storage import Storage
+from preprocess.writer import SHARD_DIR
+
+
+def check_sample(key: str, members: dict[str, bytes], fields: list[schema.Field], deep: bool) -> list[str]:
+    """Problems of one sample (members: field member name → bytes)."""
+    problems = []
+    if "meta.json" not in members:
+        return [f"{key}: no meta.json"]
+    try:
+        meta = schema.decode(schema.field("meta"), members["meta.json"])
+    except Exception as e:
+        return [f"{key}: meta.json does not parse ({e})"]
+    n = meta.get("n_frames")
+    if meta.get("key") != key:
+        problems.append(f"{key}: meta.key is {meta.get('key')!r}")
+    for f in fields:
+        data = members.get(f.member)
+        if data is None:
+            if not f.optional:
+                problems.append(f"{key}: missing field {f.member}")
+            continue
+        try:
+            value = schema.decode(f, data)
+        except Exception as e:
+            problems.append(f"{key}: {f.member} does not decode ({type(e).__name__}: {e})")
+            continue
+        why = schema.check_value(f, value, n)
+        if why:
+            problems.append(f"{key}: {why}")
+    known = {f.member for f in schema.FIELDS}
+    for m in members:
+        if m not in known:
+            problems.append(f"{key}: unknown member {m}")
+    if deep and "video.mp4" in members and isinstance(n, int):
+        from preprocess.video import decode_mp4
+        try:
+            got = len(decode_mp4(members["video.mp4"]))
+            if got != n:
+                problems.append(f"{key}: video.mp4 has {got} frames, meta.n_frames={n}")
+        except Exception as e:
+            problems.append(f"{key}: video.mp4 does not decode ({e})")
+    return problems
+
+
+def check_tar(storage: Storage, name: str, fields, seen: dict[str, str], deep: bool) -> tuple[list[str], list[str]]:
+    """(problems, keys in order) of one shard, read as a stream to its end."""
+    problems, keys = [], []
+    closed: set[str] = set()
+    cur, members = None, {}
+
+    def flush():
+        if cur is not None:
+            problems.extend(check_sample(cur, members, fields, deep))
+
+    try:
+        with storage.fs.open_input_stream(storage.path(f"{SHARD_DIR}/{name}")) as raw, \
+                tarfile.open(fileobj=raw, mode="r|") as tar:
+            for ti in tar:
+                if not ti.isfile():
+                    problems.append(f"{name}: {ti.name} is not a regular file")
+                    continue
+                key, dot, member = ti.name.partition(".")
+                if not dot or not schema.KEY_RE.match(key):
+                    problems.append(f"{name}: bad member name {ti.name!r} (want {{video_key}}_{{clip:04d}}.field.ext)")
+                    continue
+                data = tar.extractfile(ti).read()
+                if key != cur:
+                    flush()
+                    if key in closed:
+                        problems.append(f"{name}: members of {key} are not contiguous")
+                    if key in seen and key not in closed:
+                        problems.append(f"{name}: key {key} also in {seen[key]}")
+                    if cur is not None:
+                        closed.add(cur)
+                    cur, members = key, {}
+                    seen.setdefault(key, name)
+                    keys.append(key)
+                if member in members:
+                    problems.append(f"{name}: {key}.{member} appears twice")
+                members[member] = data
+            flush()
+    except (tarfile.TarError, OSError, EOFError) as e:
+        problems.append(f"{name}: unreadable or truncated tar ({type(e).__name__}: {e})")
+    return problems, keys
+
+
+def validate(output: str, deep: bool = False, log=print) -> list[str]:
+    """All problems of the dataset at ``output`` (empty when it is valid)."""
+    storage = Storage(output)
+    if not storage.exists(DATASET_FILE):
+        return [f"{output}: no {DATASET_FILE}; not a dataset written by preprocess/run.py"]
+    ds = read_json(storage, DATASET_FILE)
+    if ds.get("schema_version") != schema.SCHEMA_VERSION:
+        return [f"{DATASET_FILE}: schema_version {ds.get('schema_version')}, this code reads {schema.SCHEMA_VERSION}"]
+    fields = schema.fields_of(ds.get("groups", ["clip"]))
+    problems: list[str] = []
+    names = storage.list(SHARD_DIR)
+    tars = [n for n in names if n.endswith(".tar")]
+    committed = {n[:-len(".parquet")] for n in names if n.endswith(".parquet")}
+    for n in names:
+        if n.endswith(".tmp"):
+            problems.append(f"{SHARD_DIR}/{n}: temporary file left by an interrupted run")
+    seen: dict[str, str] = {}
+    tar_keys: dict[str, list[str]] = {}
+    for i, t in enumerate(tars):
+        if t[:-4] not in committed:
+            problems.append(f"{SHARD_DIR}/{t}: no stats file, so it was never committed (rerun preprocess to clean up)")
+        p, keys = check_tar(storage, t, fields, seen, deep)
+        problems.extend(p)
+        tar_keys[t] = keys
+        log(f"[validate] {i + 1}/{len(tars)} {t}: {len(keys)} samples, {len(p)} problems")
+    # the index and the stats files against the tars
+    want: dict[str, set[str]] = defaultdict(set)
+    for part in sorted(committed):
+        st = read_table(storage, f"{SHARD_DIR}/{part}.parquet")
+        ok = st[(st["kind"] == "clip") & (st["status"] == "ok")] if len(st) else st
+        for k, sh in zip(ok.get("key", []), ok.get("shard", [])):
+            want[sh].add(k)
+        if len(ok) and f"{part}.tar" not in tar_keys:
+            problems.append(f"{SHARD_DIR}/{part}.parquet lists {len(ok)} clips but {part}.tar is missing")
+    for t, keys in tar_keys.items():
+        if t[:-4] in committed and set(keys) != want.get(t, set()):
+            diff = set(keys) ^ want.get(t, set())
+            problems.append(f"{t}: samples and stats file disagree on {len(diff)} keys, e.g. {sorted(diff)[:3]}")
+    if not storage.exists(INDEX_FILE):
+        problems.append(f"no {INDEX_FILE}")
+    else:
+        idx = read_table(storage, INDEX_FILE)
+        if idx["key"].duplicated().any():
+            problems.append(f"{INDEX_FILE}: duplicate keys {idx.loc[idx['key'].duplicated(), 'key'].tolist()[:3]}")
+        in_index = set(zip(idx["key"], idx["shard"]))
+        in_tars = {(k, t) for t, keys in tar_keys.items() for k in keys}
+        if in_index != in_tars:
+            only_i, only_t = in_index - in_tars, in_tars - in_index
+            problems.append(f"{INDEX_FILE} and the tars disagree: {len(only_i)} clips only in the index "
+                            f"(e.g. {sorted(only_i)[:2]}), {len(only_t)} only in tars (e.g. {sorted(only_t)[:2]})")
+    return problems
+
+
+def main(argv: list[str]) -> int:
+    output, deep = None, False
+    for a in argv:
+        if a.startswith("output="):
+            output = a.split("=", 1)[1]
+        elif a == "--deep":
+            deep = True
+        elif a in ("-h", "--help"):
+            print(__doc__)
+            return 0
+        else:
+            print(f"error: unknown argument {a!r}\n{__doc__}", file=sys.stderr)
+            return 2
+    if not output:
+        print(f"error: output= is required\n{__doc__}", file=sys.stderr)
+        return 2
+    problems = validate(output, deep=deep)
+    for p in problems[:200]:
+        print(f"PROBLEM {p}")
+    if len(problems) > 200:
+        print(f"... and {len(problems) - 200} more")
+    print(f"[validate] {output}: {'OK' if not problems else f'{len(problems)} problems'}")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,80 @@
+"""The command as users type it: exit codes, config errors, the prod config, kill -9 and resume."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from preprocess.validate import validate
+from tests.conftest import ROOT
+from tests.preprocess.helpers import ENGINE_OVERRIDES, index_keys, make_corpus, run_cli
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["plan.min_frames=50", "plan.max_frames=20"], "plan.min_frames"),
+    (["decode.backend=ffmpeg"], "decode.backend"),
+    (["plan.min_frames=abc"], "min_frames"),
+    (["input=/definitely/not/here"], "/definitely/not/here"),
+    (["writer.shard_bytes=10"], "writer.shard_bytes"),
+])
+def test_bad_config_is_a_clear_error(args, needle, tmp_path):
+    r = run_cli([*args, f"output={tmp_path / 'o'}", "annotators=none"], timeout=120)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert needle in r.stderr and "Traceback" not in r.stderr
+
+
+def test_prod_config_prints_without_connecting():
+    t0 = time.time()
+    r = run_cli(["+cluster=prod", "--cfg", "job"], timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "address: auto" in r.stdout and "shard_bytes: 536870912" in r.stdout
+    assert "${oc.env:DREAMACTOR_INPUT}" in r.stdout  # not resolved: nothing is read or connected
+    assert time.time() - t0 < 60
+
+
+def test_kill_9_mid_run_then_resume_gives_the_uninterrupted_key_set(tmp_path):
+    d = tmp_path / "in"
+    make_corpus(d, n_good=10)
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    args = [f"input={d}", *ENGINE_OVERRIDES, "writer.shard_bytes=1024", "ray.num_cpus=2"]
+    r = run_cli([*args, f"output={ref}"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    want = index_keys(ref)
+    assert len(want) == 10
+
+    proc = subprocess.Popen([sys.executable, str(ROOT / "preprocess" / "run.py"), *args, f"output={out}"],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    shards = out / "shards"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if shards.exists() and len(list(shards.glob("*.parquet"))) >= 2:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)  # the driver dies mid-run
+    proc.wait()
+    time.sleep(1)
+    try:  # clean up the local Ray processes it had started (a dead machine would lose them too)
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    committed = len(list(shards.glob("*.parquet")))
+    assert 2 <= committed < 10
+
+    r = run_cli([*args, f"output={out}"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert index_keys(out) == want  # same keys, none duplicated, none missing
+    assert not list(shards.glob("*.tmp")) and not (out / "_staging").exists()
+    assert validate(str(out), log=lambda *_: None) == []
+
+    t0 = time.time()
+    r = run_cli([*args, f"output={out}"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert time.time() - t0 < 30  # nothing to do: no Ray, no decoding
+    s = json.loads((out / "summary.json").read_text())
+    assert s["skipped_already_done"] == 10 and s["videos_done"] == 0 and s["stage_frames"] == {}
+    assert index_keys(out) == want

@@ -1,0 +1,123 @@
+"""The engine end to end (annotators off, tiny clips): shards that validate, bad inputs recorded,
+resume without rework, stable keys."""
+import json
+import shutil
+from pathlib import Path
+
+import av
+import numpy as np
+import pandas as pd
+
+from preprocess import samples
+from preprocess.validate import validate
+from tests.preprocess.helpers import failures, index_keys, make_corpus, make_video, run_inprocess, tar_members
+
+
+def _summary(out):
+    return json.loads((Path(out) / "summary.json").read_text())
+
+
+def _wav(path):
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("pcm_s16le", rate=8000)
+        s.layout = "mono"
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, 8000), np.int16), format="s16", layout="mono")
+        frame.sample_rate = 8000
+        for p in s.encode(frame):
+            c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+
+
+def test_bad_inputs_are_recorded_and_never_stop_the_run(ray_local, tmp_path):
+    d = tmp_path / "in"
+    good = make_corpus(d, n_good=2)
+    (d / "corrupt.mp4").write_bytes(np.random.default_rng(0).integers(0, 256, 20000, dtype=np.uint8).tobytes())
+    data = good[0].read_bytes()
+    (d / "truncated.mp4").write_bytes(data[: len(data) // 3])
+    (d / "empty.mp4").write_bytes(b"")
+    (d / "notes.txt").write_text("not a video\n" * 100)
+    _wav(d / "audio_only.wav")
+    make_video(d / "short.mp4", n=4)
+    manifest = tmp_path / "list.txt"
+    manifest.write_text("\n".join([*(str(p) for p in sorted(d.iterdir())), str(d / "missing.mp4")]) + "\n")
+    out = tmp_path / "out"
+    code = run_inprocess(str(manifest), str(out))
+    assert code == 3  # some inputs failed, the run finished
+    f = failures(out)
+    by_source = {Path(s).name: r for s, r in zip(f["source"], f["error_class"])}
+    assert by_source["empty.mp4"] == "empty_file"
+    assert by_source["missing.mp4"] == "missing_file"
+    assert by_source["short.mp4"] == "too_short"
+    assert by_source["audio_only.wav"] == "no_video_stream"
+    assert by_source["notes.txt"] in ("not_a_video", "unreadable")
+    assert by_source["corrupt.mp4"] in ("not_a_video", "unreadable")
+    assert by_source["truncated.mp4"] in ("not_a_video", "unreadable", "truncated", "too_short")
+    assert all(m for m in f["error_message"])
+    assert len(f[f["kind"] == "video"]) == 7
+    keys = index_keys(out)
+    assert len(keys) == 2 and {k.split("_")[0] for k in keys} == set(pd.read_parquet(out / "index.parquet")["video_key"])
+    assert validate(str(out), deep=True, log=lambda *_: None) == []
+    s = _summary(out)
+    assert s["videos_failed"] == 7 and s["videos_done"] == 2 and sum(s["failures_by_reason"].values()) == 7
+
+
+def test_resume_skips_finished_work_without_decoding(ray_local, tmp_path):
+    d = tmp_path / "in"
+    make_corpus(d, n_good=3)
+    out = tmp_path / "out"
+    assert run_inprocess(str(d), str(out)) == 0
+    first = index_keys(out)
+    members = tar_members(out)
+    assert len(first) == 3
+    # rerun: nothing to do, nothing decoded, same dataset
+    assert run_inprocess(str(d), str(out)) == 0
+    s = _summary(out)
+    assert s["skipped_already_done"] == 3 and s["videos_done"] == 0 and s["stage_frames"] == {}
+    assert s["wall_seconds"] < 5
+    assert index_keys(out) == first and tar_members(out) == members
+    # a renamed copy is recognised by content (only its ends are read) and a new video is added
+    shutil.move(d / "good0.mp4", d / "renamed.mp4")
+    make_video(d / "new.mp4", "camera", n=20, motion=samples.Motion(rotate=(0, 15)))
+    assert run_inprocess(str(d), str(out)) == 0
+    s = _summary(out)
+    assert s["skipped_already_done"] == 3 and s["videos_done"] == 1
+    keys = index_keys(out)
+    assert len(keys) == 4 and set(first) < set(keys)
+    assert validate(str(out), log=lambda *_: None) == []
+
+
+def test_duplicate_content_is_written_once(ray_local, tmp_path):
+    d = tmp_path / "in"
+    [p] = make_corpus(d, n_good=1)
+    shutil.copy(p, d / "copy.mp4")
+    out = tmp_path / "out"
+    assert run_inprocess(str(d), str(out)) == 3
+    assert len(index_keys(out)) == 1
+    f = failures(out)
+    assert list(f["error_class"]) == ["duplicate"]
+    assert validate(str(out), log=lambda *_: None) == []
+
+
+def test_long_shots_split_and_keys_are_stable(ray_local, tmp_path):
+    d = tmp_path / "in"
+    make_video(d / "long.mp4", n=70, motion=samples.Motion(shift=(30.0, 0.0)))
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert run_inprocess(str(d), str(a)) == 0
+    assert run_inprocess(str(d / "long.mp4"), str(b), ["writer.shard_bytes=1024"]) == 0
+    ka, kb = index_keys(a), index_keys(b)
+    assert ka == kb and len(ka) == 4  # 70 frames, max 20 per clip -> 4 windows of 17-18
+    idx = pd.read_parquet(a / "index.parquet")
+    assert idx["n_frames"].between(8, 20).all() and idx["n_frames"].sum() == 70
+    assert all("." not in k for k in ka)
+
+
+def test_small_shards_roll_over_at_video_boundaries(ray_local, tmp_path):
+    d = tmp_path / "in"
+    make_corpus(d, n_good=3)
+    out = tmp_path / "out"
+    assert run_inprocess(str(d), str(out), ["writer.shard_bytes=1024"]) == 0
+    idx = pd.read_parquet(out / "index.parquet")
+    assert idx["shard"].nunique() == 3  # each video fills a 1 KiB shard on its own
+    assert idx.groupby("video_key")["shard"].nunique().max() == 1  # a video never spans shards
+    assert validate(str(out), log=lambda *_: None) == []
