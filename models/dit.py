@@ -169,6 +169,11 @@ class DiT(nn.Module):
             image = self.image_embed(self.image_context.to(dtype)[None]).expand(batch, -1, -1)
         return text, image
 
+    @staticmethod
+    def token_positions(n_ref: int, t: int, h: int, w: int, device=None) -> torch.Tensor:
+        """(t, h, w) RoPE positions of [ref tokens ; video tokens]: video frames 0..t-1, references -R..-1."""
+        return torch.cat([grid_positions(-n_ref, n_ref, h, w, device), grid_positions(0, t, h, w, device)])
+
     def forward(self, latents: torch.Tensor, sigma: torch.Tensor, ref_latents: torch.Tensor | None = None,
                 pose_features: torch.Tensor | None = None, face_tokens: torch.Tensor | None = None,
                 cond: torch.Tensor | None = None, motion_keep: torch.Tensor | None = None) -> torch.Tensor:
@@ -205,9 +210,7 @@ class DiT(nn.Module):
         else:
             x_ref = x_vid[:, :0]
 
-        positions = torch.cat([grid_positions(-n_ref, n_ref, gh, gw, latents.device),
-                               grid_positions(0, gt, gh, gw, latents.device)])
-        rope = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
+        rope = rope_cos_sin(self.token_positions(n_ref, gt, gh, gw, latents.device), cfg.head_dim, cfg.rope_theta)
         temb, e_vid = self.timestep_embedding(sigma)
         e_ref = self.timestep_embedding(torch.zeros_like(sigma))[1] if n_ref else None
         context, image_context = self.context(b, dtype)

@@ -139,6 +139,7 @@ class FaceMotionEncoder(nn.Module):
                                  nn.Linear(cfg.mlp_hidden, token_dim))
         self.no_face = nn.Parameter(torch.zeros(token_dim))  # token of frames without a detected face
         self.slot_embed = nn.Parameter(torch.randn(group, token_dim) * 0.02)  # position inside a latent frame
+        self.train()  # applies the frozen-BatchNorm rule from the start
 
     def train(self, mode: bool = True):
         """Train mode everywhere except BatchNorm statistics and dropout of the pretrained encoder."""

@@ -136,7 +136,7 @@ def segment_plan(num_frames: int, segment_frames: int, temporal_compression: int
     plan, start = [], 0
     while True:
         remaining = num_frames - start
-        length = min(segment_frames, 1 + tc * math.ceil(max(remaining - 1, 1) / tc))
+        length = min(segment_frames, 1 + tc * math.ceil(max(remaining - 1, 0) / tc))
         plan.append((start, start + length))
         if start + length >= num_frames:
             return plan
