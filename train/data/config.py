@@ -1,0 +1,146 @@
+"""Typed configuration of the training data loader. The values live in ``conf/data/*.yaml`` (the only
+source of defaults); these dataclasses give them types, and :func:`to_config` checks them.
+
+With Hydra: ``to_config(cfg.data)``. The model side (VAE compression, patch size, renderer settings,
+face-crop size) is not repeated here: :func:`train.data.build_loader` takes the ``ModelConfig``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+
+class DataConfigError(ValueError):
+    """A data-loader configuration value that cannot work; the message names the key."""
+
+
+@dataclass
+class SourceConfig:
+    """Where the shards are: a dataset written by ``preprocess/run.py`` or a list of shard URLs."""
+
+    dataset: str | None  # dir or URL with index.parquet + shards/ (preferred)
+    shards: list[str] | None  # shard URLs or brace patterns ("s3://b/shards/{0000..0099}.tar"); local globs
+    storage_options: dict[str, Any]  # fsspec options (endpoint, credentials profile)
+    require_groups: list[str]  # schema groups a sample must carry
+    read_retries: int  # retries of a failed shard open/read before the shard counts as unreadable
+
+
+@dataclass
+class BucketConfig:
+    """Aspect-ratio buckets at a fixed pixel area (paper 4.1: area 960x640, aspect kept)."""
+
+    area: int  # pixels per frame (960 * 640)
+    aspect_ratios: list[float]  # height / width of each bucket
+    token_budget: int  # DiT tokens per micro-batch (video + references); sets the batch size per bucket
+    max_batch_size: int
+
+
+@dataclass
+class FramesConfig:
+    """Clip length drawn per sample from {min, min + step, ..., max} (paper 4.1: 25-121 frames)."""
+
+    min: int
+    max: int
+    step: int  # multiple of the VAE's temporal compression so every length is 1 + k * tc
+    target_fps: float | None  # null: the clip's fps; else frames are resampled (never upsampled)
+
+
+@dataclass
+class RefsConfig:
+    """Reference images per sample (paper 3.3): the primary (a frame of the clip) plus yaw-sorted ones."""
+
+    min: int  # references per batch, drawn per batch in [min, max]
+    max: int
+    primary_outside_window: bool  # take the primary reference from clip frames outside the window if any
+
+
+@dataclass
+class DropoutConfig:
+    """Classifier-free-guidance condition dropout, drawn per sample and independently (dual CFG)."""
+
+    ref: float
+    motion: float  # pose maps + face motion together
+
+
+@dataclass
+class ShuffleConfig:
+    """Deterministic shuffling: epoch-seeded shard order, then a sample buffer over windows of shards."""
+
+    window_shards: int  # shards read together (interleaved) by one consumer; the buffer mixes them
+    buffer: int  # samples in the shuffle buffer of a window
+
+
+@dataclass
+class WorkersConfig:
+    """torch DataLoader workers of one rank."""
+
+    num_workers: int
+    prefetch_factor: int
+    pin_memory: bool
+    decode_threads: int  # decord threads per worker
+
+
+@dataclass
+class DataConfig:
+    """Everything the loader needs besides the model config."""
+
+    source: SourceConfig
+    buckets: BucketConfig
+    frames: FramesConfig
+    refs: RefsConfig
+    dropout: DropoutConfig
+    shuffle: ShuffleConfig
+    workers: WorkersConfig
+    face_crops: bool  # decode face.mp4 (stage 1 trains without face motion tokens: false saves CPU)
+    latents: bool  # read precomputed VAE latents instead of pixels (needs a schema latent group)
+    log_skips: int  # skips logged at WARNING per reason and worker; the rest at DEBUG
+
+
+def to_config(cfg) -> DataConfig:
+    """The composed ``data`` node (DictConfig or dict) as a checked :class:`DataConfig`."""
+    from omegaconf import OmegaConf
+
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(DataConfig), cfg)
+        out: DataConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    except Exception as e:  # omegaconf names the key and the bad value
+        raise DataConfigError(f"bad data config: {e}") from None
+    check(out)
+    return out
+
+
+def check(c: DataConfig, temporal_compression: int | None = None) -> None:
+    """Reject values that cannot work, naming the key."""
+    from preprocess import schema
+
+    if (c.source.dataset is None) == (not c.source.shards):
+        raise DataConfigError("set exactly one of data.source.dataset (a preprocess output) or data.source.shards")
+    unknown = set(c.source.require_groups) - set(schema.GROUPS)
+    if unknown:
+        raise DataConfigError(f"data.source.require_groups: unknown groups {sorted(unknown)}; known {list(schema.GROUPS)}")
+    f = c.frames
+    if not 1 <= f.min <= f.max or f.step < 1:
+        raise DataConfigError(f"data.frames: need 1 <= min <= max and step >= 1, got {f.min}/{f.max}/{f.step}")
+    if temporal_compression:
+        tc = temporal_compression
+        if (f.min - 1) % tc or f.step % tc:
+            raise DataConfigError(f"data.frames.min={f.min} / step={f.step}: lengths must be 1 + k*{tc} "
+                                  f"(the VAE's temporal compression): min-1 and step multiples of {tc}")
+    if f.target_fps is not None and f.target_fps <= 0:
+        raise DataConfigError(f"data.frames.target_fps={f.target_fps} must be > 0 or null")
+    b = c.buckets
+    if b.area <= 0 or not b.aspect_ratios or any(a <= 0 for a in b.aspect_ratios):
+        raise DataConfigError("data.buckets: area > 0 and a non-empty list of positive aspect_ratios (height/width)")
+    if b.token_budget <= 0 or b.max_batch_size < 1:
+        raise DataConfigError("data.buckets.token_budget must be > 0 and max_batch_size >= 1")
+    if not 1 <= c.refs.min <= c.refs.max:
+        raise DataConfigError(f"data.refs: need 1 <= min <= max, got {c.refs.min}/{c.refs.max}")
+    for k in ("ref", "motion"):
+        p = getattr(c.dropout, k)
+        if not (0.0 <= p <= 1.0 and math.isfinite(p)):
+            raise DataConfigError(f"data.dropout.{k}={p} must be a probability")
+    if c.shuffle.window_shards < 1 or c.shuffle.buffer < 1:
+        raise DataConfigError("data.shuffle.window_shards and data.shuffle.buffer must be >= 1")
+    if c.workers.num_workers < 0 or c.workers.prefetch_factor < 1:
+        raise DataConfigError("data.workers.num_workers >= 0 and prefetch_factor >= 1")

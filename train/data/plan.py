@@ -1,0 +1,247 @@
+"""The epoch plan: which samples form which batch, decided from shard metadata alone.
+
+Everything here is a pure function of the seed, the window id and the shards' metadata (clip key,
+frame count, fps, size, in tar order), so every process computes the same plan without reading a
+frame, and a resumed run (any number of ranks or workers) agrees with the original one.
+
+- Window ``g`` (global across epochs): epoch ``g // W``, where ``W`` windows of ``window_shards``
+  shards each come from the epoch's permutation of the shard list (seeded by ``(seed, epoch)``).
+- Sample order in a window: the window's shards interleaved round-robin in tar order, through a
+  shuffle buffer of ``buffer`` samples (seeded by ``(seed, g)``): what a WebDataset shuffle buffer does,
+  made reproducible, and bounded in memory when the consumer streams the shards.
+- Per sample (seeded by ``(seed, epoch, key)``): the aspect-ratio bucket, the clip length T (1 + k tc),
+  the first frame, the primary reference frame, the order of the extra references, and the two CFG
+  dropout flags (reference; motion = pose + face), drawn independently.
+- Batches: samples join the pending batch of their (bucket, T); a batch is closed when it holds the
+  bucket's batch size from the token budget; at the end of the window the pending batches are closed
+  as they are (smaller). The reference count R is drawn per batch.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from preprocess import schema
+
+from .config import DataConfig
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """What the model imposes on a batch: VAE compression, patch size, face crop, pose-map channels."""
+
+    temporal_compression: int
+    spatial_compression: int
+    patch_size: tuple[int, int, int]
+    face_crop_size: int
+    pose_channels: int
+
+    @classmethod
+    def of_model(cls, model_cfg) -> "Geometry":
+        """From a ``models.config.ModelConfig``."""
+        return cls(model_cfg.vae.temporal_compression, model_cfg.vae.spatial_compression,
+                   tuple(model_cfg.dit.patch_size), model_cfg.face_encoder.crop_size, model_cfg.pose_encoder.in_channels)
+
+    @property
+    def size_multiple(self) -> int:
+        """Bucket sides are multiples of this so the latent grid patchifies."""
+        return self.spatial_compression * max(self.patch_size[1], self.patch_size[2])
+
+    def tokens(self, frames: int, height: int, width: int, refs: int) -> int:
+        """DiT tokens of one sample: video latent frames plus reference frames, times patches per frame."""
+        t = 1 + (frames - 1) // self.temporal_compression
+        per_frame = (height // (self.spatial_compression * self.patch_size[1])) * \
+                    (width // (self.spatial_compression * self.patch_size[2]))
+        return (math.ceil(t / self.patch_size[0]) + refs) * per_frame
+
+
+@dataclass(frozen=True)
+class ShardMeta:
+    """The samples of one shard in tar order (from its stats file, or a scan of the tar)."""
+
+    url: str
+    keys: tuple[str, ...]
+    n_frames: np.ndarray  # int
+    fps: np.ndarray  # float
+    width: np.ndarray  # int
+    height: np.ndarray  # int
+
+
+@dataclass(frozen=True)
+class PlannedSample:
+    """One sample of a batch and every random choice made for it."""
+
+    key: str
+    shard: int  # position of its shard in the window
+    epoch: int
+    frame_index: tuple[int, ...]  # T frames of the stored clip, increasing
+    fps: float  # frame rate of the sampled frames
+    primary_frame: int  # stored-clip frame used as the primary reference
+    ref_order: tuple[int, ...]  # permutation of schema.REF_ROLES: extra references are tried in this order
+    drop_ref: bool
+    drop_motion: bool
+
+
+@dataclass(frozen=True)
+class PlannedBatch:
+    """A batch: one bucket, one length, one reference count."""
+
+    index: int  # position in the window's batch list
+    height: int
+    width: int
+    frames: int
+    refs: int
+    samples: tuple[PlannedSample, ...]
+
+
+@dataclass(frozen=True)
+class WindowPlan:
+    """The batches of one window and the samples left out while planning (by reason)."""
+
+    window: int
+    epoch: int
+    shard_urls: tuple[str, ...]
+    batches: tuple[PlannedBatch, ...]
+    excluded: dict
+
+
+def _seed_words(*parts) -> list[int]:
+    """A SeedSequence entropy list from ints and strings (strings hashed stably)."""
+    out = []
+    for p in parts:
+        if isinstance(p, str):
+            out.append(int.from_bytes(hashlib.blake2b(p.encode(), digest_size=8).digest(), "little"))
+        else:
+            out.append(int(p) & 0xFFFFFFFFFFFFFFFF)
+    return out
+
+
+def rng(*parts) -> np.random.Generator:
+    """A generator seeded by a tuple of ints / strings (independent streams for distinct tuples)."""
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence(_seed_words(*parts))))
+
+
+class Planner:
+    """Plans windows for a fixed shard list, configuration, model geometry and seed."""
+
+    def __init__(self, cfg: DataConfig, geometry: Geometry, shard_urls: list[str], seed: int):
+        if not shard_urls:
+            raise ValueError("no shards to plan over")
+        self.cfg, self.geometry, self.seed = cfg, geometry, seed
+        self.shard_urls = list(shard_urls)
+        self.window_shards = cfg.shuffle.window_shards
+        self.windows_per_epoch = math.ceil(len(self.shard_urls) / self.window_shards)
+        m = geometry.size_multiple
+        self.buckets: list[tuple[int, int]] = []
+        for r in cfg.buckets.aspect_ratios:
+            h = max(m, int(round(math.sqrt(cfg.buckets.area * r) / m)) * m)
+            w = max(m, int(round(math.sqrt(cfg.buckets.area / r) / m)) * m)
+            self.buckets.append((h, w))
+        self._log_ratios = np.log([h / w for h, w in self.buckets])
+        f = cfg.frames
+        self.lengths = np.arange(f.min, f.max + 1, f.step)
+
+    def settings(self) -> dict:
+        """Everything the plan depends on besides the shard list and seed (for the cursor's fingerprint)."""
+        c = self.cfg
+        return {"buckets": asdict(c.buckets), "frames": asdict(c.frames), "refs": asdict(c.refs),
+                "dropout": asdict(c.dropout), "shuffle": asdict(c.shuffle), "geometry": asdict(self.geometry)}
+
+    # ------------------------------------------------------------------ per-sample choices
+
+    def bucket_of(self, width: int, height: int) -> int:
+        """Index of the bucket whose aspect ratio is nearest (in log) to the clip's."""
+        return int(np.argmin(np.abs(self._log_ratios - math.log(height / width))))
+
+    def batch_size(self, bucket: int, frames: int) -> int:
+        """Clips per batch in ``bucket`` at ``frames`` frames: the token budget over one clip's tokens
+        (counting the most references a batch may draw)."""
+        h, w = self.buckets[bucket]
+        per_clip = self.geometry.tokens(frames, h, w, self.cfg.refs.max)
+        return int(min(self.cfg.buckets.max_batch_size, max(1, self.cfg.buckets.token_budget // per_clip)))
+
+    def stride(self, fps: float) -> float:
+        """Stored-clip frames per sampled frame (>= 1: never upsampled)."""
+        target = self.cfg.frames.target_fps
+        return 1.0 if target is None or fps <= target else fps / target
+
+    def plan_sample(self, key: str, shard: int, epoch: int, n_frames: int, fps: float) -> PlannedSample | None:
+        """The random choices of one sample; None when the clip is shorter than the shortest length."""
+        stride = self.stride(fps)
+        n_avail = int(math.floor((n_frames - 1) / stride + 1e-9)) + 1
+        allowed = self.lengths[self.lengths <= n_avail]
+        if not len(allowed):
+            return None
+        g = rng(self.seed, epoch, key)
+        t = int(g.choice(allowed))
+        span = int(round((t - 1) * stride))
+        start = int(g.integers(0, n_frames - span))
+        idx = tuple(start + int(round(i * stride)) for i in range(t))
+        outside = [i for i in range(n_frames) if i < idx[0] or i > idx[-1]]
+        pool = outside if (self.cfg.refs.primary_outside_window and outside) else list(range(n_frames))
+        primary = int(pool[int(g.integers(0, len(pool)))])
+        order = tuple(int(x) for x in g.permutation(len(schema.REF_ROLES)))
+        drop_ref = bool(g.random() < self.cfg.dropout.ref)
+        drop_motion = bool(g.random() < self.cfg.dropout.motion)
+        return PlannedSample(key, shard, epoch, idx, float(fps) / stride, primary, order, drop_ref, drop_motion)
+
+    # ------------------------------------------------------------------ windows
+
+    def epoch_shards(self, epoch: int) -> np.ndarray:
+        """The epoch's shard order (indices into the shard list)."""
+        return rng(self.seed, "shards", epoch).permutation(len(self.shard_urls))
+
+    def window_shard_urls(self, window: int) -> tuple[int, list[str]]:
+        """(epoch, shard URLs) of global window ``window``."""
+        epoch, w = divmod(window, self.windows_per_epoch)
+        order = self.epoch_shards(epoch)[w * self.window_shards:(w + 1) * self.window_shards]
+        return epoch, [self.shard_urls[i] for i in order]
+
+    def sample_order(self, window: int, metas: list[ShardMeta | None]) -> list[tuple[int, int]]:
+        """(shard position, row) of every sample in the window's shuffled order (see the module doc)."""
+        queues = [list(range(len(m.keys))) if m is not None else [] for m in metas]
+        stream = []
+        for i in range(max((len(q) for q in queues), default=0)):
+            stream.extend((s, q[i]) for s, q in enumerate(queues) if i < len(q))
+        g = rng(self.seed, "buffer", window)
+        size = self.cfg.shuffle.buffer
+        buf: list[tuple[int, int]] = []
+        out = []
+        for item in stream:
+            if len(buf) < size:
+                buf.append(item)
+                continue
+            j = int(g.integers(0, size))
+            out.append(buf[j])
+            buf[j] = item
+        out.extend(buf[j] for j in g.permutation(len(buf)))
+        return out
+
+    def plan_window(self, window: int, metas: list[ShardMeta | None]) -> WindowPlan:
+        """The batches of window ``window`` given its shards' metadata (None: shard unreadable)."""
+        epoch, urls = self.window_shard_urls(window)
+        excluded: dict[str, int] = {}
+        pending: dict[tuple[int, int], list[PlannedSample]] = {}
+        closed: list[tuple[int, int, list[PlannedSample]]] = []  # (bucket, frames, samples) in closing order
+        for s, row in self.sample_order(window, metas):
+            m = metas[s]
+            ps = self.plan_sample(m.keys[row], s, epoch, int(m.n_frames[row]), float(m.fps[row]))
+            if ps is None:
+                excluded["samples/too_short"] = excluded.get("samples/too_short", 0) + 1
+                continue
+            b = self.bucket_of(int(m.width[row]), int(m.height[row]))
+            k = (b, len(ps.frame_index))
+            pending.setdefault(k, []).append(ps)
+            if len(pending[k]) >= self.batch_size(*k):
+                closed.append((*k, pending.pop(k)))
+        closed.extend((*k, v) for k, v in pending.items())  # dict order = order of first member
+        g = rng(self.seed, "refs", window)
+        batches = []
+        for i, (b, t, samples) in enumerate(closed):
+            h, w = self.buckets[b]
+            refs = int(g.integers(self.cfg.refs.min, self.cfg.refs.max + 1))
+            batches.append(PlannedBatch(i, h, w, t, refs, tuple(samples)))
+        return WindowPlan(window, epoch, tuple(urls), tuple(batches), excluded)

@@ -1,0 +1,207 @@
+"""One planned sample's tar members -> model-ready arrays at its bucket's resolution.
+
+Frames are decoded with decord from the member bytes in memory (sorted indices, one batched
+``get_batch``), cropped around the subject to the bucket's aspect ratio and resized; the same image
+transform is applied to the stored annotations when the skeleton and head-sphere maps are rendered
+(:mod:`models.render`), so maps and frames line up pixel for pixel. The head sphere takes the size of
+the primary reference's head (paper 3.2: "scaled to match the reference head's size").
+"""
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import numpy as np
+
+from models import render
+from preprocess import schema
+
+from .plan import PlannedSample
+
+F = schema.field  # field lookup by name: every name below is checked against the schema at import
+VIDEO, FACE = F("video"), F("face")
+NEEDED_NPY = {
+    "subject": ("subject_box", "subject_valid"),
+    "body": ("camera_K", "body_joints3d", "body_conf"),
+    "hands": ("hand_joints3d", "hand_conf"),
+    "head": ("head_rotation", "head_center", "head_radius", "head_valid"),
+    "face": ("face_valid",),
+}
+for _names in NEEDED_NPY.values():
+    for _n in _names:
+        F(_n)
+REF_FIELDS = tuple(F(f"ref_{r}") for r in schema.REF_ROLES)
+
+
+class SampleError(Exception):
+    """A sample that cannot be used; ``reason`` is the skip-count key, the message says why."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass
+class Sample:
+    """Arrays of one sample, channel-last uint8 images (batched and transposed by the dataset)."""
+
+    key: str
+    video: np.ndarray  # (T, H, W, 3) uint8
+    refs: list[np.ndarray]  # primary first, then available extras in plan order; (H, W, 3) uint8 each
+    pose_maps: np.ndarray  # (T, H, W, 6) uint8
+    face_crops: np.ndarray | None  # (T, S, S, 3) uint8
+    face_valid: np.ndarray  # (T,) bool
+    body_valid: np.ndarray
+    head_valid: np.ndarray
+    transform: np.ndarray  # (3, 3) stored-clip pixels -> bucket pixels
+
+
+def required_members(groups) -> list[schema.Field]:
+    """Non-optional fields of the clip group and ``groups``: a sample without one is skipped."""
+    return [f for f in schema.fields_of(["clip", *groups]) if not f.optional]
+
+
+def decode_frames(data: bytes, indices, threads: int = 1) -> np.ndarray:
+    """Frames ``indices`` (any order, repeats allowed) of an in-memory MP4: (N, H, W, 3) uint8."""
+    import decord
+
+    idx = np.asarray(indices, dtype=np.int64)
+    uniq, inverse = np.unique(idx, return_inverse=True)  # sorted: decord seeks forward only
+    try:
+        vr = decord.VideoReader(io.BytesIO(data), ctx=decord.cpu(0), num_threads=threads)
+        n = len(vr)
+        if uniq[-1] >= n:
+            raise SampleError("video_short", f"frame {int(uniq[-1])} requested, the stream has {n}")
+        frames = vr.get_batch(uniq.tolist()).asnumpy()
+    except SampleError:
+        raise
+    except Exception as e:  # decord.DECORDError, RuntimeError on unreadable containers
+        raise SampleError("video_undecodable", f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+    return frames[inverse]
+
+
+def crop_box(width: int, height: int, out_h: int, out_w: int, center) -> tuple[int, int, int, int]:
+    """Largest box of aspect ``out_w / out_h`` inside the frame, centred as near ``center`` as fits (integer px)."""
+    scale = max(out_h / height, out_w / width)
+    bw = min(width, max(1, int(round(out_w / scale))))
+    bh = min(height, max(1, int(round(out_h / scale))))
+    x0 = int(round(min(max(center[0] - bw / 2, 0), width - bw)))
+    y0 = int(round(min(max(center[1] - bh / 2, 0), height - bh)))
+    return x0, y0, x0 + bw, y0 + bh
+
+
+def resize_crop(img: np.ndarray, box, out_h: int, out_w: int) -> np.ndarray:
+    """Crop ``box`` out of ``img`` and resize to (out_h, out_w) (area when shrinking, linear when enlarging)."""
+    import cv2
+
+    x0, y0, x1, y1 = box
+    crop = img[y0:y1, x0:x1]
+    interp = cv2.INTER_AREA if (x1 - x0) >= out_w else cv2.INTER_LINEAR
+    return cv2.resize(crop, (out_w, out_h), interpolation=interp)
+
+
+def letterbox(img: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
+    """Fit ``img`` inside (out_h, out_w) keeping its aspect ratio, centred on black."""
+    import cv2
+
+    h, w = img.shape[:2]
+    s = min(out_h / h, out_w / w)
+    nh, nw = max(1, int(round(h * s))), max(1, int(round(w * s)))
+    out = np.zeros((out_h, out_w, 3), np.uint8)
+    y0, x0 = (out_h - nh) // 2, (out_w - nw) // 2
+    out[y0:y0 + nh, x0:x0 + nw] = cv2.resize(img, (nw, nh), interpolation=cv2.INTER_AREA if s < 1 else cv2.INTER_LINEAR)
+    return out
+
+
+def _npy(members: dict, name: str, n_frames: int) -> np.ndarray:
+    f = F(name)
+    try:
+        value = schema.decode(f, members[f.member])
+    except Exception as e:
+        raise SampleError("bad_field", f"{f.member}: {type(e).__name__}: {e}") from None
+    why = schema.check_value(f, value, n_frames)
+    if why:
+        raise SampleError("bad_field", why)
+    return value
+
+
+def build_sample(members: dict[str, bytes], ps: PlannedSample, height: int, width: int, groups, render_cfg, *,
+                 face_crops: bool, face_size: int = schema.FACE_CROP_SIZE, decode_threads: int = 1) -> Sample:
+    """Decode, crop and render one planned sample; raises :class:`SampleError` with a skip reason."""
+    import cv2
+
+    missing = [f.member for f in required_members(groups) if not members.get(f.member)]
+    if missing:
+        raise SampleError("missing_field", f"missing {missing}")
+    try:
+        meta = schema.decode(F("meta"), members[F("meta").member])
+        n = int(meta["n_frames"])
+        clip_w, clip_h = int(meta["width"]), int(meta["height"])
+    except Exception as e:
+        raise SampleError("bad_field", f"meta.json: {type(e).__name__}: {e}") from None
+    idx = np.asarray(ps.frame_index, dtype=np.int64)
+    if idx[-1] >= n or ps.primary_frame >= n:
+        raise SampleError("meta_mismatch", f"meta.json says {n} frames; the plan (from the stats) needs frame {idx[-1]}")
+    arr = {name: _npy(members, name, n) for g in groups for name in NEEDED_NPY.get(g, ())}
+
+    # crop: centred on the subject over the sampled frames (the whole frame's centre when it is not found)
+    center = (clip_w / 2, clip_h / 2)
+    if "subject_box" in arr:
+        ok = arr["subject_valid"][idx].astype(bool)
+        if ok.any():
+            b = arr["subject_box"][idx][ok]
+            center = ((b[:, 0].min() + b[:, 2].max()) / 2, (b[:, 1].min() + b[:, 3].max()) / 2)
+    box = crop_box(clip_w, clip_h, height, width, center)
+    transform = render.crop_resize_transform(box, (height, width))
+
+    frames = decode_frames(members[VIDEO.member], np.append(idx, ps.primary_frame), decode_threads)
+    if frames.shape[1:3] != (clip_h, clip_w):
+        raise SampleError("meta_mismatch", f"video is {frames.shape[2]}x{frames.shape[1]}, meta.json says {clip_w}x{clip_h}")
+    out = np.stack([resize_crop(f, box, height, width) for f in frames])
+    video, primary = out[:-1], out[-1]
+
+    refs = [primary]
+    for r in ps.ref_order:
+        f = REF_FIELDS[r]
+        data = members.get(f.member)
+        if not data:
+            continue
+        img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+        if img is None:
+            raise SampleError("image_undecodable", f"{f.member} is not a decodable image")
+        img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+        # a full frame of the clip's size keeps the clip's framing; other crops (half body) are fitted whole
+        refs.append(resize_crop(img, box, height, width) if img.shape[:2] == (clip_h, clip_w)
+                    else letterbox(img, height, width))
+
+    t = len(idx)
+    ones = np.ones(t, bool)
+    head_valid = arr["head_valid"][idx].astype(bool) if "head_valid" in arr else ~ones
+    pose = np.zeros((t, height, width, 6), np.uint8)
+    if "body_joints3d" in arr:
+        hands = {}
+        if "hand_joints3d" in arr:
+            hands = dict(hands3d=arr["hand_joints3d"][idx], hand_conf=arr["hand_conf"][idx])
+        pose[..., :3] = render.render_skeleton_map(
+            arr["body_joints3d"][idx], arr["body_conf"][idx], arr["camera_K"][idx], (height, width), render_cfg,
+            joint_names=schema.BODY_JOINT_NAMES, transform=transform, **hands)
+    if "head_center" in arr:
+        radius_all, valid_all = arr["head_radius"], arr["head_valid"].astype(bool)
+        ok_ref = valid_all & np.isfinite(radius_all) & (radius_all > 0)
+        ref_radius = radius_all[ps.primary_frame] if ok_ref[ps.primary_frame] else \
+            (float(np.median(radius_all[ok_ref])) if ok_ref.any() else 0.0)
+        radius = render.retarget_head_radius(radius_all[idx], ref_radius, valid_all[idx])
+        pose[..., 3:] = render.render_head_sphere_map(arr["head_center"][idx], arr["head_rotation"][idx], radius,
+                                                      (height, width), valid=head_valid, transform=transform)
+    faces = None
+    if face_crops and "face" in groups:
+        try:
+            faces = decode_frames(members[FACE.member], idx, decode_threads)
+        except SampleError as e:
+            raise SampleError("face_" + e.reason.split("_", 1)[1], f"{FACE.member}: {e}") from None
+        if faces.shape[1:3] != (face_size, face_size):  # the model's crop size differs from the stored one
+            faces = np.stack([cv2.resize(f, (face_size, face_size), interpolation=cv2.INTER_AREA) for f in faces])
+    return Sample(ps.key, video, refs, pose, faces,
+                  arr["face_valid"][idx].astype(bool) if "face_valid" in arr else ~ones,
+                  arr["subject_valid"][idx].astype(bool) if "subject_valid" in arr else ones,
+                  head_valid, transform)

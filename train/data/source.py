@@ -1,0 +1,183 @@
+"""Where samples come from: the shard list, each shard's metadata, and a shard's samples as a stream.
+
+Local paths and object-store URLs (``s3://``, ``gs://``, ...) go through fsspec. A shard's metadata
+(clip key, frame count, fps, size, in tar order) comes from the stats file the preprocessing writer
+commits next to it (``{part}.parquet``); a shard without one (shards from elsewhere) is scanned once
+for its ``meta.json`` members.
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import tarfile
+import time
+
+import numpy as np
+
+from preprocess import schema
+
+from .config import SourceConfig
+from .plan import ShardMeta
+
+log = logging.getLogger(__name__)
+
+INDEX_FILE = "index.parquet"  # names of preprocess/state.py and preprocess/writer.py (a dataset's layout)
+DATASET_FILE = "dataset.json"
+SHARD_DIR = "shards"
+META = schema.field("meta")
+
+
+class ShardError(RuntimeError):
+    """A shard that cannot be read; ``reason`` is the skip-count key."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+def _fs(url: str, storage_options: dict):
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(url, **storage_options)
+    return fs, path
+
+
+def _join(base: str, *parts: str) -> str:
+    return "/".join([base.rstrip("/"), *parts])
+
+
+def expand_shards(patterns: list[str], storage_options: dict) -> list[str]:
+    """Brace patterns and (local or object-store) globs -> sorted shard URLs."""
+    from webdataset.shardlists import expand_urls
+
+    out: list[str] = []
+    for pat in patterns:
+        for url in expand_urls(pat):
+            if any(ch in url for ch in "*?["):
+                fs, path = _fs(url, storage_options)
+                proto = url.split("://", 1)[0] + "://" if "://" in url else ""
+                out.extend(proto + p if proto and not p.startswith(proto) else p for p in sorted(fs.glob(path)))
+            else:
+                out.append(url)
+    return sorted(dict.fromkeys(out))
+
+
+def resolve_source(cfg: SourceConfig) -> tuple[list[str], list[str] | None]:
+    """(shard URLs, field groups of the dataset or None when unknown)."""
+    if cfg.shards:
+        urls = expand_shards(list(cfg.shards), cfg.storage_options)
+        if not urls:
+            raise FileNotFoundError(f"data.source.shards={list(cfg.shards)} matches no shard")
+        return urls, None
+    root = cfg.dataset
+    fs, path = _fs(root, cfg.storage_options)
+    groups = None
+    ds_file = _join(path, DATASET_FILE)
+    if fs.exists(ds_file):
+        info = json.loads(fs.cat_file(ds_file))
+        if info.get("schema_version") != schema.SCHEMA_VERSION:
+            raise ValueError(f"{root}: schema_version {info.get('schema_version')} but this code reads "
+                             f"{schema.SCHEMA_VERSION} (preprocess/schema.py)")
+        groups = list(info.get("groups", []))
+    index_file = _join(path, INDEX_FILE)
+    if fs.exists(index_file):
+        import pyarrow.parquet as pq
+
+        names = sorted(set(pq.read_table(io.BytesIO(fs.cat_file(index_file)), columns=["shard"])
+                           .column("shard").to_pylist()))
+        urls = [_join(root, SHARD_DIR, n) for n in names if n]
+    else:
+        log.warning("%s has no %s: using every shard in %s/", root, INDEX_FILE, SHARD_DIR)
+        urls = expand_shards([_join(root, SHARD_DIR, "*.tar")], cfg.storage_options)
+    if not urls:
+        raise FileNotFoundError(f"data.source.dataset={root!r} holds no shards (run preprocess/run.py output=... first)")
+    return urls, groups
+
+
+def _retry(fn, retries: int, what: str):
+    """Call ``fn``; transient errors are retried ``retries`` times, a missing file is not."""
+    for attempt in range(retries + 1):
+        try:
+            return fn()
+        except FileNotFoundError:
+            raise
+        except Exception as e:  # network hiccups of object stores
+            if attempt == retries:
+                raise
+            log.warning("%s failed (%s: %s); retry %d/%d", what, type(e).__name__, e, attempt + 1, retries)
+            time.sleep(0.5 * 2 ** attempt)
+
+
+def stats_url(shard_url: str) -> str:
+    """The writer's stats file of a shard: ``{part}.parquet`` beside ``{part}.tar``."""
+    return shard_url[:-len(".tar")] + ".parquet" if shard_url.endswith(".tar") else shard_url + ".parquet"
+
+
+def load_shard_meta(url: str, cfg: SourceConfig) -> ShardMeta:
+    """Metadata of a shard's samples in tar order; raises :class:`ShardError` when the shard is unusable."""
+    import fsspec
+
+    surl = stats_url(url)
+    try:
+        data = _retry(lambda: fsspec.open(surl, "rb", **cfg.storage_options).open().read(), cfg.read_retries, surl)
+    except FileNotFoundError:
+        data = None
+    except Exception as e:
+        raise ShardError("stats_unreadable", f"{surl}: {type(e).__name__}: {e}") from None
+    if data is not None:
+        import pyarrow.parquet as pq
+
+        df = pq.read_table(io.BytesIO(data)).to_pandas()
+        name = url.rsplit("/", 1)[-1]
+        rows = df[(df["kind"] == "clip") & (df["status"] == "ok") & (df["shard"] == name)]
+        return ShardMeta(url, tuple(rows["key"]), rows["n_frames"].to_numpy(np.int64), rows["fps"].to_numpy(np.float64),
+                         rows["width"].to_numpy(np.int64), rows["height"].to_numpy(np.int64))
+    log.warning("%s has no stats file %s: scanning the tar for its samples (the shard is read twice)", url, surl)
+    keys, n, fps, w, h = [], [], [], [], []
+    for key, members in iter_samples(url, cfg, select=lambda key, member: member == META.member):
+        if META.member not in members:
+            continue
+        meta = schema.decode(META, members[META.member])
+        keys.append(key)
+        n.append(int(meta["n_frames"]))
+        fps.append(float(meta["fps"]))
+        w.append(int(meta["width"]))
+        h.append(int(meta["height"]))
+    return ShardMeta(url, tuple(keys), np.array(n, np.int64), np.array(fps), np.array(w, np.int64), np.array(h, np.int64))
+
+
+def iter_samples(url: str, cfg: SourceConfig, select=None):
+    """Stream ``(key, {member: bytes})`` of a shard in tar order, reading it once, sequentially.
+
+    ``select(key, member) -> bool`` keeps only some members (the rest are streamed past, not stored). Raises
+    :class:`ShardError` (``shard_missing`` / ``shard_unreadable`` / ``shard_corrupt``) when the shard cannot
+    be opened or breaks off; the samples already yielded stay valid.
+    """
+    import fsspec
+    from webdataset.tariterators import base_plus_ext, tar_file_iterator
+
+    try:
+        f = _retry(lambda: fsspec.open(url, "rb", **cfg.storage_options).open(), cfg.read_retries, url)
+    except FileNotFoundError:
+        raise ShardError("shard_missing", f"{url}: no such shard") from None
+    except Exception as e:
+        raise ShardError("shard_unreadable", f"{url}: {type(e).__name__}: {e}") from None
+    key, members = None, {}
+    try:
+        with f:
+            keep = None if select is None else (lambda fname: select(*base_plus_ext(fname)))
+            for item in tar_file_iterator(f, select_files=keep):
+                k, member = base_plus_ext(item["fname"])
+                if k is None:
+                    continue
+                if k != key:
+                    if key is not None:
+                        yield key, members
+                    key, members = k, {}
+                members[member] = item["data"]
+    except (tarfile.TarError, OSError, EOFError, ValueError) as e:
+        # a sample cut by the break is incomplete: it is not yielded (its members are lost)
+        raise ShardError("shard_corrupt", f"{url}: {type(e).__name__}: {e} (after sample {key})") from None
+    if key is not None:
+        yield key, members
