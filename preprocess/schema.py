@@ -204,3 +204,35 @@ def check_value(f: Field, value, n_frames: int) -> str | None:
     if len(value) == 0:
         return f"{f.member}: empty"
     return None
+
+
+def markdown_table() -> str:
+    """The field table of docs/data-format.md (``python -m preprocess.schema`` prints it)."""
+    lines = ["| member | group | dtype | shape | required | meaning |", "|---|---|---|---|---|---|"]
+    for f in FIELDS:
+        shape = "(" + ", ".join(str(d) for d in f.shape) + ("," if len(f.shape) == 1 else "") + ")" if f.shape else ""
+        lines.append(f"| `{{key}}.{f.member}` | {f.group} | {f.dtype or f.ext} | {shape} | "
+                     f"{'optional' if f.optional else 'yes'} | {f.doc} |")
+    return "\n".join(lines)
+
+
+def update_docs(path) -> None:
+    """Rewrite the field table between the markers of docs/data-format.md."""
+    import re
+    from pathlib import Path
+
+    p = Path(path)
+    text = p.read_text()
+    new = re.sub(r"(<!-- fields:begin[^>]*-->\n).*?(\n<!-- fields:end -->)",
+                 lambda m: m.group(1) + markdown_table() + m.group(2), text, flags=re.S)
+    p.write_text(new)
+
+
+if __name__ == "__main__":
+    import sys
+    from pathlib import Path
+
+    if "--update-docs" in sys.argv:
+        update_docs(Path(__file__).resolve().parents[1] / "docs" / "data-format.md")
+    else:
+        print(markdown_table())

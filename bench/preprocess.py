@@ -1,0 +1,161 @@
+"""Preprocessing throughput: every stage alone vs the whole Ray Data pipeline, in one run.
+
+    python bench/preprocess.py [hydra overrides, e.g. samples.n_frames=100 input=/data/videos]
+
+1. Each stage alone, in this process, on the same clips, one after the other: plan (probe + shot
+   detection), decode, encode, every enabled annotator, every per-video stage. For each: frames/s
+   (wall) and CPU-seconds per frame (process CPU time, threads included).
+2. The pipeline on a warm local Ray, same inputs and config, into a fresh output: frames/s end to end
+   (actor start-up and model loading included).
+
+Bounds: a stage-parallel pipeline cannot beat its slowest stage (``1 / max wall-s/frame``), and on
+C cores it cannot beat ``C / sum(CPU-s/frame)`` (every frame needs every stage's CPU time). The
+pipeline's efficiency is its frames/s over the lower of the two. Prints a markdown table and JSON.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+from collections import defaultdict
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+
+DEFAULT_OVERRIDES = ["samples.n_frames=100", "ray.progress_bars=false", "progress_interval_s=1000"]
+
+
+class Clock:
+    """Wall and process-CPU seconds of a block, accumulated per stage."""
+
+    def __init__(self):
+        self.wall, self.cpu, self.frames = defaultdict(float), defaultdict(float), defaultdict(int)
+
+    def time(self, stage: str, frames: int, fn, *args, **kw):
+        w0, c0 = time.perf_counter(), time.process_time()
+        out = fn(*args, **kw)
+        self.wall[stage] += time.perf_counter() - w0
+        self.cpu[stage] += time.process_time() - c0
+        self.frames[stage] += frames
+        return out
+
+
+def stages_alone(cfg, inputs) -> Clock:
+    """Run every stage sequentially in-process over all inputs."""
+    from preprocess import schema
+    from preprocess.plan import content_key, plan_video
+    from preprocess.stage import ClipStage, load_stage, new_row
+    from preprocess.storage import read_ends
+    from preprocess.video import encode_mp4, read_frames, scaled_size
+
+    clock = Clock()
+    clip_stages = [load_stage(n, s) for n, s in cfg.annotators.items() if s.enabled]
+    video_stages = [load_stage(n, s) for n, s in cfg.video_stages.items() if s.enabled]
+    for st in (*clip_stages, *video_stages):
+        st.setup()
+    p, pl, d = cfg.probe, cfg.plan, cfg.decode
+    for inp in inputs:
+        size_, head, tail = read_ends(inp.uri, p.key_bytes)
+        vk = content_key(size_, head, tail)
+        try:
+            plan = plan_video(inp.uri, analysis_width=pl.analysis_width, threshold=pl.shot_threshold,
+                              min_shot_frames=pl.min_shot_frames, target_fps=pl.target_fps,
+                              min_frames=pl.min_frames, max_frames=pl.max_frames, min_seconds=p.min_seconds)
+        except Exception as e:
+            print(f"skip {inp.uri}: {e}", file=sys.stderr)
+            continue
+        # plan is timed on its own (it decodes the whole video once at analysis size)
+        clock.time("plan", plan.n_frames, plan_video, inp.uri, analysis_width=pl.analysis_width,
+                   threshold=pl.shot_threshold, min_shot_frames=pl.min_shot_frames, target_fps=pl.target_fps,
+                   min_frames=pl.min_frames, max_frames=pl.max_frames, min_seconds=p.min_seconds)
+        info = plan.info
+        rows = []
+        for c in plan.clips:
+            n = len(c.frame_index)
+            size = scaled_size(info.width, info.height, d.max_side)
+            frames = clock.time("decode", n, read_frames, inp.uri, c.frame_index, rotation=info.rotation,
+                                size=size, backend=d.backend, start_pts=info.start_pts)
+            mp4 = clock.time("encode", n, encode_mp4, frames, plan.fps, crf=d.crf, preset=d.preset)
+            row = new_row(key=schema.clip_key(vk, c.clip_index), video_key=vk, source=inp.uri,
+                          clip_index=c.clip_index, shot_index=c.shot_index, frame_index=c.frame_index,
+                          timestamps=c.frame_index / info.fps, fps=plan.fps, width=size[0], height=size[1],
+                          n_frames=n, frames=frames, video=mp4, n_clips=len(plan.clips))
+            for st in clip_stages:
+                row.update(clock.time(st.name, n, st.process, row))
+            row.pop("frames")
+            rows.append(row)
+        n_video = sum(len(r["frame_index"]) for r in rows)
+        for st in video_stages:
+            try:
+                clock.time(st.name, n_video, st.process_video, rows)
+            except Exception as e:  # e.g. no person: still timed, reported as a failure
+                print(f"{st.name} failed on {inp.uri}: {type(e).__name__}: {e}", file=sys.stderr)
+    return clock
+
+
+def pipeline_run(cfg, inputs) -> tuple[float, int]:
+    """Frames/s of the whole pipeline on a warm local Ray."""
+    import pandas as pd
+    import ray
+
+    from preprocess import pipeline
+
+    ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=False, log_to_driver=False,
+             namespace=cfg.ray.namespace)
+    with tempfile.TemporaryDirectory() as out:
+        cfg.output = out
+        t0 = time.perf_counter()
+        pipeline.run(cfg, inputs)
+        wall = time.perf_counter() - t0
+        frames = int(pd.read_parquet(os.path.join(out, "index.parquet"))["n_frames"].sum())
+    ray.shutdown()
+    return wall, frames
+
+
+def main(overrides: list[str]) -> None:
+    from preprocess import samples
+    from preprocess.config import to_config
+    from preprocess.storage import list_inputs
+    from tests.conftest import compose
+
+    cfg = to_config(compose("preprocess", [*DEFAULT_OVERRIDES, *overrides]))
+    if cfg.input is None:
+        s = cfg.samples
+        paths = samples.ensure_samples(s.dir, size=s.size, n_frames=s.n_frames, fps=s.fps, megamind=s.megamind)
+        inputs = [f for p in paths for f in list_inputs(p)]
+    else:
+        inputs = list_inputs(cfg.input)
+    cores = cfg.ray.num_cpus or os.cpu_count()
+    clock = stages_alone(cfg, inputs)
+    wall, frames = pipeline_run(cfg, inputs)
+    pipe_fps = frames / wall
+    rows = []
+    for st in clock.wall:
+        rows.append((st, clock.frames[st] / clock.wall[st], clock.cpu[st] / clock.frames[st]))
+    # plan decodes every source frame, other stages only the planned ones: per output frame
+    out_frames = clock.frames["decode"]
+    cpu_per_out = sum(clock.cpu[st] for st in clock.wall) / out_frames
+    wall_per_out = {st: clock.wall[st] / out_frames for st in clock.wall}
+    slowest = max(wall_per_out, key=wall_per_out.get)
+    stage_bound = 1 / wall_per_out[slowest]
+    machine_bound = cores / cpu_per_out
+    bound = min(stage_bound, machine_bound)
+    print(f"\n{len(inputs)} inputs, {out_frames} clip frames, {cores} cores\n")
+    print("| stage | frames/s alone (wall) | CPU-ms per frame |\n|---|---|---|")
+    for st, fps, cpu in rows:
+        print(f"| {st} | {fps:.1f} | {1000 * cpu:.1f} |")
+    print(f"\n| pipeline frames/s | slowest stage ({slowest}) bound | {cores}-core CPU bound | efficiency |")
+    print(f"|---|---|---|---|\n| {pipe_fps:.2f} | {stage_bound:.2f} | {machine_bound:.2f} | {pipe_fps / bound:.2f} |")
+    print(json.dumps({"bench": "preprocess", "cores": cores, "inputs": len(inputs), "clip_frames": out_frames,
+                      "stage_fps_alone": {st: fps for st, fps, _ in rows},
+                      "stage_cpu_ms_per_frame": {st: 1000 * c for st, _, c in rows},
+                      "pipeline_fps": pipe_fps, "pipeline_wall_s": wall, "slowest_stage": slowest,
+                      "slowest_stage_bound_fps": stage_bound, "cpu_bound_fps": machine_bound,
+                      "efficiency": pipe_fps / bound}))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
