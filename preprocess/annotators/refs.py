@@ -35,7 +35,7 @@ from .common import finite_or_none, frac
 ROLES = ("yaw_max", "yaw_min", "yaw_median")
 _J = {n: i for i, n in enumerate(BODY_JOINT_NAMES)}
 _HEAD_PTS = [_J[n] for n in ("nose", "left_eye", "right_eye", "left_ear", "right_ear", "head")]
-_ARM_PTS = [_J[n] for n in ("left_shoulder", "right_shoulder", "left_elbow", "right_elbow", "left_wrist", "right_wrist")]
+_SHOULDERS = [_J["left_shoulder"], _J["right_shoulder"]]
 _HIPS = [_J["left_hip"], _J["right_hip"]]
 
 
@@ -68,7 +68,7 @@ class YawSortedRefsStage(VideoStage):
     class Params:
         identity: dict[str, Any] = field(default_factory=dict)  # identity backend {target, params}
         scope: str = "video"  # where references come from: video (paper 3.3) | shot
-        min_similarity: float = 0.92  # cosine similarity to the clip's face a reference must reach
+        min_similarity: float = 0.9  # cosine similarity to the clip's face a reference must reach
         identity_frames: int = 2  # most frontal faces of a clip averaged into its identity embedding
         max_candidates: int = 6  # per role, candidates tried before the clip's own frame is used
         min_person_frac: float = 0.5  # clips with a person in fewer frames fail (SubjectLostError)
@@ -256,9 +256,10 @@ class YawSortedRefsStage(VideoStage):
         top = j[head, 1].min() - 0.9 * head_len  # the crown sits about a nose-to-neck length above the face
         hip_y = j[hips, 1].mean()
         bottom = hip_y + 0.15 * (hip_y - neck[1])
-        xs = np.concatenate([j[head, 0], j[[k for k in _ARM_PTS if ok[k]], 0], j[hips, 0]])
+        # width from the head and torso (outstretched arms may be cut: it is a portrait)
+        xs = np.concatenate([j[head, 0], j[[k for k in _SHOULDERS if ok[k]], 0], j[hips, 0]])
         h = bottom - top
-        w = max(xs.max() - xs.min() + 0.2 * head_len, self.params.half_body_aspect * h)
+        w = max(xs.max() - xs.min() + 0.4 * head_len, self.params.half_body_aspect * h)
         h = max(h, w / self.params.half_body_aspect)
         cx, cy = (xs.max() + xs.min()) / 2, (top + bottom) / 2
         if h < 16:

@@ -1,0 +1,99 @@
+"""Annotator stages built from the shipped config (conf/annotators/embedded.yaml), once per session,
+and a helper that runs a clip through them the way the pipeline does."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from omegaconf import OmegaConf
+
+from preprocess import samples
+from preprocess.config import Resources, StageSpec
+from preprocess.stage import load_stage, new_row
+from preprocess.video import encode_mp4
+
+CONF = Path(__file__).resolve().parents[3] / "conf" / "annotators" / "embedded.yaml"
+OPENCV_DATA = samples.MEGAMIND.parent
+needs_opencv_doc = pytest.mark.skipif(not samples.MEGAMIND.exists(), reason="opencv-doc not installed")
+
+
+def stage_spec(section: str, name: str, **params) -> StageSpec:
+    """The StageSpec of ``section.name`` in the embedded config, with ``params`` overridden."""
+    d = OmegaConf.to_container(OmegaConf.load(CONF)[section][name], resolve=True)
+    return StageSpec(target=d["target"], enabled=d["enabled"], resources=Resources(**d["resources"]),
+                     params={**d["params"], **params})
+
+
+@pytest.fixture(scope="session")
+def clip_stages():
+    """body, hands, head stages from the embedded config, models loaded."""
+    names = list(OmegaConf.load(CONF)["annotators"])
+    stages = [load_stage(n, stage_spec("annotators", n)) for n in names]
+    for st in stages:
+        st.setup()
+    return stages
+
+
+@pytest.fixture(scope="session")
+def refs_stage():
+    st = load_stage("refs", stage_spec("video_stages", "refs"))
+    st.setup()
+    return st
+
+
+_counter = iter(range(1_000_000))
+
+
+def clip_row(frames: np.ndarray, video_key: str | None = None, clip_index: int = 0, start: int = 0,
+             fps: float = 25.0) -> dict:
+    """A decoded-clip row as the engine hands it to the clip stages."""
+    T, H, W = frames.shape[:3]
+    vk = video_key or f"{next(_counter):016x}"
+    fi = np.arange(start, start + T)
+    return new_row(key=f"{vk}_{clip_index:04d}", video_key=vk, frames=frames, fps=fps, frame_index=fi,
+                   timestamps=fi / fps, width=W, height=H, clip_index=clip_index, shot_index=0, source="test")
+
+
+def annotate(stages, frames: np.ndarray, **kw) -> dict:
+    """Run a clip through the clip stages; every stage must succeed."""
+    row = clip_row(frames, **kw)
+    for st in stages:
+        row.update(st.process(row))
+    return row
+
+
+def to_writer_row(row: dict) -> dict:
+    """What a row looks like when it reaches the video stages: frames dropped, the clip as MP4."""
+    row = dict(row)
+    row["video"] = encode_mp4(row.pop("frames"), row["fps"], crf=16)
+    return row
+
+
+def render(photo: str, motion: samples.Motion, n: int, size: int = 384):
+    """Frames and photo->frame affines of a shipped photo under a known motion."""
+    return samples.render_motion(samples.load_photo(photo), (size, size), n, motion)
+
+
+def opencv_image(name: str) -> np.ndarray:
+    """An RGB image of opencv-doc's examples/data, cropped to even sides."""
+    img = cv2.imread(str(OPENCV_DATA / name), cv2.IMREAD_COLOR)
+    h, w = img.shape[:2]
+    return np.ascontiguousarray(cv2.cvtColor(img, cv2.COLOR_BGR2RGB)[: h // 2 * 2, : w // 2 * 2])
+
+
+def megamind(start: int, stop: int, width: int = 512) -> np.ndarray:
+    """Frames [start, stop) of Megamind.avi, resized to ``width`` (even height)."""
+    cap = cv2.VideoCapture(str(samples.MEGAMIND))
+    out = []
+    for k in range(stop):  # sequential reads: exact frame numbers
+        ok, f = cap.read()
+        if not ok:
+            break
+        if k < start:
+            continue
+        h = int(round(f.shape[0] * width / f.shape[1] / 2)) * 2
+        out.append(cv2.cvtColor(cv2.resize(f, (width, h), interpolation=cv2.INTER_AREA), cv2.COLOR_BGR2RGB))
+    cap.release()
+    return np.stack(out)
