@@ -18,6 +18,8 @@ def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     """(filesystem, path inside it) for a local path or a URI (s3://, gs://, hdfs://, or any fsspec)."""
     if "://" not in uri:
         return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
+    if uri.startswith("s3://") and "?" not in uri:
+        return _s3(uri)
     try:
         return pafs.FileSystem.from_uri(uri)
     except (pafs.ArrowInvalid if hasattr(pafs, "ArrowInvalid") else Exception, ValueError, OSError):
@@ -25,6 +27,15 @@ def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
         from pyarrow.fs import FSSpecHandler, PyFileSystem
         fs, path = fsspec.core.url_to_fs(uri)
         return PyFileSystem(FSSpecHandler(fs)), path
+
+
+def _s3(uri: str) -> tuple[pafs.FileSystem, str]:
+    """S3 with delayed open: objects smaller than one part go up in a single PutObject (fewer requests,
+    and S3-compatible stores that mishandle multipart work for index/stats files). The endpoint comes
+    from AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL when set (MinIO, Ceph, a test server)."""
+    fs, path = pafs.FileSystem.from_uri(uri)
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    return pafs.S3FileSystem(region=fs.region, endpoint_override=endpoint, allow_delayed_open=True), path
 
 
 def is_local(fs: pafs.FileSystem) -> bool:
