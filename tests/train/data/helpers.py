@@ -1,0 +1,68 @@
+"""Independent readers of the test dataset (plain tarfile + numpy), to check the loader against."""
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+
+from preprocess import schema
+
+
+def read_dataset(out: Path) -> dict[str, dict[str, bytes]]:
+    """{key: {member: bytes}} of every committed shard of a preprocess output."""
+    samples: dict[str, dict[str, bytes]] = {}
+    for tar in sorted((Path(out) / "shards").glob("*.tar")):
+        with tarfile.open(tar) as tf:
+            for m in tf.getmembers():
+                key, member = m.name.split(".", 1)
+                samples.setdefault(key, {})[member] = tf.extractfile(m).read()
+    return samples
+
+
+def npy(members: dict[str, bytes], name: str) -> np.ndarray:
+    """A stored npy field, decoded with the schema."""
+    f = schema.field(name)
+    return schema.decode(f, members[f.member])
+
+
+def meta(members: dict[str, bytes]) -> dict:
+    """A sample's meta.json."""
+    return json.loads(members[schema.field("meta").member])
+
+
+def frames(data: bytes) -> np.ndarray:
+    """Every frame of an in-memory MP4 with PyAV (not the loader's decord path): (N, H, W, 3) uint8."""
+    import av
+
+    with av.open(io.BytesIO(data)) as c:
+        return np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
+
+
+def write_tar(path: Path, samples: dict[str, dict[str, bytes]]) -> None:
+    """Write ``{key: {member: bytes}}`` as a WebDataset tar (members of a sample together)."""
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tf:
+        for key, members in samples.items():
+            for member, data in members.items():
+                ti = tarfile.TarInfo(f"{key}.{member}")
+                ti.size = len(data)
+                tf.addfile(ti, io.BytesIO(data))
+
+
+def take(loader, n: int) -> list:
+    """The next ``n`` batches of a fresh iterator over ``loader``."""
+    it = iter(loader)
+    return [next(it) for _ in range(n)]
+
+
+def summary(batch) -> tuple:
+    """What identifies a batch's content: keys, shapes, choices and a checksum of every tensor."""
+    import torch
+
+    sums = []
+    for name in ("video", "ref_images", "pose_maps", "face_crops", "frame_index", "drop_ref", "drop_motion", "ref_valid"):
+        v = getattr(batch, name)
+        sums.append(None if v is None else (tuple(v.shape), int(v.to(torch.int64).sum())))
+    return (tuple(batch.keys), *sums)
