@@ -360,8 +360,8 @@ def run(cfg: PreprocessConfig, inputs: list[InputFile]) -> int:
         "failures_by_reason": dict(Counter(e["error_class"] for e in run_failed)),
         "clips_written": sum(int(e.get("n_clips", 0)) for e in vids if e["status"] == OK),
         "hours_in": round(sum(float(e.get("source_seconds", 0) or 0) for e in vids) / 3600, 6),
-        "hours_out": round(float(index.loc[index["key"].isin(
-            set(index["key"]))]["duration_s"].sum()) / 3600, 6) if len(index) else 0.0,
+        "hours_out": round(float(index.loc[index["shard"].str.startswith(run_id), "duration_s"].sum()) / 3600, 6)
+        if len(index) else 0.0,
         "dataset_clips": int(len(index)), "dataset_shards": int(index["shard"].nunique()) if len(index) else 0,
         "dataset_bytes": int(sum(e["bytes"] for e in events if e["event"] == "commit")),
         "parts_committed_this_run": sum(e["event"] == "commit" for e in events),
@@ -369,7 +369,10 @@ def run(cfg: PreprocessConfig, inputs: list[InputFile]) -> int:
         "stage_frames": dict(stage_frames),
         "stage_frames_per_s": {k: round(stage_frames[k] / v, 2) for k, v in stage_seconds.items() if v > 0},
     }
-    summary["drops_by_reason"] = {**summary["failures_by_reason"]}
+    shot_drops: Counter = Counter()
+    for e in vids:
+        shot_drops.update(e.get("dropped") or {})
+    summary["shots_dropped_by_reason"] = dict(shot_drops)  # shots too short to make a clip, in videos that made others
     write_json(storage, SUMMARY_FILE, summary)
     report = write_report(storage, index, failures, summary)
     print(f"[preprocess] shards:   {storage.url(SHARD_DIR)}\n[preprocess] index:    {storage.url(INDEX_FILE)}\n"

@@ -122,7 +122,7 @@ class ShardWriter:
             self.records.append(rec)
         return {"event": "video", **{k: rec[k] for k in ("video_key", "source", "status", "error_class",
                                                           "source_seconds", "n_clips")},
-                "source_size": rec["source_size"]}
+                "source_size": rec["source_size"], "dropped": row.get("dropped", {})}
 
     def _finish_video(self, rows: list[dict]) -> list[dict]:
         rows.sort(key=lambda r: int(r.get("clip_index", 0)))
