@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 
 class ConfigError(ValueError):
@@ -106,6 +106,13 @@ class PreprocessConfig:
 
 def to_config(cfg: DictConfig) -> PreprocessConfig:
     """Turn the composed Hydra config into typed objects and check the values."""
+    cfg = cfg.copy()
+    for section in ("annotators", "video_stages"):
+        # A cluster profile (conf/cluster/*.yaml) tunes stage resources by stage name; entries for stages
+        # that the chosen annotators= does not define have no target and are dropped here.
+        specs = cfg.get(section) or {}
+        with open_dict(cfg):
+            cfg[section] = {k: v for k, v in specs.items() if v is not None and "target" in v}
     try:
         schema = OmegaConf.structured(PreprocessConfig)
         merged = OmegaConf.merge(schema, cfg)

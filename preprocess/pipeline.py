@@ -40,18 +40,14 @@ EXIT_OK, EXIT_FAILURES = 0, 3
 
 
 # ---------------------------------------------------------------- probe + plan (per video)
-_ISOLATED: Isolated | None = None
-
-
 def _plan_in_child(uri: str, kwargs: dict):
     """Runs in the isolated process: open the input and plan it."""
     local = "://" not in uri
     return plan_video(uri if local else "<stream>", open_fn=None if local else (lambda: open_input(uri)), **kwargs)
 
 
-def probe_plan_rows(video: dict, cfg: PreprocessConfig, finished_keys: frozenset) -> list[dict]:
+def probe_plan_rows(video: dict, cfg: PreprocessConfig, finished_keys: frozenset, isolated: Isolated) -> list[dict]:
     """One input → its clip rows, or one ``kind=video`` row saying why it yields none."""
-    global _ISOLATED
     t0 = time.perf_counter()
     uri = video["source"]
     base = dict(source=uri, source_size=video["source_size"], source_mtime=video["source_mtime"])
@@ -69,14 +65,12 @@ def probe_plan_rows(video: dict, cfg: PreprocessConfig, finished_keys: frozenset
     if vk in finished_keys:
         vrow["status"] = SKIPPED
         return [vrow]
-    if _ISOLATED is None:
-        _ISOLATED = Isolated()
     p, pl = cfg.probe, cfg.plan
     kwargs = dict(analysis_width=pl.analysis_width, threshold=pl.shot_threshold,
                   min_shot_frames=pl.min_shot_frames, target_fps=pl.target_fps,
                   min_frames=pl.min_frames, max_frames=pl.max_frames, min_seconds=p.min_seconds)
     try:
-        plan = _ISOLATED.call(_plan_in_child, uri, kwargs, timeout=p.timeout_s)
+        plan = isolated.call(_plan_in_child, uri, kwargs, timeout=p.timeout_s)
     except VideoError as e:
         return [fail(vrow, "probe", e, e.reason)]
     except (DecoderCrashed, DecoderTimeout) as e:
@@ -105,11 +99,18 @@ def probe_plan_rows(video: dict, cfg: PreprocessConfig, finished_keys: frozenset
     return rows
 
 
-def probe_plan_batch(batch: dict, cfg: PreprocessConfig, finished_keys: frozenset) -> dict:
-    rows = []
-    for v in unpack(batch):
-        rows.extend(probe_plan_rows(v, cfg, finished_keys))
-    return pack(rows)
+class ProbePlanActor:
+    """Probe + plan stage: each actor keeps one isolated decoder process for its whole life."""
+
+    def __init__(self, cfg: PreprocessConfig, finished_keys: frozenset):
+        self.cfg, self.finished_keys = cfg, finished_keys
+        self.isolated = Isolated()
+
+    def __call__(self, batch: dict) -> dict:
+        rows = []
+        for v in unpack(batch):
+            rows.extend(probe_plan_rows(v, self.cfg, self.finished_keys, self.isolated))
+        return pack(rows)
 
 
 # ---------------------------------------------------------------- decode (per clip)
@@ -136,8 +137,16 @@ def decode_row(row: dict, cfg: PreprocessConfig) -> dict:
     return row
 
 
-def decode_batch(batch: dict, cfg: PreprocessConfig) -> dict:
-    return pack([decode_row(r, cfg) for r in unpack(batch)])
+class DecodeActor:
+    """The decode stage as its own actor pool. Were planning and decoding tasks, Ray Data would fuse
+    them with each other (holding every clip of a long video in one task) and with the first annotator
+    (serialising decoding with model inference)."""
+
+    def __init__(self, cfg: PreprocessConfig):
+        self.cfg = cfg
+
+    def __call__(self, batch: dict) -> dict:
+        return pack([decode_row(r, self.cfg) for r in unpack(batch)])
 
 
 # ---------------------------------------------------------------- sink → writers
@@ -306,16 +315,20 @@ def run(cfg: PreprocessConfig, inputs: list[InputFile]) -> int:
         ds = ray.data.from_items([{c: col[0] for c, col in pack([r]).items()} for r in video_rows],
                                  override_num_blocks=max(1, min(len(items), 200)))
         s = cfg.stages
-        ds = ds.map_batches(probe_plan_batch, fn_kwargs=dict(cfg=cfg, finished_keys=finished_keys),
+        ds = ds.map_batches(ProbePlanActor, fn_constructor_args=(cfg, finished_keys),
                             batch_size=s["probe"].batch_size, num_cpus=s["probe"].num_cpus,
-                            batch_format="numpy")
-        ds = ds.map_batches(decode_batch, fn_kwargs=dict(cfg=cfg), batch_size=s["decode"].batch_size,
-                            num_cpus=s["decode"].num_cpus, num_gpus=s["decode"].num_gpus, batch_format="numpy")
+                            num_gpus=s["probe"].num_gpus, batch_format="numpy",
+                            compute=ActorPoolStrategy(min_size=s["probe"].min_actors, max_size=s["probe"].max_actors))
+        ds = ds.map_batches(DecodeActor, fn_constructor_args=(cfg,), batch_size=s["decode"].batch_size,
+                            num_cpus=s["decode"].num_cpus, num_gpus=s["decode"].num_gpus, batch_format="numpy",
+                            compute=ActorPoolStrategy(min_size=s["decode"].min_actors,
+                                                      max_size=s["decode"].max_actors))
         for name, spec in cfg.annotators.items():
             if not spec.enabled:
                 continue
             r = spec.resources
-            ds = ds.map_batches(ClipStageActor, fn_constructor_args=(name, spec), batch_size=r.batch_size,
+            actor_cls = type(name, (ClipStageActor,), {})  # so Ray's plan and progress bars name the stage
+            ds = ds.map_batches(actor_cls, fn_constructor_args=(name, spec), batch_size=r.batch_size,
                                 num_cpus=r.num_cpus, num_gpus=r.num_gpus, batch_format="numpy",
                                 compute=ActorPoolStrategy(min_size=r.min_actors, max_size=r.max_actors))
         ds = ds.map_batches(sink_batch, fn_kwargs=dict(run_id=run_id, n_writers=cfg.writer.num_writers,
