@@ -1,0 +1,204 @@
+"""Typed configuration of the trainer. The values live in ``conf/train.yaml`` and its groups ``conf/stage``,
+``conf/zero``, ``conf/launch`` (plus ``conf/model`` and ``conf/data``, typed by their own modules); Hydra is
+the only source of defaults, these dataclasses give the values types and reject what cannot work.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from models.config import ModelConfig
+
+
+class TrainConfigError(ValueError):
+    """A trainer configuration value that cannot work; the message names the key."""
+
+
+@dataclass
+class OptimizerConfig:
+    """AdamW with a linear warm-up to ``lr`` and a constant rate after it (paper 4.1: 5e-6)."""
+
+    lr: float
+    betas: tuple[float, float]
+    eps: float
+    weight_decay: float
+    warmup_steps: int
+    grad_clip: float  # global L2 norm; 0 disables
+
+
+@dataclass
+class EMAConfig:
+    decay: float
+
+
+@dataclass
+class CheckpointConfig:
+    every: int
+    keep: int
+    export: bool
+
+
+@dataclass
+class LogConfig:
+    every: int
+    tensorboard: bool
+    progress_bar: bool
+    sample_keys: bool
+
+
+@dataclass
+class SampleConfig:
+    every: int
+    frames: int
+    steps: int
+
+
+@dataclass
+class TrainSection:
+    """``train.*``: the loop, the optimizer, checkpoints and logs."""
+
+    out_dir: str
+    seed: int
+    resume: str  # auto | none | a checkpoint directory
+    grad_accum: int
+    optimizer: OptimizerConfig
+    ema: EMAConfig
+    checkpoint: CheckpointConfig
+    log: LogConfig
+    sample: SampleConfig
+
+
+@dataclass
+class StageConfig:
+    """``stage``: one of the three progressive stages (paper 3.4)."""
+
+    id: int
+    name: str
+    steps: int
+    use_face: bool
+    init: str | None  # None: the preset's pretrained weights; auto: the previous stage's export; or a path
+
+
+@dataclass
+class ZeroConfig:
+    """``zero``: the DeepSpeed ZeRO stage and its knobs (see conf/zero/zero2.yaml)."""
+
+    stage: int
+    offload_optimizer: str
+    offload_param: str
+    overlap_comm: bool
+    contiguous_gradients: bool
+    bucket_size: Any  # int or "auto"
+    prefetch_bucket_size: Any
+    param_persistence_threshold: Any
+    max_live_parameters: int
+    communication_data_type: str | None
+
+
+@dataclass
+class LaunchConfig:
+    """``launch``: where the processes run (see conf/launch/*.yaml)."""
+
+    device: str
+    backend: str
+    precision: str
+    deterministic: bool
+    timeout_min: float
+    peak_tflops: Any  # None, "auto" or a number
+    threads_per_rank: int
+    torch_extensions_dir: str | None
+
+
+@dataclass
+class TrainJob:
+    """Everything ``train/run.py`` runs on; ``resolved`` is the whole composed config (saved in checkpoints)."""
+
+    train: TrainSection
+    stage: StageConfig
+    zero: ZeroConfig
+    launch: LaunchConfig
+    model: ModelConfig
+    data: Any  # train.data.DataConfig
+    resolved: dict
+
+    @property
+    def stage_dir(self) -> Path:
+        """Everything of this stage: checkpoints/, export/, tb/, samples/, metrics.jsonl."""
+        return Path(self.train.out_dir).expanduser() / f"stage{self.stage.id}"
+
+    def stage_dir_of(self, stage_id: int) -> Path:
+        """The directory of another stage of the same run."""
+        return Path(self.train.out_dir).expanduser() / f"stage{stage_id}"
+
+
+def _typed(cls, node: dict, key: str):
+    """``node`` (a resolved plain dict) checked against the dataclass ``cls``; omegaconf names a bad key or value."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(cls), node)
+        return OmegaConf.to_object(merged)
+    except Exception as e:
+        raise TrainConfigError(f"bad {key} config: {e}") from None
+
+
+def to_job(cfg: DictConfig) -> TrainJob:
+    """The composed Hydra config as a checked :class:`TrainJob`."""
+    from train.data import to_config as data_config
+
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    job = TrainJob(
+        train=_typed(TrainSection, resolved["train"], "train"),
+        stage=_typed(StageConfig, resolved["stage"], "stage"),
+        zero=_typed(ZeroConfig, resolved["zero"], "zero"),
+        launch=_typed(LaunchConfig, resolved["launch"], "launch"),
+        model=ModelConfig.from_dict(resolved["model"]),
+        data=data_config(resolved["data"]),
+        resolved=resolved,
+    )
+    check(job)
+    return job
+
+
+def check(job: TrainJob) -> None:
+    """Reject values that cannot work, naming the key."""
+    t, s, z, la = job.train, job.stage, job.zero, job.launch
+    if s.id not in (1, 2, 3):
+        raise TrainConfigError(f"stage.id must be 1, 2 or 3, got {s.id}")
+    if s.id == 1 and s.use_face:
+        raise TrainConfigError("stage 1 (pose) trains without face motion tokens: stage.use_face must be false")
+    if s.id > 1 and s.init is None:
+        raise TrainConfigError(f"stage {s.id} continues from stage {s.id - 1}: set stage.init=auto or a weights path")
+    if s.steps < 1:
+        raise TrainConfigError(f"stage.steps must be >= 1, got {s.steps}")
+    if z.stage not in (2, 3):
+        raise TrainConfigError(f"zero.stage must be 2 or 3, got {z.stage}")
+    if z.offload_optimizer not in ("none", "cpu") or z.offload_param not in ("none", "cpu"):
+        raise TrainConfigError("zero.offload_optimizer / zero.offload_param must be none or cpu")
+    if z.offload_param != "none" and z.stage != 3:
+        raise TrainConfigError("zero.offload_param needs zero.stage=3")
+    if la.device not in ("cpu", "cuda"):
+        raise TrainConfigError(f"launch.device must be cpu or cuda, got {la.device}")
+    if la.backend not in ("gloo", "nccl"):
+        raise TrainConfigError(f"launch.backend must be gloo or nccl, got {la.backend}")
+    if la.backend == "nccl" and la.device != "cuda":
+        raise TrainConfigError("launch.backend=nccl needs launch.device=cuda")
+    if la.precision not in ("fp32", "bf16"):
+        raise TrainConfigError(f"launch.precision must be fp32 or bf16, got {la.precision}")
+    if t.grad_accum < 1:
+        raise TrainConfigError("train.grad_accum must be >= 1")
+    if t.checkpoint.every < 1 or t.checkpoint.keep < 1:
+        raise TrainConfigError("train.checkpoint.every and train.checkpoint.keep must be >= 1")
+    if t.log.every < 1:
+        raise TrainConfigError("train.log.every must be >= 1")
+    if not 0.0 <= t.ema.decay < 1.0:
+        raise TrainConfigError(f"train.ema.decay must be in [0, 1), got {t.ema.decay}")
+    tc = job.model.vae.temporal_compression
+    if t.sample.every and (t.sample.frames - 1) % tc:
+        raise TrainConfigError(f"train.sample.frames must be 1 + k*{tc}, got {t.sample.frames}")
+    if t.resume not in ("auto", "none") and not Path(t.resume).expanduser().is_dir():
+        raise TrainConfigError(f"train.resume={t.resume!r}: expected auto, none or an existing checkpoint directory")
+    if s.use_face != job.data.face_crops:
+        raise TrainConfigError(f"stage.use_face={s.use_face} but data.face_crops={job.data.face_crops}: "
+                               "the loader must decode face crops exactly when the stage uses face motion tokens")

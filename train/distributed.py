@@ -1,0 +1,121 @@
+"""Process-group setup for every launcher: torchrun, the ``deepspeed`` launcher, Slurm (``srun torchrun``),
+Kubernetes. All of them export RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT; a bare
+``python train/run.py`` is a world of one.
+"""
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import random
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .config import LaunchConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place in the job."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 writes the shared files (pointer, logs, exports)."""
+        return self.rank == 0
+
+
+def strip_local_rank_arg(argv: list[str]) -> list[str]:
+    """Move the ``--local_rank=N`` (or ``--local_rank N``) the ``deepspeed`` launcher appends unless given
+    ``--no_local_rank`` into ``$LOCAL_RANK``: Hydra would reject it as an override."""
+    out, i = [], 0
+    while i < len(argv):
+        a = argv[i]
+        if a.startswith("--local_rank=") or a.startswith("--local-rank="):
+            os.environ.setdefault("LOCAL_RANK", a.split("=", 1)[1])
+        elif a in ("--local_rank", "--local-rank") and i + 1 < len(argv):
+            os.environ.setdefault("LOCAL_RANK", argv[i + 1])
+            i += 1
+        else:
+            out.append(a)
+        i += 1
+    return out
+
+
+def setup(cfg: LaunchConfig, seed: int) -> Dist:
+    """Initialise torch.distributed through DeepSpeed (env rendezvous), pick the device, make kernels
+    deterministic if asked, seed every global generator."""
+    if cfg.torch_extensions_dir:  # DeepSpeed JIT-builds a comm op at first start: build it once, keep it
+        os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser(cfg.torch_extensions_dir))
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29500")
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if cfg.device == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("launch.device=cuda but no CUDA device is visible (use launch=local on a CPU machine)")
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+        torch.set_num_threads(cfg.threads_per_rank)
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend=cfg.backend, auto_mpi_discovery=False,
+                               timeout=datetime.timedelta(minutes=cfg.timeout_min))
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    seed_everything(seed)
+    return Dist(rank, world, local_rank, device)
+
+
+def seed_everything(seed: int) -> None:
+    """The same seed for python, numpy and torch on every rank (model init must agree across ranks)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    """Every global generator of this process (restored on resume)."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what :func:`rng_state` returned."""
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def barrier() -> None:
+    """A barrier when torch.distributed is up."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def shutdown() -> None:
+    """Destroy the process group (some gloo runs abort at interpreter exit otherwise)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        try:
+            torch.distributed.destroy_process_group()
+        except Exception as e:  # exiting anyway; say why
+            print(f"destroy_process_group: {e}", file=sys.stderr)

@@ -1,0 +1,107 @@
+"""fp32 EMA of the trainable weights, sharded exactly like ZeRO's fp32 master weights.
+
+Each rank keeps the EMA of the fragment of every trainable parameter that its own optimizer partition
+holds (ZeRO-1/2: ``param._hp_mapping``; ZeRO-3: the parameter's partition), and updates it from the fp32
+master weights after each optimizer step: no communication, ``1/world`` of the memory of a full copy,
+and the average is of the master weights, not of their bf16 copies.
+
+A fragment is saved as ``(start, values)`` within the flattened parameter, so shards written by any
+number of ranks and either ZeRO stage can be reassembled: a resume on another world size takes from
+every old shard the ranges its new fragments cover, and the export concatenates them into full tensors.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+def master_fragment(param: torch.nn.Parameter, rank: int) -> tuple[int, torch.Tensor] | None:
+    """(start in the flattened parameter, fp32 master values) of this rank's fragment, or None."""
+    if hasattr(param, "ds_id"):  # ZeRO-3: rank r holds [r * ps, (r + 1) * ps) of the flattened parameter
+        from deepspeed.utils import safe_get_local_fp32_param
+
+        values = safe_get_local_fp32_param(param)
+        if values is None:
+            return None
+        ps = param.ds_tensor.ds_numel
+        start = rank * ps
+        n = max(0, min(ps, param.ds_numel - start))
+        return (start, values.view(-1)[:n]) if n else None
+    mapping = getattr(param, "_hp_mapping", None)  # ZeRO-1/2: a slice of the flat fp32 partition
+    if mapping is None:
+        return None
+    return mapping.lp_fragment_address.start, mapping.get_hp_fragment().view(-1)
+
+
+class ShardedEMA:
+    """EMA shards of one rank; see the module docstring."""
+
+    def __init__(self, named_params: list[tuple[str, torch.nn.Parameter]], decay: float, rank: int):
+        self.params = dict(named_params)
+        self.decay = decay
+        self.rank = rank
+        self.shadow: dict[str, tuple[int, torch.Tensor]] = {}
+        for name, p in self.params.items():
+            frag = master_fragment(p, rank)
+            if frag is not None:
+                self.shadow[name] = (frag[0], frag[1].detach().float().clone())
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """``ema = decay * ema + (1 - decay) * master`` on this rank's fragments (after an optimizer step)."""
+        emas, masters = [], []
+        for name, (start, ema) in self.shadow.items():
+            frag = master_fragment(self.params[name], self.rank)  # re-resolved: a load may relink fragments
+            if frag is None or frag[0] != start or frag[1].numel() != ema.numel():
+                raise RuntimeError(f"EMA fragment of {name} moved; ZeRO partitions changed under the EMA")
+            emas.append(ema)
+            masters.append(frag[1].float())
+        if emas:
+            torch._foreach_lerp_(emas, masters, 1.0 - self.decay)
+
+    def state_dict(self) -> dict:
+        """This rank's shards: ``{"decay", "numel": {name: n}, "shards": {name: (start, tensor)}}``."""
+        return {"decay": self.decay,
+                "numel": {n: self._numel(p) for n, p in self.params.items()},
+                "shards": {n: (s, t.detach().cpu().clone()) for n, (s, t) in self.shadow.items()}}
+
+    def load_shard_files(self, files: list[Path]) -> None:
+        """Fill this rank's fragments from the EMA shards of every rank of a checkpoint (any world size)."""
+        filled = {n: 0 for n in self.shadow}
+        for f in files:
+            old = torch.load(f, map_location="cpu", weights_only=False)["ema"]
+            for name, (s_old, t_old) in old["shards"].items():
+                if name not in self.shadow:
+                    continue
+                start, ema = self.shadow[name]
+                lo, hi = max(start, s_old), min(start + ema.numel(), s_old + t_old.numel())
+                if lo < hi:
+                    ema[lo - start:hi - start].copy_(t_old[lo - s_old:hi - s_old].to(ema))
+                    filled[name] += hi - lo
+        short = [n for n, k in filled.items() if k != self.shadow[n][1].numel()]
+        if short:
+            raise RuntimeError(f"EMA shards in {files[0].parent} do not cover {len(short)} fragments (e.g. {short[0]}): "
+                               "the checkpoint's trainable set differs from this stage's")
+
+    @staticmethod
+    def _numel(p: torch.nn.Parameter) -> int:
+        return int(getattr(p, "ds_numel", p.numel()))
+
+
+def consolidate(files: list[Path], shapes: dict[str, torch.Size]) -> dict[str, torch.Tensor]:
+    """Full fp32 EMA tensors from every rank's shard file (for the export)."""
+    full: dict[str, torch.Tensor] = {}
+    seen: dict[str, int] = {}
+    for f in files:
+        part = torch.load(f, map_location="cpu", weights_only=False)["ema"]
+        for name, (start, t) in part["shards"].items():
+            if name not in full:
+                full[name] = torch.empty(part["numel"][name], dtype=torch.float32)
+                seen[name] = 0
+            full[name][start:start + t.numel()] = t
+            seen[name] += t.numel()
+    bad = [n for n in full if seen[n] != full[n].numel()]
+    if bad:
+        raise RuntimeError(f"EMA shards do not cover {bad[:3]} completely")
+    return {n: t.view(shapes[n]) for n, t in full.items()}

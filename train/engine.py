@@ -1,0 +1,95 @@
+"""The DeepSpeed engine: its config built from the Hydra groups (``zero``, ``launch``, ``train.optimizer``),
+AdamW with a linear warm-up, and ``deepspeed.initialize`` around the staged model.
+
+The optimizer is a torch AdamW passed to DeepSpeed (fused on CUDA) rather than a DeepSpeed-config
+optimizer: same update, no JIT-compiled op; with ZeRO-Offload it is DeepSpeed's CPU Adam, the only fast
+host-side Adam.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from .config import TrainJob
+
+log = logging.getLogger(__name__)
+
+MAX_BUCKET = 500_000_000  # DeepSpeed's default bucket size (elements)
+
+
+def _auto(value, default: int) -> int:
+    """``auto`` -> ``default``; numbers (also 5e8 written in yaml) -> int."""
+    return int(default) if value in (None, "auto") else int(float(value))
+
+
+def deepspeed_config(job: TrainJob, num_trainable: int, load_universal: bool = False) -> dict:
+    """The DeepSpeed config of this job (what a hand-written ds_config.json would hold)."""
+    z, la, opt = job.zero, job.launch, job.train.optimizer
+    dim = job.model.dit.dim
+    zero = {
+        "stage": z.stage,
+        "overlap_comm": z.overlap_comm,
+        "contiguous_gradients": z.contiguous_gradients,
+        "reduce_bucket_size": _auto(z.bucket_size, min(MAX_BUCKET, max(num_trainable, 1_000_000))),
+        "allgather_bucket_size": _auto(z.bucket_size, min(MAX_BUCKET, max(num_trainable, 1_000_000))),
+    }
+    if z.stage == 3:
+        zero.update({
+            "stage3_prefetch_bucket_size": _auto(z.prefetch_bucket_size, max(int(0.9 * dim * dim), 1_000_000)),
+            "stage3_param_persistence_threshold": _auto(z.param_persistence_threshold, 10 * dim),
+            "stage3_max_live_parameters": int(z.max_live_parameters),
+            "stage3_gather_16bit_weights_on_model_save": False,  # exports come from the fp32 checkpoint
+        })
+        del zero["allgather_bucket_size"]
+    if z.offload_optimizer != "none":
+        zero["offload_optimizer"] = {"device": z.offload_optimizer, "pin_memory": la.device == "cuda"}
+    if z.offload_param != "none":
+        zero["offload_param"] = {"device": z.offload_param, "pin_memory": la.device == "cuda"}
+    cfg = {
+        # The loader's batches are bucketed by a token budget, so their size varies; DeepSpeed only uses this
+        # number for its own sample counters (the trainer counts samples itself).
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": job.train.grad_accum,
+        "gradient_clipping": opt.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": la.precision == "bf16"},
+        "steps_per_print": 2**31 - 1,  # the trainer logs
+        "wall_clock_breakdown": False,
+        "checkpoint": {"load_universal": load_universal},
+    }
+    if z.communication_data_type:
+        cfg["communication_data_type"] = z.communication_data_type
+    return cfg
+
+
+def build_optimizer(params: list[torch.nn.Parameter], job: TrainJob) -> torch.optim.Optimizer:
+    """AdamW over the stage's trainable parameters."""
+    opt = job.train.optimizer
+    kw = dict(lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps, weight_decay=opt.weight_decay)
+    if job.zero.offload_optimizer != "none":
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(params, adamw_mode=True, **kw)
+    return torch.optim.AdamW(params, fused=job.launch.device == "cuda", **kw)
+
+
+def warmup_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up from lr/warmup to lr over ``warmup_steps`` optimizer steps, then constant (paper 4.1)."""
+    w = max(1, warmup_steps)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / w))
+
+
+def initialize(model: torch.nn.Module, job: TrainJob, load_universal: bool = False):
+    """``deepspeed.initialize`` on ``model`` (its trainable set already chosen): returns the engine."""
+    import deepspeed
+    from deepspeed.checkpoint import constants as ck
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = build_optimizer(params, job)
+    scheduler = warmup_schedule(optimizer, job.train.optimizer.warmup_steps)
+    config = deepspeed_config(job, sum(p.numel() for p in params), load_universal)
+    # ds_to_universal needs this marker in the model-states file to convert a ZeRO-1/2 checkpoint.
+    setattr(model, ck.UNIVERSAL_CHECKPOINT_INFO, {ck.UNIVERSAL_CHECKPOINT_VERSION_KEY: ck.UNIVERSAL_CHECKPOINT_VERSION_VALUE})
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
+    return engine

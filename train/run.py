@@ -1,0 +1,52 @@
+"""torchrun --nproc_per_node 2 train/run.py [group=option ...] [key=value ...]: one stage of DreamActor-M1
+training with DeepSpeed ZeRO (conf/train.yaml; docs/training.md).
+
+With no argument: the tiny model on the shards of the no-argument preprocessing run, on this machine's CPUs.
+Any launcher that exports RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT works (torchrun, the
+``deepspeed`` launcher, srun + torchrun, a Kubernetes job). Exit codes: 0 done (or checkpointed after
+SIGTERM), 2 configuration error.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+if __package__ in (None, ""):  # `python train/run.py` from a checkout
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from train.distributed import strip_local_rank_arg  # noqa: E402
+
+sys.argv[1:] = strip_local_rank_arg(sys.argv[1:])  # the deepspeed launcher's --local_rank=N is not a Hydra override
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+log = logging.getLogger("train")
+
+
+@hydra.main(config_path="../conf", config_name="train", version_base="1.3")
+def main(dcfg: DictConfig) -> None:
+    from train import distributed
+    from train.config import TrainConfigError, to_job
+    from train.data import DataConfigError
+
+    try:
+        job = to_job(dcfg)
+    except (TrainConfigError, DataConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    dist = distributed.setup(job.launch, job.train.seed)
+    if not dist.is_main:
+        logging.getLogger().setLevel(logging.WARNING)
+    try:
+        from train.trainer import Trainer
+
+        code = Trainer(job, dist).fit()
+    finally:
+        distributed.shutdown()
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,236 @@
+"""The training loop of one stage: DeepSpeed engine + loader + EMA + checkpoints + logs.
+
+Step ``s`` (1-based, optimizer steps) consumes ``train.grad_accum`` loader batches per rank. After a resume
+from the checkpoint of step ``s`` the loop continues at ``s + 1`` with the restored module, optimizer,
+scheduler, EMA, data cursor and RNG states, so (same world size, deterministic kernels) every later loss
+is bitwise the one an uninterrupted run computes.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import time
+
+import torch
+
+from . import checkpoint as ckpt
+from .config import TrainJob
+from .distributed import Dist, rng_state, set_rng_state
+from .ema import ShardedEMA
+from .engine import initialize
+from .metrics import MetricLogger, StepStats, device_peak_tflops
+from .stages import build_model, describe, frozen_signature, trainable_names
+from .step import FlowMatchingStep, build_vae, counter_seed
+
+log = logging.getLogger(__name__)
+
+
+class Trainer:
+    """Builds everything for one stage and runs it to ``stage.steps`` (or to a SIGTERM)."""
+
+    def __init__(self, job: TrainJob, dist: Dist):
+        self.job, self.dist = job, dist
+        self.stop_requested = False
+        self.checkpointer = ckpt.Checkpointer(job.stage_dir / "checkpoints", dist, job.train.checkpoint.keep)
+        resume_dir = self._resume_dir()
+        universal = self.checkpointer.prepare(resume_dir) if resume_dir is not None else False
+        if resume_dir is not None:
+            self._check_compatible(ckpt.read_meta(resume_dir))
+
+        model = build_model(job)
+        if dist.is_main:
+            log.info(describe(model, job.stage.id))
+        self.frozen_signature = frozen_signature(model)
+        self.trainable = trainable_names(model)
+        self.engine = initialize(model, job, load_universal=universal)
+        self.vae = build_vae(job, dist.device)
+        self.step_fn = FlowMatchingStep(job, self.vae, dist.device, dist.rank)
+        self.loader = self._build_loader()
+        if resume_dir is not None:
+            self.checkpointer.load(self.engine, resume_dir, universal)
+        named = dict(self.engine.module.named_parameters())
+        self.ema = ShardedEMA([(n, named[n]) for n in self.trainable], job.train.ema.decay, dist.rank)
+        self.step = int(self.engine.global_steps)
+        if resume_dir is not None:
+            self._restore(resume_dir, universal)
+        self.peak_tflops = device_peak_tflops(job.launch.peak_tflops, dist.device)
+
+    # ------------------------------------------------------------------ setup
+
+    def _resume_dir(self):
+        """The checkpoint to continue from, following ``train.resume``."""
+        resume, root = self.job.train.resume, self.checkpointer.root
+        if resume == "none":
+            if ckpt.complete_checkpoints(root):
+                raise RuntimeError(f"train.resume=none but {root} holds checkpoints of this stage: pass train.resume=auto "
+                                   "to continue, or a new train.out_dir to start over")
+            return None
+        if resume == "auto":
+            found = ckpt.find_resume(root)
+            if found is None and self.dist.is_main:
+                log.info("no complete checkpoint in %s: stage %d starts at step 0", root, self.job.stage.id)
+            return found
+        from pathlib import Path
+
+        return Path(resume).expanduser()
+
+    def _check_compatible(self, meta: dict) -> None:
+        """Refuse a checkpoint of another stage, model or ZeRO stage."""
+        j = self.job
+        want = {"stage": j.stage.id, "model": j.model.name, "zero_stage": j.zero.stage}
+        bad = {k: (meta.get(k), v) for k, v in want.items() if meta.get(k) != v}
+        if bad:
+            raise RuntimeError(f"checkpoint does not match this run (checkpoint, run): {bad}")
+
+    def _build_loader(self):
+        from train.data import build_loader
+
+        return build_loader(self.job.data, self.job.model, rank=self.dist.rank, world_size=self.dist.world_size,
+                            seed=self.job.train.seed)
+
+    def _restore(self, tag_dir, universal: bool) -> None:
+        """EMA, RNG states, data cursor (DeepSpeed restored the rest)."""
+        meta = ckpt.read_meta(tag_dir)
+        if meta["frozen_signature"] != self.frozen_signature:
+            raise RuntimeError(f"the frozen parameters of this stage differ from those {tag_dir} was trained with "
+                               "(stage.init or the model preset changed)")
+        if meta["step"] != self.step:
+            raise RuntimeError(f"{tag_dir} is step {meta['step']} but DeepSpeed restored step {self.step}")
+        own = self.checkpointer.load_rank_state(tag_dir)
+        files = self.checkpointer.rank_state_files(tag_dir)
+        self.ema.load_shard_files(files if universal else [tag_dir / "trainer" / f"rank_{self.dist.rank:05d}.pt"])
+        if own is not None:
+            set_rng_state(own["rng"])
+        shared = self.checkpointer.load_shared_state(tag_dir)
+        self.loader.load_state_dict(shared["data"])
+        log.info("rank %d resumed from %s at step %d%s", self.dist.rank, tag_dir, self.step,
+                 f" (universal checkpoint: {meta['world_size']} -> {self.dist.world_size} ranks)" if universal else "")
+
+    # ------------------------------------------------------------------ loop
+
+    def _on_sigterm(self, signum, frame) -> None:
+        self.stop_requested = True
+        log.warning("rank %d: signal %d: checkpoint at the end of this step, then exit", self.dist.rank, signum)
+
+    def fit(self) -> int:
+        """Train to the stage's end; returns the exit code (0, also after a SIGTERM checkpoint)."""
+        job, dist = self.job, self.dist
+        total = job.stage.steps
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+        logger = MetricLogger(job.stage_dir, dist.is_main, job.train.log.tensorboard, job.train.log.progress_bar,
+                              total, self.step)
+        it = iter(self.loader)
+        kept_batch = None
+        self.engine.train()
+        try:
+            while self.step < total:
+                step = self.step + 1
+                stats = StepStats()
+                keys = []
+                t0 = time.perf_counter()
+                for micro in range(job.train.grad_accum):
+                    td = time.perf_counter()
+                    batch = next(it)
+                    stats.add(data_s=time.perf_counter() - td)
+                    if kept_batch is None and job.train.sample.every:
+                        kept_batch = batch
+                    if job.train.log.sample_keys:
+                        keys += [[int(e), k] for e, k in zip(batch.epoch.tolist(), batch.keys)]
+                    out = self.step_fn(self.engine, batch, step, micro)
+                    self.engine.backward(out.loss)
+                    self.engine.step()
+                    stats.add(loss_sum=out.loss.detach().float().item(), micro_steps=1, samples=out.samples,
+                              tokens=out.tokens, flops=out.flops)
+                if dist.device.type == "cuda":
+                    torch.cuda.synchronize(dist.device)
+                self.ema.update()
+                self.step = step
+                stats.add(step_s=time.perf_counter() - t0, stop=float(self.stop_requested))
+                total_stats = stats.all_reduce(dist.device)
+                if step % job.train.log.every == 0 or step == total or total_stats["stop"]:
+                    self._log(logger, step, total_stats, keys)
+                if job.train.sample.every and step % job.train.sample.every == 0:
+                    self._sample(logger, kept_batch, step)
+                if total_stats["stop"]:
+                    self.save()
+                    log.warning("rank %d: stopped by a signal after step %d (checkpoint saved)", dist.rank, step)
+                    return 0
+                if step % job.train.checkpoint.every == 0 or step == total:
+                    self.save()
+            if job.train.checkpoint.export and dist.is_main:
+                from .export import export
+
+                export(self.checkpointer.root / ckpt.tag_of(self.step), job.stage_dir / "export")
+            ckpt.barrier()
+            return 0
+        finally:
+            logger.close()
+
+    def _log(self, logger: MetricLogger, step: int, s: dict, keys: list) -> None:
+        """Gather the per-step numbers and skip counts, write one record (rank 0)."""
+        world = self.dist.world_size
+        step_s = s["step_s"] / world  # mean wall time of the step over ranks
+        record = {
+            "loss": s["loss_sum"] / max(1.0, s["micro_steps"]),
+            "lr": float(self.engine.get_lr()[0]),
+            "grad_norm": _float(self.engine.get_global_grad_norm()),
+            "samples_per_s": s["samples"] / step_s,
+            "tokens_per_s": s["tokens"] / step_s,
+            "tflops": s["flops"] / step_s / 1e12 / world,  # achieved per device
+            "data_wait": s["data_s"] / s["step_s"] if s["step_s"] else math.nan,
+            "step_s": step_s,
+            "samples": int(s["samples"]),
+        }
+        record["mfu"] = record["tflops"] / self.peak_tflops if self.peak_tflops else math.nan
+        merged: dict[str, int] = {}
+        for part in self._gather(self.loader.skip_counts()):
+            for k, v in part.items():
+                merged[k] = merged.get(k, 0) + int(v)
+        record["skipped"] = merged
+        record.update({f"skipped/{k}": float(v) for k, v in merged.items()})
+        if keys or self.job.train.log.sample_keys:
+            record["sample_keys"] = [k for part in self._gather(keys) for k in part]
+        if self.dist.device.type == "cuda":
+            record["peak_mem_gib"] = torch.cuda.max_memory_allocated(self.dist.device) / 2**30
+        logger.log(step, record, to_stdout=True)
+
+    def _gather(self, obj) -> list:
+        """``obj`` of every rank (rank order)."""
+        if self.dist.world_size == 1:
+            return [obj]
+        out = [None] * self.dist.world_size
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+    def _sample(self, logger: MetricLogger, batch, step: int) -> None:
+        """The periodic sample video (every rank runs the sampler; rank 0 writes it)."""
+        from .sample import sample_video, write_sample
+
+        t0 = time.perf_counter()
+        frames = sample_video(self.engine, self.vae, batch.to(self.dist.device), self.job.train.sample.frames,
+                              self.job.train.sample.steps, self.job.stage.use_face,
+                              counter_seed(self.job.train.seed, 0x5A, step), self.step_fn.dtype)
+        if self.dist.is_main:
+            path = write_sample(self.job.stage_dir / "samples" / f"{ckpt.tag_of(step)}.mp4", frames,
+                                float(batch.fps[0]))
+            logger.image("sample/frames", frames[:: max(1, len(frames) // 4)].reshape(-1, *frames.shape[2:]), step)
+            log.info("sample video %s (%.1f s)", path, time.perf_counter() - t0)
+
+    # ------------------------------------------------------------------ checkpoint
+
+    def save(self) -> None:
+        """Collective: a complete checkpoint of the current step."""
+        data = self.loader.state_dict()  # collective: the cursor of every rank
+        rank_state = {"rng": rng_state(), "ema": self.ema.state_dict()}
+        shared = {"data": data, "step": self.step}
+        meta = {"stage": self.job.stage.id, "model": self.job.model.name, "zero_stage": self.job.zero.stage,
+                "frozen_signature": self.frozen_signature, "ema_decay": self.job.train.ema.decay,
+                "trainable": len(self.trainable), "precision": self.job.launch.precision}
+        self.checkpointer.save(self.engine, self.step, rank_state, shared, self.job.resolved, meta)
+
+
+def _float(x) -> float:
+    if x is None:
+        return math.nan
+    return float(x.item() if torch.is_tensor(x) else x)
