@@ -79,6 +79,8 @@ class BodyStage(BackendClipStage):
             vis = fr.conf[k] >= self.params.min_conf
             if not vis.any():
                 vis = fr.conf[k] > 0
+            if not vis.any():
+                vis = self.filled
             p = fr.joints2d[k][vis]
             x0, y0 = p.min(0)
             x1, y1 = p.max(0)
