@@ -19,7 +19,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import av  # noqa: E402
 import decord  # noqa: E402
-import numpy as np  # noqa: E402
 
 from preprocess import samples, video  # noqa: E402
 

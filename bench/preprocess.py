@@ -23,7 +23,6 @@ from collections import defaultdict
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import numpy as np  # noqa: E402
 
 DEFAULT_OVERRIDES = ["samples.n_frames=100", "ray.progress_bars=false", "progress_interval_s=1000"]
 
@@ -47,7 +46,7 @@ def stages_alone(cfg, inputs) -> Clock:
     """Run every stage sequentially in-process over all inputs."""
     from preprocess import schema
     from preprocess.plan import content_key, plan_video
-    from preprocess.stage import ClipStage, load_stage, new_row
+    from preprocess.stage import load_stage, new_row
     from preprocess.storage import read_ends
     from preprocess.video import encode_mp4, read_frames, scaled_size
 

@@ -30,7 +30,7 @@ from .stage import (FAILED, OK, SKIPPED, ClipStageActor, fail, load_stage, new_r
                     unpack)
 from .state import (DATASET_FILE, FAILURES_FILE, INDEX_FILE, SUMMARY_FILE, build_failures,
                     build_index, load_committed, read_json, write_json, write_table)
-from .storage import InputFile, Storage, list_inputs, open_input, read_ends
+from .storage import InputFile, Storage, open_input, read_ends
 from .video import VideoError, encode_mp4, read_frames, scaled_size
 from .writer import SHARD_DIR, ShardWriter
 

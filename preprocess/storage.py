@@ -22,7 +22,7 @@ def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
         return _s3(uri)
     try:
         return pafs.FileSystem.from_uri(uri)
-    except (pafs.ArrowInvalid if hasattr(pafs, "ArrowInvalid") else Exception, ValueError, OSError):
+    except (ValueError, OSError):  # pyarrow.lib.ArrowInvalid is a ValueError: a scheme pyarrow lacks
         import fsspec
         from pyarrow.fs import FSSpecHandler, PyFileSystem
         fs, path = fsspec.core.url_to_fs(uri)

@@ -225,7 +225,7 @@ class ShardWriter:
         """Finish: videos still missing clips fail (their clips were lost with a crashed worker), and
         the last part is committed. Returns events and the writer's stage timings."""
         events = []
-        for vk, rows in list(self.pending.items()):
+        for rows in list(self.pending.values()):
             head = rows[0]
             want = int(head.get("n_clips", len(rows)))
             for r in rows:

@@ -6,7 +6,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 
 from preprocess import samples
 from preprocess.config import to_config
