@@ -388,11 +388,27 @@ def run(cfg: PreprocessConfig, inputs: list[InputFile]) -> int:
     summary["shots_dropped_by_reason"] = dict(shot_drops)  # shots too short to make a clip, in videos that made others
     write_json(storage, SUMMARY_FILE, summary)
     report = write_report(storage, index, failures, summary)
+    preview = write_preview(storage, index, run_id)
     print(f"[preprocess] shards:   {storage.url(SHARD_DIR)}\n[preprocess] index:    {storage.url(INDEX_FILE)}\n"
           f"[preprocess] failures: {storage.url(FAILURES_FILE)} ({len(run_failed)} this run)\n"
-          f"[preprocess] summary:  {storage.url(SUMMARY_FILE)}" + (f"\n[preprocess] report:   {report}" if report else ""),
-          flush=True)
+          f"[preprocess] summary:  {storage.url(SUMMARY_FILE)}" + (f"\n[preprocess] report:   {report}" if report else "")
+          + (f"\n[preprocess] preview:  {preview}" if preview else ""), flush=True)
     return EXIT_FAILURES if run_failed else EXIT_OK
+
+
+def write_preview(storage: Storage, index, run_id: str) -> str | None:
+    """An overlay video of the first clip this run wrote (annotated datasets); never fails the run."""
+    if not storage.local or not len(index):
+        return None
+    fresh = index[index["shard"].str.startswith(run_id)]
+    if not len(fresh):
+        return None
+    try:
+        from .preview import write_preview as _write
+        return _write(storage.root, key=str(fresh["key"].iloc[0]))
+    except Exception as e:
+        log.warning("preview failed: %s: %s", type(e).__name__, e)
+        return None
 
 
 def write_report(storage: Storage, index, failures, summary) -> str | None:

@@ -207,7 +207,13 @@ def encode_mp4(frames: np.ndarray, fps: float, *, crf: int = 20, preset: str = "
 
 
 def decode_mp4(data: bytes, indices=None) -> np.ndarray:
-    """Decode an in-memory MP4 (as written by :func:`encode_mp4`) to uint8 T×H×W×3."""
-    frames = list(iter_frames("<bytes>", fileobj=io.BytesIO(data)))
+    """Decode an in-memory MP4 (as written by :func:`encode_mp4`) to uint8 T×H×W×3; with ``indices``,
+    only those frames (decoding stops after the last one)."""
+    stop = None if indices is None else int(np.max(indices)) + 1 if len(indices) else 0
+    frames = []
+    for i, f in enumerate(iter_frames("<bytes>", fileobj=io.BytesIO(data))):
+        if stop is not None and i >= stop:
+            break
+        frames.append(f)
     arr = np.stack(frames) if frames else np.zeros((0, 0, 0, 3), np.uint8)
     return arr if indices is None else arr[np.asarray(indices)]
