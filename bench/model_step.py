@@ -30,7 +30,7 @@ from models.flow import add_noise, flow_loss  # noqa: E402
 
 
 def make_inputs(model: DreamActor, batch: int, frames: int, height: int, width: int, refs: int, device):
-    """Random inputs of the given clip shape (bf16 where the loader would give floats)."""
+    """Random inputs of the given clip shape, in the model's dtype where the loader would give floats."""
     cfg = model.cfg
     tc, sc = cfg.vae.temporal_compression, cfg.vae.spatial_compression
     t, h, w = 1 + (frames - 1) // tc, height // sc, width // sc
@@ -41,50 +41,56 @@ def make_inputs(model: DreamActor, batch: int, frames: int, height: int, width: 
     sigma = torch.rand(batch, device=device, generator=g)
     xt, target = add_noise(x0, noise, sigma)
     s = cfg.face_encoder.crop_size
+    dt = next(model.parameters()).dtype
     return dict(
-        noisy_latents=xt.bfloat16(), timesteps=sigma, target=target,
-        ref_latents=torch.randn(batch, c, refs, h, w, device=device, generator=g).bfloat16(),
+        noisy_latents=xt.to(dt), timesteps=sigma, target=target,
+        ref_latents=torch.randn(batch, c, refs, h, w, device=device, generator=g).to(dt),
         pose_maps=torch.rand(batch, cfg.pose_encoder.in_channels, frames, height, width, device=device,
-                             generator=g).bfloat16(),
-        face_crops=(torch.rand(batch, frames, 3, s, s, device=device, generator=g) * 2 - 1).bfloat16(),
+                             generator=g).to(dt),
+        face_crops=(torch.rand(batch, frames, 3, s, s, device=device, generator=g) * 2 - 1).to(dt),
     )
 
 
-def step(model, inp) -> torch.Tensor:
+def step(model, inp, use_face: bool = True) -> torch.Tensor:
     """Forward + backward of the flow-matching loss."""
-    v = model(inp["noisy_latents"], inp["timesteps"], inp["ref_latents"], inp["pose_maps"], inp["face_crops"])
+    v = model(inp["noisy_latents"], inp["timesteps"], inp["ref_latents"], inp["pose_maps"],
+              inp["face_crops"] if use_face else None, use_face=use_face)
     loss = flow_loss(v, inp["target"])
     loss.backward()
     return loss
 
 
-def run_variant(args, spec: str, device) -> dict:
-    """Build the model for one variant and time it."""
+def build(args, spec: str, device):
+    """The model of one variant ``backend:checkpointed_blocks[:compile]``, bf16, no zero weights, stage set."""
     backend, ckpt, *rest = spec.split(":")
     if device.type != "cuda" and backend in ("cudnn", "flash", "efficient"):
         backend = "auto"
-    compile_blocks = "compile" in rest
-    cfg = load_preset(args.preset)
     order = ("cudnn", "flash", "efficient", "math")  # the named backend first, the others as fallbacks
     backends = () if backend == "auto" else (backend,) + tuple(b for b in order if b != backend)
-    cfg = cfg.replace(dit={"attention_backends": backends,
-                           "activation_checkpointing": int(ckpt)})
-    result = {"variant": spec, "backend": backend, "checkpointed_blocks": int(ckpt), "compile": compile_blocks}
+    cfg = load_preset(args.preset).replace(dit={"attention_backends": backends, "activation_checkpointing": int(ckpt)})
     torch.manual_seed(0)
     with torch.device(device):
         model = DreamActor(cfg)
-    model = model.to(torch.bfloat16)
+    model = model.to(getattr(torch, args.dtype))
     with torch.no_grad():  # no matmul on zeros
         for p in model.parameters():
             if not p.any():
                 p.normal_(0, 0.02)
-    if compile_blocks:
-        for block in model.dit.blocks:
-            block.compile()
+    if "compile" in rest:
+        model.compile_blocks()
     model.train()
-    model.set_stage(3)
+    model.set_stage(1 if args.no_face else 3)
+    info = {"variant": spec, "backend": backend, "checkpointed_blocks": int(ckpt), "compile": "compile" in rest,
+            "stage": 1 if args.no_face else 3}
+    return model, info
+
+
+def run_variant(args, spec: str, device) -> dict:
+    """Build the model for one variant and time it."""
+    model, result = build(args, spec, device)
+    use_face = not args.no_face
     inp = make_inputs(model, args.batch, args.frames, args.height, args.width, args.refs, device)
-    flops = model.flops_per_step(args.batch, args.frames, args.height, args.width, args.refs)
+    flops = model.flops_per_step(args.batch, args.frames, args.height, args.width, args.refs, use_face=use_face)
     result["params"] = model.num_parameters()
     result["flops_per_step"] = flops
     cuda = device.type == "cuda"
@@ -95,14 +101,14 @@ def run_variant(args, spec: str, device) -> dict:
     try:
         t0 = time.time()
         for _ in range(args.warmup):
-            step(model, inp)
+            step(model, inp, use_face)
             model.zero_grad(set_to_none=True)
         if cuda:
             torch.cuda.synchronize()
         result["warmup_s"] = time.time() - t0
         times = []
         for _ in range(args.steps):
-            times.append(_timed(lambda: step(model, inp), cuda))
+            times.append(_timed(lambda: step(model, inp, use_face), cuda))
             model.zero_grad(set_to_none=True)
         med = statistics.median(times)
         result.update(step_s=med, step_s_all=times, peak_mem_gib=peak(),
@@ -113,6 +119,44 @@ def run_variant(args, spec: str, device) -> dict:
     if cuda:
         torch.cuda.empty_cache()
     return result
+
+
+_KERNEL_KINDS = (  # (kind, substrings of CUDA kernel names), first match wins
+    ("attention", ("fmha", "flash", "cudnn_generated", "attention", "sdpa")),
+    ("matmul", ("gemm", "nvjet", "xmma", "cutlass", "sm90")),
+    ("convolution", ("conv", "implicit", "winograd", "dgrad", "wgrad")),
+)
+
+
+def profile_step(args, spec: str, device) -> dict:
+    """Device time of one step by kernel kind and the top kernels (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model, _ = build(args, spec, device)
+    inp = make_inputs(model, args.batch, args.frames, args.height, args.width, args.refs, device)
+    use_face = not args.no_face
+    step(model, inp, use_face)
+    model.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step(model, inp, use_face)
+        torch.cuda.synchronize()
+    rows = []
+    for e in prof.key_averages():
+        us = getattr(e, "self_device_time_total", 0) or getattr(e, "self_cuda_time_total", 0)
+        if us > 0:
+            rows.append((e.key, e.count, us / 1e3))
+    total = sum(r[2] for r in rows)
+    kinds = {}
+    for name, _, ms in rows:
+        low = name.lower()
+        kind = next((k for k, subs in _KERNEL_KINDS if any(x in low for x in subs)), "other (elementwise, norms)")
+        kinds[kind] = kinds.get(kind, 0.0) + ms
+    top = sorted(rows, key=lambda r: -r[2])[:25]
+    del model, inp
+    torch.cuda.empty_cache()
+    return {"variant": spec, "device_ms": total, "by_kind_ms": kinds,
+            "top": [{"kernel": n[:140], "calls": c, "ms": ms} for n, c, ms in top]}
 
 
 def _timed(fn, cuda: bool) -> float:
@@ -169,7 +213,10 @@ def main() -> None:
     ap.add_argument("--peak-tflops", type=float, default=989.0)
     ap.add_argument("--variants", nargs="+", default=["cudnn:-1"])
     ap.add_argument("--agreement", action="store_true", help="also compare SDPA backends' outputs (9 frames)")
+    ap.add_argument("--no-face", action="store_true", help="stage 1: no face tokens, face parts frozen")
+    ap.add_argument("--profile", default=None, help="variant to profile one step of, by kernel kind")
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--dtype", default="bfloat16", help="parameter dtype (bfloat16 as under DeepSpeed bf16)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     device = torch.device(args.device)
@@ -186,8 +233,17 @@ def main() -> None:
         print(json.dumps({k: v for k, v in r.items() if k != "step_s_all"}), flush=True)
         if args.out:  # after every variant, so a run cut short still leaves its results
             Path(args.out).write_text(json.dumps({"info": info, "results": results}, indent=2))
+    if args.profile:
+        info["profile"] = prof = profile_step(args, args.profile, device)
+        if args.out:
+            Path(args.out).write_text(json.dumps({"info": info, "results": results}, indent=2))
+        print(f"\nprofile of {args.profile}: {prof['device_ms']:.0f} ms of kernels")
+        for kind, ms in sorted(prof["by_kind_ms"].items(), key=lambda kv: -kv[1]):
+            print(f"  {kind:<28}{ms:>9.0f} ms {ms / prof['device_ms']:>6.1%}")
+        for row in prof["top"][:12]:
+            print(f"  {row['ms']:>8.1f} ms {row['calls']:>5}x  {row['kernel'][:90]}")
     print(f"\n{info['device']}, torch {info['torch']}, {args.preset}, batch {args.batch}, {args.frames}x{args.height}x"
-          f"{args.width} + {args.refs} refs, bf16 fwd+bwd")
+          f"{args.width} + {args.refs} refs, {args.dtype} fwd+bwd, stage {1 if args.no_face else 3}")
     print(f"{'variant':<22}{'step s':>9}{'peak GiB':>10}{'TFLOP/s':>9}{'MFU':>7}")
     for r in results:
         if "error" in r:

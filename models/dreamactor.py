@@ -137,6 +137,12 @@ class DreamActor(nn.Module):
             cond = torch.cat([m.expand(b, n_mask, t, h, w), cond_latents * m], dim=1)
         return self.dit(noisy_latents, timesteps, ref_latents, pose_features, face_tokens, cond, keep)
 
+    def compile_blocks(self) -> None:
+        """``torch.compile`` each DiT block (fuses the fp32 norm/modulation/RoPE elementwise work; one graph
+        serves all blocks). Measured on an H100: 2.21 -> 1.83 s per 1.3B step (docs/performance.md)."""
+        for block in self.dit.blocks:
+            block.compile()
+
     # ------------------------------------------------------------------ stages and accounting
 
     def named_param_groups(self) -> dict[str, list[tuple[str, nn.Parameter]]]:

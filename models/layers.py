@@ -37,7 +37,11 @@ def sdpa_context(backends: tuple[str, ...]):
     unknown = [b for b in backends if b not in _BACKENDS]
     if unknown:
         raise ValueError(f"unknown attention backends {unknown}; known: {list(_BACKENDS)}")
-    return sdpa_kernel([getattr(SDPBackend, _BACKENDS[b]) for b in backends], set_priority=True)
+    chosen = [getattr(SDPBackend, _BACKENDS[b]) for b in backends]
+    try:
+        return sdpa_kernel(chosen, set_priority=True)
+    except TypeError:  # PyTorch < 2.6 has no priority order: the listed backends in its own order
+        return sdpa_kernel(chosen)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backends: tuple[str, ...] = ()) -> torch.Tensor:

@@ -32,7 +32,7 @@ def test_pose_encoder_shape_and_causal_grouping(tiny_cfg):
 def test_face_encoder_tokens_per_latent_frame(tiny_cfg):
     torch.manual_seed(0)
     enc = FaceMotionEncoder(tiny_cfg.face_encoder, token_dim=32, group=4).eval()
-    crops = torch.rand(2, 5, 3, 224, 224) * 2 - 1
+    crops = torch.rand(2, 5, 3, 64, 64) * 2 - 1
     tokens = enc(crops)
     assert enc.motion_dim == 6 + 30 + 64  # [eye ; emotion ; mouth] at width 1/8
     assert tokens.shape == (2 * 2, 4, 32)  # (B * latent frames, group, dim)
@@ -57,7 +57,7 @@ def test_face_encoder_keeps_batchnorm_frozen(tiny_cfg):
     enc.train()
     bn = enc.model.bn1
     before = bn.running_mean.clone()
-    enc(torch.rand(1, 1, 3, 224, 224))
+    enc(torch.rand(1, 1, 3, 64, 64))
     assert not bn.training and torch.equal(bn.running_mean, before)
     assert enc.mlp.training
 
