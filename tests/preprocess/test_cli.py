@@ -77,3 +77,20 @@ def test_kill_9_mid_run_then_resume_gives_the_uninterrupted_key_set(tmp_path):
     s = json.loads((out / "summary.json").read_text())
     assert s["skipped_already_done"] == 10 and s["videos_done"] == 0 and s["stage_frames"] == {}
     assert index_keys(out) == want
+
+
+def test_prod_profile_composes_to_a_valid_config(monkeypatch):
+    from preprocess.config import to_config
+    from tests.conftest import compose
+
+    monkeypatch.setenv("DREAMACTOR_INPUT", "s3://raw/videos/")
+    monkeypatch.setenv("DREAMACTOR_OUTPUT", "s3://shards/v1/")
+    cfg = to_config(compose("preprocess", ["+cluster=prod"]))
+    assert cfg.input == "s3://raw/videos/" and cfg.ray.address == "auto"
+    assert cfg.writer.shard_bytes == 512 << 20 and cfg.decode.max_side == 1280
+    body = cfg.annotators["body"]
+    assert body.resources.num_gpus > 0 and body.params["backend"]["params"]["delegate"] == "gpu"
+    assert all(0 < s.resources.num_gpus < 1 for s in cfg.annotators.values())  # GPU fractions
+    assert cfg.stages["decode"].num_gpus == 0 and cfg.stages["decode"].num_cpus >= 1  # CPU for decode
+    # the profile tunes stages by name; with annotators=none there are none to tune
+    assert to_config(compose("preprocess", ["annotators=none", "+cluster=prod"])).annotators == {}

@@ -39,6 +39,7 @@ class MediaPipeParams:
     min_presence_confidence: float = 0.5
     min_tracking_confidence: float = 0.5
     video_mode: bool = True  # VIDEO running mode: track between frames, the detector runs when tracking is lost
+    delegate: str = "cpu"  # cpu | gpu (MediaPipe's GPU delegate; give the stage a GPU fraction in its resources)
 
 
 def landmarker_factory(kind: str, asset: str, p: MediaPipeParams, config_key: str, **options) -> Callable[[Any], Any]:
@@ -52,9 +53,14 @@ def landmarker_factory(kind: str, asset: str, p: MediaPipeParams, config_key: st
                   f"min_{low}_presence_confidence": p.min_presence_confidence,
                   "min_tracking_confidence": p.min_tracking_confidence}
 
+    if p.delegate not in ("cpu", "gpu"):
+        raise ValueError(f"{config_key}.delegate={p.delegate!r}: use cpu or gpu")
+    delegate = BaseOptions.Delegate.GPU if p.delegate == "gpu" else BaseOptions.Delegate.CPU
+
     def factory(mode):
         return task_cls.create_from_options(options_cls(
-            base_options=BaseOptions(model_asset_path=path), running_mode=mode, **thresholds, **options))
+            base_options=BaseOptions(model_asset_path=path, delegate=delegate), running_mode=mode,
+            **thresholds, **options))
 
     return factory
 
