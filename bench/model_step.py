@@ -14,6 +14,7 @@ Needs only torch and PyYAML (no diffusers or Hydra).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -24,9 +25,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from models.config import load_preset  # noqa: E402
-from models.dreamactor import DreamActor  # noqa: E402
-from models.flow import add_noise, flow_loss  # noqa: E402
+from models.config import load_preset
+from models.dreamactor import DreamActor
+from models.flow import add_noise, flow_loss
 
 
 def make_inputs(model: DreamActor, batch: int, frames: int, height: int, width: int, refs: int, device):
@@ -42,13 +43,13 @@ def make_inputs(model: DreamActor, batch: int, frames: int, height: int, width: 
     xt, target = add_noise(x0, noise, sigma)
     s = cfg.face_encoder.crop_size
     dt = next(model.parameters()).dtype
-    return dict(
-        noisy_latents=xt.to(dt), timesteps=sigma, target=target,
-        ref_latents=torch.randn(batch, c, refs, h, w, device=device, generator=g).to(dt),
-        pose_maps=torch.rand(batch, cfg.pose_encoder.in_channels, frames, height, width, device=device,
+    return {
+        "noisy_latents": xt.to(dt), "timesteps": sigma, "target": target,
+        "ref_latents": torch.randn(batch, c, refs, h, w, device=device, generator=g).to(dt),
+        "pose_maps": torch.rand(batch, cfg.pose_encoder.in_channels, frames, height, width, device=device,
                              generator=g).to(dt),
-        face_crops=(torch.rand(batch, frames, 3, s, s, device=device, generator=g) * 2 - 1).to(dt),
-    )
+        "face_crops": (torch.rand(batch, frames, 3, s, s, device=device, generator=g) * 2 - 1).to(dt),
+    }
 
 
 def step(model, inp, use_face: bool = True) -> torch.Tensor:
@@ -97,7 +98,7 @@ def run_variant(args, spec: str, device) -> dict:
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    peak = lambda: torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")  # noqa: E731
+    peak = lambda: torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
     try:
         t0 = time.time()
         for _ in range(args.warmup):
@@ -108,7 +109,7 @@ def run_variant(args, spec: str, device) -> dict:
         result["warmup_s"] = time.time() - t0
         times = []
         for _ in range(args.steps):
-            times.append(_timed(lambda: step(model, inp, use_face), cuda))
+            times.append(_timed(functools.partial(step, model, inp, use_face), cuda))
             model.zero_grad(set_to_none=True)
         med = statistics.median(times)
         result.update(step_s=med, step_s_all=times, peak_mem_gib=peak(),

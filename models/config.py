@@ -128,11 +128,11 @@ class ModelConfig:
     weights: WeightsConfig
 
     @classmethod
-    def from_dict(cls, data: dict) -> "ModelConfig":
+    def from_dict(cls, data: dict) -> ModelConfig:
         """Build from a plain dict (yaml / OmegaConf container); unknown or missing keys raise."""
         return _build(cls, data, "model")
 
-    def replace(self, **sections) -> "ModelConfig":
+    def replace(self, **sections) -> ModelConfig:
         """Copy with some fields of some sections replaced: ``cfg.replace(dit={"num_layers": 2})``."""
         changes = {}
         for name, fields in sections.items():

@@ -21,11 +21,19 @@ checkpoint start at zero, so a converted Wan checkpoint computes exactly what Wa
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
+from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import DiTConfig
-from .layers import FP32LayerNorm, FP32MLP, MLP, Attention, grid_positions, rope_cos_sin, timestep_features
+from .layers import (
+    FP32MLP,
+    MLP,
+    Attention,
+    FP32LayerNorm,
+    grid_positions,
+    rope_cos_sin,
+    timestep_features,
+)
 
 
 def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from .config import ModelConfig
 from .dit import DiT
@@ -41,7 +41,7 @@ STAGE_GROUPS = {
 
 def param_group_of(name: str) -> str:
     """Which training group a parameter (by its name in :class:`DreamActor`) belongs to."""
-    if name.startswith("pose_encoder.") or name.startswith("dit.pose_embed."):
+    if name.startswith(("pose_encoder.", "dit.pose_embed.")):
         return "pose_encoder"
     if name.startswith("face_encoder."):
         return "face_encoder"
@@ -62,7 +62,7 @@ class DreamActor(nn.Module):
         self.dit = DiT(cfg.dit, cfg.pose_encoder.out_channels, tc)
 
     @classmethod
-    def from_config(cls, cfg: ModelConfig, load_weights: bool = True) -> "DreamActor":
+    def from_config(cls, cfg: ModelConfig, load_weights: bool = True) -> DreamActor:
         """Build the model; with ``load_weights`` load every configured pretrained part (see ``load_pretrained``)."""
         model = cls(cfg)
         if load_weights:

@@ -22,8 +22,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from .config import FaceEncoderConfig
 
@@ -86,8 +86,8 @@ class FANBackbone(nn.Module):
 
     def __init__(self, width: float, crop_size: int):
         super().__init__()
-        c64, c128, c256 = (max(4, int(round(c * width))) for c in (64, 128, 256))
-        self.feat_dim = max(8, int(round(512 * width)))
+        c64, c128, c256 = (max(4, round(c * width)) for c in (64, 128, 256))
+        self.feat_dim = max(8, round(512 * width))
         self.conv1 = nn.Conv2d(3, c64, 7, stride=2, padding=3)
         self.bn1 = nn.BatchNorm2d(c64)
         self.conv2 = ConvBlock(c64, c128)

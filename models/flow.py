@@ -76,9 +76,9 @@ class Conditions:
     cond_latents: torch.Tensor | None = None  # (B, C, t, h, w) given latent frames (continuation)
     cond_mask: torch.Tensor | None = None  # (B, t) which latent frames are given
 
-    def repeat(self, n: int) -> "Conditions":
+    def repeat(self, n: int) -> Conditions:
         """The same conditions for ``n`` stacked copies of the batch."""
-        rep = lambda x: None if x is None else torch.cat([x] * n)  # noqa: E731
+        rep = lambda x: None if x is None else torch.cat([x] * n)
         return Conditions(*(rep(getattr(self, f)) for f in self.__dataclass_fields__))
 
 
@@ -92,7 +92,7 @@ def guided_velocity(model, x: torch.Tensor, sigma: torch.Tensor, cond: Condition
     if guidance_ref != 1.0:
         passes.append((True, True))
     n = len(passes)
-    flags = lambda i: torch.tensor([p[i] for p in passes], device=x.device).repeat_interleave(b)  # noqa: E731
+    flags = lambda i: torch.tensor([p[i] for p in passes], device=x.device).repeat_interleave(b)
     c = cond.repeat(n)
     v = model(torch.cat([x] * n), sigma.expand(b).repeat(n), c.ref_latents, c.pose_maps, c.face_crops,
               face_valid=c.face_valid, cond_latents=c.cond_latents, cond_mask=c.cond_mask,

@@ -7,8 +7,8 @@ import contextlib
 import math
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 _BACKENDS = {
     "cudnn": "CUDNN_ATTENTION",

@@ -8,11 +8,12 @@ concatenated with the noisy latent along channels and projected to the noise tok
 """
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from .config import PoseEncoderConfig
 
@@ -29,7 +30,7 @@ class PoseEncoder(nn.Module):
         self.tc = temporal_compression
         self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
         self.down = nn.ModuleList()
-        for c_in, c_out in zip(ch[:-1], ch[1:]):
+        for c_in, c_out in itertools.pairwise(ch):
             self.down.append(nn.ModuleList([nn.Conv2d(c_in, c_out, 3, stride=2, padding=1),
                                             nn.Conv2d(c_out, c_out, 3, padding=1)]))
         self.temporal = nn.Conv3d(ch[-1] * self.tc, cfg.out_channels, (1, 3, 3), padding=(0, 1, 1))

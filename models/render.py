@@ -19,7 +19,14 @@ from __future__ import annotations
 import numpy as np
 
 from .config import RenderConfig
-from .skeleton import HAND_LIMB_COLORS, HAND_LIMBS, HAND_PARENTS, BodyLayout, body_layout, topological_order
+from .skeleton import (
+    HAND_LIMB_COLORS,
+    HAND_LIMBS,
+    HAND_PARENTS,
+    BodyLayout,
+    body_layout,
+    topological_order,
+)
 
 _SHIFT = 4  # cv2 fixed-point bits: positions are drawn with 1/16 px precision
 
@@ -78,12 +85,12 @@ def project(points3d, K) -> tuple[np.ndarray, np.ndarray]:
 
 def _px(value_frac: float, size) -> int:
     """A size given as a fraction of the shorter image side, in whole pixels (at least 1)."""
-    return max(1, int(round(value_frac * min(size))))
+    return max(1, round(value_frac * min(size)))
 
 
 def _fixed(p) -> tuple[int, int]:
     """A pixel position in cv2's fixed-point format."""
-    return int(round(p[0] * (1 << _SHIFT))), int(round(p[1] * (1 << _SHIFT)))
+    return round(p[0] * (1 << _SHIFT)), round(p[1] * (1 << _SHIFT))
 
 
 def _draw_graph(img, pts, valid, depth, edges, edge_colors, joint_colors, joints, width, radius):
@@ -145,7 +152,7 @@ def render_skeleton_map(joints3d, joint_conf, K, size, cfg: RenderConfig, *, joi
     if hands3d is not None:
         k_h = k[:, None] if k.ndim == 3 else k
         huv, hz = project(hands3d, k_h)
-        hands = dict(hands2d=huv, hands_valid=(_np(hand_conf) > cfg.min_confidence) & (hz > 0), hands_depth=hz)
+        hands = {"hands2d": huv, "hands_valid": (_np(hand_conf) > cfg.min_confidence) & (hz > 0), "hands_depth": hz}
     return draw_skeleton(uv, valid, size, layout, cfg, depth=z, **hands)
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from .config import VAEConfig
 
@@ -60,7 +60,7 @@ class VideoVAE(nn.Module):
         self.register_buffer("std", torch.tensor(autoencoder.config.latents_std).view(shape), persistent=False)
 
     @classmethod
-    def from_config(cls, cfg: VAEConfig, vae_dir: str | None) -> "VideoVAE":
+    def from_config(cls, cfg: VAEConfig, vae_dir: str | None) -> VideoVAE:
         """Build from the model config and the configured weights directory."""
         return cls(build_autoencoder(cfg, vae_dir), cfg)
 

@@ -108,7 +108,9 @@ def _shards(path: Path) -> list[Path]:
 def _to_diffusers_names(sd: dict) -> dict:
     """Rename an original-format Wan shard with diffusers' converter (diffusers-format shards pass through)."""
     if any(k.startswith(("blocks.0.self_attn.", "head.head.")) or ".self_attn.q." in k for k in sd):
-        from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
+        from diffusers.loaders.single_file_utils import (
+            convert_wan_transformer_to_diffusers,
+        )
 
         return convert_wan_transformer_to_diffusers(sd)
     return sd

@@ -29,13 +29,13 @@ def random_batch(cfg, batch=2, frames=9, height=32, width=48, refs=2, seed=0):
     t, h, w = 1 + (frames - 1) // tc, height // sc, width // sc
     c = cfg.dit.latent_channels
     s = cfg.face_encoder.crop_size
-    return dict(
-        noisy_latents=torch.randn(batch, c, t, h, w, generator=g),
-        timesteps=torch.rand(batch, generator=g),
-        ref_latents=torch.randn(batch, c, refs, h, w, generator=g),
-        pose_maps=torch.rand(batch, cfg.pose_encoder.in_channels, frames, height, width, generator=g),
-        face_crops=torch.rand(batch, frames, 3, s, s, generator=g) * 2 - 1,
-    )
+    return {
+        "noisy_latents": torch.randn(batch, c, t, h, w, generator=g),
+        "timesteps": torch.rand(batch, generator=g),
+        "ref_latents": torch.randn(batch, c, refs, h, w, generator=g),
+        "pose_maps": torch.rand(batch, cfg.pose_encoder.in_channels, frames, height, width, generator=g),
+        "face_crops": torch.rand(batch, frames, 3, s, s, generator=g) * 2 - 1,
+    }
 
 
 def astronaut_clip(frames=9, size=32, shift=2):

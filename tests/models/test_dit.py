@@ -27,8 +27,8 @@ def tiny_wan(i2v: bool, seed: int = 0):
 
 def converted(tiny_cfg, wan, tmp_path, i2v: bool) -> DiT:
     """Our DiT with the Wan weights, loaded from a diffusers directory on disk."""
-    cfg = tiny_cfg.replace(dit=dict(text_dim=24, text_len=512 if i2v else 7, freq_dim=32, ffn_dim=48,
-                                    image_dim=20 if i2v else None, image_len=5))
+    cfg = tiny_cfg.replace(dit={"text_dim": 24, "text_len": 512 if i2v else 7, "freq_dim": 32, "ffn_dim": 48,
+                                    "image_dim": 20 if i2v else None, "image_len": 5})
     dit = DiT(cfg.dit, pose_channels=cfg.pose_encoder.out_channels, face_group=4).eval()
     wan.save_pretrained(tmp_path / "transformer")
     report = load_wan_transformer(dit, tmp_path / "transformer")

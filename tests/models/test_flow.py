@@ -1,13 +1,26 @@
 """Flow matching: noising and target, timestep sampling, Euler sampler, dual CFG, long-video segments."""
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
 import torch
 
-from models.flow import (Conditions, add_noise, decode_segments, generate_long, guided_velocity, sample,
-                         sample_sigmas, sampling_sigmas, segment_plan, shift_sigmas, stitch_latents, timestep_shift)
+from models.flow import (
+    Conditions,
+    add_noise,
+    decode_segments,
+    generate_long,
+    guided_velocity,
+    sample,
+    sample_sigmas,
+    sampling_sigmas,
+    segment_plan,
+    shift_sigmas,
+    stitch_latents,
+    timestep_shift,
+)
 
 from .conftest import random_batch
 
@@ -98,7 +111,7 @@ def test_segment_plan():
     for n in (1, 10, 73, 100, 300):
         plan = segment_plan(n, 73, 4)
         assert plan[0][0] == 0 and plan[-1][1] >= n and plan[-1][1] - n < 4
-        assert all(a[1] - 1 == b[0] for a, b in zip(plan, plan[1:]))  # one shared frame (one latent)
+        assert all(a[1] - 1 == b[0] for a, b in itertools.pairwise(plan))  # one shared frame (one latent)
         assert all((stop - start - 1) % 4 == 0 and stop - start <= 73 for start, stop in plan)
     with pytest.raises(ValueError):
         segment_plan(100, 72, 4)
@@ -113,7 +126,7 @@ def test_long_video_segments_share_the_seam_latent(tiny_model):
     cond = Conditions(b["ref_latents"], b["pose_maps"], b["face_crops"])
     segs = generate_long(tiny_model, cond, cfg.flow, frames, steps=2, generator=torch.Generator().manual_seed(0))
     assert [s.shape[2] for s in segs] == [3, 3, 3]
-    for prev, nxt in zip(segs, segs[1:]):
+    for prev, nxt in itertools.pairwise(segs):
         assert torch.equal(nxt[:, :, 0], prev[:, :, -1])
     assert stitch_latents(segs).shape[2] == 7
     torch.manual_seed(0)

@@ -5,10 +5,26 @@ import numpy as np
 import pytest
 import torch
 
-from models.render import (bone_length_adjust, bone_lengths, crop_resize_transform, maps_to_tensor, project,
-                           render_control_maps, render_head_sphere_map, render_skeleton_map, retarget_head_radius,
-                           scale_offset_transform, transform_points)
-from models.skeleton import HAND_FINGERS, HAND_PARENTS, SMPLX_JOINT_NAMES, SMPLX_PARENT, body_layout
+from models.render import (
+    bone_length_adjust,
+    bone_lengths,
+    crop_resize_transform,
+    maps_to_tensor,
+    project,
+    render_control_maps,
+    render_head_sphere_map,
+    render_skeleton_map,
+    retarget_head_radius,
+    scale_offset_transform,
+    transform_points,
+)
+from models.skeleton import (
+    HAND_FINGERS,
+    HAND_PARENTS,
+    SMPLX_JOINT_NAMES,
+    SMPLX_PARENT,
+    body_layout,
+)
 
 K = np.array([[500.0, 0.0, 320.0], [0.0, 500.0, 240.0], [0.0, 0.0, 1.0]])
 FRONTAL = np.diag([1.0, -1.0, -1.0])  # head frame (x left-to-right, y up, z out of the face) facing the camera
