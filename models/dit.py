@@ -12,7 +12,7 @@ tokens and are modulated with the timestep of a clean latent (sigma = 0). Per bl
    t_D x (h w) and T_R to 1 x (h w t_R): every frame's queries see the same keys, which is exactly
    one cross-attention from all video tokens to all reference tokens, done here in one SDPA call;
 4. **Face Attn**: the video tokens of latent frame i cross-attend to the face motion tokens of the
-   pixel frames that latent frame covers (``face_group`` of them);
+   pixel frames that latent frame covers (the VAE's temporal factor: 4);
 5. MLP with adaLN modulation.
 
 Ref Attn, Face Attn, the pose-feature projection and the conditioning channels missing from a T2V
@@ -110,11 +110,10 @@ class DiTBlock(nn.Module):
 class DiT(nn.Module):
     """The DreamActor DiT; see the module docstring for the token layout and block structure."""
 
-    def __init__(self, cfg: DiTConfig, pose_channels: int, face_group: int):
+    def __init__(self, cfg: DiTConfig, pose_channels: int):
         super().__init__()
         self.cfg = cfg
         d = cfg.dim
-        self.face_group = face_group
         if cfg.patch_size[0] != 1:
             raise ValueError("reference frames are single latent frames: patch_size[0] must be 1")
         if cfg.cond_channels not in (0, cfg.latent_channels + 4):

@@ -59,7 +59,7 @@ class DreamActor(nn.Module):
         tc, sc = cfg.vae.temporal_compression, cfg.vae.spatial_compression
         self.pose_encoder = PoseEncoder(cfg.pose_encoder, tc, sc)
         self.face_encoder = FaceMotionEncoder(cfg.face_encoder, cfg.dit.dim, tc)
-        self.dit = DiT(cfg.dit, cfg.pose_encoder.out_channels, tc)
+        self.dit = DiT(cfg.dit, cfg.pose_encoder.out_channels)
 
     @classmethod
     def from_config(cls, cfg: ModelConfig, load_weights: bool = True) -> DreamActor:

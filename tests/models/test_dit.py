@@ -29,7 +29,7 @@ def converted(tiny_cfg, wan, tmp_path, i2v: bool) -> DiT:
     """Our DiT with the Wan weights, loaded from a diffusers directory on disk."""
     cfg = tiny_cfg.replace(dit={"text_dim": 24, "text_len": 512 if i2v else 7, "freq_dim": 32, "ffn_dim": 48,
                                     "image_dim": 20 if i2v else None, "image_len": 5})
-    dit = DiT(cfg.dit, pose_channels=cfg.pose_encoder.out_channels, face_group=4).eval()
+    dit = DiT(cfg.dit, pose_channels=cfg.pose_encoder.out_channels).eval()
     wan.save_pretrained(tmp_path / "transformer")
     report = load_wan_transformer(dit, tmp_path / "transformer")
     assert all(".ref_attn." in k or ".face_attn." in k or ".norm_ref." in k or ".norm_face." in k
@@ -80,7 +80,7 @@ def test_key_mapping_table():
 
 
 def test_checkpoint_mismatch_and_missing_dir(tiny_cfg, tmp_path):
-    dit = DiT(tiny_cfg.dit, 8, 4)
+    dit = DiT(tiny_cfg.dit, 8)
     with pytest.raises(FileNotFoundError, match="model.weights.wan_transformer_dir"):
         load_wan_transformer(dit, tmp_path / "none")
     tiny_wan(False).save_pretrained(tmp_path / "t")
@@ -108,12 +108,12 @@ def _nonzero_branches(dit):
 
 def test_face_attn_sees_only_its_latent_frame(tiny_cfg):
     torch.manual_seed(0)
-    dit = DiT(tiny_cfg.dit, 8, 4).eval()
+    dit = DiT(tiny_cfg.dit, 8).eval()
     _nonzero_branches(dit)
     b, t = 1, 3
     x, sigma = torch.randn(b, 16, t, 4, 4), torch.rand(b)
     face = torch.randn(b * t, 4, dit.cfg.dim)
-    dit_one = DiT(tiny_cfg.dit.__class__(**{**tiny_cfg.dit.__dict__, "num_layers": 1}), 8, 4).eval()
+    dit_one = DiT(tiny_cfg.dit.__class__(**{**tiny_cfg.dit.__dict__, "num_layers": 1}), 8).eval()
     dit_one.load_state_dict({k: v for k, v in dit.state_dict().items() if not k.startswith("blocks.1.")})
     with torch.no_grad():
         out = dit_one(x, sigma, face_tokens=face)
@@ -126,7 +126,7 @@ def test_face_attn_sees_only_its_latent_frame(tiny_cfg):
 
 def test_motion_keep_removes_pose_and_face(tiny_cfg):
     torch.manual_seed(0)
-    dit = DiT(tiny_cfg.dit, 8, 4).eval()
+    dit = DiT(tiny_cfg.dit, 8).eval()
     _nonzero_branches(dit)
     x, sigma = torch.randn(2, 16, 3, 4, 4), torch.rand(2)
     pose, face = torch.randn(2, 8, 3, 4, 4), torch.randn(6, 4, dit.cfg.dim)
@@ -145,7 +145,7 @@ def test_activation_checkpointing_same_gradients(tiny_cfg):
     for n_ckpt in (0, -1):
         cfg = tiny_cfg.dit.__class__(**{**tiny_cfg.dit.__dict__, "activation_checkpointing": n_ckpt})
         torch.manual_seed(0)
-        dit = DiT(cfg, 8, 4)
+        dit = DiT(cfg, 8)
         _nonzero_branches(dit)
         torch.manual_seed(1)
         x, sigma, ref = torch.randn(2, 16, 3, 4, 4), torch.rand(2), torch.randn(2, 16, 2, 4, 4)

@@ -202,3 +202,23 @@ def test_control_maps_concatenate_and_convert(tiny_cfg):
     assert maps[..., :3].any() and tuple(maps[0, 10, 32, 3:]) == (128, 128, 255)
     t = maps_to_tensor(maps)
     assert t.shape == (6, 5, 48, 64) and t.dtype == torch.float32 and float(t.max()) <= 1.0
+
+
+def test_hands_are_drawn_with_finger_colours():
+    from models.config import load_preset
+    from models.skeleton import HAND_LIMB_COLORS
+
+    cfg = load_preset("wan1_3b").render
+    hands = np.zeros((1, 2, 21, 3))
+    hands[..., 2] = 2.0
+    # Left hand: the index finger (joints 5..8) straight to the right of the wrist, 2 cm per joint.
+    hands[0, 0, 5:9, 0] = 0.02 * np.arange(1, 5)
+    conf = np.zeros((1, 2, 21))
+    conf[0, 0, [0, 5, 6, 7, 8]] = 1.0
+    body = np.zeros((1, 1, 3))
+    maps = render_skeleton_map(body, np.zeros((1, 1)), K, (480, 640), cfg, joint_names=("pelvis",),
+                               hands3d=hands, hand_conf=conf)
+    # Index tip: u = 320 + 500 * 0.08 / 2 = 340, v = 240; its dot has the colour of the bone ending in it (limb 7).
+    assert tuple(maps[0, 240, 340]) == tuple(HAND_LIMB_COLORS[7])
+    assert tuple(maps[0, 240, 320]) == (255, 255, 255)  # the wrist
+    assert not maps[0, :, 345:].any() and not maps[0, :230].any()  # nothing else: right hand not filled
