@@ -24,6 +24,7 @@ from .skeleton import (
     HAND_LIMBS,
     HAND_PARENTS,
     BodyLayout,
+    bridged_limbs,
     body_layout,
     topological_order,
 )
@@ -98,7 +99,7 @@ def _draw_graph(img, pts, valid, depth, edges, edge_colors, joint_colors, joints
     import cv2
 
     if len(edges):
-        ok = valid[edges[:, 0]] & valid[edges[:, 1]]
+        ok = (edges >= 0).all(1) & valid[edges[:, 0]] & valid[edges[:, 1]]
         order = np.argsort(-(depth[edges[:, 0]] + depth[edges[:, 1]]), kind="stable")
         for e in order:
             if ok[e]:
@@ -121,8 +122,8 @@ def draw_skeleton(points2d, valid, size, layout: BodyLayout, cfg: RenderConfig, 
     hand_edges = np.array(HAND_LIMBS)
     hand_joint_colors = np.concatenate([HAND_LIMB_COLORS[:1] * 0 + 255, HAND_LIMB_COLORS])
     for t in range(pts.shape[0]):
-        _draw_graph(out[t], pts[t], ok[t], dep[t], layout.limbs, layout.limb_colors, layout.joint_colors,
-                    layout.drawn_joints, width, radius)
+        _draw_graph(out[t], pts[t], ok[t], dep[t], bridged_limbs(layout, ok[t]), layout.limb_colors,
+                    layout.joint_colors, layout.drawn_joints, width, radius)
         if hands2d is None or not cfg.draw_hands:
             continue
         hp = _np(hands2d[t])

@@ -50,6 +50,11 @@ BODY_LIMBS: tuple[tuple[str, str], ...] = (
     ("right_ankle", "right_foot"), ("right_ankle", "right_heel"), ("right_foot", "right_big_toe"),
 )
 
+# When a limb's start joint is missing (a backend that cannot fill it), the limb is drawn from the next
+# joint up its chain instead: the drawn parent, or this joint for the collars, so that with no spine
+# or collar joints the shoulders still hang off the neck and the neck off the pelvis.
+BRIDGE_PARENT: dict[str, str] = {"left_collar": "neck", "right_collar": "neck"}
+
 HAND_FINGERS = ("thumb", "index", "middle", "ring", "pinky")
 N_HAND_JOINTS = 1 + 4 * len(HAND_FINGERS)
 # MediaPipe order: joint 1 + 4f + k is segment k of finger f; its parent is the previous one or the wrist.
@@ -84,6 +89,7 @@ class BodyLayout:
     joint_colors: np.ndarray  # (J, 3) uint8
     drawn_joints: np.ndarray  # (K,) columns of joints that belong to a drawn limb
     wrists: tuple[int, int]  # columns of the left / right wrist (-1 if absent)
+    fallback: np.ndarray  # (J,) column to draw from when this joint is missing (-1: none), see BRIDGE_PARENT
 
     def column(self, name: str) -> int:
         """Column of a joint by SMPL-X name."""
@@ -114,7 +120,30 @@ def body_layout(joint_names: tuple[str, ...] | None = None) -> BodyLayout:
         if not joint_colors[j].any():
             joint_colors[j] = 255  # limb roots (pelvis): white
     wrists = tuple(col.get(w, -1) for w in HAND_WRISTS)
-    return BodyLayout(names, parents, limbs, LIMB_COLORS[keep].reshape(-1, 3), joint_colors, drawn, wrists)
+    fallback = np.full(len(names), -1, dtype=np.int64)
+    for a, b in limbs:
+        fallback[b] = a  # each joint ends at most one drawn limb
+    for name, bridge in BRIDGE_PARENT.items():
+        if name in col and bridge in col:
+            fallback[col[name]] = col[bridge]
+    return BodyLayout(names, parents, limbs, LIMB_COLORS[keep].reshape(-1, 3), joint_colors, drawn, wrists,
+                      fallback)
+
+
+def bridged_limbs(layout: BodyLayout, valid: np.ndarray) -> np.ndarray:
+    """(L, 2) limbs to draw for one frame: a limb whose start joint is missing starts at the nearest
+    present joint up its chain (``fallback``); a limb whose end is missing, or with no present start,
+    is dropped (its row is (-1, -1)). Row k keeps limb k's colour."""
+    out = np.full_like(layout.limbs, -1)
+    for k, (a, b) in enumerate(layout.limbs):
+        if not valid[b]:
+            continue
+        seen = 0
+        while a >= 0 and not valid[a] and seen < len(valid):
+            a, seen = layout.fallback[a], seen + 1
+        if a >= 0 and valid[a]:
+            out[k] = (a, b)
+    return out
 
 
 def topological_order(parents: np.ndarray) -> np.ndarray:
