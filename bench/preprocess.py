@@ -5,8 +5,9 @@
 1. Each stage alone, in this process, on the same clips, one after the other: plan (probe + shot
    detection), decode, encode, every enabled annotator, every per-video stage. For each: frames/s
    (wall) and CPU-seconds per frame (process CPU time, threads included).
-2. The pipeline on a warm local Ray, same inputs and config, into a fresh output: frames/s end to end
-   (actor start-up and model loading included).
+2. The pipeline on a warm local Ray, same inputs and config, into a fresh output: frames/s over its
+   streaming phase (actor start-up and model loading included; the once-per-run index, report and
+   preview left out).
 
 Bounds: a stage-parallel pipeline cannot beat its slowest stage (``1 / max wall-s/frame``), and on
 C cores it cannot beat ``C / sum(CPU-s/frame)`` (every frame needs every stage's CPU time). The
@@ -106,9 +107,11 @@ def pipeline_run(cfg, inputs) -> tuple[float, int]:
              namespace=cfg.ray.namespace)
     with tempfile.TemporaryDirectory() as out:
         cfg.output = out
-        t0 = time.perf_counter()
         pipeline.run(cfg, inputs)
-        wall = time.perf_counter() - t0
+        # the streaming phase: actor start-up and model loading included, the end-of-run index,
+        # report and preview (done once per run, not per frame) left out
+        with open(os.path.join(out, "summary.json")) as f:
+            wall = json.load(f)["stream_seconds"]
         frames = int(pd.read_parquet(os.path.join(out, "index.parquet"))["n_frames"].sum())
     ray.shutdown()
     return wall, frames

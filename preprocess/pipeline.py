@@ -296,6 +296,7 @@ def run(cfg: PreprocessConfig, inputs: list[InputFile]) -> int:
     log.info("%d inputs; %d already committed by earlier runs; %d to do", len(inputs), n_skipped_listing, len(todo))
 
     events: list[dict] = []
+    stream_seconds = 0.0  # from the first input entering the pipeline to the last shard committed
     stage_seconds: Counter = Counter()
     stage_frames: Counter = Counter()
     run_id = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + secrets.token_hex(2)
@@ -336,6 +337,7 @@ def run(cfg: PreprocessConfig, inputs: list[InputFile]) -> int:
                             batch_size=s["sink"].batch_size, num_cpus=s["sink"].num_cpus, batch_format="numpy")
         progress = Progress(todo, cfg.progress_interval_s)
         import json
+        t_stream = time.time()
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             for e in batch["event"]:
                 ev = json.loads(e)
@@ -345,6 +347,7 @@ def run(cfg: PreprocessConfig, inputs: list[InputFile]) -> int:
             progress.maybe_print()
         for evs in ray.get([w.close.remote() for w in writers]):
             events.extend(evs)
+        stream_seconds = time.time() - t_stream
         progress.maybe_print(force=True)
         for w in writers:
             ray.kill(w)
@@ -368,6 +371,7 @@ def run(cfg: PreprocessConfig, inputs: list[InputFile]) -> int:
     run_failed = [e for e in vids if e["status"] == FAILED]
     summary = {
         "run_id": run_id, "output": storage.uri, "wall_seconds": round(time.time() - t_start, 3),
+        "stream_seconds": round(stream_seconds, 3),
         "inputs": len(inputs), "skipped_already_done": n_skipped_listing + sum(e["status"] == "skipped" for e in vids),
         "videos_done": sum(e["status"] == OK for e in vids), "videos_failed": len(run_failed),
         "failures_by_reason": dict(Counter(e["error_class"] for e in run_failed)),
