@@ -279,6 +279,19 @@ def init_ray(cfg: PreprocessConfig):
     return ray
 
 
+def check_reservations(cfg: PreprocessConfig, cluster_cpus: float) -> float:
+    """Warn when the actor pools and writers cannot all be placed at once (a stage would then wait
+    for an earlier pool to retire, and the pipeline would run stage after stage instead of streaming)."""
+    s = cfg.stages
+    need = sum(s[n].num_cpus * s[n].min_actors for n in ("probe", "decode"))
+    need += sum(a.resources.num_cpus * a.resources.min_actors for a in cfg.annotators.values() if a.enabled)
+    need += cfg.writer.num_cpus * cfg.writer.num_writers + s["sink"].num_cpus
+    if need > cluster_cpus + 1e-9:
+        log.warning("actor pools reserve %.2f CPUs but the cluster has %.2f: stages will wait for each other. "
+                    "Lower stages.*.num_cpus / annotators.*.resources.num_cpus or min_actors.", need, cluster_cpus)
+    return need
+
+
 def run(cfg: PreprocessConfig, inputs: list[InputFile]) -> int:
     """Run the whole job; returns the exit code (0: all good, 3: some inputs failed)."""
     import ray
@@ -302,6 +315,7 @@ def run(cfg: PreprocessConfig, inputs: list[InputFile]) -> int:
     run_id = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + secrets.token_hex(2)
     if todo:
         init_ray(cfg)
+        check_reservations(cfg, float(ray.cluster_resources().get("CPU", 0.0)))
         ctx = DataContext.get_current()
         ctx.enable_progress_bars = cfg.ray.progress_bars
         ctx.execution_options.preserve_order = False
