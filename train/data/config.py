@@ -79,6 +79,8 @@ class WorkersConfig:
     prefetch_factor: int
     pin_memory: bool
     decode_threads: int  # decord threads per worker
+    start_method: str  # fork | forkserver | spawn: how worker processes start (see docs/data-loader.md)
+    max_restarts: int  # worker deaths survived per iterator (the sample being built is quarantined each time)
 
 
 @dataclass
@@ -142,5 +144,7 @@ def check(c: DataConfig, temporal_compression: int | None = None) -> None:
             raise DataConfigError(f"data.dropout.{k}={p} must be a probability")
     if c.shuffle.window_shards < 1 or c.shuffle.buffer < 1:
         raise DataConfigError("data.shuffle.window_shards and data.shuffle.buffer must be >= 1")
+    if c.workers.start_method not in ("fork", "forkserver", "spawn"):
+        raise DataConfigError(f"data.workers.start_method={c.workers.start_method!r}: use fork, forkserver or spawn")
     if c.workers.num_workers < 0 or c.workers.prefetch_factor < 1:
         raise DataConfigError("data.workers.num_workers >= 0 and prefetch_factor >= 1")

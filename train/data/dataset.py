@@ -11,6 +11,7 @@ logged. A batch that loses every sample is counted (``"batches/empty"``) and the
 from __future__ import annotations
 
 import logging
+import os
 from collections import Counter
 
 import numpy as np
@@ -96,10 +97,19 @@ class ShardStream(torch.utils.data.IterableDataset):
     """Endless batches of this rank's consumers; DataLoader worker ``k`` plays role ``(k + first_role) % K``."""
 
     def __init__(self, cfg: DataConfig, planner: Planner, render_cfg, groups: list[str], assignment,
-                 consumers: list[int], positions: list[tuple[int, int]], first_role: int):
+                 consumers: list[int], positions: list[tuple[int, int]], first_role: int, *,
+                 quarantine: frozenset = frozenset(), inflight_dir: str | None = None):
         self.cfg, self.planner, self.render_cfg, self.groups = cfg, planner, render_cfg, list(groups)
         self.assignment, self.consumers, self.positions = assignment, list(consumers), list(positions)
         self.first_role = first_role
+        self.quarantine = quarantine  # samples that killed a worker before: skipped
+        self.inflight_dir = inflight_dir  # where a worker notes the sample it builds (see loader.__iter__)
+
+    def _note_inflight(self, key: str) -> None:
+        """Record the sample this process is building, so that the loader can quarantine it if we die."""
+        if self.inflight_dir is not None:
+            with open(os.path.join(self.inflight_dir, str(os.getpid())), "w") as f:
+                f.write(key)
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -155,11 +165,15 @@ class ShardStream(torch.utils.data.IterableDataset):
         """Read, decode and stack one planned batch; None when no sample survives."""
         samples: list[tuple[object, Sample]] = []
         for ps in pb.samples:
+            if ps.key in self.quarantine:
+                skips.add("samples/worker_died", 1, f"{ps.key}: quarantined (it killed a worker before)")
+                continue
             members = reader.get(ps.shard, ps.key)
             if members is None:
                 reason = reader.lost.get(ps.key, "not_in_shard")
                 skips.add(f"samples/{reason}", 1, f"{ps.key} ({plan.shard_urls[ps.shard]})")
                 continue
+            self._note_inflight(ps.key)
             try:
                 s = build_sample(members, ps, pb.height, pb.width, self.groups, self.render_cfg,
                                  face_crops=self.cfg.face_crops, face_size=self.planner.geometry.face_crop_size,
@@ -167,6 +181,8 @@ class ShardStream(torch.utils.data.IterableDataset):
             except SampleError as e:
                 skips.add(f"samples/{e.reason}", 1, f"{ps.key} ({plan.shard_urls[ps.shard]}): {e}")
                 continue
+            finally:
+                self._note_inflight("")
             samples.append((ps, s))
         if not samples:
             return None

@@ -27,6 +27,10 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
+import re
+import shutil
+import tempfile
 from collections import Counter
 
 import torch
@@ -85,6 +89,20 @@ class Assignment:
         return Assignment(tuple(sorted(left)), new_base, self.consumers)
 
 
+# torch's messages: "DataLoader worker (pid(s) 12, 13) exited unexpectedly" (timeout path), "DataLoader worker
+# (pid 12) is killed by signal: Aborted." / "... exited unexpectedly with exit code 1" (SIGCHLD handler)
+_WORKER_DIED = re.compile(r"DataLoader worker \(pid(?:\(s\))? ([\d, ]+)\) (?:exited unexpectedly|is killed by signal)")
+
+
+def _inflight_keys(directory: str, pid: int) -> list[str]:
+    """The sample a worker process was building (written by :meth:`ShardStream.make_batch`)."""
+    try:
+        with open(os.path.join(directory, str(pid))) as f:
+            return [k for k in f.read().split() if k]
+    except FileNotFoundError:
+        return []
+
+
 def _identity(x):
     """DataLoader collate for already-batched items (module level: picklable)."""
     return x
@@ -115,6 +133,7 @@ class DreamActorLoader:
         self.next_role = 0
         self.steps = 0
         self._skips: Counter = Counter()
+        self.quarantine: set[str] = set()  # samples that killed a worker
 
     # ------------------------------------------------------------------ iteration
 
@@ -122,24 +141,60 @@ class DreamActorLoader:
         """Global consumer id of this rank's worker role ``role``."""
         return self.rank * self.workers + role
 
-    def _dataset(self) -> ShardStream:
+    def _dataset(self, inflight_dir: str | None) -> ShardStream:
         return ShardStream(self.cfg, self.planner, self.render_cfg, self.groups, self.assignment,
-                           [self.consumer(r) for r in range(self.workers)], list(self.positions), self.next_role)
+                           [self.consumer(r) for r in range(self.workers)], list(self.positions), self.next_role,
+                           quarantine=frozenset(self.quarantine), inflight_dir=inflight_dir)
 
     def __iter__(self):
-        """Batches from the current cursor on, forever; the cursor advances as each batch is handed out."""
-        ds = self._dataset()
+        """Batches from the current cursor on, forever; the cursor advances as each batch is handed out.
+
+        A worker that dies (decord can abort the process on some corrupt streams; or the OOM killer)
+        does not end the run: the sample it was building is quarantined (``samples/worker_died``, part
+        of the cursor) and the workers restart from the cursor, so nothing is delivered twice or lost.
+        """
+        import cv2
+
         w = self.cfg.workers
-        if w.num_workers == 0:
-            source = iter(ds)
-        else:
-            source = iter(torch.utils.data.DataLoader(
-                ds, batch_size=None, num_workers=w.num_workers, collate_fn=_identity, pin_memory=w.pin_memory,
-                prefetch_factor=w.prefetch_factor, worker_init_fn=_worker_init, persistent_workers=False))
+        if w.num_workers == 0 or w.start_method == "fork":
+            # OpenCV's thread pool does not survive a fork (a forked worker hangs in it): keep this process's
+            # OpenCV single-threaded before decoding here or forking workers (the trainer does not use it)
+            cv2.setNumThreads(1)
+        restarts = 0
+        while True:
+            if w.num_workers == 0:
+                yield from self._deliver(iter(self._dataset(None)))
+                return
+            inflight = tempfile.mkdtemp(prefix="dreamactor-data-")
+            try:
+                loader = torch.utils.data.DataLoader(
+                    self._dataset(inflight), batch_size=None, num_workers=w.num_workers, collate_fn=_identity,
+                    pin_memory=w.pin_memory, prefetch_factor=w.prefetch_factor, worker_init_fn=_worker_init,
+                    persistent_workers=False, multiprocessing_context=None if w.start_method == "fork" else w.start_method)
+                yield from self._deliver(iter(loader))
+                return
+            except RuntimeError as e:
+                m = _WORKER_DIED.search(str(e))
+                if not m:
+                    raise
+                pids = [int(x) for x in m.group(1).replace(" ", "").split(",") if x]
+                keys = sorted({k for pid in pids for k in _inflight_keys(inflight, pid)})
+                restarts += 1
+                if not keys or restarts > w.max_restarts:
+                    raise RuntimeError(f"data worker(s) {pids} died ({'building ' + ', '.join(keys) if keys else 'outside a sample'}); "
+                                       f"{restarts - 1} restarts so far, data.workers.max_restarts={w.max_restarts}") from e
+                self.quarantine.update(keys)  # counted by the workers each time they skip it
+                log.error("data worker(s) %s died while building %s: quarantined, restarting the workers from the cursor "
+                          "(%d/%d)", pids, keys, restarts, w.max_restarts)
+            finally:
+                shutil.rmtree(inflight, ignore_errors=True)
+
+    def _deliver(self, source):
+        """Hand batches out, advancing the cursor."""
         for batch in source:
             role, p, b = batch.cursor["role"], batch.cursor["p"], batch.cursor["b"]
             if role != self.next_role:  # the DataLoader serves workers round-robin; anything else is a bug
-                raise RuntimeError(f"batch from worker role {role}, expected {self.next_role}")
+                raise AssertionError(f"batch from worker role {role}, expected {self.next_role}")
             self.positions[role] = (p, b)
             self.next_role = (role + 1) % self.workers
             self.steps += 1
@@ -166,7 +221,7 @@ class DreamActorLoader:
                                "consumers": self.assignment.consumers},
                 "positions": {str(self.consumer(r)): list(self.positions[r]) for r in range(self.workers)},
                 "next_role": {str(self.rank): self.next_role}, "steps": {str(self.rank): self.steps},
-                "skips": {str(self.rank): dict(self._skips)}}
+                "skips": {str(self.rank): dict(self._skips)}, "quarantine": sorted(self.quarantine)}
 
     def state_dict(self) -> dict:
         """The whole cursor, every rank's part merged. Collective when torch.distributed is initialised
@@ -209,7 +264,8 @@ class DreamActorLoader:
         if self.rank == 0 and state["world_size"] != self.world_size:
             for part in state["skips"].values():  # counts of vanished ranks live on with rank 0
                 self._skips.update(part)
-        self.steps = int(state["steps"].get(str(self.rank), 0))
+        self.quarantine = set(state.get("quarantine", ()))
+        self.steps = max(int(v) for v in state["steps"].values())  # steps are global: every rank takes one batch each
         if state["world_size"] == self.world_size and state["workers"] == self.workers:
             self.assignment = old
             self.positions = [positions[self.consumer(r)] for r in range(self.workers)]
@@ -236,6 +292,7 @@ def merge_states(parts: list[dict]) -> dict:
                 raise DataConfigError(f"data cursor parts disagree on {k}: {p[k]!r} vs {out[k]!r}")
         for k in ("positions", "next_role", "steps", "skips"):
             out[k].update(p[k])
+        out["quarantine"] = sorted(set(out.get("quarantine", ())) | set(p.get("quarantine", ())))
     return out
 
 
@@ -249,6 +306,10 @@ def build_loader(cfg: DataConfig, model_cfg, *, rank: int = 0, world_size: int =
     if missing:
         raise DataConfigError(f"the dataset has no {missing} fields (its dataset.json lists {groups}); rerun "
                               "preprocessing with those annotators or drop them from data.source.require_groups")
+    if cfg.workers.start_method == "forkserver" and cfg.workers.num_workers:
+        import multiprocessing
+
+        multiprocessing.set_forkserver_preload(["train.data"])  # imported once by the server, not per worker
     if cfg.latents:
         raise DataConfigError("data.latents=true: the shard schema (preprocess/schema.py) defines no VAE-latent "
                               "group yet; the batch has video_latents/ref_latents slots for when it does")

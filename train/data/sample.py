@@ -200,7 +200,8 @@ def build_sample(members: dict[str, bytes], ps: PlannedSample, height: int, widt
         except SampleError as e:
             raise SampleError("face_" + e.reason.split("_", 1)[1], f"{FACE.member}: {e}") from None
         if faces.shape[1:3] != (face_size, face_size):  # the model's crop size differs from the stored one
-            faces = np.stack([cv2.resize(f, (face_size, face_size), interpolation=cv2.INTER_AREA) for f in faces])
+            interp = cv2.INTER_AREA if faces.shape[1] > face_size else cv2.INTER_LINEAR
+            faces = np.stack([cv2.resize(f, (face_size, face_size), interpolation=interp) for f in faces])
     return Sample(ps.key, video, refs, pose, faces,
                   arr["face_valid"][idx].astype(bool) if "face_valid" in arr else ~ones,
                   arr["subject_valid"][idx].astype(bool) if "subject_valid" in arr else ones,

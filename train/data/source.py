@@ -150,12 +150,13 @@ def load_shard_meta(url: str, cfg: SourceConfig) -> ShardMeta:
 def iter_samples(url: str, cfg: SourceConfig, select=None):
     """Stream ``(key, {member: bytes})`` of a shard in tar order, reading it once, sequentially.
 
-    ``select(key, member) -> bool`` keeps only some members (the rest are streamed past, not stored). Raises
-    :class:`ShardError` (``shard_missing`` / ``shard_unreadable`` / ``shard_corrupt``) when the shard cannot
-    be opened or breaks off; the samples already yielded stay valid.
+    ``select(key, member) -> bool`` keeps only some members (the rest are streamed past, not stored).
+    Raises :class:`ShardError` (``shard_missing`` / ``shard_unreadable`` / ``shard_corrupt``) when the shard
+    cannot be opened or breaks off; the samples before the break are still yielded (a sample is
+    complete once a member of the next one has begun).
     """
     import fsspec
-    from webdataset.tariterators import base_plus_ext, tar_file_iterator
+    from webdataset.tariterators import base_plus_ext
 
     try:
         f = _retry(lambda: fsspec.open(url, "rb", **cfg.storage_options).open(), cfg.read_retries, url)
@@ -164,20 +165,21 @@ def iter_samples(url: str, cfg: SourceConfig, select=None):
     except Exception as e:
         raise ShardError("shard_unreadable", f"{url}: {type(e).__name__}: {e}") from None
     key, members = None, {}
-    try:
-        with f:
-            keep = None if select is None else (lambda fname: select(*base_plus_ext(fname)))
-            for item in tar_file_iterator(f, select_files=keep):
-                k, member = base_plus_ext(item["fname"])
+    with f:
+        try:
+            stream = tarfile.open(fileobj=f, mode="r|*")
+            for info in stream:
+                k, member = base_plus_ext(info.name) if info.isreg() else (None, None)
                 if k is None:
                     continue
                 if k != key:
                     if key is not None:
                         yield key, members
                     key, members = k, {}
-                members[member] = item["data"]
-    except (tarfile.TarError, OSError, EOFError, ValueError) as e:
-        # a sample cut by the break is incomplete: it is not yielded (its members are lost)
-        raise ShardError("shard_corrupt", f"{url}: {type(e).__name__}: {e} (after sample {key})") from None
+                if select is None or select(k, member):
+                    members[member] = stream.extractfile(info).read()
+                stream.members = []  # stream mode: do not keep every header of the shard
+        except (tarfile.TarError, OSError, EOFError, ValueError) as e:
+            raise ShardError("shard_corrupt", f"{url}: {type(e).__name__}: {e} (in sample {key})") from None
     if key is not None:
         yield key, members
