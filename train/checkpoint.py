@@ -98,16 +98,16 @@ def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
     return sorted(out)
 
 
-def find_resume(root: Path) -> Path | None:
+def find_resume(root: Path, warn: bool = True) -> Path | None:
     """The newest complete checkpoint under ``root`` (``latest`` is only a hint: it may lag a crash)."""
     done = complete_checkpoints(root)
     incomplete = [d.name for d in root.iterdir() if TAG_RE.match(d.name) and read_meta(d) is None] if root.is_dir() else []
-    if incomplete:
+    if incomplete and warn:
         log.warning("ignoring incomplete checkpoints (interrupted saves) in %s: %s", root, ", ".join(sorted(incomplete)))
     if not done:
         return None
     latest = root / "latest"
-    if latest.is_file() and latest.read_text().strip() != done[-1][1].name:
+    if warn and latest.is_file() and latest.read_text().strip() != done[-1][1].name:
         log.warning("%s says %s but the newest complete checkpoint is %s: using the latter", latest,
                     latest.read_text().strip(), done[-1][1].name)
     return done[-1][1]
@@ -147,20 +147,21 @@ class Checkpointer:
                         save_seconds=round(time.perf_counter() - t0, 3))
             atomic_write_bytes(tag_dir / COMPLETE, json.dumps(meta, indent=1).encode())
             atomic_write_bytes(self.root / "latest", tag.encode())  # DeepSpeed's pointer, moved last
-            self._retain(step)
+            self._retain()
         barrier()
         seconds = time.perf_counter() - t0
         log.info("checkpoint %s saved in %.2f s", tag_dir, seconds)
         return tag_dir
 
-    def _retain(self, newest: int) -> None:
-        """Keep the newest ``keep`` complete checkpoints; drop older ones and incomplete leftovers."""
+    def _retain(self) -> None:
+        """Keep the newest ``keep`` complete checkpoints; drop older ones and every incomplete leftover
+        (saves cut short earlier; no other save can be in flight while rank 0 runs this)."""
         done = complete_checkpoints(self.root)
         for _, d in done[:-self.keep]:
             shutil.rmtree(d, ignore_errors=True)
         for d in self.root.iterdir():
-            m = TAG_RE.match(d.name)
-            if m and int(m.group(1)) < newest and read_meta(d) is None:
+            if TAG_RE.match(d.name) and d.is_dir() and read_meta(d) is None:
+                log.warning("deleting incomplete checkpoint %s", d)
                 shutil.rmtree(d, ignore_errors=True)
 
     # ------------------------------------------------------------------ load

@@ -64,6 +64,7 @@ class TrainSection:
     seed: int
     resume: str  # auto | none | a checkpoint directory
     grad_accum: int
+    compile_blocks: bool
     optimizer: OptimizerConfig
     ema: EMAConfig
     checkpoint: CheckpointConfig
@@ -186,6 +187,8 @@ def check(job: TrainJob) -> None:
         raise TrainConfigError("launch.backend=nccl needs launch.device=cuda")
     if la.precision not in ("fp32", "bf16"):
         raise TrainConfigError(f"launch.precision must be fp32 or bf16, got {la.precision}")
+    if t.compile_blocks and z.stage != 2:
+        raise TrainConfigError("train.compile_blocks needs zero.stage=2 (ZeRO-3 fetches parameters in module hooks)")
     if t.grad_accum < 1:
         raise TrainConfigError("train.grad_accum must be >= 1")
     if t.checkpoint.every < 1 or t.checkpoint.keep < 1:

@@ -23,6 +23,11 @@ def _auto(value, default: int) -> int:
     return int(default) if value in (None, "auto") else int(float(value))
 
 
+def _bucket(value, default: int) -> int:
+    """A bucket size (elements), rounded up to a multiple of 1024: ZeRO asserts its NCCL start alignment."""
+    return -(-_auto(value, default) // 1024) * 1024
+
+
 def deepspeed_config(job: TrainJob, num_trainable: int, load_universal: bool = False) -> dict:
     """The DeepSpeed config of this job (what a hand-written ds_config.json would hold)."""
     z, la, opt = job.zero, job.launch, job.train.optimizer
@@ -31,12 +36,12 @@ def deepspeed_config(job: TrainJob, num_trainable: int, load_universal: bool = F
         "stage": z.stage,
         "overlap_comm": z.overlap_comm,
         "contiguous_gradients": z.contiguous_gradients,
-        "reduce_bucket_size": _auto(z.bucket_size, min(MAX_BUCKET, max(num_trainable, 1_000_000))),
-        "allgather_bucket_size": _auto(z.bucket_size, min(MAX_BUCKET, max(num_trainable, 1_000_000))),
+        "reduce_bucket_size": _bucket(z.bucket_size, min(MAX_BUCKET, max(num_trainable, 1_000_000))),
+        "allgather_bucket_size": _bucket(z.bucket_size, min(MAX_BUCKET, max(num_trainable, 1_000_000))),
     }
     if z.stage == 3:
         zero.update({
-            "stage3_prefetch_bucket_size": _auto(z.prefetch_bucket_size, max(int(0.9 * dim * dim), 1_000_000)),
+            "stage3_prefetch_bucket_size": _bucket(z.prefetch_bucket_size, max(int(0.9 * dim * dim), 1_000_000)),
             "stage3_param_persistence_threshold": _auto(z.param_persistence_threshold, 10 * dim),
             "stage3_max_live_parameters": int(z.max_live_parameters),
             "stage3_gather_16bit_weights_on_model_save": False,  # exports come from the fp32 checkpoint
@@ -80,16 +85,41 @@ def warmup_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int) -> torc
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / w))
 
 
+def aligned_order(params: list[torch.nn.Parameter], multiple: int = 8) -> list[torch.nn.Parameter]:
+    """Parameters whose size is a multiple of ``multiple`` first (stable), the odd-sized ones last.
+
+    ZeRO-1/2 packs the trainable parameters back to back into one flat buffer and points every parameter at
+    its slice: after one odd-sized tensor (a 3x3 conv to 1 channel in the face encoder, say) every later
+    weight starts off a 16-byte boundary and cuBLAS falls back to slow pre-Hopper kernels (measured on an
+    H100: the DiT's matmuls ran on sm75 CUTLASS kernels and the step took 2x as long)."""
+    return sorted(params, key=lambda p: p.numel() % multiple != 0)
+
+
 def initialize(model: torch.nn.Module, job: TrainJob, load_universal: bool = False):
     """``deepspeed.initialize`` on ``model`` (its trainable set already chosen): returns the engine."""
     import deepspeed
     from deepspeed.checkpoint import constants as ck
 
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = aligned_order([p for p in model.parameters() if p.requires_grad])
     optimizer = build_optimizer(params, job)
     scheduler = warmup_schedule(optimizer, job.train.optimizer.warmup_steps)
     config = deepspeed_config(job, sum(p.numel() for p in params), load_universal)
     # ds_to_universal needs this marker in the model-states file to convert a ZeRO-1/2 checkpoint.
     setattr(model, ck.UNIVERSAL_CHECKPOINT_INFO, {ck.UNIVERSAL_CHECKPOINT_VERSION_KEY: ck.UNIVERSAL_CHECKPOINT_VERSION_VALUE})
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
+    align_buffer_dtypes(engine.module)
     return engine
+
+
+@torch.no_grad()
+def align_buffer_dtypes(module: torch.nn.Module) -> None:
+    """Give every floating buffer its module's parameter dtype. DeepSpeed bf16 casts parameters only, and
+    BatchNorm (the face motion encoder) refuses bf16 weights with fp32 running statistics in backward."""
+    for m in module.modules():
+        params = list(m.parameters(recurse=False))
+        if not params:
+            continue
+        dtype = params[0].dtype
+        for name, buf in list(m.named_buffers(recurse=False)):
+            if buf is not None and buf.is_floating_point() and buf.dtype != dtype:
+                m._buffers[name] = buf.to(dtype)

@@ -43,6 +43,8 @@ class Trainer:
             log.info(describe(model, job.stage.id))
         self.frozen_signature = frozen_signature(model)
         self.trainable = trainable_names(model)
+        if job.train.compile_blocks:
+            model.compile_blocks()
         self.engine = initialize(model, job, load_universal=universal)
         self.vae = build_vae(job, dist.device)
         self.step_fn = FlowMatchingStep(job, self.vae, dist.device, dist.rank)
@@ -67,7 +69,7 @@ class Trainer:
                                    "to continue, or a new train.out_dir to start over")
             return None
         if resume == "auto":
-            found = ckpt.find_resume(root)
+            found = ckpt.find_resume(root, warn=self.dist.is_main)
             if found is None and self.dist.is_main:
                 log.info("no complete checkpoint in %s: stage %d starts at step 0", root, self.job.stage.id)
             return found
@@ -110,7 +112,12 @@ class Trainer:
     # ------------------------------------------------------------------ loop
 
     def _on_sigterm(self, signum, frame) -> None:
+        """Preemption: finish the step, checkpoint, exit. torchrun, Slurm and Kubernetes signal the whole
+        process group, so the data-loader workers die too: stop torch's SIGCHLD hook from turning their
+        death into an exception in the middle of this step (its batch is already here, and the cursor
+        needs no worker)."""
         self.stop_requested = True
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         log.warning("rank %d: signal %d: checkpoint at the end of this step, then exit", self.dist.rank, signum)
 
     def fit(self) -> int:
@@ -131,7 +138,7 @@ class Trainer:
                 t0 = time.perf_counter()
                 for micro in range(job.train.grad_accum):
                     td = time.perf_counter()
-                    batch = next(it)
+                    batch = self._next_batch(it)
                     stats.add(data_s=time.perf_counter() - td)
                     if kept_batch is None and job.train.sample.every:
                         kept_batch = batch
@@ -166,6 +173,17 @@ class Trainer:
             return 0
         finally:
             logger.close()
+
+    def _next_batch(self, it):
+        """The next loader batch; after a preemption signal a dead worker cannot deliver it."""
+        try:
+            return next(it)
+        except RuntimeError:
+            if self.stop_requested:
+                raise SystemExit(f"rank {self.dist.rank}: the data-loader workers were killed by the preemption "
+                                 f"signal before step {self.step + 1}'s batch arrived: exiting without a checkpoint "
+                                 f"(resume=auto continues from the last periodic one)")
+            raise
 
     def _log(self, logger: MetricLogger, step: int, s: dict, keys: list) -> None:
         """Gather the per-step numbers and skip counts, write one record (rank 0)."""

@@ -1,0 +1,181 @@
+"""Fixtures of the trainer tests: a small dataset written by the project's own preprocessing command, and
+helpers that launch ``train/run.py`` under torchrun (2 CPU processes, gloo) exactly as a user does.
+
+DeepSpeed JIT-builds a communication op at its first start (60-100 s); ``TORCH_EXTENSIONS_DIR`` points at
+one cache for the whole session (``~/.cache/dreamactor/torch_extensions``, the launch/local default, unless
+the environment sets it), so it is built at most once per machine.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# The local default at test sizes: 64 x 64 frames, 5-9 frame clips, up to 2 references.
+DATA = ["data.buckets.area=4096", "data.frames.min=5", "data.frames.max=9", "data.frames.step=4", "data.refs.max=2",
+        "data.buckets.token_budget=400"]
+QUIET = ["train.log.progress_bar=false", "train.sample.every=0"]
+REF_STEPS = 10  # steps of the uninterrupted reference runs
+CKPT = ["train.checkpoint.every=3", "train.checkpoint.keep=3"]
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on (for MASTER_PORT)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def env() -> dict:
+    """The environment of a launched run: one DeepSpeed op cache for the session, no inherited rank vars."""
+    e = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                        "MASTER_PORT")}
+    e.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "dreamactor" / "torch_extensions"))
+    e["PYTHONUNBUFFERED"] = "1"
+    return e
+
+
+def torchrun_cmd(nproc: int, overrides: list[str], port: int | None = None) -> list[str]:
+    """``torchrun --nproc_per_node N train/run.py ...``."""
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+            f"--master_port={port or free_port()}", str(ROOT / "train" / "run.py"), *overrides]
+
+
+def start(out_dir: Path, overrides: list[str], nproc: int = 2, log_name: str = "run.log") -> subprocess.Popen:
+    """Start a training run in its own process group (so it can be killed whole)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log = open(out_dir / log_name, "ab")
+    return subprocess.Popen(torchrun_cmd(nproc, [f"train.out_dir={out_dir}", *overrides]), cwd=ROOT, env=env(),
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def kill_job(p: subprocess.Popen) -> None:
+    """``kill -9`` the whole job at once, as a node failure would: the launcher, every rank (torchrun puts
+    each in its own session) and every data-loader worker."""
+    import psutil
+
+    try:
+        procs = [psutil.Process(p.pid), *psutil.Process(p.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        procs = []
+    for q in procs:
+        try:
+            q.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=30)
+    p.wait()
+
+
+def run(out_dir: Path, overrides: list[str], nproc: int = 2, timeout: float = 600, log_name: str = "run.log") -> str:
+    """Run training to its end; returns its log, fails the test on a non-zero exit."""
+    p = start(out_dir, overrides, nproc, log_name)
+    try:
+        rc = p.wait(timeout=timeout)
+    finally:
+        if p.poll() is None:
+            kill_job(p)
+    text = (out_dir / log_name).read_text(errors="replace")
+    assert rc == 0, f"training exited with {rc}:\n{text[-6000:]}"
+    return text
+
+
+def metrics(out_dir: Path, stage: int = 1) -> dict[int, dict]:
+    """{step: record} of a run's metrics.jsonl (the last record of a step wins: a resumed run rewrites it)."""
+    out = {}
+    path = out_dir / f"stage{stage}" / "metrics.jsonl"
+    for line in path.read_text().splitlines():
+        if line.strip():
+            r = json.loads(line)
+            out[r["step"]] = r
+    return out
+
+
+def wait_for_step(p: subprocess.Popen, out_dir: Path, step: int, timeout: float = 300) -> None:
+    """Block until the run has logged ``step`` (or fail if it exits first)."""
+    path = out_dir / "stage1" / "metrics.jsonl"
+    try:  # react fast even on a loaded machine: the kill must land mid-run
+        os.setpriority(os.PRIO_PROCESS, 0, -5)
+    except OSError:
+        pass
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if p.poll() is not None:
+            raise AssertionError(f"run exited with {p.returncode} before step {step}:\n"
+                                 f"{(out_dir / 'run.log').read_text(errors='replace')[-4000:]}")
+        if path.is_file() and any(json.loads(l)["step"] >= step for l in path.read_text().splitlines() if l.strip()):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"step {step} not reached in {timeout} s")
+
+
+def same_training(a: dict[int, dict], b: dict[int, dict], steps) -> list[str]:
+    """Steps whose loss, grad norm, lr or samples differ (bitwise) between two runs."""
+    bad = []
+    for s in steps:
+        ka = {k: a[s][k] for k in ("loss", "grad_norm", "lr", "sample_keys")}
+        kb = {k: b[s][k] for k in ("loss", "grad_norm", "lr", "sample_keys")}
+        if ka != kb:
+            bad.append(f"step {s}: {ka} != {kb}")
+    return bad
+
+
+@pytest.fixture(scope="session")
+def train_dataset(tmp_path_factory) -> Path:
+    """Shards from the project's preprocessing command (embedded annotators, built-in sample videos: three
+    50-frame clips cut into 6 clips), as ``python preprocess/run.py`` writes them with no input."""
+    root = tmp_path_factory.mktemp("train_data")
+    out = root / "preprocess"
+    cmd = [sys.executable, str(ROOT / "preprocess" / "run.py"), f"output={out}", f"samples.dir={root / 'samples'}",
+           "samples.size=128", "samples.n_frames=50", "samples.megamind=false", "max_videos=3",
+           "plan.min_frames=13", "plan.max_frames=25"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert json.loads((out / "summary.json").read_text())["dataset_clips"] >= 4
+    return out
+
+
+@pytest.fixture(scope="session")
+def base_overrides(train_dataset) -> list[str]:
+    """The local default (tiny model, 2 CPU processes, ZeRO-2) on the test dataset at test sizes."""
+    return [f"data.source.dataset={train_dataset}", *DATA, *QUIET, *CKPT]
+
+
+def _reference(tmp_path_factory, base_overrides, zero: str) -> Path:
+    out = tmp_path_factory.mktemp(f"ref_{zero}")
+    extra = ["train.sample.every=5"] if zero == "zero2" else []  # the sample video must not perturb training
+    run(out, [*base_overrides, f"zero={zero}", f"stage.steps={REF_STEPS}", *extra])
+    return out
+
+
+@pytest.fixture(scope="session")
+def reference_zero2(tmp_path_factory, base_overrides) -> Path:
+    """An uninterrupted 2-rank ZeRO-2 stage-1 run of REF_STEPS steps (checkpoints every 3 steps)."""
+    return _reference(tmp_path_factory, base_overrides, "zero2")
+
+
+@pytest.fixture(scope="session")
+def reference_zero3(tmp_path_factory, base_overrides) -> Path:
+    """The same under ZeRO-3."""
+    return _reference(tmp_path_factory, base_overrides, "zero3")
+
+
+def copy_run(src: Path, dst: Path, keep_steps_upto: int) -> Path:
+    """A copy of a run whose checkpoints stop at ``keep_steps_upto`` (as if it had been stopped there)."""
+    shutil.copytree(src, dst)
+    ckdir = dst / "stage1" / "checkpoints"
+    for d in ckdir.glob("step_*"):
+        if int(d.name.split("_")[1]) > keep_steps_upto:
+            shutil.rmtree(d)
+    shutil.rmtree(dst / "stage1" / "export", ignore_errors=True)
+    return dst

@@ -1,0 +1,90 @@
+"""The trainer's configuration: Hydra groups -> typed job -> the DeepSpeed config (no hand-written JSON)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.conftest import compose
+from train.config import TrainConfigError, to_job
+from train.distributed import strip_local_rank_arg
+from train.engine import deepspeed_config, warmup_schedule
+
+
+def _job(*overrides):
+    return to_job(compose("train", ["data.source.dataset=outputs/preprocess", *overrides]))
+
+
+def test_local_default():
+    job = _job()
+    assert (job.model.name, job.stage.id, job.zero.stage) == ("tiny", 1, 2)
+    assert (job.launch.device, job.launch.backend, job.launch.precision) == ("cpu", "gloo", "fp32")
+    assert job.data.source.dataset == "outputs/preprocess" and job.data.face_crops is False
+    assert job.train.resume == "auto"
+    assert job.stage_dir.as_posix().endswith("outputs/train/tiny/stage1")
+
+
+def test_production_defaults_are_the_papers():
+    job = _job("model=wan1_3b", "data=prod", "launch=gpu", "stage=full")
+    assert job.train.optimizer.lr == 5e-6  # paper 4.1
+    assert [_job(f"stage={s}").stage.steps for s in ("pose", "face", "full")] == [12, 12, 12]  # launch=local
+    assert [_job("launch=gpu", f"stage={s}").stage.steps for s in ("pose", "face", "full")] == [20000, 20000, 30000]
+    assert job.launch.precision == "bf16" and job.model.dit.activation_checkpointing == -1
+
+
+def test_deepspeed_config_zero2():
+    job = _job("launch=gpu", "train.optimizer.grad_clip=0.5", "train.grad_accum=4")
+    cfg = deepspeed_config(job, num_trainable=10_240_000)
+    z = cfg["zero_optimization"]
+    assert z["stage"] == 2 and z["overlap_comm"] and z["contiguous_gradients"]
+    assert z["reduce_bucket_size"] == z["allgather_bucket_size"] == 10_240_000  # auto: capped by the model
+    assert "offload_optimizer" not in z and "stage3_prefetch_bucket_size" not in z
+    assert cfg["bf16"] == {"enabled": True}
+    assert cfg["gradient_clipping"] == 0.5 and cfg["gradient_accumulation_steps"] == 4
+    assert cfg["checkpoint"] == {"load_universal": False}
+    assert "optimizer" not in cfg and "scheduler" not in cfg  # torch AdamW + LambdaLR are passed in
+
+
+def test_deepspeed_config_zero3_offload_and_universal():
+    job = _job("zero=zero3_offload", "zero.bucket_size=20480000")
+    dim = job.model.dit.dim
+    cfg = deepspeed_config(job, num_trainable=1000, load_universal=True)
+    z = cfg["zero_optimization"]
+    assert z["stage"] == 3 and z["reduce_bucket_size"] == 20_480_000
+    assert z["stage3_param_persistence_threshold"] == 10 * dim
+    assert z["stage3_prefetch_bucket_size"] == 1_000_448  # auto: max(0.9 dim^2, 1e6), a multiple of 1024
+    assert z["offload_optimizer"]["device"] == "cpu" and z["offload_param"]["device"] == "cpu"
+    assert cfg["bf16"] == {"enabled": False} and cfg["checkpoint"] == {"load_universal": True}
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (["zero=zero2", "zero.offload_param=cpu"], "needs zero.stage=3"),
+    (["stage=face", "stage.init=null"], "stage.init=auto"),
+    (["stage=face", "data.face_crops=false"], "face crops"),
+    (["launch.backend=nccl"], "needs launch.device=cuda"),
+    (["train.resume=/nonexistent/ckpt"], "train.resume"),
+    (["train.optimizer.lr=fast"], "bad train config"),
+])
+def test_config_errors_name_the_key(overrides, match):
+    with pytest.raises(TrainConfigError, match=match):
+        _job(*overrides)
+
+
+def test_local_rank_argument_of_the_deepspeed_launcher(monkeypatch):
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert strip_local_rank_arg(["--local_rank=3", "stage=face"]) == ["stage=face"]
+    import os
+
+    assert os.environ["LOCAL_RANK"] == "3"
+    assert strip_local_rank_arg(["a=1", "--local_rank", "3", "b=2"]) == ["a=1", "b=2"]
+
+
+def test_warmup_then_constant():
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.AdamW([p], lr=5e-6)
+    sched = warmup_schedule(opt, 4)
+    lrs = []
+    for _ in range(6):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs == pytest.approx([1.25e-6, 2.5e-6, 3.75e-6, 5e-6, 5e-6, 5e-6])

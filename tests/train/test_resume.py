@@ -1,0 +1,117 @@
+"""Exact and elastic resume through the real command (torchrun, 2 CPU processes, gloo, tiny model).
+
+- ``kill -9`` of the whole job at a random step, then ``train.resume=auto``: every later step's loss, grad
+  norm, lr and samples equal (bitwise) those of an uninterrupted run, under ZeRO-2 and ZeRO-3; a
+  half-written newer checkpoint (and a ``latest`` pointing at it) is ignored.
+- SIGTERM (preemption): a complete checkpoint of the current step, exit 0; resuming it is exact too.
+- 2 ranks -> 1 rank: DeepSpeed universal conversion happens by itself and the data cursor continues the
+  epochs: no (epoch, clip) delivered twice, every partly read epoch completed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+
+import pytest
+
+from tests.train.conftest import (REF_STEPS, copy_run, kill_job, metrics, run, same_training, start,
+                                  wait_for_step)
+
+
+def _plant_half_written(out_dir, step: int) -> None:
+    """A newer checkpoint cut short mid-save (no COMPLETE, truncated files) and a ``latest`` naming it."""
+    ckdir = out_dir / "stage1" / "checkpoints"
+    done = sorted(d for d in ckdir.glob("step_*") if (d / "COMPLETE").is_file())
+    bad = ckdir / f"step_{step:08d}"
+    if done:
+        shutil.copytree(done[-1], bad)
+        (bad / "COMPLETE").unlink()
+    else:
+        (bad / "trainer").mkdir(parents=True)
+        (bad / "mp_rank_00_model_states.pt").write_bytes(b"PK\x03\x04 cut short")
+    for f in bad.glob("*.pt"):
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 3])
+    (ckdir / "latest").write_text(bad.name)
+
+
+def _kill_at(out_dir, overrides, step: int) -> int:
+    """Start a run, ``kill -9`` the whole job (launcher, ranks, loader workers) once ``step`` is logged;
+    returns the last step it logged."""
+    p = start(out_dir, overrides)
+    try:
+        wait_for_step(p, out_dir, step)
+    finally:
+        kill_job(p)
+    return max(metrics(out_dir))
+
+
+@pytest.mark.parametrize("zero", ["zero2", "zero3"])
+def test_kill9_then_resume_is_bitwise_exact(zero, request, tmp_path, base_overrides):
+    ref_dir = request.getfixturevalue(f"reference_{zero}")
+    ref = metrics(ref_dir)
+    seed = int.from_bytes(os.urandom(4), "little")
+    kill_step = random.Random(seed).randint(2, REF_STEPS - 2)
+    overrides = [*base_overrides, f"zero={zero}", f"stage.steps={REF_STEPS}"]
+    out = tmp_path / "run"
+    killed_at = _kill_at(out, overrides, kill_step)
+    assert killed_at < REF_STEPS, f"the run finished before the kill (target step {kill_step})"
+    ckdir = out / "stage1" / "checkpoints"
+    done = sorted(int(d.name[5:]) for d in ckdir.glob("step_*") if (d / "COMPLETE").is_file())
+    _plant_half_written(out, 99)
+    log = run(out, [*overrides, "train.resume=auto"], log_name="resume.log")
+    resumed_from = done[-1] if done else 0
+    assert (f"at step {resumed_from}" in log) if done else ("starts at step 0" in log), log[-3000:]
+    assert "ignoring incomplete checkpoints" in log and "step_00000099" in log
+    assert not (ckdir / "step_00000099").exists(), "the half-written checkpoint was not cleaned up"
+    got = metrics(out)
+    assert sorted(got) == list(range(1, REF_STEPS + 1))
+    bad = same_training(got, ref, range(resumed_from + 1, REF_STEPS + 1))
+    assert not bad, f"kill -9 at step {kill_step} (seed {seed}), resumed from {resumed_from}:\n" + "\n".join(bad)
+    assert (ckdir / "latest").read_text() == f"step_{REF_STEPS:08d}"
+
+
+def test_sigterm_checkpoints_the_current_step(tmp_path, base_overrides, reference_zero3):
+    """Preemption under ZeRO-3: SIGTERM to the launcher (torchrun signals every rank and loader worker)."""
+    overrides = [*base_overrides, "zero=zero3", f"stage.steps={REF_STEPS}", "train.checkpoint.every=100"]
+    out = tmp_path / "run"
+    p = start(out, overrides)
+    try:
+        wait_for_step(p, out, 4)
+        p.send_signal(signal.SIGTERM)
+        p.wait(timeout=120)
+    finally:
+        if p.poll() is None:
+            kill_job(p)
+    log = (out / "run.log").read_text(errors="replace")
+    assert "stopped by a signal after step" in log, log[-3000:]
+    stopped = int(log.split("stopped by a signal after step ")[1].split()[0])
+    meta = json.loads((out / "stage1" / "checkpoints" / f"step_{stopped:08d}" / "COMPLETE").read_text())
+    assert meta["step"] == stopped and meta["world_size"] == 2
+    run(out, [*overrides, "train.resume=auto"])
+    bad = same_training(metrics(out), metrics(reference_zero3), range(stopped + 1, REF_STEPS + 1))
+    assert not bad, "\n".join(bad)
+
+
+def test_resume_two_ranks_on_one_continues_the_epoch(tmp_path, base_overrides, reference_zero2):
+    """A 2-rank checkpoint resumed by 1 rank: universal conversion, then the epoch goes on."""
+    ckpt_step = 6
+    out = copy_run(reference_zero2, tmp_path / "run", ckpt_step)
+    before = [tuple(k) for s in range(1, ckpt_step + 1) for k in metrics(reference_zero2)[s]["sample_keys"]]
+    steps = ckpt_step + 8
+    log = run(out, [*base_overrides, f"stage.steps={steps}"], nproc=1)
+    assert "universal checkpoint: 2 -> 1 ranks" in log, log[-3000:]
+    assert "to a DeepSpeed universal checkpoint" in log and "/universal written in" in log
+    got = metrics(out)
+    assert min(s for s in got if s > ckpt_step) == ckpt_step + 1 and max(got) == steps
+    after = [tuple(k) for s in range(ckpt_step + 1, steps + 1) for k in got[s]["sample_keys"]]
+    seen = before + after
+    assert len(seen) == len(set(seen)), "a sample was delivered twice across the rank-count change"
+    clips = {k for _, k in seen}
+    partly = {e for e, _ in before}
+    partly = {e for e in partly if {k for ee, k in before if ee == e} != clips}
+    for e in partly:  # every epoch the 2-rank run had started is finished by the 1-rank run
+        assert {k for ee, k in seen if ee == e} == clips, f"epoch {e} left incomplete after the resume"
+    assert all(r["loss"] == r["loss"] and r["loss"] < 10 for s, r in got.items() if s > ckpt_step)
