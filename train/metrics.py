@@ -77,7 +77,7 @@ class MetricLogger:
             from tqdm import tqdm
 
             self.bar = tqdm(total=total_steps, initial=start_step, desc=f"stage {stage_dir.name[-1]}", unit="step",
-                            dynamic_ncols=True, mininterval=2.0)
+                            dynamic_ncols=True, mininterval=2.0, disable=None)  # None: only on a terminal
 
     def eta_seconds(self, step: int) -> float:
         """Seconds to the stage's end at the average rate since this process started."""
@@ -93,7 +93,7 @@ class MetricLogger:
         record = dict(record, step=step, eta_s=round(self.eta_seconds(step), 1), time=round(time.time(), 3))
         self.jsonl.write(json.dumps(record) + "\n")
         self.jsonl.flush()
-        if self.bar is not None:
+        if self.bar is not None and not self.bar.disable:
             self.bar.update(step - self.bar.n)
             self.bar.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
         if not to_stdout:
@@ -109,7 +109,7 @@ class MetricLogger:
         if skips:
             parts.append("skipped " + ",".join(f"{k}={v}" for k, v in sorted(skips.items())))
         line = f"step {step}/{self.total} " + " ".join(parts) + f" eta {_hms(record['eta_s'])}"
-        if self.bar is not None:
+        if self.bar is not None and not self.bar.disable:
             self.bar.write(line)
         else:
             log.info(line)

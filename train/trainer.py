@@ -11,6 +11,7 @@ import logging
 import math
 import signal
 import time
+from pathlib import Path
 
 import torch
 
@@ -73,8 +74,6 @@ class Trainer:
             if found is None and self.dist.is_main:
                 log.info("no complete checkpoint in %s: stage %d starts at step 0", root, self.job.stage.id)
             return found
-        from pathlib import Path
-
         return Path(resume).expanduser()
 
     def _check_compatible(self, meta: dict) -> None:
