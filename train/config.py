@@ -65,6 +65,7 @@ class TrainSection:
     resume: str  # auto | none | a checkpoint directory
     grad_accum: int
     compile_blocks: bool
+    continuation_prob: float  # share of samples given their first latent frame as the I2V condition
     optimizer: OptimizerConfig
     ema: EMAConfig
     checkpoint: CheckpointConfig
@@ -195,6 +196,8 @@ def check(job: TrainJob) -> None:
         raise TrainConfigError("train.checkpoint.every and train.checkpoint.keep must be >= 1")
     if t.log.every < 1:
         raise TrainConfigError("train.log.every must be >= 1")
+    if not 0.0 <= t.continuation_prob <= 1.0:
+        raise TrainConfigError(f"train.continuation_prob must be in [0, 1], got {t.continuation_prob}")
     if not 0.0 <= t.ema.decay < 1.0:
         raise TrainConfigError(f"train.ema.decay must be in [0, 1), got {t.ema.decay}")
     tc = job.model.vae.temporal_compression

@@ -59,6 +59,20 @@ class FlowMatchingStep:
         refs = batch.refs_to_latent_layout(self.vae.encode(batch.ref_pixels()))
         return x0, refs
 
+    def continuation(self, x0: torch.Tensor, g: torch.Generator):
+        """Segment continuation (paper 4.1): long videos are made of segments, each started from the last
+        latent of the previous one through the DiT's image-to-video channels. A ``train.continuation_prob``
+        share of samples gets its own first latent frame there (cond_mask 1 on frame 0), the rest none,
+        as for a first segment. Drawn from the micro-step's generator, so resume stays exact."""
+        p = self.job.train.continuation_prob
+        if p <= 0 or not self.job.model.dit.cond_channels:
+            return None, None
+        b, t = x0.shape[0], x0.shape[2]
+        given = (torch.rand(b, generator=g, device=self.device) < p).float()
+        mask = torch.zeros(b, t, device=self.device)
+        mask[:, 0] = given
+        return x0.to(self.dtype), mask
+
     def __call__(self, engine, batch, step: int, micro: int) -> MicroStep:
         """Forward the engine on ``batch`` and return the loss (the caller runs backward and step)."""
         model = engine.module
@@ -71,9 +85,11 @@ class FlowMatchingStep:
         noise = torch.randn(x0.shape, generator=g, device=self.device, dtype=torch.float32)
         xt, target = add_noise(x0, noise, sigma)
         cond = batch.model_inputs(self.dtype)
+        cond_latents, cond_mask = self.continuation(x0, g)
         velocity = engine(xt.to(self.dtype), sigma, ref.to(self.dtype), cond["pose_maps"],
                           cond.get("face_crops") if self.use_face else None,
                           face_valid=cond["face_valid"] if self.use_face else None,
+                          cond_latents=cond_latents, cond_mask=cond_mask,
                           drop_ref=cond["drop_ref"], drop_motion=cond["drop_motion"], use_face=self.use_face)
         loss = flow_loss(velocity, target)
         t, (h, w), r = batch.num_frames, batch.resolution, batch.num_refs
