@@ -24,7 +24,9 @@ class DreamActorBatch:
     video          (B, 3, T, H, W)            uint8   driving clip V_D = the target video, RGB
     ref_images     (B, R, 3, H, W)            uint8   references I_R: [primary ; yaw-sorted / half-body]
     ref_valid      (B, R)                     bool    False: slot repeats the primary (sample had fewer)
-    pose_maps      (B, 6, T, H, W)            uint8   [skeleton_map ; head_sphere_map] (models.render)
+    skeleton_maps  (B, 3, T, H, W)            uint8   skeleton map of every frame (models.render)
+    head_sphere_maps (B, 3, T, H, W)          uint8   head-sphere map of every frame (models.render)
+    pose_maps      (B, 6, T, H, W)            uint8   property: [skeleton_maps ; head_sphere_maps]
     face_crops     (B, T, 3, 224, 224)        uint8   face crops of the driving frames; None if not loaded
     face_valid     (B, T)                     bool    a face was found in the frame
     body_valid     (B, T)                     bool    the main subject (body) was found in the frame
@@ -38,6 +40,10 @@ class DreamActorBatch:
     ref_latents    (B, C, R, h, w)            float32 precomputed reference latents (None likewise)
     ============== ========================== ======= =================================================
 
+    ``video`` and the maps are stored channel-last (``torch.channels_last_3d``: each pixel's channels
+    together, as decoded and drawn), so the loader never transposes hundreds of MB on the CPU; copies to
+    the GPU keep that format, and convolutions accept it.
+
     ``cursor`` and ``skips`` are the loader's bookkeeping (where the batch came from, samples skipped
     since the previous batch of the same worker); the trainer does not need them.
     """
@@ -47,7 +53,8 @@ class DreamActorBatch:
     video: torch.Tensor | None
     ref_images: torch.Tensor | None
     ref_valid: torch.Tensor
-    pose_maps: torch.Tensor
+    skeleton_maps: torch.Tensor
+    head_sphere_maps: torch.Tensor
     face_crops: torch.Tensor | None
     face_valid: torch.Tensor
     body_valid: torch.Tensor
@@ -72,12 +79,18 @@ class DreamActorBatch:
     @property
     def num_frames(self) -> int:
         """Frames per clip (T)."""
-        return int(self.pose_maps.shape[2])
+        return int(self.skeleton_maps.shape[2])
 
     @property
     def resolution(self) -> tuple[int, int]:
         """Bucket (H, W) in pixels."""
-        return int(self.pose_maps.shape[3]), int(self.pose_maps.shape[4])
+        return int(self.skeleton_maps.shape[3]), int(self.skeleton_maps.shape[4])
+
+    @property
+    def pose_maps(self) -> torch.Tensor:
+        """(B, 6, T, H, W) uint8: [skeleton ; head sphere], the pose encoder's input (paper 3.2); a new
+        tensor on the batch's device (move the batch first)."""
+        return torch.cat([self.skeleton_maps, self.head_sphere_maps], dim=1)
 
     @property
     def num_refs(self) -> int:

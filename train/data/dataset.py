@@ -206,10 +206,12 @@ def collate(samples: list[tuple[object, Sample]], refs: int) -> DreamActorBatch:
     return DreamActorBatch(
         keys=[s.key for s in ss],
         epoch=torch.tensor([p.epoch for p in ps], dtype=torch.int64),
-        video=t(np.stack([s.video for s in ss])).permute(0, 4, 1, 2, 3).contiguous(),
+        # (B, T, H, W, C) in memory, viewed as (B, C, T, H, W): torch.channels_last_3d, no transposing copy
+        video=t(np.stack([s.video for s in ss])).permute(0, 4, 1, 2, 3),
         ref_images=t(np.stack(ref_imgs)).permute(0, 1, 4, 2, 3).contiguous(),
         ref_valid=torch.tensor(ref_valid, dtype=torch.bool),
-        pose_maps=t(np.stack([s.pose_maps for s in ss])).permute(0, 4, 1, 2, 3).contiguous(),
+        skeleton_maps=t(np.stack([s.skeleton_maps for s in ss])).permute(0, 4, 1, 2, 3),
+        head_sphere_maps=t(np.stack([s.head_sphere_maps for s in ss])).permute(0, 4, 1, 2, 3),
         face_crops=None if faces is None else faces.contiguous(),
         face_valid=t(np.stack([s.face_valid for s in ss])),
         body_valid=t(np.stack([s.body_valid for s in ss])),

@@ -48,7 +48,8 @@ class Sample:
     key: str
     video: np.ndarray  # (T, H, W, 3) uint8
     refs: list[np.ndarray]  # primary first, then available extras in plan order; (H, W, 3) uint8 each
-    pose_maps: np.ndarray  # (T, H, W, 6) uint8
+    skeleton_maps: np.ndarray  # (T, H, W, 3) uint8
+    head_sphere_maps: np.ndarray  # (T, H, W, 3) uint8
     face_crops: np.ndarray | None  # (T, S, S, 3) uint8
     face_valid: np.ndarray  # (T,) bool
     body_valid: np.ndarray
@@ -77,6 +78,8 @@ def decode_frames(data: bytes, indices, threads: int = 1) -> np.ndarray:
         raise
     except Exception as e:  # decord.DECORDError, RuntimeError on unreadable containers
         raise SampleError("video_undecodable", f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+    if len(uniq) == len(idx) and (uniq == idx).all():
+        return frames  # already in the asked order: no gathering copy
     return frames[inverse]
 
 
@@ -90,14 +93,18 @@ def crop_box(width: int, height: int, out_h: int, out_w: int, center) -> tuple[i
     return x0, y0, x0 + bw, y0 + bh
 
 
-def resize_crop(img: np.ndarray, box, out_h: int, out_w: int) -> np.ndarray:
-    """Crop ``box`` out of ``img`` and resize to (out_h, out_w) (area when shrinking, linear when enlarging)."""
+def resize_crop(img: np.ndarray, box, out_h: int, out_w: int, out: np.ndarray | None = None) -> np.ndarray:
+    """Crop ``box`` out of ``img`` and resize to (out_h, out_w), into ``out`` when given.
+
+    Bilinear down to half size (the 1280 px clips -> the 960x640 bucket is 0.75), area averaging below
+    that (bilinear would alias); bilinear is 8x cheaper than area on this path (docs/performance.md).
+    """
     import cv2
 
     x0, y0, x1, y1 = box
     crop = img[y0:y1, x0:x1]
-    interp = cv2.INTER_AREA if (x1 - x0) >= out_w else cv2.INTER_LINEAR
-    return cv2.resize(crop, (out_w, out_h), interpolation=interp)
+    interp = cv2.INTER_AREA if (x1 - x0) > 2 * out_w else cv2.INTER_LINEAR
+    return cv2.resize(crop, (out_w, out_h), dst=out, interpolation=interp)
 
 
 def letterbox(img: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
@@ -154,11 +161,15 @@ def build_sample(members: dict[str, bytes], ps: PlannedSample, height: int, widt
     box = crop_box(clip_w, clip_h, height, width, center)
     transform = render.crop_resize_transform(box, (height, width))
 
-    frames = decode_frames(members[VIDEO.member], np.append(idx, ps.primary_frame), decode_threads)
+    wanted = np.unique(np.append(idx, ps.primary_frame))  # sorted, so decord only seeks forward
+    frames = decode_frames(members[VIDEO.member], wanted, decode_threads)
     if frames.shape[1:3] != (clip_h, clip_w):
         raise SampleError("meta_mismatch", f"video is {frames.shape[2]}x{frames.shape[1]}, meta.json says {clip_w}x{clip_h}")
-    out = np.stack([resize_crop(f, box, height, width) for f in frames])
-    video, primary = out[:-1], out[-1]
+    at = {int(f): i for i, f in enumerate(wanted)}
+    video = np.empty((len(idx), height, width, 3), np.uint8)
+    for i, f in enumerate(idx):
+        resize_crop(frames[at[int(f)]], box, height, width, out=video[i])
+    primary = resize_crop(frames[at[ps.primary_frame]], box, height, width)
 
     refs = [primary]
     for r in ps.ref_order:
@@ -177,12 +188,14 @@ def build_sample(members: dict[str, bytes], ps: PlannedSample, height: int, widt
     t = len(idx)
     ones = np.ones(t, bool)
     head_valid = arr["head_valid"][idx].astype(bool) if "head_valid" in arr else ~ones
-    pose = np.zeros((t, height, width, 6), np.uint8)
+    # the two maps stay apart (concatenated on the device by DreamActorBatch.model_inputs): interleaving
+    # them here would copy every pixel once more
+    skeleton = sphere = None
     if "body_joints3d" in arr:
         hands = {}
         if "hand_joints3d" in arr:
             hands = dict(hands3d=arr["hand_joints3d"][idx], hand_conf=arr["hand_conf"][idx])
-        pose[..., :3] = render.render_skeleton_map(
+        skeleton = render.render_skeleton_map(
             arr["body_joints3d"][idx], arr["body_conf"][idx], arr["camera_K"][idx], (height, width), render_cfg,
             joint_names=schema.BODY_JOINT_NAMES, transform=transform, **hands)
     if "head_center" in arr:
@@ -191,8 +204,8 @@ def build_sample(members: dict[str, bytes], ps: PlannedSample, height: int, widt
         ref_radius = radius_all[ps.primary_frame] if ok_ref[ps.primary_frame] else \
             (float(np.median(radius_all[ok_ref])) if ok_ref.any() else 0.0)
         radius = render.retarget_head_radius(radius_all[idx], ref_radius, valid_all[idx])
-        pose[..., 3:] = render.render_head_sphere_map(arr["head_center"][idx], arr["head_rotation"][idx], radius,
-                                                      (height, width), valid=head_valid, transform=transform)
+        sphere = render.render_head_sphere_map(arr["head_center"][idx], arr["head_rotation"][idx], radius,
+                                               (height, width), valid=head_valid, transform=transform)
     faces = None
     if face_crops and "face" in groups:
         try:
@@ -202,7 +215,8 @@ def build_sample(members: dict[str, bytes], ps: PlannedSample, height: int, widt
         if faces.shape[1:3] != (face_size, face_size):  # the model's crop size differs from the stored one
             interp = cv2.INTER_AREA if faces.shape[1] > face_size else cv2.INTER_LINEAR
             faces = np.stack([cv2.resize(f, (face_size, face_size), interpolation=interp) for f in faces])
-    return Sample(ps.key, video, refs, pose, faces,
+    blank = np.zeros((t, height, width, 3), np.uint8)
+    return Sample(ps.key, video, refs, blank if skeleton is None else skeleton, blank if sphere is None else sphere, faces,
                   arr["face_valid"][idx].astype(bool) if "face_valid" in arr else ~ones,
                   arr["subject_valid"][idx].astype(bool) if "subject_valid" in arr else ones,
                   head_valid, transform)

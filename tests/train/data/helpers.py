@@ -62,7 +62,23 @@ def summary(batch) -> tuple:
     import torch
 
     sums = []
-    for name in ("video", "ref_images", "pose_maps", "face_crops", "frame_index", "drop_ref", "drop_motion", "ref_valid"):
+    for name in ("video", "ref_images", "skeleton_maps", "head_sphere_maps", "face_crops", "frame_index", "drop_ref", "drop_motion", "ref_valid"):
         v = getattr(batch, name)
         sums.append(None if v is None else (tuple(v.shape), int(v.to(torch.int64).sum())))
     return (tuple(batch.keys), *sums)
+
+
+def records(batches) -> list[tuple[str, int]]:
+    """(key, epoch) of every sample of ``batches``."""
+    return [(k, int(e)) for b in batches for k, e in zip(b.keys, b.epoch)]
+
+
+def assert_epochs_covered(recs, n_epochs: int, every: set[str]) -> None:
+    """Each of the first ``n_epochs`` epochs delivered every clip of ``every`` exactly once (and no other)."""
+    from collections import Counter
+
+    for e in range(n_epochs):
+        counts = Counter(k for k, ep in recs if ep == e)
+        twice = [k for k, n in counts.items() if n > 1]
+        assert not twice, f"epoch {e}: delivered twice: {twice}"
+        assert set(counts) == every, f"epoch {e}: missing {sorted(every - set(counts))}, extra {sorted(set(counts) - every)}"

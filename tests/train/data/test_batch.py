@@ -37,6 +37,7 @@ def test_every_field_has_its_dtype_and_shape(batches, model_cfg):
         want = {
             "epoch": ((n,), torch.int64), "video": ((n, 3, t, h, w), torch.uint8),
             "ref_images": ((n, r, 3, h, w), torch.uint8), "ref_valid": ((n, r), torch.bool),
+            "skeleton_maps": ((n, 3, t, h, w), torch.uint8), "head_sphere_maps": ((n, 3, t, h, w), torch.uint8),
             "pose_maps": ((n, 6, t, h, w), torch.uint8), "face_crops": ((n, t, 3, s, s), torch.uint8),
             "face_valid": ((n, t), torch.bool), "body_valid": ((n, t), torch.bool), "head_valid": ((n, t), torch.bool),
             "drop_ref": ((n,), torch.bool), "drop_motion": ((n,), torch.bool), "frame_index": ((n, t), torch.int64),
@@ -51,7 +52,9 @@ def test_every_field_has_its_dtype_and_shape(batches, model_cfg):
         assert b.ref_valid[:, 0].all()  # the primary reference is always real
         assert torch.all(b.frame_index[:, 1:] > b.frame_index[:, :-1])
         assert torch.allclose(b.fps, torch.full((n,), 25.0))
-        assert b.pose_maps.amax() > 0 and b.video.float().std() > 10
+        assert b.skeleton_maps.amax() > 0 and b.head_sphere_maps.amax() > 0 and b.video.float().std() > 10
+        assert torch.equal(b.pose_maps, torch.cat([b.skeleton_maps, b.head_sphere_maps], 1))
+        assert b.video.is_contiguous(memory_format=torch.channels_last_3d)
         inputs = b.model_inputs()
         assert inputs["pose_maps"].dtype == torch.float32 and 0 <= inputs["pose_maps"].min() <= inputs["pose_maps"].max() <= 1
         assert -1 <= inputs["face_crops"].min() and inputs["face_crops"].max() <= 1
@@ -149,7 +152,7 @@ def test_rendered_maps_align_with_the_stored_projected_joints(batches, stored, m
             ok = conf > rc.min_confidence
             assert np.abs(proj - j2d)[ok].max() < 0.5
             pts = j2d @ a[:2, :2].T + a[:2, 2]
-            skel = b.pose_maps[i, :3].permute(1, 2, 3, 0).numpy()
+            skel = b.skeleton_maps[i].permute(1, 2, 3, 0).numpy()
             reach = max(1, round(rc.limb_width * min(h, w))) + max(1, round(rc.joint_radius * min(h, w))) + 1.5
             for f in range(len(idx)):
                 drawn = [j for j in layout.drawn_joints if ok[f, j]]
@@ -171,7 +174,7 @@ def test_rendered_maps_align_with_the_stored_projected_joints(batches, stored, m
             # head sphere: centred on the stored head centre, coloured by the head's rotation
             center = npy(stored[k], "head_center")[idx] @ a[:2, :2].T + a[:2, 2]
             rot = npy(stored[k], "head_rotation")[idx]
-            sphere = b.pose_maps[i, 3:].permute(1, 2, 3, 0).numpy().astype(float)
+            sphere = b.head_sphere_maps[i].permute(1, 2, 3, 0).numpy().astype(float)
             for f in np.nonzero(b.head_valid[i].numpy())[0]:
                 x, y = np.round(center[f]).astype(int)
                 if 0 <= x < w and 0 <= y < h:

@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import json
 import os
-from collections import Counter
-
 import pytest
 import torch
 
-from tests.train.data.helpers import read_dataset, summary, take
+from tests.train.data.helpers import assert_epochs_covered, read_dataset, records, summary, take
 from train.data import DataConfigError
 
 
@@ -43,30 +41,17 @@ def test_a_cursor_for_other_data_or_settings_is_refused(make_loader):
     assert next(iter(other)).size >= 1
 
 
-def _epochs_covered(records, n_epochs, every):
-    """Check that each of the first ``n_epochs`` epochs delivered every clip exactly once."""
-    by_epoch = {e: Counter(k for k, ep in records if ep == e) for e in range(n_epochs)}
-    for e, counts in by_epoch.items():
-        twice = [k for k, n in counts.items() if n > 1]
-        assert not twice, f"epoch {e}: delivered twice: {twice}"
-        assert set(counts) == every, f"epoch {e}: missing {sorted(every - set(counts))}"
-
-
-def _records(batches):
-    return [(k, int(e)) for b in batches for k, e in zip(b.keys, b.epoch)]
-
-
 def test_other_worker_count_continues_the_epoch(make_loader, dataset_dir):
     every = set(read_dataset(dataset_dir))
     first = make_loader("data.workers.num_workers=2")
     it = iter(first)
-    records = _records([next(it) for _ in range(5)])
+    recs = records([next(it) for _ in range(5)])
     state = first.state_dict()
     del it
     second = make_loader("data.workers.num_workers=3")
     second.load_state_dict(state)
-    records += _records(take(second, 24))
-    _epochs_covered(records, 2, every)
+    recs += records(take(second, 24))
+    assert_epochs_covered(recs, 2, every)
 
 
 def _rank_main(rank, world, port, out_dir, phase, steps, state_path, make_args):
@@ -92,7 +77,7 @@ def _rank_main(rank, world, port, out_dir, phase, steps, state_path, make_args):
             with open(state_path + ".new", "w") as f:
                 json.dump(state, f)
         with open(os.path.join(out_dir, f"{phase}-rank{rank}.json"), "w") as f:
-            json.dump(_records(batches), f)
+            json.dump(records(batches), f)
     finally:
         dist.destroy_process_group()
 
@@ -123,7 +108,7 @@ def test_other_rank_count_continues_the_epoch(dataset_dir, tmp_path, forkserver,
     every = set(read_dataset(dataset_dir))
     args = [f"data.source.dataset={dataset_dir}", *DATA, "data.workers.num_workers=1"]
     state_path = str(tmp_path / "cursor.json")
-    records = []
+    recs = []
     for phase, (world, n) in enumerate(zip(worlds, steps)):
         # forkserver: clean processes (a plain fork of this threaded test process can deadlock) that still
         # start from one preloaded interpreter instead of importing torch each (2 cores here)
@@ -132,7 +117,7 @@ def test_other_rank_count_continues_the_epoch(dataset_dir, tmp_path, forkserver,
             join=True, start_method="forkserver")
         os.replace(state_path + ".new", state_path)
         for r in range(world):
-            records += [tuple(x) for x in json.loads((tmp_path / f"{phase}-rank{r}.json").read_text())]
-    _epochs_covered(records, 2, every)
+            recs += [tuple(x) for x in json.loads((tmp_path / f"{phase}-rank{r}.json").read_text())]
+    assert_epochs_covered(recs, 2, every)
     state = json.loads(open(state_path).read())
     assert state["world_size"] == worlds[-1] and state["steps"] == {str(r): sum(steps) for r in range(worlds[-1])}
