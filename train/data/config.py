@@ -78,7 +78,8 @@ class WorkersConfig:
     num_workers: int
     prefetch_factor: int
     pin_memory: bool
-    decode_threads: int  # decord threads per worker
+    decoder: str  # decord | pyav: the reader of the stored clips (both from the tar bytes in memory)
+    decode_threads: int  # decoder threads per worker (1: the parallelism is the workers)
     start_method: str  # fork | forkserver | spawn: how worker processes start (see docs/data-loader.md)
     max_restarts: int  # worker deaths survived per iterator (the sample being built is quarantined each time)
 
@@ -144,6 +145,8 @@ def check(c: DataConfig, temporal_compression: int | None = None) -> None:
             raise DataConfigError(f"data.dropout.{k}={p} must be a probability")
     if c.shuffle.window_shards < 1 or c.shuffle.buffer < 1:
         raise DataConfigError("data.shuffle.window_shards and data.shuffle.buffer must be >= 1")
+    if c.workers.decoder not in ("decord", "pyav"):
+        raise DataConfigError(f"data.workers.decoder={c.workers.decoder!r}: use decord or pyav")
     if c.workers.start_method not in ("fork", "forkserver", "spawn"):
         raise DataConfigError(f"data.workers.start_method={c.workers.start_method!r}: use fork, forkserver or spawn")
     if c.workers.num_workers < 0 or c.workers.prefetch_factor < 1:

@@ -177,7 +177,7 @@ class ShardStream(torch.utils.data.IterableDataset):
             try:
                 s = build_sample(members, ps, pb.height, pb.width, self.groups, self.render_cfg,
                                  face_crops=self.cfg.face_crops, face_size=self.planner.geometry.face_crop_size,
-                                 decode_threads=self.cfg.workers.decode_threads)
+                                 decode_threads=self.cfg.workers.decode_threads, decoder=self.cfg.workers.decoder)
             except SampleError as e:
                 skips.add(f"samples/{e.reason}", 1, f"{ps.key} ({plan.shard_urls[ps.shard]}): {e}")
                 continue
@@ -200,6 +200,9 @@ def collate(samples: list[tuple[object, Sample]], refs: int) -> DreamActorBatch:
     def t(x):
         return torch.from_numpy(np.ascontiguousarray(x))
 
+    def stack(arrays):  # one sample (the long clips of prod): a view, not a copy of hundreds of MB
+        return arrays[0][None] if len(arrays) == 1 else np.stack(arrays)
+
     ps = [p for p, _ in samples]
     ss = [s for _, s in samples]
     faces = None if ss[0].face_crops is None else t(np.stack([s.face_crops for s in ss])).permute(0, 1, 4, 2, 3)
@@ -207,11 +210,11 @@ def collate(samples: list[tuple[object, Sample]], refs: int) -> DreamActorBatch:
         keys=[s.key for s in ss],
         epoch=torch.tensor([p.epoch for p in ps], dtype=torch.int64),
         # (B, T, H, W, C) in memory, viewed as (B, C, T, H, W): torch.channels_last_3d, no transposing copy
-        video=t(np.stack([s.video for s in ss])).permute(0, 4, 1, 2, 3),
+        video=t(stack([s.video for s in ss])).permute(0, 4, 1, 2, 3),
         ref_images=t(np.stack(ref_imgs)).permute(0, 1, 4, 2, 3).contiguous(),
         ref_valid=torch.tensor(ref_valid, dtype=torch.bool),
-        skeleton_maps=t(np.stack([s.skeleton_maps for s in ss])).permute(0, 4, 1, 2, 3),
-        head_sphere_maps=t(np.stack([s.head_sphere_maps for s in ss])).permute(0, 4, 1, 2, 3),
+        skeleton_maps=t(stack([s.skeleton_maps for s in ss])).permute(0, 4, 1, 2, 3),
+        head_sphere_maps=t(stack([s.head_sphere_maps for s in ss])).permute(0, 4, 1, 2, 3),
         face_crops=None if faces is None else faces.contiguous(),
         face_valid=t(np.stack([s.face_valid for s in ss])),
         body_valid=t(np.stack([s.body_valid for s in ss])),

@@ -62,25 +62,55 @@ def required_members(groups) -> list[schema.Field]:
     return [f for f in schema.fields_of(["clip", *groups]) if not f.optional]
 
 
-def decode_frames(data: bytes, indices, threads: int = 1) -> np.ndarray:
-    """Frames ``indices`` (any order, repeats allowed) of an in-memory MP4: (N, H, W, 3) uint8."""
-    import decord
+def decode_frames(data: bytes, indices, threads: int = 1, decoder: str = "decord") -> np.ndarray:
+    """Frames ``indices`` (any order, repeats allowed) of an in-memory MP4: (N, H, W, 3) uint8.
 
+    ``decord``: one batched ``get_batch`` over the sorted indices. ``pyav``: decode from the start and keep
+    the wanted frames (the stored clips are short, one GOP or a few): ~1.7x less CPU here
+    (docs/performance.md, "Data loader").
+    """
     idx = np.asarray(indices, dtype=np.int64)
-    uniq, inverse = np.unique(idx, return_inverse=True)  # sorted: decord seeks forward only
+    uniq, inverse = np.unique(idx, return_inverse=True)  # sorted: both readers only go forward
     try:
-        vr = decord.VideoReader(io.BytesIO(data), ctx=decord.cpu(0), num_threads=threads)
-        n = len(vr)
-        if uniq[-1] >= n:
-            raise SampleError("video_short", f"frame {int(uniq[-1])} requested, the stream has {n}")
-        frames = vr.get_batch(uniq.tolist()).asnumpy()
+        frames = _decode_pyav(data, uniq, threads) if decoder == "pyav" else _decode_decord(data, uniq, threads)
     except SampleError:
         raise
-    except Exception as e:  # decord.DECORDError, RuntimeError on unreadable containers
+    except Exception as e:  # decord.DECORDError, av.error.*, RuntimeError on unreadable containers
         raise SampleError("video_undecodable", f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
     if len(uniq) == len(idx) and (uniq == idx).all():
         return frames  # already in the asked order: no gathering copy
     return frames[inverse]
+
+
+def _decode_decord(data: bytes, uniq: np.ndarray, threads: int) -> np.ndarray:
+    import decord
+
+    vr = decord.VideoReader(io.BytesIO(data), ctx=decord.cpu(0), num_threads=threads)
+    n = len(vr)
+    if uniq[-1] >= n:
+        raise SampleError("video_short", f"frame {int(uniq[-1])} requested, the stream has {n}")
+    return vr.get_batch(uniq.tolist()).asnumpy()
+
+
+def _decode_pyav(data: bytes, uniq: np.ndarray, threads: int) -> np.ndarray:
+    import av
+
+    out = []
+    with av.open(io.BytesIO(data)) as c:
+        s = c.streams.video[0]
+        s.thread_type = "AUTO" if threads > 1 else "NONE"
+        if threads > 1:
+            s.thread_count = threads
+        k = 0
+        for i, frame in enumerate(c.decode(s)):  # frames come out in presentation order
+            if i == uniq[k]:
+                out.append(frame.to_ndarray(format="rgb24"))
+                k += 1
+                if k == len(uniq):
+                    break
+    if k < len(uniq):
+        raise SampleError("video_short", f"frame {int(uniq[k])} requested, the stream has {i + 1 if out else 0}")
+    return np.stack(out)
 
 
 def crop_box(width: int, height: int, out_h: int, out_w: int, center) -> tuple[int, int, int, int]:
@@ -133,7 +163,8 @@ def _npy(members: dict, name: str, n_frames: int) -> np.ndarray:
 
 
 def build_sample(members: dict[str, bytes], ps: PlannedSample, height: int, width: int, groups, render_cfg, *,
-                 face_crops: bool, face_size: int = schema.FACE_CROP_SIZE, decode_threads: int = 1) -> Sample:
+                 face_crops: bool, face_size: int = schema.FACE_CROP_SIZE, decode_threads: int = 1,
+                 decoder: str = "decord") -> Sample:
     """Decode, crop and render one planned sample; raises :class:`SampleError` with a skip reason."""
     import cv2
 
@@ -162,7 +193,7 @@ def build_sample(members: dict[str, bytes], ps: PlannedSample, height: int, widt
     transform = render.crop_resize_transform(box, (height, width))
 
     wanted = np.unique(np.append(idx, ps.primary_frame))  # sorted, so decord only seeks forward
-    frames = decode_frames(members[VIDEO.member], wanted, decode_threads)
+    frames = decode_frames(members[VIDEO.member], wanted, decode_threads, decoder)
     if frames.shape[1:3] != (clip_h, clip_w):
         raise SampleError("meta_mismatch", f"video is {frames.shape[2]}x{frames.shape[1]}, meta.json says {clip_w}x{clip_h}")
     at = {int(f): i for i, f in enumerate(wanted)}
@@ -209,7 +240,7 @@ def build_sample(members: dict[str, bytes], ps: PlannedSample, height: int, widt
     faces = None
     if face_crops and "face" in groups:
         try:
-            faces = decode_frames(members[FACE.member], idx, decode_threads)
+            faces = decode_frames(members[FACE.member], idx, decode_threads, decoder)
         except SampleError as e:
             raise SampleError("face_" + e.reason.split("_", 1)[1], f"{FACE.member}: {e}") from None
         if faces.shape[1:3] != (face_size, face_size):  # the model's crop size differs from the stored one

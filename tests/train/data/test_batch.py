@@ -193,3 +193,13 @@ def test_references(batches, stored):
             for j in range(b.num_refs):
                 if not b.ref_valid[i, j]:  # padding repeats the primary
                     assert torch.equal(b.ref_images[i, j], b.ref_images[i, 0])
+
+
+def test_pyav_decoder_gives_the_same_batches(make_loader, batches):
+    """data.workers.decoder=pyav (cheaper here) reads the same frames as decord."""
+    _, ref = batches
+    got = take(make_loader("data.workers.num_workers=0", "data.workers.decoder=pyav"), 4)
+    for a, b in zip(ref, got):
+        assert a.keys == b.keys and torch.equal(a.frame_index, b.frame_index)
+        assert (a.video.float() - b.video.float()).abs().mean() < 2.0
+        assert (a.face_crops.float() - b.face_crops.float()).abs().mean() < 2.0
