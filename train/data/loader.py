@@ -306,6 +306,10 @@ def build_loader(cfg: DataConfig, model_cfg, *, rank: int = 0, world_size: int =
     if missing:
         raise DataConfigError(f"the dataset has no {missing} fields (its dataset.json lists {groups}); rerun "
                               "preprocessing with those annotators or drop them from data.source.require_groups")
+    have = groups if groups is not None else list(cfg.source.require_groups)
+    if cfg.face_crops and "face" not in have:
+        raise DataConfigError(f"data.face_crops=true needs face crops, but the dataset's groups are {have} (with shard "
+                              "URLs: add face to data.source.require_groups); stage 1 runs with data.face_crops=false")
     if cfg.workers.start_method == "forkserver" and cfg.workers.num_workers:
         import multiprocessing
 

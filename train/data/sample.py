@@ -180,7 +180,10 @@ def build_sample(members: dict[str, bytes], ps: PlannedSample, height: int, widt
     idx = np.asarray(ps.frame_index, dtype=np.int64)
     if idx[-1] >= n or ps.primary_frame >= n:
         raise SampleError("meta_mismatch", f"meta.json says {n} frames; the plan (from the stats) needs frame {idx[-1]}")
-    arr = {name: _npy(members, name, n) for g in groups for name in NEEDED_NPY.get(g, ())}
+    # the groups the dataset declares, plus any other whose members are all there (shard URLs without a
+    # dataset.json: hands are drawn when the shards have them)
+    present = [g for g, names in NEEDED_NPY.items() if g in groups or all(members.get(F(x).member) for x in names)]
+    arr = {name: _npy(members, name, n) for g in present for name in NEEDED_NPY[g]}
 
     # crop: centred on the subject over the sampled frames (the whole frame's centre when it is not found)
     center = (clip_w / 2, clip_h / 2)
