@@ -26,7 +26,8 @@ class DreamActorBatch:
     ref_valid      (B, R)                     bool    False: slot repeats the primary (sample had fewer)
     skeleton_maps  (B, 3, T, H, W)            uint8   skeleton map of every frame (models.render)
     head_sphere_maps (B, 3, T, H, W)          uint8   head-sphere map of every frame (models.render)
-    pose_maps      (B, 6, T, H, W)            uint8   property: [skeleton_maps ; head_sphere_maps]
+    pose_maps      (B, 6, T, H, W)            uint8   None from the loader; a caller may give the concatenated
+                                                      maps instead of the two above (synthetic batches)
     face_crops     (B, T, 3, 224, 224)        uint8   face crops of the driving frames; None if not loaded
     face_valid     (B, T)                     bool    a face was found in the frame
     body_valid     (B, T)                     bool    the main subject (body) was found in the frame
@@ -53,8 +54,6 @@ class DreamActorBatch:
     video: torch.Tensor | None
     ref_images: torch.Tensor | None
     ref_valid: torch.Tensor
-    skeleton_maps: torch.Tensor
-    head_sphere_maps: torch.Tensor
     face_crops: torch.Tensor | None
     face_valid: torch.Tensor
     body_valid: torch.Tensor
@@ -64,6 +63,9 @@ class DreamActorBatch:
     frame_index: torch.Tensor
     fps: torch.Tensor
     crop_transform: torch.Tensor
+    skeleton_maps: torch.Tensor | None = None
+    head_sphere_maps: torch.Tensor | None = None
+    pose_maps: torch.Tensor | None = None
     video_latents: torch.Tensor | None = None
     ref_latents: torch.Tensor | None = None
     cursor: dict = field(default_factory=dict)
@@ -77,19 +79,24 @@ class DreamActorBatch:
         return len(self.keys)
 
     @property
+    def _maps(self) -> torch.Tensor:
+        return self.skeleton_maps if self.pose_maps is None else self.pose_maps
+
+    @property
     def num_frames(self) -> int:
         """Frames per clip (T)."""
-        return int(self.skeleton_maps.shape[2])
+        return int(self._maps.shape[2])
 
     @property
     def resolution(self) -> tuple[int, int]:
         """Bucket (H, W) in pixels."""
-        return int(self.skeleton_maps.shape[3]), int(self.skeleton_maps.shape[4])
+        return int(self._maps.shape[3]), int(self._maps.shape[4])
 
-    @property
-    def pose_maps(self) -> torch.Tensor:
-        """(B, 6, T, H, W) uint8: [skeleton ; head sphere], the pose encoder's input (paper 3.2); a new
-        tensor on the batch's device (move the batch first)."""
+    def pose_map_tensor(self) -> torch.Tensor:
+        """(B, 6, T, H, W) uint8: [skeleton ; head sphere], the pose encoder's input (paper 3.2), built on the
+        batch's device (move the batch first)."""
+        if self.pose_maps is not None:
+            return self.pose_maps
         return torch.cat([self.skeleton_maps, self.head_sphere_maps], dim=1)
 
     @property
@@ -138,7 +145,7 @@ class DreamActorBatch:
         """The conditioning inputs of ``DreamActor.forward`` in its layouts: ``pose_maps`` in [0, 1],
         ``face_crops`` in [-1, 1], ``face_valid``, ``drop_ref``, ``drop_motion``. The trainer adds
         ``noisy_latents``, ``timesteps`` and ``ref_latents`` (from the VAE or the precomputed latents)."""
-        out = {"pose_maps": self.pose_maps.to(dtype).div_(255.0), "face_valid": self.face_valid,
+        out = {"pose_maps": self.pose_map_tensor().to(dtype).div_(255.0), "face_valid": self.face_valid,
                "drop_ref": self.drop_ref, "drop_motion": self.drop_motion}
         if self.face_crops is not None:
             out["face_crops"] = self.face_crops.to(dtype).div_(127.5).sub_(1.0)

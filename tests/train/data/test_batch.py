@@ -38,7 +38,7 @@ def test_every_field_has_its_dtype_and_shape(batches, model_cfg):
             "epoch": ((n,), torch.int64), "video": ((n, 3, t, h, w), torch.uint8),
             "ref_images": ((n, r, 3, h, w), torch.uint8), "ref_valid": ((n, r), torch.bool),
             "skeleton_maps": ((n, 3, t, h, w), torch.uint8), "head_sphere_maps": ((n, 3, t, h, w), torch.uint8),
-            "pose_maps": ((n, 6, t, h, w), torch.uint8), "face_crops": ((n, t, 3, s, s), torch.uint8),
+            "face_crops": ((n, t, 3, s, s), torch.uint8),
             "face_valid": ((n, t), torch.bool), "body_valid": ((n, t), torch.bool), "head_valid": ((n, t), torch.bool),
             "drop_ref": ((n,), torch.bool), "drop_motion": ((n,), torch.bool), "frame_index": ((n, t), torch.int64),
             "fps": ((n,), torch.float32), "crop_transform": ((n, 3, 3), torch.float32),
@@ -53,7 +53,8 @@ def test_every_field_has_its_dtype_and_shape(batches, model_cfg):
         assert torch.all(b.frame_index[:, 1:] > b.frame_index[:, :-1])
         assert torch.allclose(b.fps, torch.full((n,), 25.0))
         assert b.skeleton_maps.amax() > 0 and b.head_sphere_maps.amax() > 0 and b.video.float().std() > 10
-        assert torch.equal(b.pose_maps, torch.cat([b.skeleton_maps, b.head_sphere_maps], 1))
+        assert b.pose_maps is None and torch.equal(b.pose_map_tensor(), torch.cat([b.skeleton_maps, b.head_sphere_maps], 1))
+        assert b.pose_map_tensor().shape == (n, 6, t, h, w)
         assert b.video.is_contiguous(memory_format=torch.channels_last_3d)
         inputs = b.model_inputs()
         assert inputs["pose_maps"].dtype == torch.float32 and 0 <= inputs["pose_maps"].min() <= inputs["pose_maps"].max() <= 1
