@@ -10,6 +10,7 @@ raised. The driver only sees small events (video finished, part committed) for p
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -185,12 +186,7 @@ def sink_batch(batch: dict, run_id: str, n_writers: int, namespace: str) -> dict
         refs.append(_WRITERS[name].add.remote(rs))
     for evs in ray.get(refs):
         events.extend(evs)
-    return {"event": np.array([str(_json(e)) for e in events], dtype=object)}
-
-
-def _json(e: dict) -> str:
-    import json
-    return json.dumps(e, default=float)
+    return {"event": np.array([json.dumps(e, default=float) for e in events], dtype=object)}
 
 
 # ---------------------------------------------------------------- driver
@@ -350,7 +346,6 @@ def run(cfg: PreprocessConfig, inputs: list[InputFile]) -> int:
                                                        namespace=cfg.ray.namespace),
                             batch_size=s["sink"].batch_size, num_cpus=s["sink"].num_cpus, batch_format="numpy")
         progress = Progress(todo, cfg.progress_interval_s)
-        import json
         t_stream = time.time()
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             for e in batch["event"]:
