@@ -63,8 +63,10 @@ def main() -> None:
     ap.add_argument("--height", type=int, default=480)
     ap.add_argument("--width", type=int, default=832)
     ap.add_argument("--refs", type=int, default=3)
-    ap.add_argument("--ckpt-blocks", type=int, default=-1, help="DiT blocks under activation checkpointing (-1 all)")
-    ap.add_argument("--compile", action="store_true", help="train.compile_blocks=true")
+    ap.add_argument("--ckpt-blocks", default="auto",
+                    help="DiT blocks under activation checkpointing: auto (the trainer's policy), -1 all, 0 none, N")
+    ap.add_argument("--compile", default="auto", choices=["auto", "true", "false"],
+                    help="train.compile_blocks (auto: on for CUDA + ZeRO-2, the trainer's default)")
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--checkpoint", action="store_true", help="also time a checkpoint save + load")
@@ -80,7 +82,8 @@ def main() -> None:
     from train.checkpoint import Checkpointer
     from train.config import to_job
     from train.ema import ShardedEMA
-    from train.engine import initialize
+    from train.engine import initialize, set_activation_budget
+    from train.guard import UpdateGuard
     from train.metrics import device_peak_tflops
     from train.step import FlowMatchingStep
 
@@ -88,7 +91,7 @@ def main() -> None:
     with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
         cfg = compose("train", [f"model={args.preset}", f"launch={args.launch}", f"zero={args.zero}", f"stage={args.stage}",
                                 "model.weights.required=false", f"model.dit.activation_checkpointing={args.ckpt_blocks}",
-                                f"train.compile_blocks={str(args.compile).lower()}", *args.overrides])
+                                f"train.compile_blocks={args.compile}", *args.overrides])
     job = to_job(cfg)
     dist = distributed.setup(job.launch, job.train.seed)
     with torch.device(dist.device):  # random init straight on the GPU (a real run loads weights on the host)
@@ -102,7 +105,11 @@ def main() -> None:
         model.compile_blocks()
     engine = initialize(model, job)
     named = dict(engine.module.named_parameters())
-    ema = ShardedEMA([(n, p) for n, p in named.items() if p.requires_grad], job.train.ema.decay, dist.rank)
+    trainable = [(n, p) for n, p in named.items() if p.requires_grad]
+    ema = ShardedEMA(trainable, job.train.ema.decay, dist.rank)
+    # the trainer's guard: every step's update must be applied (a figure from skipped updates is no figure)
+    guard = UpdateGuard(engine, trainable, max_consecutive=10**9, world_size=dist.world_size)
+    budget = set_activation_budget(engine, job, dist)
     step_fn = FlowMatchingStep(job, vae=None, device=dist.device, rank=dist.rank)
     host_batch = synthetic_batch(model, args.batch, args.frames, args.height, args.width, args.refs)
     peak = device_peak_tflops(job.launch.peak_tflops, dist.device)
@@ -110,7 +117,7 @@ def main() -> None:
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    times, parts, result = [], [], {}
+    times, parts, result, health_log = [], [], {}, []
     for i in range(args.warmup + args.steps):
         sync()
         t = [time.perf_counter()]
@@ -121,10 +128,17 @@ def main() -> None:
         engine.backward(out.loss)
         sync()
         t.append(time.perf_counter())
+        health = guard.before_step(i + 1)
         engine.step()
+        guard.after_step(health)
         sync()
         t.append(time.perf_counter())
-        ema.update()
+        ds_norm = engine.get_global_grad_norm()
+        health_log.append({"step": i + 1, "grad_norm": health.grad_norm,
+                           "deepspeed_grad_norm": None if ds_norm is None else float(ds_norm), "finite": health.finite,
+                           "applied": health.applied, "bad_groups": health.bad_groups})
+        if health.applied:
+            ema.update()
         sync()
         t.append(time.perf_counter())
         if i >= args.warmup:
@@ -132,7 +146,8 @@ def main() -> None:
             parts.append([t[k + 1] - t[k] for k in range(4)])
         if dist.is_main:
             print(f"step {i + 1}: {t[4] - t[0]:.3f} s (fwd {t[1] - t[0]:.3f} bwd {t[2] - t[1]:.3f} "
-                  f"opt {t[3] - t[2]:.3f} ema {t[4] - t[3]:.3f}) loss {out.loss.item():.4f}", flush=True)
+                  f"opt {t[3] - t[2]:.3f} ema {t[4] - t[3]:.3f}) loss {out.loss.item():.4f} "
+                  f"grad norm {health.grad_norm:.4g} update {'applied' if health.applied else 'SKIPPED'}", flush=True)
     med = statistics.median(times)
     world = dist.world_size
     tflops = out.flops / med / 1e12
@@ -143,7 +158,12 @@ def main() -> None:
         forward_backward_step_ema_s=[statistics.median(x) for x in zip(*parts)],
         samples_per_s=args.batch * world / med, tokens_per_s=out.tokens * world / med, tflops_per_gpu=tflops,
         mfu=tflops / peak if peak else None, peak_tflops=peak,
-        peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else None, date=time.strftime("%Y-%m-%d"))
+        peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else None, date=time.strftime("%Y-%m-%d"),
+        checkpointed_blocks=model.dit.checkpointed_blocks(args.batch, out.tokens // args.batch,
+                                                          args.frames * args.height * args.width),
+        activation_budget_gib=None if budget is None else budget / 2**30, steps=health_log,
+        updates="applied" if all(h["applied"] for h in health_log) else
+        f"SKIPPED {sum(not h['applied'] for h in health_log)} of {len(health_log)}")
     if args.profile and dist.is_main:
         from torch.profiler import ProfilerActivity, profile
 

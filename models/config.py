@@ -37,12 +37,20 @@ class DiTConfig:
     rope_theta: float
     timestep_scale: float  # sigma in [0, 1] -> Wan timestep in [0, 1000]
     attention_backends: tuple[str, ...]  # SDPA backends in priority order; () = PyTorch's choice
-    activation_checkpointing: int  # blocks (from the first) run under checkpointing; 0 off, -1 all
+    # blocks (from the first) run under activation checkpointing: 0 off, -1 all, auto: the fewest that fit the
+    # GPU memory for each batch's token count (models.dit.checkpoint_plan; no checkpointing where it fits)
+    activation_checkpointing: int | str
 
     @property
     def dim(self) -> int:
         """Token width."""
         return self.num_heads * self.head_dim
+
+    def __post_init__(self):
+        ac = self.activation_checkpointing
+        if isinstance(ac, bool) or not (ac == "auto" or (isinstance(ac, int) and ac >= -1)):
+            raise ValueError(f"model.dit.activation_checkpointing must be auto, -1 (every block), 0 (none) or a "
+                             f"number of blocks, got {ac!r}")
 
 
 @dataclass(frozen=True)
@@ -159,7 +167,13 @@ def _build(tp, value, path: str):
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _build(inner[0], value, path)
+        errors = []
+        for a in inner:
+            try:
+                return _build(a, value, path)
+            except (TypeError, ValueError, KeyError) as e:
+                errors.append(str(e))
+        raise TypeError(f"{path}: {value!r} is none of {[getattr(a, '__name__', str(a)) for a in inner]}: {errors}")
     if origin is tuple:
         items = list(value)
         if len(args) == 2 and args[1] is Ellipsis:

@@ -83,8 +83,25 @@ class DiTBlock(nn.Module):
         parts = a.split([x.shape[1] for x in xs], dim=1)
         return [(x.float() + p * m[2]).type_as(x) for x, p, m in zip(xs, parts, mods)], mods
 
-    def forward(self, x_ref, x_vid, e_ref, e_vid, rope, context, image_context, face_tokens, motion_keep):
-        """One block on the reference stream (B, Nr, D) and the video stream (B, Nv, D)."""
+    def forward(self, *args, checkpointed: bool = False, ref_out: bool = True):
+        """One block (see :meth:`block`), its activations recomputed in backward when ``checkpointed``.
+
+        The checkpoint sits inside the block's forward so that ``torch.compile`` of the block traces it
+        (Dynamo's activation-checkpoint operator; the recompute is part of the compiled backward and the
+        partitioner sees it), the arrangement torchtitan uses, rather than a compiled graph re-run from an
+        outer ``torch.utils.checkpoint``.
+        """
+        if checkpointed and torch.is_grad_enabled():
+            return checkpoint(self.block, *args, ref_out=ref_out, use_reentrant=False)
+        return self.block(*args, ref_out=ref_out)
+
+    def block(self, x_ref, x_vid, e_ref, e_vid, rope, context, image_context, face_tokens, motion_keep,
+              ref_out: bool = True):
+        """One block on the reference stream (B, Nr, D) and the video stream (B, Nv, D).
+
+        ``ref_out=False`` (the last block) returns ``(None, x_vid)``: nothing reads the reference stream after
+        the last block, so its modulated MLP is not run (the references' keys and values still serve this
+        block's attention)."""
         xs = [x_ref, x_vid] if x_ref.shape[1] else [x_vid]
         es = [e_ref, e_vid] if x_ref.shape[1] else [e_vid]
         xs, mods = self._self_attention(xs, es, rope)
@@ -100,19 +117,61 @@ class DiTBlock(nn.Module):
                                query_groups=groups)
             x_vid = x_vid + (f if motion_keep is None else f * motion_keep)
         xs[-1] = x_vid
+        if not ref_out:
+            xs, mods = xs[-1:], mods[-1:]
         out = []
         for x, m in zip(xs, mods):
             h = _modulate(self.norm3(x), m[3], m[4]).type_as(x)
             out.append((x.float() + self.ffn(h).float() * m[5]).type_as(x))
+        if not ref_out:
+            return None, out[-1]
         return (out[0] if len(out) == 2 else x_ref), out[-1]
+
+
+# Activation memory of one DiT block per token, bf16, in bytes: ``a * dim + f * ffn_dim`` (the saved inputs of the
+# projections, attention outputs and statistics, fp32 norm inputs, the MLP's hidden activations). Calibrated
+# on an H200 (docs/performance.md, wan1_3b: 2.47 GiB per block at 24,960 tokens and 2.3-2.6 GiB from the model
+# step, 7.25 GiB at 81,600 tokens; compiled blocks); eager blocks keep ~1.27x that (unfused elementwise).
+BLOCK_BYTES_PER_TOKEN = (36, 6)
+EAGER_FACTOR = 1.27
+# Activations outside the blocks that scale with pixels (the pose encoder runs at full resolution), bytes per
+# pixel per channel of its first stage (195 B/pixel measured at 16 channels).
+ENCODER_BYTES_PER_PIXEL_CHANNEL = 12
+
+
+def block_activation_bytes(cfg: DiTConfig, tokens: int, compiled: bool) -> int:
+    """Estimated activation bytes one un-checkpointed block keeps for backward over ``tokens`` tokens."""
+    a, f = BLOCK_BYTES_PER_TOKEN
+    per_token = a * cfg.dim + f * cfg.ffn_dim
+    return int(tokens * per_token * (1.0 if compiled else EAGER_FACTOR))
+
+
+def checkpoint_plan(cfg: DiTConfig, batch: int, tokens: int, pixels: int, budget_bytes: int, compiled: bool,
+                    encoder_channels: int = 16) -> int:
+    """The fewest blocks to checkpoint so that the activations of a batch fit ``budget_bytes``.
+
+    ``tokens`` and ``pixels`` are per sample. A checkpointed block keeps only its two input streams (bf16);
+    while one block is recomputed in backward its full activations live once more. Returns 0 when everything
+    fits (the fastest: no recomputation) and every block when even that does not fit (the caller's memory
+    will tell)."""
+    n = cfg.num_layers
+    block = batch * block_activation_bytes(cfg, tokens, compiled)
+    saved_inputs = batch * tokens * cfg.dim * 2 * 2
+    encoders = batch * pixels * ENCODER_BYTES_PER_PIXEL_CHANNEL * encoder_channels
+    for k in range(n + 1):
+        need = encoders + (n - k) * block + k * saved_inputs + (block if k else 0)
+        if need <= budget_bytes:
+            return k
+    return n
 
 
 class DiT(nn.Module):
     """The DreamActor DiT; see the module docstring for the token layout and block structure."""
 
-    def __init__(self, cfg: DiTConfig, pose_channels: int):
+    def __init__(self, cfg: DiTConfig, pose_channels: int, pose_encoder_channels: int = 16):
         super().__init__()
         self.cfg = cfg
+        self.encoder_channels = pose_encoder_channels
         d = cfg.dim
         if cfg.patch_size[0] != 1:
             raise ValueError("reference frames are single latent frames: patch_size[0] must be 1")
@@ -134,6 +193,12 @@ class DiT(nn.Module):
         self.norm_out = FP32LayerNorm(d, cfg.eps, elementwise_affine=False)
         self.proj_out = nn.Linear(d, cfg.latent_channels * cfg.patch_size[0] * cfg.patch_size[1] * cfg.patch_size[2])
         self.head_modulation = nn.Parameter(torch.randn(1, 2, d) / d**0.5)
+        # activation_checkpointing=auto: the activation memory this model may use (set by the trainer from the
+        # GPU's memory, see checkpoint_plan); None = unlimited (no checkpointing). Pixels per latent cell: the
+        # pose encoder runs at full resolution, its activations scale with pixels, not tokens.
+        self.activation_budget_bytes: int | None = None
+        self.pixels_per_latent_cell = 1
+        self.compiled = False
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -160,6 +225,17 @@ class DiT(nn.Module):
             for attn in (b.ref_attn, b.face_attn):
                 nn.init.zeros_(attn.to_out.weight)
                 nn.init.zeros_(attn.to_out.bias)
+
+    def checkpointed_blocks(self, batch: int, tokens: int, pixels: int) -> int:
+        """How many blocks (from the first) run under activation checkpointing for this batch."""
+        n = len(self.blocks)
+        ac = self.cfg.activation_checkpointing
+        if ac != "auto":
+            return n if ac < 0 else min(ac, n)
+        if self.activation_budget_bytes is None or not torch.is_grad_enabled():
+            return 0
+        return checkpoint_plan(self.cfg, batch, tokens, pixels, self.activation_budget_bytes, self.compiled,
+                               self.encoder_channels)
 
     def timestep_embedding(self, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B,) sigma in [0, 1] -> fp32 embedding (B, D) and 6-way modulation (B, 6, D)."""
@@ -224,13 +300,10 @@ class DiT(nn.Module):
         if face_tokens is not None:
             face_tokens = face_tokens.to(dtype)
 
-        n_ckpt = len(self.blocks) if cfg.activation_checkpointing < 0 else cfg.activation_checkpointing
+        n_ckpt = self.checkpointed_blocks(b, n_ref * gh * gw + gt * gh * gw, t * h * w * self.pixels_per_latent_cell)
         for i, block in enumerate(self.blocks):
             args = (x_ref, x_vid, e_ref, e_vid, rope, context, image_context, face_tokens, keep)
-            if i < n_ckpt and torch.is_grad_enabled():
-                x_ref, x_vid = checkpoint(block, *args, use_reentrant=False)
-            else:
-                x_ref, x_vid = block(*args)
+            x_ref, x_vid = block(*args, checkpointed=i < n_ckpt, ref_out=i < len(self.blocks) - 1)
 
         shift, scale = (self.head_modulation + temb[:, None]).chunk(2, dim=1)
         out = self.proj_out(_modulate(self.norm_out(x_vid), shift, scale).type_as(x_vid))

@@ -59,7 +59,8 @@ class DreamActor(nn.Module):
         tc, sc = cfg.vae.temporal_compression, cfg.vae.spatial_compression
         self.pose_encoder = PoseEncoder(cfg.pose_encoder, tc, sc)
         self.face_encoder = FaceMotionEncoder(cfg.face_encoder, cfg.dit.dim, tc)
-        self.dit = DiT(cfg.dit, cfg.pose_encoder.out_channels)
+        self.dit = DiT(cfg.dit, cfg.pose_encoder.out_channels, cfg.pose_encoder.channels[0])
+        self.dit.pixels_per_latent_cell = tc * sc * sc
 
     @classmethod
     def from_config(cls, cfg: ModelConfig, load_weights: bool = True) -> DreamActor:
@@ -137,11 +138,21 @@ class DreamActor(nn.Module):
             cond = torch.cat([m.expand(b, n_mask, t, h, w), cond_latents * m], dim=1)
         return self.dit(noisy_latents, timesteps, ref_latents, pose_features, face_tokens, cond, keep)
 
-    def compile_blocks(self) -> None:
+    def compile_blocks(self, mix_order_reduction: bool = False) -> None:
         """``torch.compile`` each DiT block (fuses the fp32 norm/modulation/RoPE elementwise work; one graph
-        serves all blocks). Measured on an H100: 2.21 -> 1.83 s per 1.3B step (docs/performance.md)."""
+        serves all blocks, one more for checkpointed blocks: the checkpoint is traced inside the compiled block,
+        see ``DiTBlock.forward``). Measured on an H100: 2.21 -> 1.83 s per 1.3B step (docs/performance.md).
+
+        Inductor's mix-order reduction (on by default on CUDA since PyTorch 2.10) fuses the LayerNorm backward
+        with the reduction of the adaLN shift/scale gradients and computes them wrong for Wan's shared
+        modulation table once a block sees more than ~16k tokens (pytorch/pytorch#193061): measured on an
+        H200 with wan1_3b blocks at 49x480x832, gradients 20-70x too large in the modulation tables and the
+        timestep embedding, non-finite from step 2 under checkpointing, while every CPU test agreed. It stays
+        off unless ``mix_order_reduction`` (for the regression check in bench/grad_agreement.py)."""
+        options = {"triton.mix_order_reduction": bool(mix_order_reduction)}
         for block in self.dit.blocks:
-            block.compile()
+            block.compile(options=options)
+        self.dit.compiled = True
 
     # ------------------------------------------------------------------ stages and accounting
 

@@ -57,6 +57,15 @@ class SampleConfig:
 
 
 @dataclass
+class GuardConfig:
+    """``train.guard``: non-finite gradients are counted, logged and stop the run (train/guard.py)."""
+
+    max_consecutive_nonfinite: int
+    poison_steps: list[int]  # fault injection: these steps' gradients of poison_group become NaN
+    poison_group: str
+
+
+@dataclass
 class TrainSection:
     """``train.*``: the loop, the optimizer, checkpoints and logs."""
 
@@ -64,13 +73,14 @@ class TrainSection:
     seed: int
     resume: str  # auto | none | a checkpoint directory
     grad_accum: int
-    compile_blocks: bool
+    compile_blocks: Any  # auto (on for CUDA + ZeRO-2) | true | false; a bool after to_job
     continuation_prob: float  # share of samples given their first latent frame as the I2V condition
     optimizer: OptimizerConfig
     ema: EMAConfig
     checkpoint: CheckpointConfig
     log: LogConfig
     sample: SampleConfig
+    guard: GuardConfig
 
 
 @dataclass
@@ -159,6 +169,8 @@ def to_job(cfg: DictConfig) -> TrainJob:
         data=data_config(resolved["data"]),
         resolved=resolved,
     )
+    if job.train.compile_blocks == "auto":
+        job.train.compile_blocks = job.launch.device == "cuda" and job.zero.stage == 2
     check(job)
     return job
 
@@ -188,6 +200,14 @@ def check(job: TrainJob) -> None:
         raise TrainConfigError("launch.backend=nccl needs launch.device=cuda")
     if la.precision not in ("fp32", "bf16"):
         raise TrainConfigError(f"launch.precision must be fp32 or bf16, got {la.precision}")
+    if not isinstance(t.compile_blocks, bool):
+        raise TrainConfigError(f"train.compile_blocks must be auto, true or false, got {t.compile_blocks!r}")
+    if t.guard.max_consecutive_nonfinite < 1:
+        raise TrainConfigError("train.guard.max_consecutive_nonfinite must be >= 1")
+    from models.dreamactor import PARAM_GROUPS
+
+    if t.guard.poison_group not in PARAM_GROUPS:
+        raise TrainConfigError(f"train.guard.poison_group must be one of {list(PARAM_GROUPS)}, got {t.guard.poison_group!r}")
     if t.compile_blocks and z.stage != 2:
         raise TrainConfigError("train.compile_blocks needs zero.stage=2 (ZeRO-3 fetches parameters in module hooks)")
     if t.grad_accum < 1:

@@ -123,3 +123,30 @@ def align_buffer_dtypes(module: torch.nn.Module) -> None:
         for name, buf in list(m.named_buffers(recurse=False)):
             if buf is not None and buf.is_floating_point() and buf.dtype != dtype:
                 m._buffers[name] = buf.to(dtype)
+
+
+# GPU memory kept free of activations: allocator fragmentation, cuDNN/cuBLAS workspaces, the loss and the
+# encoders' temporaries: max(6% of the card, 6 GiB).
+RESERVE_FRACTION, RESERVE_MIN = 0.06, 6 * 2**30
+
+
+def set_activation_budget(engine, job: TrainJob, dist) -> int | None:
+    """``model.dit.activation_checkpointing=auto``: give the DiT the bytes its activations may use, so that it
+    checkpoints the fewest blocks that fit each batch (``models.dit.checkpoint_plan``). Call after the engine and
+    the EMA exist. What is not allocated yet is counted in: the Adam moments (allocated at the first step,
+    8 bytes per trainable parameter on this rank's partition) and the full bf16/fp32 gradients of one backward
+    before ZeRO reduces them. Returns the budget, or None (not auto, or not on a GPU: no checkpointing)."""
+    dit = engine.module.dit
+    if job.model.dit.activation_checkpointing != "auto" or dist.device.type != "cuda":
+        return None
+    total = torch.cuda.get_device_properties(dist.device).total_memory
+    trainable = sum(p.numel() for p in engine.module.parameters() if p.requires_grad)
+    grad_bytes = trainable * (2 if job.launch.precision == "bf16" else 4)
+    state = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    pending = 0 if getattr(state, "state", None) else 8 * trainable // dist.world_size
+    if job.zero.offload_optimizer != "none":
+        pending = 0
+    reserve = max(RESERVE_FRACTION * total, RESERVE_MIN)
+    budget = int(total - reserve - torch.cuda.memory_allocated(dist.device) - pending - grad_bytes)
+    dit.activation_budget_bytes = max(budget, 0)
+    return dit.activation_budget_bytes

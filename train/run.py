@@ -40,9 +40,14 @@ def main(dcfg: DictConfig) -> None:
     if not dist.is_main:
         logging.getLogger().setLevel(logging.WARNING)
     try:
+        from train.guard import NonFiniteGradients
         from train.trainer import Trainer
 
-        code = Trainer(job, dist).fit()
+        try:
+            code = Trainer(job, dist).fit()
+        except NonFiniteGradients as e:
+            log.error("rank %d: %s", dist.rank, e)
+            code = 4
     finally:
         distributed.shutdown()
     sys.exit(code)

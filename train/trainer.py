@@ -19,7 +19,8 @@ from . import checkpoint as ckpt
 from .config import TrainJob
 from .distributed import Dist, rng_state, set_rng_state
 from .ema import ShardedEMA
-from .engine import initialize
+from .engine import initialize, set_activation_budget
+from .guard import StepHealth, UpdateGuard
 from .metrics import MetricLogger, StepStats, device_peak_tflops
 from .stages import build_model, describe, frozen_signature, trainable_names
 from .step import FlowMatchingStep, build_vae, counter_seed
@@ -54,7 +55,14 @@ class Trainer:
             self.checkpointer.load(self.engine, resume_dir, universal)
         named = dict(self.engine.module.named_parameters())
         self.ema = ShardedEMA([(n, named[n]) for n in self.trainable], job.train.ema.decay, dist.rank)
+        g = job.train.guard
+        self.guard = UpdateGuard(self.engine, [(n, named[n]) for n in self.trainable], g.max_consecutive_nonfinite,
+                                 g.poison_steps, g.poison_group, dist.world_size)
         self.step = int(self.engine.global_steps)
+        budget = set_activation_budget(self.engine, job, dist)
+        if budget is not None and dist.is_main:
+            log.info("activation checkpointing: auto, %.1f GiB for activations (the fewest checkpointed blocks that "
+                     "fit, per batch)", budget / 2**30)
         if resume_dir is not None:
             self._restore(resume_dir, universal)
         self.peak_tflops = device_peak_tflops(job.launch.peak_tflops, dist.device)
@@ -103,6 +111,7 @@ class Trainer:
         self.ema.load_shard_files(files if universal else [tag_dir / "trainer" / f"rank_{self.dist.rank:05d}.pt"])
         if own is not None:
             set_rng_state(own["rng"])
+            self.guard.load_state_dict(own.get("guard", {}))
         shared = self.checkpointer.load_shared_state(tag_dir)
         self.loader.load_state_dict(shared["data"])
         log.info("rank %d resumed from %s at step %d%s", self.dist.rank, tag_dir, self.step,
@@ -127,42 +136,25 @@ class Trainer:
         logger = MetricLogger(job.stage_dir, dist.is_main, job.train.log.tensorboard, job.train.log.progress_bar,
                               total, self.step)
         it = iter(self.loader)
-        kept_batch = None
+        self.kept_batch = None
         self.engine.train()
         try:
             while self.step < total:
                 step = self.step + 1
-                stats = StepStats()
-                keys = []
-                t0 = time.perf_counter()
-                for micro in range(job.train.grad_accum):
-                    td = time.perf_counter()
-                    batch = self._next_batch(it)
-                    stats.add(data_s=time.perf_counter() - td)
-                    if kept_batch is None and job.train.sample.every:
-                        kept_batch = batch
-                    if job.train.log.sample_keys:
-                        keys += [[int(e), k] for e, k in zip(batch.epoch.tolist(), batch.keys)]
-                    out = self.step_fn(self.engine, batch, step, micro)
-                    self.engine.backward(out.loss)
-                    self.engine.step()
-                    stats.add(loss_sum=out.loss.detach().float().item(), micro_steps=1, samples=out.samples,
-                              tokens=out.tokens, flops=out.flops)
-                if dist.device.type == "cuda":
-                    torch.cuda.synchronize(dist.device)
-                self.ema.update()
-                self.step = step
-                stats.add(step_s=time.perf_counter() - t0, stop=float(self.stop_requested))
+                stats, keys, health = self.train_step(it, step)
                 total_stats = stats.all_reduce(dist.device)
-                if step % job.train.log.every == 0 or step == total or total_stats["stop"]:
-                    self._log(logger, step, total_stats, keys)
+                if step % job.train.log.every == 0 or step == total or total_stats["stop"] or not health.applied:
+                    self._log(logger, step, total_stats, keys, health)
                 if job.train.sample.every and step % job.train.sample.every == 0:
-                    self._sample(logger, kept_batch, step)
+                    self._sample(logger, self.kept_batch, step)
+                good = self.guard.consecutive == 0  # no checkpoint of a step that applied no update
                 if total_stats["stop"]:
-                    self.save()
-                    log.warning("rank %d: stopped by a signal after step %d (checkpoint saved)", dist.rank, step)
+                    if good:
+                        self.save()
+                    log.warning("rank %d: stopped by a signal after step %d (%s)", dist.rank, step,
+                                "checkpoint saved" if good else "no checkpoint: the step applied no update")
                     return 0
-                if step % job.train.checkpoint.every == 0 or step == total:
+                if good and (step % job.train.checkpoint.every == 0 or step == total):
                     self.save()
             if job.train.checkpoint.export and dist.is_main:
                 from .export import export
@@ -172,6 +164,38 @@ class Trainer:
             return 0
         finally:
             logger.close()
+
+    def train_step(self, it, step: int) -> tuple[StepStats, list, StepHealth]:
+        """One optimizer step: ``train.grad_accum`` micro-batches through forward, backward and the guarded
+        DeepSpeed step, then the EMA (only when the update was applied)."""
+        job = self.job
+        stats = StepStats()
+        keys = []
+        health = None
+        t0 = time.perf_counter()
+        for micro in range(job.train.grad_accum):
+            td = time.perf_counter()
+            batch = self._next_batch(it)
+            stats.add(data_s=time.perf_counter() - td)
+            if self.kept_batch is None and job.train.sample.every:
+                self.kept_batch = batch
+            if job.train.log.sample_keys:
+                keys += [[int(e), k] for e, k in zip(batch.epoch.tolist(), batch.keys)]
+            out = self.step_fn(self.engine, batch, step, micro)
+            self.engine.backward(self.guard.poison(out.loss, step))
+            if micro == job.train.grad_accum - 1:
+                health = self.guard.before_step(step)
+            self.engine.step()
+            stats.add(loss_sum=out.loss.detach().float().item(), micro_steps=1, samples=out.samples,
+                      tokens=out.tokens, flops=out.flops)
+        self.guard.after_step(health)
+        if self.dist.device.type == "cuda":
+            torch.cuda.synchronize(self.dist.device)
+        if health.applied:
+            self.ema.update()
+        self.step = step
+        stats.add(step_s=time.perf_counter() - t0, stop=float(self.stop_requested))
+        return stats, keys, health
 
     def _next_batch(self, it):
         """The next loader batch; after a preemption signal a dead worker cannot deliver it."""
@@ -184,14 +208,17 @@ class Trainer:
                                  f"(resume=auto continues from the last periodic one)")
             raise
 
-    def _log(self, logger: MetricLogger, step: int, s: dict, keys: list) -> None:
+    def _log(self, logger: MetricLogger, step: int, s: dict, keys: list, health: StepHealth) -> None:
         """Gather the per-step numbers and skip counts, write one record (rank 0)."""
         world = self.dist.world_size
         step_s = s["step_s"] / world  # mean wall time of the step over ranks
         record = {
             "loss": s["loss_sum"] / max(1.0, s["micro_steps"]),
             "lr": float(self.engine.get_lr()[0]),
-            "grad_norm": _float(self.engine.get_global_grad_norm()),
+            # the guard's norm (before clipping); DeepSpeed's where the guard cannot reach the partitions
+            "grad_norm": _float(self.engine.get_global_grad_norm()) if math.isnan(health.grad_norm) else health.grad_norm,
+            "update_applied": int(health.applied),
+            **self.guard.counters(),
             "samples_per_s": s["samples"] / step_s,
             "tokens_per_s": s["tokens"] / step_s,
             "tflops": s["flops"] / step_s / 1e12 / world,  # achieved per device
@@ -239,7 +266,7 @@ class Trainer:
     def save(self) -> None:
         """Collective: a complete checkpoint of the current step."""
         data = self.loader.state_dict()  # collective: the cursor of every rank
-        rank_state = {"rng": rng_state(), "ema": self.ema.state_dict()}
+        rank_state = {"rng": rng_state(), "ema": self.ema.state_dict(), "guard": self.guard.state_dict()}
         shared = {"data": data, "step": self.step}
         meta = {"stage": self.job.stage.id, "model": self.job.model.name, "zero_stage": self.job.zero.stage,
                 "frozen_signature": self.frozen_signature, "ema_decay": self.job.train.ema.decay,

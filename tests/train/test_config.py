@@ -28,7 +28,8 @@ def test_production_defaults_are_the_papers():
     assert job.train.optimizer.lr == 5e-6  # paper 4.1
     assert [_job(f"stage={s}").stage.steps for s in ("pose", "face", "full")] == [12, 12, 12]  # launch=local
     assert [_job("launch=gpu", f"stage={s}").stage.steps for s in ("pose", "face", "full")] == [20000, 20000, 30000]
-    assert job.launch.precision == "bf16" and job.model.dit.activation_checkpointing == -1
+    assert job.launch.precision == "bf16" and job.model.dit.activation_checkpointing == "auto"
+    assert job.train.compile_blocks is True  # CUDA + ZeRO-2
 
 
 def test_deepspeed_config_zero2():
