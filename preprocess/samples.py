@@ -77,13 +77,16 @@ def render_motion(photo: np.ndarray, size: tuple[int, int], n: int, m: Motion) -
 
 
 def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float, *, crf: int = 16) -> Path:
-    """Write frames to an H.264 MP4 file (written to a temporary name, then renamed)."""
+    """Write frames to an H.264 MP4 file (written to a temporary name, then renamed).
+
+    One x264 thread: the sample media (and what the annotators find in it) is then the same file on
+    every machine, whatever its core count (video.encode_mp4)."""
     from .video import encode_mp4
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_bytes(encode_mp4(frames, fps, crf=crf, preset="medium"))
+    tmp.write_bytes(encode_mp4(frames, fps, crf=crf, preset="medium", threads=1))
     os.replace(tmp, path)
     return path
 

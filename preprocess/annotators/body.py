@@ -19,7 +19,7 @@ from ..schema import BODY_JOINT_NAMES, N_BODY, SHOT_SCALES
 from .backends import BodyBackend, BodyFrame
 from .common import BackendClipStage, finite_or_none, frac, timestamps_ms
 from .geometry import intrinsics, lift_to_rays, place_on_image, smooth_series
-from .tracking import main_subject
+from .tracking import distinct_people, main_subject
 
 _J = {n: i for i, n in enumerate(BODY_JOINT_NAMES)}
 _FEET = [_J[n] for n in ("left_ankle", "right_ankle", "left_heel", "right_heel", "left_big_toe", "right_big_toe")]
@@ -64,6 +64,7 @@ class BodyStage(BackendClipStage):
         box_pad: float = 0.15  # person box: visible joints' box grown by this fraction of its size per side
         track_min_iou: float = 0.2  # a detection continues a track when its box overlaps this much
         track_max_gap: int = 5  # frames a track may miss before it ends
+        same_person_dist: float = 0.15  # detections this close (tracking.distinct_people) are one person
         smooth_sigma: float = 1.0  # temporal Gaussian (frames) on 2D joints and depths; 0: off
 
     def setup(self) -> None:
@@ -88,10 +89,20 @@ class BodyStage(BackendClipStage):
             out[k] = np.clip([x0 - pad, y0 - pad, x1 + pad, y1 + pad], 0, [width, height, width, height])
         return out
 
+    def distinct(self, fr: BodyFrame, width: int, height: int) -> BodyFrame:
+        """The frame's detections less the duplicates of one person (tracking.distinct_people)."""
+        keep = distinct_people(fr.joints2d, fr.conf, self.person_boxes(fr, width, height),
+                               min_conf=self.params.min_conf, max_dist=self.params.same_person_dist)
+        if len(keep) == len(fr.conf):
+            return fr
+        return BodyFrame(joints2d=fr.joints2d[keep], joints3d=fr.joints3d[keep], conf=fr.conf[keep],
+                         boxes=None if fr.boxes is None else np.asarray(fr.boxes).reshape(-1, 4)[keep])
+
     def process(self, row: dict) -> dict:
         frames = row["frames"]
         T, H, W = frames.shape[:3]
-        people = self.backend.estimate(frames, timestamps_ms(row), self.continuity.new_sequence(row))
+        people = [self.distinct(fr, W, H) for fr in
+                  self.backend.estimate(frames, timestamps_ms(row), self.continuity.new_sequence(row))]
         boxes = [self.person_boxes(fr, W, H) for fr in people]
         main = main_subject(boxes, W, H, min_iou=self.params.track_min_iou, max_gap=self.params.track_max_gap)
         K = intrinsics(W, H, self.params.focal_ratio)

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from preprocess.annotators import geometry as g
-from preprocess.annotators.tracking import main_subject
+from preprocess.annotators.tracking import distinct_people, main_subject
 
 RNG = np.random.default_rng(0)
 
@@ -97,3 +97,50 @@ def test_main_subject_is_largest_central_and_kept_by_overlap():
         else:
             assert np.allclose(boxes[t][idx[t]], big + [3 * t, 0, 3 * t, 0])
     assert (main_subject([np.zeros((0, 4))] * 3, W, H) == -1).all()
+
+
+def _box(joints):
+    return np.r_[joints.min(0) - 2, joints.max(0) + 2]
+
+
+def test_a_person_detected_twice_is_one_person():
+    j, c = 20 + RNG.uniform(0, 50, (12, 2)), np.ones(12)  # a person's joints (~50 px), all sure
+    b = _box(j)
+    dup = j + RNG.normal(0, 1.5, j.shape)  # the same joints, a few px apart ...
+    dup[:3] += [25, 10]  # ... but for a few (an arm placed elsewhere), which widen its box
+    other = j + [0.3 * 50, 0]  # another person in the same pose, 30% of a body size away
+    joints, conf = np.stack([j, dup, other]), np.stack([c, c * 0.9, c])
+    boxes = np.stack([b, _box(dup), _box(other)])
+    assert distinct_people(joints, conf, boxes).tolist() == [0, 2]
+    conf[0] = 0.6  # the surer copy is the one kept
+    assert distinct_people(joints, conf, boxes).tolist() == [1, 2]
+    conf[0, :10] = 0.2  # too few joints both see: kept apart
+    assert distinct_people(joints, conf, boxes).tolist() == [0, 1, 2]
+    assert distinct_people(np.zeros((0, 12, 2)), np.zeros((0, 12)), np.zeros((0, 4))).tolist() == []
+
+
+# MediaPipe Pose on the test dataset's 96 px camera clip, frame 26: one person detected twice. Pelvis,
+# hips, neck, head, shoulders, elbows, wrists, eyes, nose, ears: x, y, confidence per detection.
+_TWICE = np.array([
+    [[8.7, 61.6, .80], [13.1, 60.5, .98], [4.2, 62.8, .80], [21.9, 32.5, .82], [34.3, 27.7, .91], [30.2, 32.1, .99],
+     [13.5, 33.0, .82], [38.7, 50.2, .52], [22.8, 56.6, .55], [45.4, 39.3, .49], [39.8, 42.2, .83], [40.3, 29.5, .97],
+     [38.6, 29.5, .92], [39.5, 32.7, .95], [32.7, 27.6, .91], [36.0, 27.8, .99]],
+    [[2.0, 59.4, .66], [10.4, 61.2, .90], [-6.5, 57.6, .66], [24.6, 32.0, .87], [34.0, 28.2, .88], [35.7, 33.7, .99],
+     [13.5, 30.4, .87], [50.1, 43.6, .79], [15.5, 51.8, .67], [70.5, 38.3, .55], [40.5, 42.2, .79], [39.9, 30.7, .91],
+     [36.3, 30.3, .87], [37.8, 33.2, .89], [30.1, 27.3, .88], [37.8, 29.0, .95]]])
+
+
+def test_a_duplicate_detection_does_not_split_the_subject():
+    """Boxes of that clip's subject: the duplicate at frame 9 starts a second track that then takes
+    frames 10 and 13-16 from the subject, unless it is merged first."""
+    W = H = 96
+    one = [[0, 13, 86, 77], [0, 20, 56, 70], [0, 17, 76, 69], [0, 21, 59, 68], [0, 19, 60, 96], [0, 22, 56, 67],
+           [0, 20, 55, 88], [0, 22, 46, 66], [0, 22, 46, 68], [0, 22, 46, 68], [0, 18, 64, 66], [0, 20, 53, 63],
+           [0, 21, 52, 63], [0, 18, 65, 71], [0, 18, 58, 73], [0, 17, 71, 72], [0, 14, 80, 73]]
+    boxes = [np.array([b], float) for b in one]
+    boxes[9] = np.array([one[9], [0, 16, 82, 73]], float)
+    assert (main_subject(boxes, W, H) < 0).sum() == 5  # what the duplicate did
+    keep = distinct_people(_TWICE[..., :2], _TWICE[..., 2], boxes[9])
+    assert keep.tolist() == [0]  # the surer detection
+    boxes[9] = boxes[9][keep]
+    assert (main_subject(boxes, W, H) == 0).all()
