@@ -149,9 +149,14 @@ class DreamActor(nn.Module):
         H200 with wan1_3b blocks at 49x480x832, gradients 20-70x too large in the modulation tables and the
         timestep embedding, non-finite from step 2 under checkpointing, while every CPU test agreed. It stays
         off unless ``mix_order_reduction`` (for the regression check in bench/grad_agreement.py)."""
+        import torch._dynamo
+
         options = {"triton.mix_order_reduction": bool(mix_order_reduction)}
+        # Static shapes, one graph per bucket shape: the loader's batches change clip length, batch size and
+        # reference count, and Inductor's dynamic-shape tiling asserted on such a recompile (PyTorch 2.11, H200).
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         for block in self.dit.blocks:
-            block.compile(options=options)
+            block.compile(dynamic=False, options=options)
         self.dit.compiled = True
 
     # ------------------------------------------------------------------ stages and accounting

@@ -38,6 +38,7 @@ def dit_forward_flops(cfg: ModelConfig, batch: int, t: int, h: int, w: int, num_
         per_block += 2 * nv * d * d * 2 + 2 * t * g * d * d * 2 + 4 * nv * g * d  # Face Attn
     per_block += 2 * n * d * f * 2  # MLP
     per_sample = c.num_layers * per_block
+    per_sample -= 2 * nr * d * f * 2  # the last block runs no MLP on the reference stream (nothing reads it)
     per_sample += 2 * n * (c.latent_channels + c.cond_channels) * p * d  # patch embedding (refs included)
     if use_pose:
         per_sample += 2 * nv * cfg.pose_encoder.out_channels * p * d

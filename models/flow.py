@@ -83,12 +83,18 @@ class Conditions:
 
 
 def guided_velocity(model, x: torch.Tensor, sigma: torch.Tensor, cond: Conditions, guidance_ref: float,
-                    guidance_motion: float, use_face: bool = True) -> torch.Tensor:
-    """Dual-CFG velocity (formula in the module docstring), with only the passes the scales need."""
+                    guidance_motion: float, use_face: bool = True, motion: bool = True) -> torch.Tensor:
+    """Dual-CFG velocity (formula in the module docstring), with only the passes the scales need.
+
+    ``motion=False``: the "no motion" branch alone, ``v(-,-) + g_R (v(R,-) - v(-,-))`` (the motion-dropped
+    baseline of the evaluation: what the model makes of the reference without the driving signals)."""
     b = x.shape[0]
-    passes = [(False, False)]  # (drop_ref, drop_motion): full conditions first
-    if guidance_motion != 1.0 or guidance_ref != 1.0:
-        passes.append((False, True))
+    if motion:
+        passes = [(False, False)]  # (drop_ref, drop_motion): full conditions first
+        if guidance_motion != 1.0 or guidance_ref != 1.0:
+            passes.append((False, True))
+    else:
+        passes, guidance_motion = [(False, True)], 1.0
     if guidance_ref != 1.0:
         passes.append((True, True))
     n = len(passes)
@@ -99,6 +105,8 @@ def guided_velocity(model, x: torch.Tensor, sigma: torch.Tensor, cond: Condition
               drop_ref=flags(0), drop_motion=flags(1), use_face=use_face).float().chunk(n)
     if n == 1:
         return v[0]
+    if not motion:
+        return v[1] + guidance_ref * (v[0] - v[1])
     full, ref_only = v[0], v[1]
     out = ref_only + guidance_motion * (full - ref_only)
     if n == 3:
@@ -108,15 +116,17 @@ def guided_velocity(model, x: torch.Tensor, sigma: torch.Tensor, cond: Condition
 
 @torch.no_grad()
 def sample(model, noise: torch.Tensor, cond: Conditions, cfg: FlowConfig, *, steps: int | None = None,
-           guidance_ref: float | None = None, guidance_motion: float | None = None, use_face: bool = True) -> torch.Tensor:
-    """Euler integration from ``noise`` (sigma = 1) to latents (sigma = 0); defaults from ``cfg``."""
+           guidance_ref: float | None = None, guidance_motion: float | None = None, use_face: bool = True,
+           motion: bool = True) -> torch.Tensor:
+    """Euler integration from ``noise`` (sigma = 1) to latents (sigma = 0); defaults from ``cfg``;
+    ``motion=False`` samples the motion-dropped branch (see :func:`guided_velocity`)."""
     steps = cfg.sample_steps if steps is None else steps
     g_r = cfg.guidance_ref if guidance_ref is None else guidance_ref
     g_m = cfg.guidance_motion if guidance_motion is None else guidance_motion
     sigmas = sampling_sigmas(steps, timestep_shift(cfg, video_tokens(model, noise)), noise.device)
     x = noise.float()
     for i in range(steps):
-        v = guided_velocity(model, x, sigmas[i].view(1), cond, g_r, g_m, use_face)
+        v = guided_velocity(model, x, sigmas[i].view(1), cond, g_r, g_m, use_face, motion)
         x = x + (sigmas[i + 1] - sigmas[i]) * v
     if cond.cond_mask is not None:  # given latents are exact in the result
         m = cond.cond_mask.to(x.dtype)[:, None, :, None, None]

@@ -73,6 +73,7 @@ class TrainSection:
     seed: int
     resume: str  # auto | none | a checkpoint directory
     grad_accum: int
+    time_limit_min: float | None  # stop the stage (checkpoint + export) after this many minutes; null: no limit
     compile_blocks: Any  # auto (on for CUDA + ZeRO-2) | true | false; a bool after to_job
     continuation_prob: float  # share of samples given their first latent frame as the I2V condition
     optimizer: OptimizerConfig

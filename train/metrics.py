@@ -38,7 +38,7 @@ def device_peak_tflops(setting, device: torch.device) -> float | None:
 class StepStats:
     """Per-step numbers of one rank, summed over ranks with one all-reduce."""
 
-    FIELDS = ("loss_sum", "micro_steps", "samples", "tokens", "flops", "data_s", "step_s", "stop")
+    FIELDS = ("loss_sum", "micro_steps", "samples", "tokens", "flops", "data_s", "step_s", "stop", "over_time")
 
     def __init__(self):
         self.values = dict.fromkeys(self.FIELDS, 0.0)
@@ -48,7 +48,7 @@ class StepStats:
             self.values[k] += float(v)
 
     def all_reduce(self, device: torch.device) -> dict[str, float]:
-        """Sums over ranks (``stop`` > 0 when any rank was asked to stop)."""
+        """Sums over ranks (``stop`` / ``over_time`` > 0 when any rank was asked to stop / ran out of time)."""
         t = torch.tensor([self.values[k] for k in self.FIELDS], dtype=torch.float64, device=device)
         if torch.distributed.is_initialized():
             torch.distributed.all_reduce(t)

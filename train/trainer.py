@@ -136,6 +136,7 @@ class Trainer:
         logger = MetricLogger(job.stage_dir, dist.is_main, job.train.log.tensorboard, job.train.log.progress_bar,
                               total, self.step)
         it = iter(self.loader)
+        self.t_start = time.perf_counter()
         self.kept_batch = None
         self.engine.train()
         try:
@@ -156,6 +157,12 @@ class Trainer:
                     return 0
                 if good and (step % job.train.checkpoint.every == 0 or step == total):
                     self.save()
+                if total_stats["over_time"] and step < total:  # summed over ranks: every rank stops here
+                    log.warning("train.time_limit_min=%s reached at step %d of %d: checkpoint and export; "
+                                "train.resume=auto continues the stage", job.train.time_limit_min, step, total)
+                    if step % job.train.checkpoint.every:
+                        self.save()
+                    break
             if job.train.checkpoint.export and dist.is_main:
                 from .export import export
 
@@ -194,7 +201,9 @@ class Trainer:
         if health.applied:
             self.ema.update()
         self.step = step
-        stats.add(step_s=time.perf_counter() - t0, stop=float(self.stop_requested))
+        limit = job.train.time_limit_min
+        stats.add(step_s=time.perf_counter() - t0, stop=float(self.stop_requested),
+                  over_time=float(bool(limit) and time.perf_counter() - self.t_start > 60 * limit))
         return stats, keys, health
 
     def _next_batch(self, it):

@@ -1,0 +1,316 @@
+"""The learning test: does data + trainer produce a model that follows the driving motion on held-out clips?
+
+1. **Data**, made by the project's own preprocessing (``preprocess/run.py``, embedded annotators) from media
+   that ships in packages: three people (skimage's astronaut and camera, matplotlib's grace_hopper), each in
+   several videos with different known motions (shift, scale, rotation, mirror), plus opencv-doc's
+   Megamind.avi in the training set when it is installed. Split by source video: for every person one motion
+   is held out, so the held-out clips show known people doing new motions. Two datasets: ``train`` and
+   ``heldout``.
+2. **Training**, with the real trainer (``train/run.py``: DeepSpeed ZeRO-2, the launch group's defaults)
+   from scratch: stage 1 (pose), then stage 3 (everything) from stage 1's export, each for a wall-clock
+   budget (``train.time_limit_min``) or a step count.
+3. **Evaluation** (``train/evaluate.py``): on every held-out clip, the sampled clean latents vs the
+   ground-truth latents, against copy-the-reference and the motion-dropped branch of the same model, in
+   latent PSNR (there is no pretrained VAE here: the VAE is a randomly initialised one of Wan's class).
+
+Writes ``results.json``, ``results.md`` and ``learning.png`` (training curves + held-out PSNR) under ``--out``.
+Exit status 1 when the model does not beat both baselines by ``--margin`` dB.
+
+    python bench/learning.py --out /tmp/learn --launch gpu --preset small --minutes 4 4      # one GPU, ~10 min
+    python bench/learning.py --out /tmp/learn --launch local --preset tiny --steps 150 150   # CPU, minutes
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+# (person's photo, motion name, preprocess.samples.Motion kwargs); the last motion of each person is held out
+MOTIONS = {
+    "right": dict(shift=(0.18, 0.0)),
+    "left": dict(shift=(-0.18, 0.0)),
+    "down": dict(shift=(0.0, 0.15)),
+    "zoom_in": dict(scale=(1.0, 1.25)),
+    "zoom_out": dict(scale=(1.2, 0.95)),
+    "turn": dict(rotate=(-10.0, 10.0)),
+    "mirror_left": dict(shift=(-0.12, 0.0), flip=True),
+    "up_zoom": dict(shift=(0.0, -0.15), scale=(1.0, 1.15)),  # held out
+}
+HELDOUT = ("up_zoom",)
+PEOPLE = ("astronaut", "grace_hopper", "camera")
+# The VAE: no pretrained weights here, so a randomly initialised AutoencoderKLWan (the tiny preset's shape),
+# its latent normalisation (latents_mean / latents_std, which a pretrained VAE ships) measured on the training
+# clips by calibrate_vae: a random encoder's latents sit at arbitrary offsets with ~0.05 spread per channel.
+VAE_ARCH = "base_dim:8,z_dim:16,dim_mult:[1,2,2,2],num_res_blocks:1,temperal_downsample:[false,true,true]"
+
+
+def vae_overrides(preset: str, stats: dict | None) -> list[str]:
+    """Hydra overrides of ``model.vae.arch``: the random VAE, with the latent normalisation (0 / 1 = raw
+    latents until measured)."""
+    from models.config import load_preset
+
+    fmt = lambda v: "[" + ",".join(f"{x:.6g}" for x in v) + "]"  # noqa: E731
+    mean, std = (stats["mean"], stats["std"]) if stats else ([0.0] * 16, [1.0] * 16)
+    if load_preset(preset).vae.arch is None:
+        return [f"model.vae.arch={{{VAE_ARCH},latents_mean:{fmt(mean)},latents_std:{fmt(std)}}}"]
+    return [f"+model.vae.arch.latents_mean={fmt(mean)}", f"+model.vae.arch.latents_std={fmt(std)}"]
+
+
+def calibrate_vae(args) -> dict:
+    """Per-channel mean / std of the raw latents of training clips (saved as ``vae_stats.json``)."""
+    import torch
+    from hydra import compose, initialize_config_dir
+
+    from train.config import to_job
+    from train.data import build_loader
+    from train.step import build_vae
+
+    path = args.out / "vae_stats.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    args.vae_stats = None
+    over = common_overrides(args, args.out / "data" / "train") + ["stage=pose", "data.workers.num_workers=0"]
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        job = to_job(compose("train", over))
+    vae = build_vae(job, torch.device("cpu"))  # the trainer's seeded VAE, normalisation 0 / 1: raw latents
+    zs = []
+    for i, b in enumerate(build_loader(job.data, job.model, rank=0, world_size=1, seed=args.seed)):
+        if i >= 6:
+            break
+        zs.append(vae.encode(b.video_pixels()).transpose(0, 1).flatten(1))
+    z = torch.cat(zs, 1)
+    stats = {"mean": z.mean(1).tolist(), "std": z.std(1).clamp_min(1e-4).tolist()}
+    path.write_text(json.dumps(stats))
+    return stats
+
+
+def build_videos(root: Path, size: int, n_frames: int, motions: dict) -> tuple[Path, Path]:
+    """Write the corpus: ``root/videos/{train,heldout}/<person>_<motion>.mp4``."""
+    from preprocess import samples
+
+    dirs = {s: root / "videos" / s for s in ("train", "heldout")}
+    for person in PEOPLE:
+        photo = samples.load_photo(person)
+        for name, kw in motions.items():
+            split = "heldout" if name in HELDOUT else "train"
+            path = dirs[split] / f"{person}_{name}.mp4"
+            if path.exists():
+                continue
+            kw = dict(kw)
+            if "shift" in kw:  # fractions of the frame side -> pixels
+                kw["shift"] = (kw["shift"][0] * size, kw["shift"][1] * size)
+            frames, _ = samples.render_motion(photo, (size, size), n_frames, samples.Motion(**kw))
+            samples.write_video(path, frames, 25.0)
+    return dirs["train"], dirs["heldout"]
+
+
+def preprocess(videos: Path, out: Path, size: int, min_frames: int, clip_frames: int, extra: list[str]) -> None:
+    """``preprocess/run.py`` on one split (skipped when its output is complete: the engine resumes)."""
+    cmd = [sys.executable, str(ROOT / "preprocess" / "run.py"), f"input={videos}", f"output={out}",
+           "annotators=embedded", f"plan.min_frames={min_frames}", f"plan.max_frames={clip_frames}",
+           f"decode.max_side={size}", "ray.progress_bars=false", "progress_interval_s=30", *extra]
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1")
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode not in (0, 3):  # 3: some inputs failed (recorded); the rest is usable
+        raise SystemExit(f"preprocessing {videos} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+
+
+def common_overrides(args, dataset: Path) -> list[str]:
+    """The trainer overrides shared by both stages and the evaluation."""
+    return [f"model={args.preset}", f"launch={args.launch}", "model.weights.required=false",
+            *vae_overrides(args.preset, args.vae_stats), "model.vae.dtype=float32", f"data.source.dataset={dataset}",
+            f"data.buckets.area={args.size * args.size}", "data.buckets.aspect_ratios=[1.0]",
+            f"data.buckets.token_budget={args.token_budget}", f"data.buckets.max_batch_size={args.batch}",
+            f"data.frames.min={args.frames}", f"data.frames.max={args.frames}", "data.frames.step=4",
+            f"data.workers.num_workers={args.workers}", "data.refs.min=1", "data.refs.max=3",
+            f"train.out_dir={args.out / 'run'}", f"train.seed={args.seed}", *args.overrides]
+
+
+def train_stage(args, stage: str, budget, init: Path | None) -> Path:
+    """One stage through ``train/run.py`` under torchrun; returns its export directory."""
+    over = common_overrides(args, args.out / "data" / "train") + [
+        f"stage={stage}", f"train.optimizer.lr={args.lr}", "train.optimizer.warmup_steps=50",
+        "train.checkpoint.every=100000", "train.checkpoint.keep=1", "train.sample.every=0", "train.log.every=10",
+        "train.log.sample_keys=false", "train.log.progress_bar=false", "train.ema.decay=0.99"]
+    kind, value = budget
+    over += [f"stage.steps={value}"] if kind == "steps" else ["stage.steps=1000000", f"train.time_limit_min={value}"]
+    if init is not None:
+        over.append(f"stage.init={init}")
+    cmd = ["torchrun", "--nproc_per_node", str(args.nproc), "--master_port", str(29500 + os.getpid() % 1000),
+           str(ROOT / "train" / "run.py"), *over]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    log_path = args.out / f"train_{stage}.log"
+    with open(log_path, "w") as f:
+        proc = subprocess.run(cmd, env=env, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        raise SystemExit(f"stage {stage} failed ({proc.returncode}); last lines of {log_path}:\n"
+                         + "".join(open(log_path).readlines()[-40:]))
+    stage_id = {"pose": 1, "face": 2, "full": 3}[stage]
+    return args.out / "run" / f"stage{stage_id}" / "export"
+
+
+def evaluate(args, export: Path) -> dict:
+    """Held-out latent PSNR of the stage-3 weights and of the baselines (train/evaluate.py)."""
+    import torch
+    from hydra import compose, initialize_config_dir
+    from safetensors.torch import load_file
+
+    from models.dreamactor import DreamActor
+    from train.config import to_job
+    from train.data import build_loader
+    from train.evaluate import evaluate_latents
+    from train.step import build_vae
+
+    over = common_overrides(args, args.out / "data" / "heldout") + [
+        "stage=full", f"stage.init={export / args.weights}", "data.dropout.ref=0", "data.dropout.motion=0", "data.workers.num_workers=0",
+        "data.shuffle.buffer=1", "data.refs.primary_outside_window=true"]
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        job = to_job(compose("train", over))
+    device = torch.device("cuda" if job.launch.device == "cuda" and torch.cuda.is_available() else "cpu")
+    model = DreamActor.from_config(job.model, load_weights=False)
+    model.load_state_dict(load_file(str(export / args.weights)))
+    model.to(device)
+    vae = build_vae(job, device)  # the trainer's own (seeded) VAE
+    loader = build_loader(job.data, job.model, rank=0, world_size=1, seed=args.seed)
+    batches = []
+    for b in loader:
+        if int(b.epoch.max()) > 0 or sum(x.size for x in batches) >= args.eval_clips:
+            break
+        batches.append(b)
+    scores = evaluate_latents(model, vae, batches, steps=args.eval_steps, seed=args.seed, dtype=torch.float32)
+    return scores.summary()
+
+
+def curves(args) -> dict[str, list]:
+    """(global step, loss) of both stages from their metrics.jsonl."""
+    out, offset = {}, 0
+    for sid in (1, 3):
+        path = args.out / "run" / f"stage{sid}" / "metrics.jsonl"
+        rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+        out[f"stage{sid}"] = [[offset + r["step"], r["loss"]] for r in rows if "loss" in r]
+        if rows:
+            offset += rows[-1]["step"]
+    return out
+
+
+def plot(path: Path, summary: dict, curve: dict) -> None:
+    """Training loss per step (both stages) and the held-out PSNR of the model and the baselines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, pts in curve.items():
+        if pts:
+            a.plot([p[0] for p in pts], [p[1] for p in pts], label=name, lw=1)
+    a.set(xlabel="optimizer step", ylabel="flow-matching loss", title="training", yscale="log")
+    a.legend()
+    means = summary["mean_psnr_db"]
+    labels = list(means)
+    b.bar(labels, [means[k] for k in labels], color=["tab:green", "tab:gray", "tab:orange"])
+    for i, k in enumerate(labels):
+        b.text(i, means[k], f"{means[k]:.2f}", ha="center", va="bottom")
+    b.set(ylabel="latent PSNR (dB)", title=f"held-out clips ({summary['clips']})")
+    lo = min(means.values())
+    b.set_ylim(lo - 3, max(means.values()) + 2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--launch", default="gpu", help="gpu | local (CPU, gloo)")
+    ap.add_argument("--preset", default="small")
+    ap.add_argument("--nproc", type=int, default=1)
+    ap.add_argument("--size", type=int, default=128, help="frame side (square clips)")
+    ap.add_argument("--video-frames", type=int, default=66)
+    ap.add_argument("--clip-frames", type=int, default=33, help="longest clip the preprocessing cuts (>= 2 frames - 1)")
+    ap.add_argument("--frames", type=int, default=17, help="frames per training / evaluation sample (1 + 4k)")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--token-budget", type=int, default=100000)
+    ap.add_argument("--workers", type=int, default=4)
+    ap.add_argument("--minutes", type=float, nargs=2, default=None, help="wall-clock budget of stage 1 and stage 3")
+    ap.add_argument("--steps", type=int, nargs=2, default=None, help="steps of stage 1 and stage 3")
+    ap.add_argument("--lr", type=float, default=2e-4, help="from scratch (the paper's 5e-6 fine-tunes a pretrained DiT)")
+    ap.add_argument("--weights", default="model.safetensors", help="model.safetensors | ema.safetensors")
+    ap.add_argument("--eval-clips", type=int, default=24)
+    ap.add_argument("--eval-steps", type=int, default=20)
+    ap.add_argument("--margin", type=float, default=3.0, help="dB the model must beat both baselines by")
+    ap.add_argument("--no-megamind", action="store_true")
+    ap.add_argument("--data-only", action="store_true", help="build the datasets and stop")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("overrides", nargs="*", help="more conf/train.yaml overrides for both stages")
+    args = ap.parse_args()
+    if args.minutes is None and args.steps is None and not args.data_only:
+        ap.error("give --minutes S1 S3 or --steps S1 S3")
+    args.out.mkdir(parents=True, exist_ok=True)
+    args.vae_stats = None
+    t0 = time.time()
+
+    ready = all((args.out / "data" / s / "index.parquet").exists() for s in ("train", "heldout"))
+    splits = [] if ready else zip(("train", "heldout"), build_videos(args.out, args.size, args.video_frames, MOTIONS))
+    for split, videos in splits:  # (a finished dataset is reused: e.g. made on a CPU box, trained on a GPU one)
+        inputs = videos
+        if split == "train" and not args.no_megamind:
+            from preprocess.samples import MEGAMIND
+
+            if MEGAMIND.exists() and not (videos / MEGAMIND.name).exists():
+                (videos / MEGAMIND.name).symlink_to(MEGAMIND)
+        preprocess(inputs, args.out / "data" / split, args.size, args.frames, args.clip_frames, [])
+    t_data = time.time() - t0
+    print(f"datasets ready in {t_data:.0f} s: {args.out / 'data'}", flush=True)
+    if args.data_only:
+        return 0
+
+    args.vae_stats = calibrate_vae(args)
+    budgets = [("minutes", m) for m in args.minutes] if args.minutes else [("steps", s) for s in args.steps]
+    t1 = time.time()
+    export1 = train_stage(args, "pose", budgets[0], None)
+    export3 = train_stage(args, "full", budgets[1], export1 / "model.safetensors")
+    t_train = time.time() - t1
+    summary = evaluate(args, export3)
+    curve = curves(args)
+    summary.update(data_s=round(t_data, 1), train_s=round(t_train, 1), args={k: str(v) for k, v in vars(args).items()},
+                   steps={k: (v[-1][0] if v else 0) for k, v in curve.items()}, date=time.strftime("%Y-%m-%d"),
+                   updates=_updates(args))
+    ok = all(m >= args.margin for m in summary["model_minus_baseline_db"].values())
+    summary["passed"] = ok
+    (args.out / "results.json").write_text(json.dumps(summary, indent=1))
+    (args.out / "curve.json").write_text(json.dumps(curve))
+    m = summary["mean_psnr_db"]
+    table = ("| method | held-out latent PSNR (dB) |\n|---|---:|\n"
+             + "".join(f"| {k} | {v:.2f} |\n" for k, v in m.items())
+             + f"\nmodel - copy_reference: {summary['model_minus_baseline_db']['copy_reference']:+.2f} dB; "
+               f"model - motion_dropped: {summary['model_minus_baseline_db']['motion_dropped']:+.2f} dB "
+               f"({summary['clips']} clips; goal >= {args.margin} dB over both: {'met' if ok else 'NOT met'})\n")
+    (args.out / "results.md").write_text(table)
+    plot(args.out / "learning.png", summary, curve)
+    print(table + json.dumps({k: summary[k] for k in ("steps", "updates", "data_s", "train_s")}), flush=True)
+    return 0 if ok else 1
+
+
+def _updates(args) -> dict:
+    """The update guard's counters at each stage's last logged step (every update applied: zeros)."""
+    out = {}
+    for sid in (1, 3):
+        path = args.out / "run" / f"stage{sid}" / "metrics.jsonl"
+        if path.exists():
+            rows = [json.loads(line) for line in path.read_text().splitlines()]
+            last = rows[-1] if rows else {}
+            out[f"stage{sid}"] = {k: last.get(k) for k in ("nonfinite_steps", "skipped_steps")}
+            out[f"stage{sid}"]["all_applied"] = all(r.get("update_applied", 1) for r in rows)
+    return out
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,90 @@
+"""Self-driven reconstruction in the VAE's latent space: does the model follow the driving motion?
+
+For each held-out clip the model animates the clip's own references with the clip's own controls (skeleton +
+head sphere, face crops); the sampled clean latents are compared with the ground-truth latents of the clip.
+Two baselines run on the same clips, references and noise:
+
+- **copy-the-reference**: the primary reference's latent repeated over time (a model that ignores motion
+  and only reproduces the person scores this);
+- **motion dropped**: the same model sampled on its classifier-free-guidance "no motion" branch
+  (``models.flow.guided_velocity(motion=False)``): what the model makes of the reference alone.
+
+A model whose motion conditioning works beats both. Latent PSNR = ``10 log10(range^2 / MSE)`` per clip with
+``range`` the ground-truth latent's max - min (one definition for the model and both baselines, so their
+differences in dB are ratios of squared errors: 3 dB = half the error). Used by ``bench/learning.py`` (the
+learning test) and meant for the periodic evaluation during training.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from models.flow import Conditions, sample
+
+METHODS = ("model", "copy_reference", "motion_dropped")
+
+
+def latent_psnr(x: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
+    """Per-sample PSNR (dB) of (B, ...) latents against ground truth, peak = each sample's range."""
+    x, gt = x.float().flatten(1), gt.float().flatten(1)
+    mse = (x - gt).square().mean(1).clamp_min(1e-12)
+    rng = gt.amax(1) - gt.amin(1)
+    return 10 * torch.log10(rng.square() / mse)
+
+
+@dataclass
+class LatentScores:
+    """Per-clip latent PSNR of the model and the baselines."""
+
+    keys: list[str] = field(default_factory=list)
+    psnr: dict[str, list[float]] = field(default_factory=lambda: {m: [] for m in METHODS})
+
+    def mean(self) -> dict[str, float]:
+        """Mean PSNR per method."""
+        return {m: float(np.mean(v)) if v else math.nan for m, v in self.psnr.items()}
+
+    def margins(self) -> dict[str, float]:
+        """Mean dB by which the model beats each baseline."""
+        m = self.mean()
+        return {b: m["model"] - m[b] for b in METHODS[1:]}
+
+    def summary(self) -> dict:
+        """JSON-ready: clips, means, margins and per-clip values."""
+        return {"clips": len(self.keys), "mean_psnr_db": self.mean(), "model_minus_baseline_db": self.margins(),
+                "per_clip": {"keys": self.keys, **self.psnr}}
+
+
+@torch.no_grad()
+def evaluate_latents(model, vae, batches, *, steps: int, seed: int, dtype=torch.float32, use_face: bool = True,
+                     guidance_ref: float | None = None, guidance_motion: float | None = None) -> LatentScores:
+    """Score ``model`` and the baselines on loader batches (any device; moved to the model's)."""
+    device = next(model.parameters()).device
+    cfg = model.cfg.flow
+    scores = LatentScores()
+    was_training = model.training
+    model.eval()
+    try:
+        for i, batch in enumerate(batches):
+            batch = batch.to(device)
+            gt = vae.encode(batch.video_pixels())
+            ref = batch.refs_to_latent_layout(vae.encode(batch.ref_pixels()))
+            inputs = batch.model_inputs(dtype)
+            face = inputs.get("face_crops") if use_face else None
+            cond = Conditions(ref.to(dtype), inputs["pose_maps"], face, batch.face_valid if face is not None else None)
+            g = torch.Generator(device=device).manual_seed(seed + i)
+            noise = torch.randn(gt.shape, generator=g, device=device)
+            kw = dict(steps=steps, guidance_ref=guidance_ref, guidance_motion=guidance_motion, use_face=use_face)
+            out = {
+                "model": sample(model, noise, cond, cfg, **kw),
+                "copy_reference": ref[:, :, :1].expand_as(gt),
+                "motion_dropped": sample(model, noise, cond, cfg, motion=False, **kw),
+            }
+            for m, x in out.items():
+                scores.psnr[m] += latent_psnr(x, gt).tolist()
+            scores.keys += list(batch.keys)
+    finally:
+        model.train(was_training)
+    return scores
