@@ -260,13 +260,12 @@ def main() -> int:
     ready = all((args.out / "data" / s / "index.parquet").exists() for s in ("train", "heldout"))
     splits = [] if ready else zip(("train", "heldout"), build_videos(args.out, args.size, args.video_frames, MOTIONS))
     for split, videos in splits:  # (a finished dataset is reused: e.g. made on a CPU box, trained on a GPU one)
-        inputs = videos
         if split == "train" and not args.no_megamind:
             from preprocess.samples import MEGAMIND
 
             if MEGAMIND.exists() and not (videos / MEGAMIND.name).exists():
                 (videos / MEGAMIND.name).symlink_to(MEGAMIND)
-        preprocess(inputs, args.out / "data" / split, args.size, args.frames, args.clip_frames, [])
+        preprocess(videos, args.out / "data" / split, args.size, args.frames, args.clip_frames, [])
     t_data = time.time() - t0
     print(f"datasets ready in {t_data:.0f} s: {args.out / 'data'}", flush=True)
     if args.data_only:

@@ -160,13 +160,14 @@ class Trainer:
                 if total_stats["over_time"] and step < total:  # summed over ranks: every rank stops here
                     log.warning("train.time_limit_min=%s reached at step %d of %d: checkpoint and export; "
                                 "train.resume=auto continues the stage", job.train.time_limit_min, step, total)
-                    if step % job.train.checkpoint.every:
+                    if good and step % job.train.checkpoint.every:
                         self.save()
                     break
             if job.train.checkpoint.export and dist.is_main:
                 from .export import export
 
-                export(self.checkpointer.root / ckpt.tag_of(self.step), job.stage_dir / "export")
+                # the newest complete checkpoint: the last step may have applied no update and saved none
+                export(ckpt.find_resume(self.checkpointer.root, warn=False), job.stage_dir / "export")
             ckpt.barrier()
             return 0
         finally:
