@@ -109,9 +109,16 @@ def _identity(x):
 
 
 def _worker_init(_):
-    """One thread per worker: the parallelism is the workers."""
+    """One thread per worker: the parallelism is the workers. Workers ignore SIGTERM: torchrun, Slurm and
+    Kubernetes signal the whole process group on preemption, and a worker that died with it could leave one
+    rank without its next batch while the others already run the step's collectives (a hang or a crash
+    instead of the preemption checkpoint). The trainer finishes the step, checkpoints and shuts its workers
+    down; workers still exit on their own when the trainer process is gone (DataLoader's parent watchdog)."""
+    import signal
+
     import cv2
 
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     torch.set_num_threads(1)
     cv2.setNumThreads(1)
 
