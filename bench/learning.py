@@ -287,8 +287,9 @@ def main() -> int:
     (args.out / "results.json").write_text(json.dumps(summary, indent=1))
     (args.out / "curve.json").write_text(json.dumps(curve))
     m = summary["mean_psnr_db"]
-    table = ("| method | held-out latent PSNR (dB) |\n|---|---:|\n"
-             + "".join(f"| {k} | {v:.2f} |\n" for k, v in m.items())
+    dm = summary["denoise_mse"]
+    table = ("| method | held-out latent PSNR (dB) | one-step denoising loss |\n|---|---:|---:|\n"
+             + "".join(f"| {k} | {v:.2f} | {dm[k]:.4f} |\n" for k, v in m.items())
              + f"\nmodel - copy_reference: {summary['model_minus_baseline_db']['copy_reference']:+.2f} dB; "
                f"model - motion_dropped: {summary['model_minus_baseline_db']['motion_dropped']:+.2f} dB "
                f"({summary['clips']} clips; goal >= {args.margin} dB over both: {'met' if ok else 'NOT met'})\n")
