@@ -129,7 +129,7 @@ def common_overrides(args, dataset: Path) -> list[str]:
             f"data.buckets.area={args.size * args.size}", "data.buckets.aspect_ratios=[1.0]",
             f"data.buckets.token_budget={args.token_budget}", f"data.buckets.max_batch_size={args.batch}",
             f"data.frames.min={args.frames}", f"data.frames.max={args.frames}", "data.frames.step=4",
-            f"data.workers.num_workers={args.workers}", "data.refs.min=1", "data.refs.max=3",
+            f"data.workers.num_workers={args.workers}", f"data.refs.min={args.refs[0]}", f"data.refs.max={args.refs[-1]}",
             f"train.out_dir={args.out / 'run'}", f"train.seed={args.seed}", *args.overrides]
 
 
@@ -237,6 +237,9 @@ def main() -> int:
     ap.add_argument("--clip-frames", type=int, default=33, help="longest clip the preprocessing cuts (>= 2 frames - 1)")
     ap.add_argument("--frames", type=int, default=17, help="frames per training / evaluation sample (1 + 4k)")
     ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--refs", type=int, nargs="+", default=[3],
+                    help="references per batch: N, or MIN MAX (drawn per batch). One number gives every batch one "
+                    "shape, so compiled blocks compile once (missing references are masked by ref_valid)")
     ap.add_argument("--token-budget", type=int, default=100000)
     ap.add_argument("--workers", type=int, default=4)
     ap.add_argument("--minutes", type=float, nargs=2, default=None, help="wall-clock budget of stage 1 and stage 3")
