@@ -29,11 +29,11 @@ from .isolate import DecoderCrashed, DecoderTimeout, Isolated
 from .plan import content_key, plan_video
 from .stage import (FAILED, OK, SKIPPED, ClipStageActor, fail, load_stage, new_row, pack,
                     unpack)
-from .state import (DATASET_FILE, FAILURES_FILE, INDEX_FILE, SUMMARY_FILE, build_failures,
-                    build_index, load_committed, read_json, write_json, write_table)
+from .shards import DATASET_FILE, FAILURES_FILE, INDEX_FILE, SHARD_DIR, SUMMARY_FILE
+from .state import build_failures, build_index, load_committed, read_json, write_json, write_table
 from .storage import InputFile, Storage, open_input, read_ends
 from .video import VideoError, encode_mp4, read_frames, scaled_size
-from .writer import SHARD_DIR, ShardWriter
+from .writer import ShardWriter
 
 log = logging.getLogger("preprocess")
 

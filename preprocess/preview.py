@@ -9,10 +9,8 @@ clip of the index is shown; the video goes to ``{output}/previews/{key}.mp4`` un
 """
 from __future__ import annotations
 
-import io
 import os
 import sys
-import tarfile
 
 if __package__ in (None, ""):  # `python preprocess/preview.py` from a checkout
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -21,10 +19,10 @@ import cv2
 import numpy as np
 
 from preprocess import schema
-from preprocess.state import INDEX_FILE, read_table
+from preprocess.shards import INDEX_FILE, TAR_SUFFIX, iter_samples, tar_path
+from preprocess.state import read_table
 from preprocess.storage import Storage
 from preprocess.video import decode_mp4, encode_mp4
-from preprocess.writer import SHARD_DIR
 
 MIN_CONF = 0.3  # joints drawn above this confidence
 
@@ -42,16 +40,14 @@ def load_clip(output: str, key: str | None = None) -> dict:
         raise SystemExit(f"clip {key!r} is not in {storage.url(INDEX_FILE)} (e.g. {list(index['key'][:3])})")
     shard = str(hit["shard"].iloc[0])
     sample: dict = {"key": key}
-    with storage.fs.open_input_stream(storage.path(f"{SHARD_DIR}/{shard}")) as f, tarfile.open(fileobj=f, mode="r|") as tar:
-        for m in tar:  # stream: members of a clip are contiguous
-            k, _, member = m.name.partition(".")
+    with storage.fs.open_input_stream(storage.path(tar_path(shard.removesuffix(TAR_SUFFIX)))) as f:
+        for k, members in iter_samples(f, select=lambda k, _: k == key):
             if k != key:
-                if len(sample) > 1:
-                    break
                 continue
-            name = member.rsplit(".", 1)[0]
-            data = tar.extractfile(m).read()
-            sample[name] = schema.decode(schema.field(name), data) if name in schema.FIELDS_BY_NAME else data
+            for member, data in members.items():
+                name = member.rsplit(".", 1)[0]
+                sample[name] = schema.decode(schema.field(name), data) if name in schema.FIELDS_BY_NAME else data
+            break  # members of a clip are contiguous: nothing more to read
     if "video" not in sample:
         raise SystemExit(f"clip {key!r} not found in shard {shard}")
     return sample

@@ -9,13 +9,8 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
+from .shards import SHARD_DIR, STATS_SUFFIX, TAR_SUFFIX, stats_path
 from .storage import Storage
-from .writer import SHARD_DIR
-
-DATASET_FILE = "dataset.json"
-INDEX_FILE = "index.parquet"
-FAILURES_FILE = "failures.parquet"
-SUMMARY_FILE = "summary.json"
 
 INDEX_COLUMNS = ["key", "shard", "video_key", "clip_index", "shot_index", "source", "n_frames", "start_frame",
                  "end_frame", "fps", "width", "height", "duration_s", "bytes"]
@@ -44,10 +39,10 @@ def load_committed(storage: Storage, cleanup: bool = True) -> Committed:
     """Read every committed stats file; with ``cleanup``, delete debris of killed runs (tars without
     a stats file, temporary files)."""
     names = storage.list(SHARD_DIR)
-    stats_parts = {n[:-len(".parquet")] for n in names if n.endswith(".parquet")}
+    stats_parts = {n[:-len(STATS_SUFFIX)] for n in names if n.endswith(STATS_SUFFIX)}
     if cleanup:
         for n in names:
-            if n.endswith(".tmp") or (n.endswith(".tar") and n[:-4] not in stats_parts):
+            if n.endswith(".tmp") or (n.endswith(TAR_SUFFIX) and n[:-len(TAR_SUFFIX)] not in stats_parts):
                 storage.delete(f"{SHARD_DIR}/{n}")
         if storage.local:  # half-built shards of a killed run
             import glob
@@ -56,7 +51,7 @@ def load_committed(storage: Storage, cleanup: bool = True) -> Committed:
                 os.unlink(p)
     frames = []
     for p in sorted(stats_parts):
-        df = pd.read_parquet(io.BytesIO(storage.read_bytes(f"{SHARD_DIR}/{p}.parquet")))
+        df = pd.read_parquet(io.BytesIO(storage.read_bytes(stats_path(p))))
         df["part"] = p
         frames.append(df)
     stats = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()

@@ -10,16 +10,16 @@ from __future__ import annotations
 
 import os
 import sys
-import tarfile
 from collections import defaultdict
 
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from preprocess import schema
-from preprocess.state import DATASET_FILE, INDEX_FILE, read_json, read_table
+from preprocess.shards import (DATASET_FILE, INDEX_FILE, SHARD_DIR, STATS_SUFFIX, TAR_ERRORS, TAR_SUFFIX, iter_members,
+                               stats_path)
+from preprocess.state import read_json, read_table
 from preprocess.storage import Storage
-from preprocess.writer import SHARD_DIR
 
 
 def check_sample(key: str, members: dict[str, bytes], fields: list[schema.Field], deep: bool) -> list[str]:
@@ -74,17 +74,15 @@ def check_tar(storage: Storage, name: str, fields, seen: dict[str, str], deep: b
             problems.extend(check_sample(cur, members, fields, deep))
 
     try:
-        with storage.fs.open_input_stream(storage.path(f"{SHARD_DIR}/{name}")) as raw, \
-                tarfile.open(fileobj=raw, mode="r|") as tar:
-            for ti in tar:
-                if not ti.isfile():
-                    problems.append(f"{name}: {ti.name} is not a regular file")
+        with storage.fs.open_input_stream(storage.path(f"{SHARD_DIR}/{name}")) as raw:
+            for m in iter_members(raw):
+                if not m.is_file:
+                    problems.append(f"{name}: {m.name} is not a regular file")
                     continue
-                key, dot, member = ti.name.partition(".")
-                if not dot or not schema.KEY_RE.match(key):
-                    problems.append(f"{name}: bad member name {ti.name!r} (want {{video_key}}_{{clip:04d}}.field.ext)")
+                key, member, data = m.key, m.member, m.data
+                if key is None or not schema.KEY_RE.match(key):
+                    problems.append(f"{name}: bad member name {m.name!r} (want {{video_key}}_{{clip:04d}}.field.ext)")
                     continue
-                data = tar.extractfile(ti).read()
                 if key != cur:
                     flush()
                     if key in closed:
@@ -100,7 +98,7 @@ def check_tar(storage: Storage, name: str, fields, seen: dict[str, str], deep: b
                     problems.append(f"{name}: {key}.{member} appears twice")
                 members[member] = data
             flush()
-    except (tarfile.TarError, OSError, EOFError) as e:
+    except TAR_ERRORS as e:
         problems.append(f"{name}: unreadable or truncated tar ({type(e).__name__}: {e})")
     return problems, keys
 
@@ -116,15 +114,15 @@ def validate(output: str, deep: bool = False, log=print) -> list[str]:
     fields = schema.fields_of(ds.get("groups", ["clip"]))
     problems: list[str] = []
     names = storage.list(SHARD_DIR)
-    tars = [n for n in names if n.endswith(".tar")]
-    committed = {n[:-len(".parquet")] for n in names if n.endswith(".parquet")}
+    tars = [n for n in names if n.endswith(TAR_SUFFIX)]
+    committed = {n[:-len(STATS_SUFFIX)] for n in names if n.endswith(STATS_SUFFIX)}
     for n in names:
         if n.endswith(".tmp"):
             problems.append(f"{SHARD_DIR}/{n}: temporary file left by an interrupted run")
     seen: dict[str, str] = {}
     tar_keys: dict[str, list[str]] = {}
     for i, t in enumerate(tars):
-        if t[:-4] not in committed:
+        if t[:-len(TAR_SUFFIX)] not in committed:
             problems.append(f"{SHARD_DIR}/{t}: no stats file, so it was never committed (rerun preprocess to clean up)")
         p, keys = check_tar(storage, t, fields, seen, deep)
         problems.extend(p)
@@ -133,11 +131,11 @@ def validate(output: str, deep: bool = False, log=print) -> list[str]:
     # the index and the stats files against the tars
     want: dict[str, set[str]] = defaultdict(set)
     for part in sorted(committed):
-        st = read_table(storage, f"{SHARD_DIR}/{part}.parquet")
+        st = read_table(storage, stats_path(part))
         ok = st[(st["kind"] == "clip") & (st["status"] == "ok")] if len(st) else st
         for k, sh in zip(ok.get("key", []), ok.get("shard", [])):
             want[sh].add(k)
-        if len(ok) and f"{part}.tar" not in tar_keys:
+        if len(ok) and f"{part}{TAR_SUFFIX}" not in tar_keys:
             problems.append(f"{SHARD_DIR}/{part}.parquet lists {len(ok)} clips but {part}.tar is missing")
     for t, keys in tar_keys.items():
         if t[:-4] in committed and set(keys) != want.get(t, set()):

@@ -23,10 +23,10 @@ import pandas as pd
 
 from . import schema
 from .config import StageSpec
+from .shards import SHARD_DIR, TAR_SUFFIX, stats_path, tar_path
 from .stage import FAILED, OK, SKIPPED, VideoStage, fail, load_stage
 from .storage import Storage
 
-SHARD_DIR = "shards"
 
 
 def part_name(run_id: str, writer_id: int, seq: int) -> str:
@@ -184,7 +184,7 @@ class ShardWriter:
             self.tar.addfile(ti, io.BytesIO(data))
             self.tar_bytes += 512 + (len(data) + 511) // 512 * 512
         row["_bytes"] = sum(len(d) for _, d in members)
-        self.records.append(self._clip_record(row, shard=part_name(self.run_id, self.writer_id, self.seq) + ".tar"))
+        self.records.append(self._clip_record(row, shard=part_name(self.run_id, self.writer_id, self.seq) + TAR_SUFFIX))
 
     def _clip_record(self, row: dict, shard: str) -> dict:
         fi = np.asarray(row.get("frame_index", []))
@@ -211,12 +211,12 @@ class ShardWriter:
         if self.tar is not None:
             self.tar.close()
             nbytes = os.path.getsize(self.tar_path)
-            self.storage.put_file(self.tar_path, f"{SHARD_DIR}/{name}.tar")
+            self.storage.put_file(self.tar_path, tar_path(name))
             self.tar = None
         stats = pd.DataFrame(self.records)
         buf = io.BytesIO()
         stats.to_parquet(buf, index=False)
-        self.storage.write_bytes(f"{SHARD_DIR}/{name}.parquet", buf.getvalue())
+        self.storage.write_bytes(stats_path(name), buf.getvalue())
         self.records = []
         self.seq += 1
         return {"event": "commit", "part": name, "clips": n_clips, "bytes": nbytes}

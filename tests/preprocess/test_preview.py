@@ -5,7 +5,8 @@ import pytest
 
 from preprocess import preview, schema
 from preprocess.samples import Motion
-from preprocess.state import INDEX_FILE, build_index, load_committed, write_table
+from preprocess.shards import INDEX_FILE
+from preprocess.state import build_index, load_committed, write_table
 from preprocess.storage import Storage
 from preprocess.video import decode_mp4
 from preprocess.writer import ShardWriter

@@ -10,21 +10,19 @@ from __future__ import annotations
 import io
 import json
 import logging
-import tarfile
 import time
 
 import numpy as np
 
 from preprocess import schema
+from preprocess.shards import DATASET_FILE, INDEX_FILE, SHARD_DIR, TAR_ERRORS
+from preprocess.shards import iter_samples as iter_tar_samples
 
 from .config import SourceConfig
 from .plan import ShardMeta
 
 log = logging.getLogger(__name__)
 
-INDEX_FILE = "index.parquet"  # names of preprocess/state.py and preprocess/writer.py (a dataset's layout)
-DATASET_FILE = "dataset.json"
-SHARD_DIR = "shards"
 META = schema.field("meta")
 
 
@@ -156,7 +154,6 @@ def iter_samples(url: str, cfg: SourceConfig, select=None):
     complete once a member of the next one has begun).
     """
     import fsspec
-    from webdataset.tariterators import base_plus_ext
 
     try:
         f = _retry(lambda: fsspec.open(url, "rb", **cfg.storage_options).open(), cfg.read_retries, url)
@@ -164,22 +161,10 @@ def iter_samples(url: str, cfg: SourceConfig, select=None):
         raise ShardError("shard_missing", f"{url}: no such shard") from None
     except Exception as e:
         raise ShardError("shard_unreadable", f"{url}: {type(e).__name__}: {e}") from None
-    key, members = None, {}
+    key = None
     with f:
         try:
-            stream = tarfile.open(fileobj=f, mode="r|*")
-            for info in stream:
-                k, member = base_plus_ext(info.name) if info.isreg() else (None, None)
-                if k is None:
-                    continue
-                if k != key:
-                    if key is not None:
-                        yield key, members
-                    key, members = k, {}
-                if select is None or select(k, member):
-                    members[member] = stream.extractfile(info).read()
-                stream.members = []  # stream mode: do not keep every header of the shard
-        except (tarfile.TarError, OSError, EOFError, ValueError) as e:
-            raise ShardError("shard_corrupt", f"{url}: {type(e).__name__}: {e} (in sample {key})") from None
-    if key is not None:
-        yield key, members
+            for key, members in iter_tar_samples(f, select):
+                yield key, members
+        except TAR_ERRORS as e:
+            raise ShardError("shard_corrupt", f"{url}: {type(e).__name__}: {e} (after sample {key})") from None

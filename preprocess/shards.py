@@ -1,0 +1,91 @@
+"""The layout of a preprocess output and the one reader of its shards (the field definitions are in
+``schema.py``). Writer, state, validator, preview and the training loader all take these names and readers
+from here, so no layout name is spelled twice and every tool reads a tar the same way.
+
+Layout of an output::
+
+    dataset.json            schema version and field groups (written first; a rerun with another format is refused)
+    shards/{part}.tar       WebDataset tar: members ``{key}.{field}.{ext}``, the members of a clip contiguous
+    shards/{part}.parquet   the part's stats rows (one per clip and one per video, failures included), written
+                            after the tar: its existence is the part's commit
+    index.parquet           one row per committed clip (rebuilt from the stats files)
+    failures.parquet        one row per failed video or clip
+    summary.json            counts, hours, throughput of the last run
+"""
+from __future__ import annotations
+
+import tarfile
+from dataclasses import dataclass
+from typing import BinaryIO, Callable, Iterator
+
+DATASET_FILE = "dataset.json"
+INDEX_FILE = "index.parquet"
+FAILURES_FILE = "failures.parquet"
+SUMMARY_FILE = "summary.json"
+SHARD_DIR = "shards"
+TAR_SUFFIX, STATS_SUFFIX = ".tar", ".parquet"
+
+# what a broken or truncated tar stream raises while it is read
+TAR_ERRORS = (tarfile.TarError, OSError, EOFError, ValueError)
+
+
+def tar_path(part: str) -> str:
+    """A part's tar, relative to the output."""
+    return f"{SHARD_DIR}/{part}{TAR_SUFFIX}"
+
+
+def stats_path(part: str) -> str:
+    """A part's stats file (its commit), relative to the output."""
+    return f"{SHARD_DIR}/{part}{STATS_SUFFIX}"
+
+
+@dataclass
+class Member:
+    """One tar member in stream order: ``{key}.{member}`` (member = ``field.ext``); ``data`` is None for a member
+    that was not selected (streamed past, not stored) and for anything but a regular file."""
+
+    name: str
+    key: str | None  # None: no dot in the name
+    member: str
+    is_file: bool
+    data: bytes | None
+
+
+def _entries(fileobj: BinaryIO):
+    """``(TarInfo, key, member, stream)`` of a tar read as a stream, once, front to back (object stores need no
+    seeks); a member's bytes are read from ``stream`` by the caller before the next entry."""
+    with tarfile.open(fileobj=fileobj, mode="r|*") as stream:
+        for info in stream:
+            key, dot, member = info.name.partition(".")
+            yield info, (key if dot else None), member, stream
+            stream.members = []  # stream mode: do not keep every header of the shard
+
+
+def iter_members(fileobj: BinaryIO, select: Callable[[str, str], bool] | None = None) -> Iterator[Member]:
+    """Every member of a tar in stream order (the validator's view: names, types and bytes as stored).
+
+    ``select(key, member) -> bool`` keeps the bytes of some members only. Raises one of ``TAR_ERRORS`` where
+    the stream breaks off; the members before the break have been yielded."""
+    for info, key, member, stream in _entries(fileobj):
+        data = None
+        if info.isreg() and key is not None and (select is None or select(key, member)):
+            data = stream.extractfile(info).read()
+        yield Member(info.name, key, member, info.isreg(), data)
+
+
+def iter_samples(fileobj: BinaryIO, select: Callable[[str, str], bool] | None = None) -> Iterator[tuple[str, dict]]:
+    """``(key, {member: bytes})`` of a tar in stream order: contiguous members of one key are one sample
+    (webdataset's ``group_by_keys``). A sample is yielded as soon as the header of the next one is read, so
+    every sample before a break in the stream is delivered before the error is raised."""
+    key, members = None, {}
+    for info, k, member, stream in _entries(fileobj):
+        if not info.isreg() or k is None:
+            continue
+        if k != key:
+            if key is not None:
+                yield key, members
+            key, members = k, {}
+        if select is None or select(k, member):
+            members[member] = stream.extractfile(info).read()
+    if key is not None:
+        yield key, members
