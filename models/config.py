@@ -197,10 +197,34 @@ def load_preset(name: str, overrides: dict | None = None) -> ModelConfig:
     path = Path(name) if name.endswith(".yaml") else CONF_DIR / f"{name}.yaml"
     if not path.is_file():
         raise FileNotFoundError(f"model preset {name!r} not found at {path}; presets: {', '.join(PRESETS)}")
-    data = yaml.safe_load(path.read_text())
+    data = _with_defaults(yaml.safe_load(path.read_text()), path.parent)
     if overrides:
         data = _merge(data, overrides)
     return ModelConfig.from_dict(data)
+
+
+def _with_defaults(data: dict, group_dir: Path) -> dict:
+    """Apply a preset's Hydra ``defaults`` list as Hydra does for a config of this group: each entry
+    (``base/wan@_here_``) is another file of the group merged first, then the preset itself (``_self_``)."""
+    out: dict = {}
+    entries = data.pop("defaults", None) or ["_self_"]
+    if "_self_" not in entries:
+        entries = [*entries, "_self_"]
+    for entry in entries:
+        if entry == "_self_":
+            out = _merge(out, data)
+            continue
+        name = str(entry).split("@", 1)[0]
+        base = yaml_load(group_dir / f"{name}.yaml")
+        out = _merge(out, _with_defaults(base, group_dir))
+    return out
+
+
+def yaml_load(path: Path) -> dict:
+    """One yaml file as plain data (PyYAML)."""
+    import yaml
+
+    return yaml.safe_load(path.read_text())
 
 
 def _merge(base: dict, over: dict) -> dict:
