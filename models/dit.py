@@ -104,19 +104,24 @@ class DiTBlock(nn.Module):
         block's attention)."""
         xs = [x_ref, x_vid] if x_ref.shape[1] else [x_vid]
         es = [e_ref, e_vid] if x_ref.shape[1] else [e_vid]
+        # 1. 3D self-attention over [ref ; video] tokens, adaLN-modulated per stream
         xs, mods = self._self_attention(xs, es, rope)
+        # 2. Wan's text (+ image) cross-attention on the fixed context
         xs = [x + self.text_attn(self.norm_text(x).type_as(x), context, extra_context=image_context,
                                  backends=self.backends) for x in xs]
         x_vid = xs[-1]
+        # 3. Ref Attn: video tokens attend to every reference token (paper 3.1)
         if len(xs) == 2:
             r = self.norm_ref(xs[0]).type_as(x_vid)
             x_vid = x_vid + self.ref_attn(self.norm_ref(x_vid).type_as(x_vid), r, backends=self.backends)
+        # 4. Face Attn: each latent frame's tokens attend to its face motion tokens (paper 3.2)
         if face_tokens is not None:
             groups = face_tokens.shape[0] // x_vid.shape[0]
             f = self.face_attn(self.norm_face(x_vid).type_as(x_vid), face_tokens, backends=self.backends,
                                query_groups=groups)
             x_vid = x_vid + (f if motion_keep is None else f * motion_keep)
         xs[-1] = x_vid
+        # 5. modulated MLP (not for the reference stream of the last block: nothing reads it)
         if not ref_out:
             xs, mods = xs[-1:], mods[-1:]
         out = []
