@@ -63,6 +63,8 @@ def build_index(c: Committed) -> pd.DataFrame:
     if c.stats.empty:
         return pd.DataFrame(columns=INDEX_COLUMNS)
     clips = c.stats[(c.stats["kind"] == "clip") & (c.stats["status"] == "ok")]
+    if clips.empty:  # every video failed (its stats rows carry no clip columns): an empty index, not a crash
+        return pd.DataFrame(columns=INDEX_COLUMNS)
     extra = sorted(col for col in clips.columns if col.startswith("m_"))
     cols = INDEX_COLUMNS + ["timings"] + extra
     out = clips[[col for col in cols if col in clips.columns]].sort_values("key").reset_index(drop=True)

@@ -94,3 +94,23 @@ def test_prod_profile_composes_to_a_valid_config(monkeypatch):
     assert cfg.stages["decode"].num_gpus == 0 and cfg.stages["decode"].num_cpus >= 1  # CPU for decode
     # the profile tunes stages by name; with annotators=none there are none to tune
     assert to_config(compose("preprocess", ["annotators=none", "+cluster=prod"])).annotators == {}
+
+
+def test_a_run_where_every_input_fails_writes_its_outputs(tmp_path):
+    """Every input fails before any clip exists (not a video, empty file): the run still writes an empty index,
+    the failures and the summary, exits 3, and a rerun neither crashes nor redoes the recorded failures."""
+    import pandas as pd
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    (inputs / "notes.txt").write_text("not a video\n")
+    (inputs / "empty.mp4").write_bytes(b"")
+    out = tmp_path / "out"
+    for attempt in range(2):
+        r = run_cli([f"input={inputs}", f"output={out}", *ENGINE_OVERRIDES])
+        assert r.returncode in ((3,) if attempt == 0 else (0, 3)), r.stdout[-3000:] + r.stderr[-3000:]
+        assert len(pd.read_parquet(out / "index.parquet")) == 0
+        failures = pd.read_parquet(out / "failures.parquet")
+        assert sorted(failures["source"].map(lambda s: s.rsplit("/", 1)[-1])) == ["empty.mp4", "notes.txt"]
+        assert json.loads((out / "summary.json").read_text())
+    assert validate(str(out)) == []
