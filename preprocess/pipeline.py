@@ -288,6 +288,17 @@ def check_reservations(cfg: PreprocessConfig, cluster_cpus: float) -> float:
     return need
 
 
+def unique_inputs(inputs: list[InputFile]) -> tuple[list[InputFile], list[InputFile]]:
+    """Inputs with each path once (first occurrence kept), and the repeated entries (a manifest that lists a
+    file twice must not write its clips twice; the repeats are recorded as duplicates)."""
+    seen: set[str] = set()
+    unique, repeated = [], []
+    for v in inputs:
+        (repeated if v.uri in seen else unique).append(v)
+        seen.add(v.uri)
+    return unique, repeated
+
+
 def run(cfg: PreprocessConfig, inputs: list[InputFile]) -> int:
     """Run the whole job; returns the exit code (0: all good, 3: some inputs failed)."""
     import ray
@@ -297,6 +308,7 @@ def run(cfg: PreprocessConfig, inputs: list[InputFile]) -> int:
     storage = Storage(cfg.output)
     groups = enabled_stage_groups(cfg)
     check_dataset_file(storage, groups, cfg)
+    inputs, listed_twice = unique_inputs(inputs)
     committed = load_committed(storage)
     finished = committed.finished(cfg.retry_failed)
     by_source = {(r["source"], int(r["source_size"]), float(r["source_mtime"])) for r in finished.to_dict("records")}
@@ -373,15 +385,19 @@ def run(cfg: PreprocessConfig, inputs: list[InputFile]) -> int:
     dup_failures = [{"kind": "video", "video_key": e["video_key"], "key": "", "source": e["source"],
                      "stage": "writer", "error_class": "duplicate", "error_message": "same content as another input"}
                     for e in events if e["event"] == "video" and e.get("error_class") == "duplicate"]
+    dup_failures += [{"kind": "video", "video_key": "", "key": "", "source": v.uri, "stage": "list",
+                      "error_class": "duplicate", "error_message": "listed more than once in the input: processed once"}
+                     for v in listed_twice]
     failures = build_failures(committed, dup_failures)
     write_table(storage, INDEX_FILE, index)
     write_table(storage, FAILURES_FILE, failures)
     vids = [e for e in events if e["event"] == "video"]
     run_failed = [e for e in vids if e["status"] == FAILED]
+    run_failed += [{"error_class": "duplicate", "source": v.uri} for v in listed_twice]
     summary = {
         "run_id": run_id, "output": storage.uri, "wall_seconds": round(time.time() - t_start, 3),
         "stream_seconds": round(stream_seconds, 3),
-        "inputs": len(inputs), "skipped_already_done": n_skipped_listing + sum(e["status"] == "skipped" for e in vids),
+        "inputs": len(inputs), "inputs_listed_twice": len(listed_twice), "skipped_already_done": n_skipped_listing + sum(e["status"] == "skipped" for e in vids),
         "videos_done": sum(e["status"] == OK for e in vids), "videos_failed": len(run_failed),
         "failures_by_reason": dict(Counter(e["error_class"] for e in run_failed)),
         "clips_written": sum(int(e.get("n_clips", 0)) for e in vids if e["status"] == OK),

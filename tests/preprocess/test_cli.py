@@ -10,7 +10,7 @@ import pytest
 
 from preprocess.validate import validate
 from tests.conftest import ROOT
-from tests.preprocess.helpers import ENGINE_OVERRIDES, index_keys, make_corpus, run_cli
+from tests.preprocess.helpers import ENGINE_OVERRIDES, index_keys, make_corpus, make_video, run_cli
 
 
 @pytest.mark.parametrize("args,needle", [
@@ -113,4 +113,21 @@ def test_a_run_where_every_input_fails_writes_its_outputs(tmp_path):
         failures = pd.read_parquet(out / "failures.parquet")
         assert sorted(failures["source"].map(lambda s: s.rsplit("/", 1)[-1])) == ["empty.mp4", "notes.txt"]
         assert json.loads((out / "summary.json").read_text())
+    assert validate(str(out)) == []
+
+
+def test_a_manifest_that_lists_a_file_twice_writes_it_once(tmp_path):
+    import pandas as pd
+
+    a, b = make_video(tmp_path / "a.mp4"), make_video(tmp_path / "b.mp4", photo="camera")
+    manifest = tmp_path / "inputs.txt"
+    manifest.write_text(f"{a}\n{b}\n{a}\n")
+    out = tmp_path / "out"
+    r = run_cli([f"input={manifest}", f"output={out}", *ENGINE_OVERRIDES])
+    assert r.returncode == 3, r.stdout[-3000:] + r.stderr[-3000:]  # the repeat is recorded, like any failure
+    keys = index_keys(out)
+    assert keys and len(keys) == len(set(keys))
+    failures = pd.read_parquet(out / "failures.parquet")
+    assert failures[["source", "error_class"]].values.tolist() == [[str(a), "duplicate"]]
+    assert json.loads((out / "summary.json").read_text())["inputs_listed_twice"] == 1
     assert validate(str(out)) == []
