@@ -142,6 +142,19 @@ def check(c: PreprocessConfig) -> None:
                           "(e.g. 536870912 for 512 MiB)")
     if c.writer.num_writers < 1:
         raise ConfigError("writer.num_writers must be >= 1")
+    ranges = {  # key: (value, low, high, what the bounds mean)
+        "decode.max_side": (c.decode.max_side, 0, None, "0 keeps the source size"),
+        "decode.crf": (c.decode.crf, 0, 51, "x264's constant-rate factor"),
+        "writer.jpeg_quality": (c.writer.jpeg_quality, 1, 100, "JPEG quality of stored reference frames"),
+        "max_videos": (c.max_videos, 1, None, "null processes every input"),
+        "probe.timeout_s": (c.probe.timeout_s, 1e-3, None, "seconds per video"),
+        "probe.min_seconds": (c.probe.min_seconds, 0, None, "seconds"),
+        "probe.key_bytes": (c.probe.key_bytes, 1, None, "bytes hashed from each end of a file"),
+    }
+    for key, (value, low, high, meaning) in ranges.items():
+        if value is not None and (value < low or (high is not None and value > high)):
+            span = f">= {low}" if high is None else f"in [{low}, {high}]"
+            raise ConfigError(f"{key}={value} is out of range: use a value {span} ({meaning})")
     for name in ("probe", "decode", "sink"):
         if name not in c.stages:
             raise ConfigError(f"stages.{name} is missing (resources of the engine's {name} stage)")

@@ -19,6 +19,10 @@ from tests.preprocess.helpers import ENGINE_OVERRIDES, index_keys, make_corpus, 
     (["plan.min_frames=abc"], "min_frames"),
     (["input=/definitely/not/here"], "/definitely/not/here"),
     (["writer.shard_bytes=10"], "writer.shard_bytes"),
+    (["max_videos=-1"], "max_videos=-1 is out of range"),
+    (["decode.max_side=-5"], "decode.max_side=-5 is out of range"),
+    (["decode.crf=60"], "decode.crf=60 is out of range: use a value in [0, 51]"),
+    (["writer.jpeg_quality=0"], "writer.jpeg_quality=0 is out of range"),
 ])
 def test_bad_config_is_a_clear_error(args, needle, tmp_path):
     r = run_cli([*args, f"output={tmp_path / 'o'}", "annotators=none"], timeout=120)
