@@ -81,6 +81,7 @@ class VAEConfig:
     arch: dict[str, Any] | None  # AutoencoderKLWan kwargs for a random init (tests only); None = pretrained
     dtype: str  # float32 | bfloat16
     tiling: bool  # spatial tiling for large frames (diffusers' enable_tiling)
+    encode_batch_pixels: int = 1 << 20  # samples x height x width per encode call (memory ~ this, not frames)
 
 
 @dataclass(frozen=True)

@@ -5,8 +5,9 @@
 VAE's ``latents_mean`` / ``latents_std`` (``z = (mu - mean) / std``); the model only sees normalised
 latents. Encoding uses the posterior mean (deterministic, so latents can be cached).
 
-Long clips: encoding runs through diffusers' causal cache one 4-frame chunk at a time, one sample at a
-time; decoding streams one latent frame at a time through the same cache and writes each decoded chunk
+Long clips: encoding runs through diffusers' causal cache one 4-frame chunk at a time, as many samples
+per call as ``vae.encode_batch_pixels`` allows (samples x height x width: memory does not grow with
+frames); decoding streams one latent frame at a time through the same cache and writes each decoded chunk
 straight into the output (optionally on another device, e.g. the CPU), so GPU memory does not grow
 with the clip length. Large frames can use diffusers' spatial tiling (``vae.tiling``).
 """
@@ -89,9 +90,10 @@ class VideoVAE(nn.Module):
         self.latent_shape(*video.shape[2:])
         ae = self.autoencoder
         dtype = next(ae.parameters()).dtype
+        per_call = max(1, self.cfg.encode_batch_pixels // (video.shape[-2] * video.shape[-1]))
         out = []
-        for sample in video.split(1):
-            moments = ae.encode(sample.to(dtype)).latent_dist.mean
+        for chunk in video.split(per_call):
+            moments = ae.encode(chunk.to(dtype)).latent_dist.mean
             out.append(self.normalize(moments.float()))
         return torch.cat(out)
 

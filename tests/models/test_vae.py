@@ -1,6 +1,8 @@
 """The VAE wrapper on a tiny randomly initialised AutoencoderKLWan (the real class)."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -43,10 +45,18 @@ def test_streaming_decode_equals_diffusers_decode(vae):
     torch.testing.assert_close(ours, ref, rtol=0, atol=1e-6)
 
 
-def test_batched_encode_is_per_sample(vae):
-    clips = torch.stack([astronaut_clip(5, 32, shift=s) for s in (1, 3)])
-    both = vae.encode(clips)
-    torch.testing.assert_close(both[1:], vae.encode(clips[1:]))
+@pytest.mark.parametrize("per_call", [1, 2, 3])
+def test_batched_encode_is_per_sample(vae, per_call, monkeypatch):
+    """Samples share an encode call up to vae.encode_batch_pixels (samples x height x width); a sample's
+    latents do not depend on its batch-mates."""
+    clips = torch.stack([astronaut_clip(5, 32, shift=s) for s in (1, 3, 5)])
+    alone = torch.cat([vae.encode(c[None]) for c in clips])
+    calls = []
+    encode = vae.autoencoder.encode
+    monkeypatch.setattr(vae.autoencoder, "encode", lambda x: calls.append(len(x)) or encode(x))
+    monkeypatch.setattr(vae, "cfg", dataclasses.replace(vae.cfg, encode_batch_pixels=per_call * 32 * 32 + 5))
+    torch.testing.assert_close(vae.encode(clips), alone, rtol=1e-5, atol=1e-5)
+    assert calls == [per_call] * (3 // per_call) + ([3 % per_call] if 3 % per_call else [])
 
 
 def test_missing_weights_name_the_setting(tiny_cfg, tmp_path):
