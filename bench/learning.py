@@ -33,15 +33,17 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 # (person's photo, motion name, preprocess.samples.Motion kwargs); the last motion of each person is held out
-MOTIONS = {
-    "right": dict(shift=(0.18, 0.0)),
-    "left": dict(shift=(-0.18, 0.0)),
-    "down": dict(shift=(0.0, 0.15)),
-    "zoom_in": dict(scale=(1.0, 1.25)),
-    "zoom_out": dict(scale=(1.2, 0.95)),
-    "turn": dict(rotate=(-10.0, 10.0)),
-    "mirror_left": dict(shift=(-0.12, 0.0), flip=True),
-    "up_zoom": dict(shift=(0.0, -0.15), scale=(1.0, 1.15)),  # held out
+MOTIONS = {  # large enough that a clip's window moves the person by several latent pixels (a blur of the
+    "right": dict(shift=(0.3, 0.0)),  # references cannot match it; only the pose can say where)
+    "left": dict(shift=(-0.3, 0.0)),
+    "down": dict(shift=(0.0, 0.25)),
+    "zoom_in": dict(scale=(0.9, 1.4)),
+    "zoom_out": dict(scale=(1.35, 0.85)),
+    "turn": dict(rotate=(-20.0, 20.0)),
+    "mirror_left": dict(shift=(-0.25, 0.0), flip=True),
+    "right_zoom": dict(shift=(0.25, 0.0), scale=(0.9, 1.3)),
+    "left_down": dict(shift=(-0.2, 0.2)),
+    "up_zoom": dict(shift=(0.0, -0.25), scale=(0.95, 1.3)),  # held out
 }
 HELDOUT = ("up_zoom",)
 PEOPLE = ("astronaut", "grace_hopper", "camera")
@@ -233,7 +235,7 @@ def main() -> int:
     ap.add_argument("--preset", default="small")
     ap.add_argument("--nproc", type=int, default=1)
     ap.add_argument("--size", type=int, default=128, help="frame side (square clips)")
-    ap.add_argument("--video-frames", type=int, default=66)
+    ap.add_argument("--video-frames", type=int, default=34)
     ap.add_argument("--clip-frames", type=int, default=33, help="longest clip the preprocessing cuts (>= 2 frames - 1)")
     ap.add_argument("--frames", type=int, default=17, help="frames per training / evaluation sample (1 + 4k)")
     ap.add_argument("--batch", type=int, default=8)
