@@ -28,6 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from models.conditions import Conditions  # noqa: E402
 from models.config import load_preset  # noqa: E402
 from models.dreamactor import DreamActor, param_group_of  # noqa: E402
 from models.flow import add_noise, flow_loss  # noqa: E402
@@ -56,7 +57,7 @@ def make_batch(cfg, frames: int, height: int, width: int, refs: int, device, see
 def loss_of(model: DreamActor, b: dict) -> torch.Tensor:
     """The flow-matching loss of one batch (inputs cast to the weights' dtype, as train/step.py does)."""
     dt = model.dit.patch_embed.weight.dtype
-    v = model(b["xt"].to(dt), b["sigma"], b["ref"].to(dt), b["pose"].to(dt), b["face"].to(dt), use_face=True)
+    v = model(b["xt"].to(dt), b["sigma"], Conditions(b["ref"].to(dt), b["pose"].to(dt), b["face"].to(dt)), use_face=True)
     return flow_loss(v, b["target"])
 
 

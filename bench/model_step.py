@@ -25,6 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from models.conditions import Conditions
 from models.config import load_preset
 from models.dreamactor import DreamActor
 from models.flow import add_noise, flow_loss
@@ -43,19 +44,17 @@ def make_inputs(model: DreamActor, batch: int, frames: int, height: int, width: 
     xt, target = add_noise(x0, noise, sigma)
     s = cfg.face_encoder.crop_size
     dt = next(model.parameters()).dtype
-    return {
-        "noisy_latents": xt.to(dt), "timesteps": sigma, "target": target,
-        "ref_latents": torch.randn(batch, c, refs, h, w, device=device, generator=g).to(dt),
-        "pose_maps": torch.rand(batch, cfg.pose_encoder.in_channels, frames, height, width, device=device,
-                             generator=g).to(dt),
-        "face_crops": (torch.rand(batch, frames, 3, s, s, device=device, generator=g) * 2 - 1).to(dt),
-    }
+    cond = Conditions(
+        torch.randn(batch, c, refs, h, w, device=device, generator=g).to(dt),
+        torch.rand(batch, cfg.pose_encoder.in_channels, frames, height, width, device=device, generator=g).to(dt),
+        (torch.rand(batch, frames, 3, s, s, device=device, generator=g) * 2 - 1).to(dt))
+    return {"noisy_latents": xt.to(dt), "timesteps": sigma, "target": target, "cond": cond}
 
 
 def step(model, inp, use_face: bool = True) -> torch.Tensor:
     """Forward + backward of the flow-matching loss."""
-    v = model(inp["noisy_latents"], inp["timesteps"], inp["ref_latents"], inp["pose_maps"],
-              inp["face_crops"] if use_face else None, use_face=use_face)
+    cond = inp["cond"] if use_face else inp["cond"].replace(face_crops=None)
+    v = model(inp["noisy_latents"], inp["timesteps"], cond, use_face=use_face)
     loss = flow_loss(v, inp["target"])
     loss.backward()
     return loss
@@ -191,8 +190,7 @@ def backend_agreement(args, device, backends=("cudnn", "flash", "efficient")) ->
         for blk in model.dit.blocks:
             blk.backends = (b,)  # this backend only: a shape it cannot run raises
         try:
-            outs[b] = model(inp["noisy_latents"], inp["timesteps"], inp["ref_latents"], inp["pose_maps"],
-                            inp["face_crops"]).float()
+            outs[b] = model(inp["noisy_latents"], inp["timesteps"], inp["cond"]).float()
         except RuntimeError as e:
             errors[b] = str(e).splitlines()[0][:200]
     ref = outs.get("math")

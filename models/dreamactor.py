@@ -1,15 +1,10 @@
 """The DreamActor-M1 model (paper Fig. 2): pose encoder + face motion encoder + DiT, with the named
 parameter groups of the progressive training stages (paper 3.4).
 
-Inputs of :meth:`DreamActor.forward` (B = batch; T = 1 + 4k pixel frames, t = 1 + k latent frames;
-H, W pixels = 8 h, 8 w; R reference images):
+Inputs of :meth:`DreamActor.forward` (B = batch; t = 1 + k latent frames):
 
 - ``noisy_latents`` (B, 16, t, h, w) normalised VAE latents at noise level ``timesteps`` (B,) = sigma in [0, 1]
-- ``ref_latents`` (B, 16, R, h, w) the references, each VAE-encoded as a single frame
-- ``pose_maps`` (B, 6, T, H, W) float in [0, 1]: [skeleton ; head sphere] from :mod:`models.render`
-- ``face_crops`` (B, T, 3, 224, 224) RGB in [-1, 1]; ``face_valid`` (B, T) optional
-- ``cond_latents`` (B, 16, t, h, w) + ``cond_mask`` (B, t): latent frames given as Wan-I2V conditioning
-  (segment continuation: the previous segment's last latent as frame 0); optional
+- ``cond``: :class:`models.conditions.Conditions` (references, pose maps, face crops, continuation latents)
 - ``drop_ref`` / ``drop_motion`` (B,) bool: classifier-free-guidance dropout per sample. A dropped reference
   is a zero latent; dropped motion removes the pose-feature and Face Attn contributions of that sample.
 - ``use_face``: False in stage 1 (no face motion tokens, Face Attn skipped)
@@ -23,6 +18,7 @@ import logging
 import torch
 from torch import nn
 
+from .conditions import Conditions
 from .config import ModelConfig
 from .dit import DiT
 from .face_encoder import FaceMotionEncoder, load_pdfgc_weights
@@ -103,12 +99,11 @@ class DreamActor(nn.Module):
 
     # ------------------------------------------------------------------ forward
 
-    def forward(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, ref_latents: torch.Tensor,
-                pose_maps: torch.Tensor, face_crops: torch.Tensor | None = None, *,
-                face_valid: torch.Tensor | None = None, cond_latents: torch.Tensor | None = None,
-                cond_mask: torch.Tensor | None = None, drop_ref: torch.Tensor | None = None,
-                drop_motion: torch.Tensor | None = None, use_face: bool = True) -> torch.Tensor:
+    def forward(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, cond: Conditions, *,
+                drop_ref: torch.Tensor | None = None, drop_motion: torch.Tensor | None = None,
+                use_face: bool = True) -> torch.Tensor:
         """Predicted flow velocity (B, C, t, h, w)."""
+        ref_latents, pose_maps, face_crops = cond.ref_latents, cond.pose_maps, cond.face_crops
         b, _, t, h, w = noisy_latents.shape
         tc, sc = self.cfg.vae.temporal_compression, self.cfg.vae.spatial_compression
         want = (1 + (t - 1) * tc, h * sc, w * sc)
@@ -127,16 +122,16 @@ class DreamActor(nn.Module):
                 raise ValueError("use_face=True needs face_crops (stage 1 passes use_face=False)")
             if face_crops.shape[1] != want[0]:
                 raise ValueError(f"face_crops have {face_crops.shape[1]} frames, expected {want[0]}")
-            face_tokens = self.face_encoder(face_crops, face_valid)
-        cond = None
+            face_tokens = self.face_encoder(face_crops, cond.face_valid)
+        cond_latents, given = cond.cond_latents, None
         if cond_latents is not None:
             if not self.cfg.dit.cond_channels:
                 raise ValueError("cond_latents given but dit.cond_channels is 0")
             n_mask = self.cfg.dit.cond_channels - self.cfg.dit.latent_channels
-            m = torch.ones(b, t, device=noisy_latents.device) if cond_mask is None else cond_mask.float()
+            m = torch.ones(b, t, device=noisy_latents.device) if cond.cond_mask is None else cond.cond_mask.float()
             m = m.to(cond_latents.dtype)[:, None, :, None, None]
-            cond = torch.cat([m.expand(b, n_mask, t, h, w), cond_latents * m], dim=1)
-        return self.dit(noisy_latents, timesteps, ref_latents, pose_features, face_tokens, cond, keep)
+            given = torch.cat([m.expand(b, n_mask, t, h, w), cond_latents * m], dim=1)
+        return self.dit(noisy_latents, timesteps, ref_latents, pose_features, face_tokens, given, keep)
 
     def compile_blocks(self, mix_order_reduction: bool = False) -> None:
         """``torch.compile`` each DiT block (fuses the fp32 norm/modulation/RoPE elementwise work; one graph

@@ -20,10 +20,10 @@ exactly, so consecutive segments share that latent.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 
+from .conditions import Conditions
 from .config import FlowConfig
 
 
@@ -65,23 +65,6 @@ def video_tokens(model, latents: torch.Tensor) -> int:
     return (latents.shape[2] // p[0]) * (latents.shape[3] // p[1]) * (latents.shape[4] // p[2])
 
 
-@dataclass
-class Conditions:
-    """What a denoising pass is conditioned on (tensors for the whole batch)."""
-
-    ref_latents: torch.Tensor  # (B, C, R, h, w)
-    pose_maps: torch.Tensor  # (B, 6, T, H, W)
-    face_crops: torch.Tensor | None = None  # (B, T, 3, S, S)
-    face_valid: torch.Tensor | None = None  # (B, T)
-    cond_latents: torch.Tensor | None = None  # (B, C, t, h, w) given latent frames (continuation)
-    cond_mask: torch.Tensor | None = None  # (B, t) which latent frames are given
-
-    def repeat(self, n: int) -> Conditions:
-        """The same conditions for ``n`` stacked copies of the batch."""
-        rep = lambda x: None if x is None else torch.cat([x] * n)
-        return Conditions(*(rep(getattr(self, f)) for f in self.__dataclass_fields__))
-
-
 def guided_velocity(model, x: torch.Tensor, sigma: torch.Tensor, cond: Conditions, guidance_ref: float,
                     guidance_motion: float, use_face: bool = True, motion: bool = True) -> torch.Tensor:
     """Dual-CFG velocity (formula in the module docstring), with only the passes the scales need.
@@ -99,10 +82,9 @@ def guided_velocity(model, x: torch.Tensor, sigma: torch.Tensor, cond: Condition
         passes.append((True, True))
     n = len(passes)
     flags = lambda i: torch.tensor([p[i] for p in passes], device=x.device).repeat_interleave(b)
-    c = cond.repeat(n)
-    v = model(torch.cat([x] * n), sigma.expand(b).repeat(n), c.ref_latents, c.pose_maps, c.face_crops,
-              face_valid=c.face_valid, cond_latents=c.cond_latents, cond_mask=c.cond_mask,
-              drop_ref=flags(0), drop_motion=flags(1), use_face=use_face).float().chunk(n)
+    c = cond.repeat(n) if n > 1 else cond
+    v = model(torch.cat([x] * n), sigma.expand(b).repeat(n), c, drop_ref=flags(0), drop_motion=flags(1),
+              use_face=use_face).float().chunk(n)
     if n == 1:
         return v[0]
     if not motion:
@@ -153,14 +135,6 @@ def segment_plan(num_frames: int, segment_frames: int, temporal_compression: int
         start += length - 1
 
 
-def _frames(x: torch.Tensor | None, start: int, stop: int, dim: int) -> torch.Tensor | None:
-    """Frames [start, stop) of ``x`` along ``dim``, padded by repeating the last frame."""
-    if x is None:
-        return None
-    idx = torch.arange(start, stop, device=x.device).clamp(max=x.shape[dim] - 1)
-    return x.index_select(dim, idx)
-
-
 @torch.no_grad()
 def generate_long(model, cond: Conditions, cfg: FlowConfig, num_frames: int, *, generator=None,
                   steps: int | None = None, guidance_ref: float | None = None, guidance_motion: float | None = None,
@@ -177,8 +151,7 @@ def generate_long(model, cond: Conditions, cfg: FlowConfig, num_frames: int, *, 
     segments, prev_last = [], None
     for start, stop in segment_plan(num_frames, cfg.segment_frames, tc):
         t = 1 + (stop - start - 1) // tc
-        seg = Conditions(cond.ref_latents, _frames(cond.pose_maps, start, stop, 2),
-                         _frames(cond.face_crops, start, stop, 1), _frames(cond.face_valid, start, stop, 1))
+        seg = cond.pixel_frames(start, stop)
         if prev_last is not None:
             seg.cond_latents = torch.zeros(b, c, t, h, w, device=prev_last.device)
             seg.cond_latents[:, :, 0] = prev_last

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from models.flow import Conditions, add_noise, flow_loss, sample
+from models.flow import add_noise, flow_loss, sample
 
 METHODS = ("model", "copy_reference", "motion_dropped")
 DENOISE_SIGMAS = (0.3, 0.6, 0.9)
@@ -95,9 +95,7 @@ def evaluate_latents(model, vae, batches, *, steps: int, seed: int, dtype=torch.
             batch = batch.to(device)
             gt = vae.encode(batch.video_pixels())
             ref = batch.refs_to_latent_layout(vae.encode(batch.ref_pixels()))
-            inputs = batch.model_inputs(dtype)
-            face = inputs.get("face_crops") if use_face else None
-            cond = Conditions(ref.to(dtype), inputs["pose_maps"], face, batch.face_valid if face is not None else None)
+            cond = batch.conditions(ref, dtype, use_face)
             g = torch.Generator(device=device).manual_seed(seed + i)
             noise = torch.randn(gt.shape, generator=g, device=device)
             kw = dict(steps=steps, guidance_ref=guidance_ref, guidance_motion=guidance_motion, use_face=use_face)
@@ -115,8 +113,7 @@ def evaluate_latents(model, vae, batches, *, steps: int, seed: int, dtype=torch.
                 sigma = torch.full((gt.shape[0],), level, device=device)
                 xt, target = add_noise(gt, eps, sigma)
                 for m, drop in (("model", False), ("motion_dropped", True)):
-                    v = model(xt.to(dtype), sigma, cond.ref_latents, cond.pose_maps, cond.face_crops,
-                              face_valid=cond.face_valid, drop_motion=torch.full_like(sigma, drop, dtype=torch.bool),
+                    v = model(xt.to(dtype), sigma, cond, drop_motion=torch.full_like(sigma, drop, dtype=torch.bool),
                               use_face=use_face)
                     losses[m] += flow_loss(v, target).item() / len(DENOISE_SIGMAS)
                 losses["copy_reference"] += flow_loss(eps - out["copy_reference"], target).item() / len(DENOISE_SIGMAS)

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.flow import Conditions, sample
+from models.flow import sample
 
 log = logging.getLogger(__name__)
 
@@ -32,10 +32,9 @@ def sample_video(engine, vae, batch, frames: int, steps: int, use_face: bool, se
     n = 1 + (n - 1) // tc * tc
     one = slice(0, 1)
     x0_pix = batch.video_pixels()[one, :, :n]
-    pose = batch.model_inputs(dtype)["pose_maps"][one, :, :n]
-    face = batch.model_inputs(dtype).get("face_crops")
-    face = face[one, :n] if (use_face and face is not None) else None
-    ref = batch.refs_to_latent_layout(vae.encode(batch.ref_pixels()))[one]
+    ref = batch.refs_to_latent_layout(vae.encode(batch.ref_pixels()))
+    cond = batch.conditions(ref, dtype, use_face).samples(one).pixel_frames(0, n)
+    use_face = cond.face_crops is not None
     t, (h, w) = 1 + (n - 1) // tc, batch.resolution
     sc = model.cfg.vae.spatial_compression
     g = torch.Generator(device=ref.device).manual_seed(seed)
@@ -43,13 +42,12 @@ def sample_video(engine, vae, batch, frames: int, steps: int, use_face: bool, se
     was_training = model.training
     model.eval()
     try:
-        cond = Conditions(ref.to(dtype), pose, face, batch.face_valid[one, :n] if face is not None else None)
         latents = sample(model, noise, cond, model.cfg.flow, steps=steps, use_face=use_face)
     finally:
         model.train(was_training)
     video = vae.decode(latents)[0]
-    skeleton = pose[0, :3].float() * 2 - 1
-    sphere = pose[0, 3:6].float() * 2 - 1
+    skeleton = cond.pose_maps[0, :3].float() * 2 - 1
+    sphere = cond.pose_maps[0, 3:6].float() * 2 - 1
     controls = torch.maximum(skeleton, sphere)
     panel = torch.cat([x0_pix[0], controls.to(x0_pix), video.to(x0_pix)], dim=-1)
     return _frames_uint8(panel)

@@ -84,13 +84,10 @@ class FlowMatchingStep:
         sigma = sample_sigmas(model.cfg.flow, b, n_video, device=self.device, generator=g)
         noise = torch.randn(x0.shape, generator=g, device=self.device, dtype=torch.float32)
         xt, target = add_noise(x0, noise, sigma)
-        cond = batch.model_inputs(self.dtype)
-        cond_latents, cond_mask = self.continuation(x0, g)
-        velocity = engine(xt.to(self.dtype), sigma, ref.to(self.dtype), cond["pose_maps"],
-                          cond.get("face_crops") if self.use_face else None,
-                          face_valid=cond["face_valid"] if self.use_face else None,
-                          cond_latents=cond_latents, cond_mask=cond_mask,
-                          drop_ref=cond["drop_ref"], drop_motion=cond["drop_motion"], use_face=self.use_face)
+        cond = batch.conditions(ref, self.dtype, self.use_face)
+        cond.cond_latents, cond.cond_mask = self.continuation(x0, g)
+        velocity = engine(xt.to(self.dtype), sigma, cond, drop_ref=batch.drop_ref, drop_motion=batch.drop_motion,
+                          use_face=self.use_face)
         loss = flow_loss(velocity, target)
         t, (h, w), r = batch.num_frames, batch.resolution, batch.num_refs
         p = model.cfg.dit.patch_size

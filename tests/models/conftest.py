@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from models.conditions import Conditions
 from models.config import load_preset
 from models.dreamactor import DreamActor
 
@@ -36,6 +37,14 @@ def random_batch(cfg, batch=2, frames=9, height=32, width=48, refs=2, seed=0):
         "pose_maps": torch.rand(batch, cfg.pose_encoder.in_channels, frames, height, width, generator=g),
         "face_crops": torch.rand(batch, frames, 3, s, s, generator=g) * 2 - 1,
     }
+
+
+def forward(model, b: dict, **kwargs):
+    """``model`` on a :func:`random_batch`-style dict: its condition fields (and ``cond_latents`` /
+    ``cond_mask`` among ``kwargs``) go into one :class:`Conditions`, the rest are passed on."""
+    cond = Conditions(b["ref_latents"], b["pose_maps"], b.get("face_crops"), b.get("face_valid"),
+                      kwargs.pop("cond_latents", None), kwargs.pop("cond_mask", None))
+    return model(b["noisy_latents"], b["timesteps"], cond, **kwargs)
 
 
 def astronaut_clip(frames=9, size=32, shift=2):

@@ -6,21 +6,22 @@ import numpy as np
 import pytest
 import torch
 
+from models.conditions import Conditions
 from models.dreamactor import PARAM_GROUPS, DreamActor, param_group_of
 from models.flow import add_noise, flow_loss
 
-from .conftest import astronaut_clip, random_batch
+from .conftest import astronaut_clip, forward, random_batch
 
 
 def test_forward_shapes_and_validation(tiny_model):
     b = random_batch(tiny_model.cfg)
-    out = tiny_model(**b)
+    out = forward(tiny_model, b)
     assert out.shape == b["noisy_latents"].shape
     with pytest.raises(ValueError, match="pose_maps"):
-        tiny_model(**{**b, "pose_maps": b["pose_maps"][:, :, :5]})
+        forward(tiny_model, {**b, "pose_maps": b["pose_maps"][:, :, :5]})
     with pytest.raises(ValueError, match="face_crops"):
-        tiny_model(**{**b, "face_crops": None})
-    assert tiny_model(**{**b, "face_crops": None}, use_face=False).shape == out.shape
+        forward(tiny_model, {**b, "face_crops": None})
+    assert forward(tiny_model, {**b, "face_crops": None}, use_face=False).shape == out.shape
 
 
 def test_drop_ref_is_a_zero_reference_and_drop_motion_ignores_controls(tiny_model):
@@ -31,12 +32,12 @@ def test_drop_ref_is_a_zero_reference_and_drop_motion_ignores_controls(tiny_mode
     b = random_batch(tiny_model.cfg)
     mask = torch.tensor([True, False])
     with torch.no_grad():
-        dropped = tiny_model(**b, drop_ref=mask)
-        zero_ref = tiny_model(**{**b, "ref_latents": b["ref_latents"] * torch.tensor([0.0, 1.0]).view(2, 1, 1, 1, 1)})
+        dropped = forward(tiny_model, b, drop_ref=mask)
+        zero_ref = forward(tiny_model, {**b, "ref_latents": b["ref_latents"] * torch.tensor([0.0, 1.0]).view(2, 1, 1, 1, 1)})
         torch.testing.assert_close(dropped, zero_ref)
-        out = tiny_model(**b, drop_motion=mask)
+        out = forward(tiny_model, b, drop_motion=mask)
         other = dict(b, pose_maps=torch.rand_like(b["pose_maps"]), face_crops=torch.rand_like(b["face_crops"]))
-        out2 = tiny_model(**other, drop_motion=mask)
+        out2 = forward(tiny_model, other, drop_motion=mask)
     torch.testing.assert_close(out[0], out2[0])  # sample 0 ignores its pose maps and face crops
     assert (out[1] - out2[1]).abs().max() > 1e-4  # sample 1 does not
 
@@ -49,12 +50,12 @@ def test_cond_latents_enter_through_the_conditioning_channels(tiny_model):
                 p.normal_(0, 0.1)
         given = torch.randn_like(b["noisy_latents"])
         mask = torch.tensor([[1.0, 0.0, 0.0]])
-        out = tiny_model(**b, cond_latents=given, cond_mask=mask)
+        out = forward(tiny_model, b, cond_latents=given, cond_mask=mask)
         # Only the masked frame of cond_latents matters.
         other = given.clone()
         other[:, :, 1:] = torch.randn_like(other[:, :, 1:])
-        torch.testing.assert_close(tiny_model(**b, cond_latents=other, cond_mask=mask), out)
-        assert (tiny_model(**b) - out).abs().max() > 1e-4
+        torch.testing.assert_close(forward(tiny_model, b, cond_latents=other, cond_mask=mask), out)
+        assert (forward(tiny_model, b) - out).abs().max() > 1e-4
 
 
 def test_param_groups_and_stages(tiny_model):
@@ -84,7 +85,7 @@ def test_stage2_trains_only_face_parts(tiny_model):
     frozen = {n: p.detach().clone() for n, p in tiny_model.named_parameters() if not p.requires_grad}
     for _ in range(2):  # Face Attn's output starts at zero: the encoder gets gradients from the second step
         opt.zero_grad()
-        tiny_model(**b).square().mean().backward()
+        forward(tiny_model, b).square().mean().backward()
         opt.step()
     for n, p in tiny_model.named_parameters():
         if p.requires_grad:
@@ -132,8 +133,8 @@ def test_overfits_one_clip(tiny_cfg):
     opt = torch.optim.AdamW(model.trainable_parameters(1), lr=3e-3, weight_decay=0.0)
     losses = []
     for _ in range(200):
-        loss = flow_loss(model(xt, sigma, ref.expand(4, -1, -1, -1, -1), pose.expand(4, -1, -1, -1, -1),
-                               use_face=False), target)
+        cond = Conditions(ref.expand(4, -1, -1, -1, -1), pose.expand(4, -1, -1, -1, -1))
+        loss = flow_loss(model(xt, sigma, cond, use_face=False), target)
         opt.zero_grad()
         loss.backward()
         opt.step()

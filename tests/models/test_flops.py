@@ -9,7 +9,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from models.config import load_preset
 from models.flops import dit_forward_flops, flops_per_step
 
-from .conftest import random_batch
+from .conftest import forward, random_batch
 
 
 @pytest.mark.parametrize("refs,use_face", [(2, True), (2, False), (0, True)])
@@ -21,7 +21,7 @@ def test_analytic_flops_match_the_counter(tiny_model, refs, use_face):
         b["face_crops"] = None
     # The math backend decomposes attention into matmuls the counter sees (it does not count fused kernels on CPU).
     with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-        tiny_model(**b, use_face=use_face)
+        forward(tiny_model, b, use_face=use_face)
     assert tiny_model.flops_per_step(2, 9, 32, 48, refs, use_face=use_face, backward=False) == counter.get_total_flops()
     assert tiny_model.flops_per_step(2, 9, 32, 48, refs, use_face=use_face) == 3 * counter.get_total_flops()
 

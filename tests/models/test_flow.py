@@ -78,7 +78,7 @@ def test_guidance_one_is_the_conditional_prediction(tiny_model):
     sigma = torch.tensor([0.7])
     with torch.no_grad():
         guided = guided_velocity(tiny_model, b["noisy_latents"], sigma, cond, 1.0, 1.0)
-        direct = tiny_model(b["noisy_latents"], sigma.expand(2), b["ref_latents"], b["pose_maps"], b["face_crops"])
+        direct = tiny_model(b["noisy_latents"], sigma.expand(2), cond)
     torch.testing.assert_close(guided, direct)
 
 
@@ -90,7 +90,7 @@ def test_dual_guidance_formula(tiny_model):
     b = random_batch(tiny_model.cfg, batch=1)
     cond = Conditions(b["ref_latents"], b["pose_maps"], b["face_crops"])
     x, sigma = b["noisy_latents"], torch.tensor([0.4])
-    args = (x, sigma, b["ref_latents"], b["pose_maps"], b["face_crops"])
+    args = (x, sigma, cond)
     no, yes = torch.tensor([False]), torch.tensor([True])
     with torch.no_grad():
         v_rm = tiny_model(*args)

@@ -3,6 +3,7 @@ as the image-to-video condition, deterministically from the micro-step's generat
 import pytest
 import torch
 
+from models.conditions import Conditions
 from models.dreamactor import DreamActor
 from tests.conftest import compose
 from train.config import TrainConfigError, to_job
@@ -37,11 +38,11 @@ def test_the_condition_changes_the_prediction():
     tc, sc = job.model.vae.temporal_compression, job.model.vae.spatial_compression
     x = torch.randn(1, c, t, h, w)
     pose = torch.rand(1, job.model.pose_encoder.in_channels, 1 + (t - 1) * tc, h * sc, w * sc)
-    args = (x, torch.tensor([0.5]), torch.randn(1, c, 1, h, w), pose)
+    cond = Conditions(torch.randn(1, c, 1, h, w), pose)
     with torch.no_grad():
-        a = model(*args, use_face=False)
+        a = model(x, torch.tensor([0.5]), cond, use_face=False)
         lat, mask = st.continuation(torch.randn(1, c, t, h, w), st.generator(0, 0))
-        b = model(*args, cond_latents=lat, cond_mask=mask, use_face=False)
+        b = model(x, torch.tensor([0.5]), cond.replace(cond_latents=lat, cond_mask=mask), use_face=False)
     assert mask[0, 0] == 1 and not torch.allclose(a, b)
 
 

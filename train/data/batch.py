@@ -2,14 +2,16 @@
 VAE need, named in the paper's words (sections 3.1-3.4).
 
 All samples of a batch share one bucket (H, W), one clip length T and one reference count R. Pixel
-tensors travel as uint8 (4x less worker-to-trainer traffic and pinned memory); :meth:`DreamActorBatch.model_inputs`
-turns them into the model's float layouts on the device.
+tensors travel as uint8 (4x less worker-to-trainer traffic and pinned memory); :meth:`DreamActorBatch.conditions`
+turns them into the model's float layouts on the device (one :class:`models.conditions.Conditions`).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
 import torch
+
+from models.conditions import Conditions
 
 
 @dataclass
@@ -141,12 +143,12 @@ class DreamActorBatch:
         br, c, _, h, w = z.shape
         return z.reshape(self.size, br // self.size, c, h, w).permute(0, 2, 1, 3, 4)
 
-    def model_inputs(self, dtype=torch.float32) -> dict[str, torch.Tensor]:
-        """The conditioning inputs of ``DreamActor.forward`` in its layouts: ``pose_maps`` in [0, 1],
-        ``face_crops`` in [-1, 1], ``face_valid``, ``drop_ref``, ``drop_motion``. The trainer adds
-        ``noisy_latents``, ``timesteps`` and ``ref_latents`` (from the VAE or the precomputed latents)."""
-        out = {"pose_maps": self.pose_map_tensor().to(dtype).div_(255.0), "face_valid": self.face_valid,
-               "drop_ref": self.drop_ref, "drop_motion": self.drop_motion}
-        if self.face_crops is not None:
-            out["face_crops"] = self.face_crops.to(dtype).div_(127.5).sub_(1.0)
-        return out
+    def conditions(self, ref_latents: torch.Tensor, dtype=torch.float32, use_face: bool = True) -> Conditions:
+        """The model's conditions in its layouts: ``ref_latents`` (B, C, R, h, w) from the VAE or the
+        precomputed latents, ``pose_maps`` in [0, 1], ``face_crops`` in [-1, 1] with ``face_valid`` (none when
+        ``use_face`` is False or the batch has no crops). The dropout flags (``drop_ref``, ``drop_motion``)
+        are the batch's own fields, passed beside them."""
+        face = use_face and self.face_crops is not None
+        return Conditions(ref_latents.to(dtype), self.pose_map_tensor().to(dtype).div_(255.0),
+                          self.face_crops.to(dtype).div_(127.5).sub_(1.0) if face else None,
+                          self.face_valid if face else None)

@@ -56,9 +56,9 @@ def test_every_field_has_its_dtype_and_shape(batches, model_cfg):
         assert b.pose_maps is None and torch.equal(b.pose_map_tensor(), torch.cat([b.skeleton_maps, b.head_sphere_maps], 1))
         assert b.pose_map_tensor().shape == (n, 6, t, h, w)
         assert b.video.is_contiguous(memory_format=torch.channels_last_3d)
-        inputs = b.model_inputs()
-        assert inputs["pose_maps"].dtype == torch.float32 and 0 <= inputs["pose_maps"].min() <= inputs["pose_maps"].max() <= 1
-        assert -1 <= inputs["face_crops"].min() and inputs["face_crops"].max() <= 1
+        cond = b.conditions(torch.zeros(n, 16, r, h // 8, w // 8))
+        assert cond.pose_maps.dtype == torch.float32 and 0 <= cond.pose_maps.min() <= cond.pose_maps.max() <= 1
+        assert -1 <= cond.face_crops.min() and cond.face_crops.max() <= 1
         assert b.video_pixels().shape == (n, 3, t, h, w) and b.ref_pixels().shape == (n * r, 3, 1, h, w)
     assert len(seen_refs) > 1  # the reference count is drawn per batch
 
@@ -74,7 +74,8 @@ def test_a_batch_runs_through_the_vae_and_the_model(batches, model_cfg):
     ref = b.refs_to_latent_layout(vae.encode(b.ref_pixels()))
     assert ref.shape == (b.size, z.shape[1], b.num_refs, *z.shape[-2:])
     with torch.no_grad():
-        v = model(torch.randn_like(z), torch.rand(b.size), ref, **b.model_inputs())
+        v = model(torch.randn_like(z), torch.rand(b.size), b.conditions(ref), drop_ref=b.drop_ref,
+                  drop_motion=b.drop_motion)
     assert v.shape == z.shape and torch.isfinite(v).all()
 
 
