@@ -3,9 +3,12 @@
 Shot boundaries: every frame is decoded at ``analysis_width`` and converted to HSV; a cut is placed
 where the mean absolute HSV change from the previous frame exceeds ``shot_threshold`` (the content
 detector of PySceneDetect, on 0–255 channels), at least ``min_shot_frames`` after the previous cut.
-Clips: each shot is sampled at the target fps (never upsampled); a shot shorter than ``min_frames``
-is dropped with reason ``shot_too_short``; a longer one is split into ``ceil(L / max_frames)`` equal
-contiguous windows, so every window has between ``min_frames`` and ``max_frames`` frames.
+Clips: each shot is sampled at the target fps by presentation time (the frame shown at each target
+instant; never upsampled), so variable-frame-rate video gives evenly timed clips; a shot shorter than
+``min_frames`` is dropped with reason ``shot_too_short``; a longer one is split into
+``ceil(L / max_frames)`` equal contiguous windows, so every window has between ``min_frames`` and
+``max_frames`` frames. A stretch that did not decode (corrupt packets) ends a shot: no clip spans damage,
+and the damaged stretches are recorded (``VideoPlan.damaged``).
 """
 from __future__ import annotations
 
@@ -13,17 +16,20 @@ import hashlib
 import math
 from dataclasses import dataclass, field
 
+import av
 import cv2
 import numpy as np
 
-from .video import ProbeInfo, VideoError, iter_frames, probe
+from .video import ProbeInfo, Scan, VideoError, probe, scan
 
 
 @dataclass
 class ClipPlan:
     clip_index: int
     shot_index: int
-    frame_index: np.ndarray  # source frames, sorted
+    frame_index: np.ndarray  # source frames (presentation order among the decodable frames), sorted
+    timestamps: np.ndarray | None = None  # seconds from the first frame
+    pts: np.ndarray | None = None  # stream timestamps of the frames (None: the stream has none)
 
 
 @dataclass
@@ -34,6 +40,9 @@ class VideoPlan:
     fps: float  # fps of the planned clips
     clips: list[ClipPlan] = field(default_factory=list)
     dropped: dict[str, int] = field(default_factory=dict)  # reason -> shots
+    duration_s: float = 0.0  # presentation time from the first to past the last decoded frame
+    # (last good, next good frame) seconds around each stretch that did not decode or that the container lost
+    damaged: list[tuple[float, float]] = field(default_factory=list)
 
 
 def content_key(size: int, head: bytes, tail: bytes) -> str:
@@ -45,17 +54,20 @@ def content_key(size: int, head: bytes, tail: bytes) -> str:
     return h.hexdigest()
 
 
-def shot_scores(path: str, rotation: int, analysis_width: int, fileobj=None, src_size=None) -> np.ndarray:
-    """Mean |ΔHSV| between each frame and the previous one (score[0] = 0)."""
+def shot_scan(path: str, rotation: int, analysis_width: int, fps: float, fileobj=None, src_size=None) -> Scan:
+    """The decode of the whole video: per displayable frame its timestamp and the mean |ΔHSV| from the
+    previous frame (``values``; first = 0)."""
     w, h = src_size if src_size else (analysis_width, analysis_width)
     aw = analysis_width
     ah = max(2, int(round(h * aw / w / 2)) * 2)
-    scores, prev = [], None
-    for rgb in iter_frames(path, rotation=rotation, width=aw, height=ah, fileobj=fileobj):
-        hsv = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV).astype(np.int16)
-        scores.append(0.0 if prev is None else float(np.abs(hsv - prev).mean()))
-        prev = hsv
-    return np.asarray(scores, dtype=np.float64)
+    hsv = [None]
+
+    def score(rgb: np.ndarray) -> float:
+        cur = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV).astype(np.int16)
+        prev, hsv[0] = hsv[0], cur
+        return 0.0 if prev is None else float(np.abs(cur - prev).mean())
+
+    return scan(path, score, rotation=rotation, size=(aw, ah), fps=fps, fileobj=fileobj)
 
 
 def find_shots(scores: np.ndarray, threshold: float, min_shot_frames: int) -> list[tuple[int, int]]:
@@ -69,21 +81,59 @@ def find_shots(scores: np.ndarray, threshold: float, min_shot_frames: int) -> li
     return [(a, b) for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
 
 
-def plan_windows(shots, src_fps: float, target_fps: float | None, min_frames: int, max_frames: int):
-    """Clip windows for the shots; returns (fps of the clips, clips, dropped-shot counts)."""
-    stride = max(1.0, src_fps / target_fps) if target_fps else 1.0
-    fps = src_fps / stride
+def plan_windows(shots, src_fps: float, target_fps: float | None, min_frames: int, max_frames: int,
+                 times: np.ndarray | None = None):
+    """Clip windows for the shots; returns (fps of the clips, clips, dropped-shot counts).
+
+    ``times``: each source frame's presentation time in seconds (default: a constant ``src_fps``, the mean
+    rate). With a target rate, clip frames are the frames on display at the instants of a grid of
+    ``min(target_fps, src_fps)`` per second started at the shot's first frame: evenly timed clips from
+    variable-rate video (a frame shown longer than a grid step repeats), every frame of a constant-rate
+    source at or below the target (never upsampled). Without one, every frame at the mean rate."""
+    n = shots[-1][1] if shots else 0
+    if times is None:
+        times = np.arange(n, dtype=np.float64) / src_fps
+    rate = min(float(target_fps), src_fps) if target_fps else None
+    fps = rate if rate else src_fps
     clips: list[ClipPlan] = []
     dropped: dict[str, int] = {}
     for si, (a, b) in enumerate(shots):
-        idx = np.unique(np.floor(a + np.arange(0, math.ceil((b - a) / stride)) * stride + 1e-6).astype(np.int64))
-        idx = idx[idx < b]
+        if rate:
+            steps = int(math.floor((times[b - 1] - times[a]) * rate + 1e-6)) + 1
+            grid = times[a] + np.arange(steps) / rate
+            # the last frame shown by a quarter step after each instant: timing jitter and a mean rate a
+            # hair off the true one never repeat or skip frames of a constant-rate source
+            idx = np.searchsorted(times[a:b], grid + 0.25 / rate, side="right") - 1 + a
+        else:
+            idx = np.arange(a, b, dtype=np.int64)
         if len(idx) < min_frames:
             dropped["shot_too_short"] = dropped.get("shot_too_short", 0) + 1
             continue
         for win in np.array_split(idx, math.ceil(len(idx) / max_frames)):
-            clips.append(ClipPlan(len(clips), si, win.astype(np.int32)))
+            clips.append(ClipPlan(len(clips), si, win.astype(np.int32), times[win]))
     return fps, clips, dropped
+
+
+def find_gaps(times: np.ndarray, factor: float = 4.0, min_gap_s: float = 0.25) -> list[tuple[float, float]]:
+    """(before, after) times of frame intervals longer than ``factor`` x the median interval and
+    ``min_gap_s``: frames the container lost (a damaged stretch the demuxer skipped), not the slower
+    stretches of variable-rate video."""
+    if len(times) < 3:
+        return []
+    d = np.diff(times)
+    limit = max(factor * float(np.median(d)), min_gap_s)
+    return [(float(times[i]), float(times[i + 1])) for i in np.flatnonzero(d > limit)]
+
+
+def split_at_damage(shots: list[tuple[int, int]], times: np.ndarray, damaged: list[tuple[float, float]]
+                    ) -> list[tuple[int, int]]:
+    """Shots cut at the first good frame after each damaged stretch (no clip spans damage)."""
+    cuts = {int(np.searchsorted(times, after, side="left")) for _, after in damaged}
+    out = []
+    for a, b in shots:
+        inner = sorted(c for c in cuts if a < c < b)
+        out += list(zip([a, *inner], [*inner, b]))
+    return out
 
 
 def plan_video(path: str, *, analysis_width: int, threshold: float, min_shot_frames: int,
@@ -97,11 +147,36 @@ def plan_video(path: str, *, analysis_width: int, threshold: float, min_shot_fra
     if fileobj is not None:
         fileobj.seek(0)
     try:
-        scores = shot_scores(path, info.rotation, analysis_width, fileobj=fileobj, src_size=(info.width, info.height))
-    except Exception as e:  # PyAV raises on corrupt packets past the first frame
-        raise VideoError("truncated", f"{path}: decoding stopped with {type(e).__name__}: {e}") from None
+        sc = shot_scan(path, info.rotation, analysis_width, info.fps, fileobj=fileobj,
+                       src_size=(info.width, info.height))
+    except av.error.FFmpegError as e:
+        raise VideoError("undecodable", f"{path}: decoding failed: {_words(e)}") from None
+    scores = np.asarray(sc.values, dtype=np.float64)
     if len(scores) < min_frames:
-        raise VideoError("too_short", f"{path}: {len(scores)} decodable frames, fewer than plan.min_frames={min_frames}")
-    shots = find_shots(scores, threshold, min_shot_frames)
-    fps, clips, dropped = plan_windows(shots, info.fps, target_fps, min_frames, max_frames)
-    return VideoPlan(info=info, n_frames=len(scores), shots=shots, fps=fps, clips=clips, dropped=dropped)
+        why = f" ({_damage_text(sc.damaged)} did not decode)" if sc.damaged else ""
+        raise VideoError("too_short", f"{path}: {len(scores)} decodable frames, fewer than plan.min_frames={min_frames}{why}")
+    damaged = sorted(sc.damaged + find_gaps(sc.times))
+    shots = split_at_damage(find_shots(scores, threshold, min_shot_frames), sc.times, damaged)
+    src_fps = sc.mean_fps or info.fps
+    fps, clips, dropped = plan_windows(shots, src_fps, target_fps, min_frames, max_frames, times=sc.times)
+    if sc.pts is not None:
+        for c in clips:
+            c.pts = sc.pts[c.frame_index]
+    if sc.skipped:
+        dropped["frames_with_repeated_timestamps"] = sc.skipped
+    duration = float(sc.times[-1]) + 1.0 / src_fps
+    return VideoPlan(info=info, n_frames=len(scores), shots=shots, fps=fps, clips=clips, dropped=dropped,
+                     duration_s=duration, damaged=damaged)
+
+
+def _words(e: Exception) -> str:
+    return getattr(e, "strerror", None) or str(e)
+
+
+def _damage_text(damaged: list[tuple[float, float]]) -> str:
+    """``after 1.20 s until 1.96 s, ...`` (the edges: ``before the first frame``, ``to the end``)."""
+    def one(a: float, b: float) -> str:
+        start = "before the first decoded frame" if math.isinf(a) else f"after {a:.2f} s"
+        return f"{start} {'to the end' if math.isinf(b) else f'until {b:.2f} s'}"
+
+    return ", ".join(one(a, b) for a, b in damaged)

@@ -5,6 +5,12 @@ ranges faster than decord, and frame numbers are taken from presentation timesta
 on files where decord's index drifts (Megamind.avi: packed B-frames in AVI put decord's frames off
 by up to a few positions). ``auto`` is therefore PyAV in preprocessing; decord remains selectable and
 is the reader of the training loader, which reads our own re-encoded MP4 clips.
+
+Presentation time throughout: the planning pass (:func:`scan`) records every displayable frame's
+timestamp, clips are resampled by those timestamps, and :func:`read_frames_pyav` finds frames by their
+timestamps. So variable-frame-rate video (most phone recordings) and containers whose headers lie about
+the frame count or rate read exactly. Corrupt packets cost the frames they carry, not the video: the scan
+decodes packet by packet, skips what does not decode and records the damaged stretches.
 """
 from __future__ import annotations
 
@@ -118,6 +124,85 @@ def iter_frames(path: str, *, rotation: int = 0, width: int | None = None, heigh
             yield _rotate(arr, rotation)
 
 
+@dataclass
+class Scan:
+    """What one decode of a whole video saw: per displayable frame, its presentation time and a value
+    computed from the frame (e.g. a shot-change score), plus the stretches that did not decode."""
+
+    values: list  # per frame, in presentation order
+    pts: np.ndarray | None  # int64 stream pts per frame; None when the stream has no timestamps
+    times: np.ndarray  # seconds from the first frame
+    damaged: list[tuple[float, float]]  # (last good, next good frame) seconds around undecodable stretches
+    skipped: int  # frames dropped for a timestamp not after the previous one (not displayable)
+
+    @property
+    def mean_fps(self) -> float:
+        """Frames per second over the scanned span (the average rate of a variable-rate video)."""
+        span = float(self.times[-1] - self.times[0]) if len(self.times) > 1 else 0.0
+        return (len(self.times) - 1) / span if span > 0 else 0.0
+
+
+def _ffmpeg_words(e: Exception) -> str:
+    """An FFmpeg error as words (PyAV's message without the errno prefix)."""
+    msg = getattr(e, "strerror", None) or str(e)
+    return msg.split("] ", 1)[-1].strip()
+
+
+def scan(path: str, fn, *, rotation: int = 0, size: tuple[int, int] | None = None, fps: float,
+         fileobj=None) -> Scan:
+    """Decode every packet of the first video stream in order and apply ``fn(rgb)`` to each displayable
+    frame (resized to ``size`` (w, h), rotated for display). A packet that fails to decode is skipped and
+    its stretch (until the next frame that decodes) recorded as damaged; frames whose timestamp is not
+    after the previous one are dropped (counted in ``skipped``). ``fps`` numbers frames of a stream
+    without timestamps."""
+    values, keys, broken_after, skipped = [], [], [], 0
+    broken = False
+    last = None
+    with av.open(fileobj if fileobj is not None else path) as c:
+        s = c.streams.video[0]
+        s.thread_type = "AUTO"
+        tb = s.time_base
+        has_pts = True
+        seq = 0
+        for packet in c.demux(s):
+            try:
+                got = packet.decode()
+            except av.error.FFmpegError:
+                broken = True  # this packet's frames are lost: a stretch after the last good frame
+                continue
+            for frame in got:
+                if frame.pts is None:
+                    has_pts = False
+                key = frame.pts if (has_pts and frame.pts is not None) else seq
+                seq += 1
+                if last is not None and key <= last:
+                    skipped += 1
+                    continue
+                last = key
+                if broken:
+                    broken_after.append(len(values) - 1)  # -1: before the first frame
+                    broken = False
+                if size:
+                    w, h = (size[1], size[0]) if rotation in (90, 270) else size
+                    arr = frame.to_ndarray(format="rgb24", width=w, height=h)
+                else:
+                    arr = frame.to_ndarray(format="rgb24")
+                values.append(fn(_rotate(arr, rotation)))
+                keys.append(key)
+        if broken:
+            broken_after.append(len(values) - 1)
+    if has_pts and tb is not None and keys:
+        pts = np.asarray(keys, dtype=np.int64)
+        times = (pts - pts[0]).astype(np.float64) * float(tb)
+    else:
+        pts = None
+        times = np.arange(len(values), dtype=np.float64) / fps
+    # a stretch that did not decode, as (last good frame, next good frame) times; open ends at the edges
+    damaged = [(float(times[i]) if i >= 0 else -math.inf, float(times[i + 1]) if i + 1 < len(times) else math.inf)
+               for i in broken_after]
+    return Scan(values, pts, times, damaged, skipped)
+
+
 def scaled_size(width: int, height: int, max_side: int) -> tuple[int, int]:
     """Size with the long side at most ``max_side``, both sides even (yuv420p needs it)."""
     s = min(1.0, max_side / max(width, height)) if max_side else 1.0
@@ -125,13 +210,31 @@ def scaled_size(width: int, height: int, max_side: int) -> tuple[int, int]:
 
 
 def read_frames_pyav(path: str, indices: np.ndarray, *, rotation: int, size: tuple[int, int],
-                     start_pts: int = 0, fileobj=None) -> np.ndarray:
-    """Frames at sorted ``indices`` (decode order), resized to ``size`` (w, h), uint8 T×H×W×3.
+                     start_pts: int = 0, pts: np.ndarray | None = None, fileobj=None) -> np.ndarray:
+    """Frames at sorted ``indices`` (presentation order), resized to ``size`` (w, h), uint8 T×H×W×3.
 
-    Seeks to the keyframe before the first index, then decodes forward; frame numbers are counted
-    from presentation timestamps so a seek lands on the right frame.
+    With ``pts`` (the stream timestamps of those frames, from :func:`scan`): seeks to the keyframe before
+    the first one, decodes forward and takes the frames whose timestamps match, which is exact on
+    variable-frame-rate streams; if the container's index sends the seek too far, it decodes from the
+    start. Without: frame numbers come from timestamps at the stream's nominal rate (constant-rate
+    streams; ``start_pts`` is frame 0's timestamp).
     """
     indices = np.asarray(indices)
+    if pts is not None:
+        pts = np.asarray(pts, dtype=np.int64)
+        if len(pts) != len(indices):
+            raise ValueError(f"{len(pts)} timestamps for {len(indices)} frames")
+        got = _read_by_pts(path, pts, rotation=rotation, size=size, fileobj=fileobj, seek=True)
+        if len(got) < len(pts):
+            if fileobj is not None:
+                fileobj.seek(0)
+            got = _read_by_pts(path, pts, rotation=rotation, size=size, fileobj=fileobj, seek=False)
+        missing = [int(i) for i, t in zip(indices, pts) if int(t) not in got]
+        if missing:
+            raise VideoError("frames_missing", f"{path}: frames {missing[:5]}{'...' if len(missing) > 5 else ''} "
+                             f"({len(missing)} of {len(indices)}) were decoded when planning but not when "
+                             "reading the clip")
+        return np.stack([got[int(t)] for t in pts])
     want = set(int(i) for i in indices)
     out: dict[int, np.ndarray] = {}
     w, h = size
@@ -158,11 +261,42 @@ def read_frames_pyav(path: str, indices: np.ndarray, *, rotation: int, size: tup
                     break
             if idx > indices[-1] + 8:  # past the last wanted frame by more than any reordering
                 break
-    missing = [i for i in indices if int(i) not in out]
+    missing = [int(i) for i in indices if int(i) not in out]
     if missing:
         raise VideoError("truncated", f"{path}: frames {missing[:5]}{'...' if len(missing) > 5 else ''} "
                          f"could not be decoded ({len(missing)} of {len(indices)})")
     return np.stack([out[int(i)] for i in indices])
+
+
+def _read_by_pts(path: str, pts: np.ndarray, *, rotation: int, size: tuple[int, int], fileobj, seek: bool
+                 ) -> dict[int, np.ndarray]:
+    """{pts: frame} of the wanted timestamps that decode; packets that fail to decode are skipped."""
+    want = set(int(t) for t in pts)
+    last = int(pts.max())
+    out: dict[int, np.ndarray] = {}
+    w, h = size
+    dw, dh = (h, w) if rotation in (90, 270) else (w, h)
+    with av.open(fileobj if fileobj is not None else path) as c:
+        s = c.streams.video[0]
+        s.thread_type = "AUTO"
+        if seek and int(pts.min()) > 0:
+            c.seek(int(pts.min()), stream=s, backward=True, any_frame=False)
+        for packet in c.demux(s):
+            try:
+                frames = packet.decode()
+            except av.error.FFmpegError:
+                continue
+            past = False
+            for frame in frames:
+                t = frame.pts
+                if t is None:
+                    continue
+                if t in want and t not in out:
+                    out[t] = _rotate(frame.to_ndarray(format="rgb24", width=dw, height=dh), rotation)
+                past = past or t > last  # the decoder hands frames out in presentation order
+            if past or len(out) == len(want):
+                break
+    return out
 
 
 def read_frames_decord(path: str, indices: np.ndarray, *, rotation: int, size: tuple[int, int],
@@ -179,11 +313,15 @@ def read_frames_decord(path: str, indices: np.ndarray, *, rotation: int, size: t
 
 
 def read_frames(path: str, indices: np.ndarray, *, rotation: int, size: tuple[int, int],
-                backend: str = "auto", start_pts: int = 0, fileobj=None) -> np.ndarray:
-    """Read sorted frame indices with the chosen backend (``auto`` = PyAV, see the module doc)."""
-    indices = np.sort(np.asarray(indices, dtype=np.int64))
-    reader = read_frames_decord if backend == "decord" else read_frames_pyav
-    return reader(path, indices, rotation=rotation, size=size, start_pts=start_pts, fileobj=fileobj)
+                backend: str = "auto", start_pts: int = 0, pts: np.ndarray | None = None, fileobj=None) -> np.ndarray:
+    """Read sorted frame indices with the chosen backend (``auto`` = PyAV, see the module doc); ``pts``:
+    the frames' stream timestamps from :func:`scan` (PyAV finds frames by them; decord by index)."""
+    order = np.argsort(np.asarray(indices, dtype=np.int64), kind="stable")
+    indices = np.asarray(indices, dtype=np.int64)[order]
+    if backend == "decord":
+        return read_frames_decord(path, indices, rotation=rotation, size=size, fileobj=fileobj)
+    pts = None if pts is None else np.asarray(pts, dtype=np.int64)[order]
+    return read_frames_pyav(path, indices, rotation=rotation, size=size, start_pts=start_pts, pts=pts, fileobj=fileobj)
 
 
 def encode_mp4(frames: np.ndarray, fps: float, *, crf: int = 20, preset: str = "veryfast", threads: int = 0) -> bytes:

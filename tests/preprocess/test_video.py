@@ -95,3 +95,108 @@ def test_probe_rejects_non_video(tmp_path, content, reason):
     with pytest.raises(video.VideoError) as e:
         video.probe(str(p))
     assert e.value.reason in (reason, "unreadable", "no_video_stream")
+
+
+# ---------------------------------------------------------------- presentation time (issue 17)
+
+def _write(path, frames, codec="libx264", pts=None, time_base=None, rate=25, options=None):
+    """Encode ``frames`` with explicit presentation timestamps (variable frame rate when uneven)."""
+    from fractions import Fraction
+
+    h, w = frames.shape[1:3]
+    with av.open(str(path), "w") as c:
+        s = c.add_stream(codec, rate=rate)
+        s.width, s.height, s.pix_fmt = w, h, "yuv420p"
+        s.options = options or {}
+        if time_base is not None:
+            s.codec_context.time_base = Fraction(time_base)
+        for i, f in enumerate(frames):
+            fr = av.VideoFrame.from_ndarray(f, format="rgb24")
+            if pts is not None:
+                fr.pts, fr.time_base = int(pts[i]), Fraction(time_base)
+            for pk in s.encode(fr):
+                c.mux(pk)
+        for pk in s.encode():
+            c.mux(pk)
+    return path
+
+
+def _moving(n, size=(128, 96)):
+    frames, _ = samples.render_motion(samples.load_photo("astronaut"), size, n, samples.Motion(shift=(60, 0)))
+    return frames
+
+
+def _decoded(path):
+    with av.open(str(path)) as c:
+        return {f.pts: f.to_ndarray(format="rgb24") for f in c.decode(video=0)}
+
+
+@pytest.mark.parametrize("ext", ["mp4", "mkv"])
+def test_variable_frame_rate_reads_every_planned_frame_exactly(tmp_path, ext):
+    """A phone-style recording alternating 30 and 15 fps stretches: the frame numbers of a constant rate
+    do not exist there; planning and reading by timestamps find every frame."""
+    from preprocess.plan import plan_video
+
+    gaps = np.where((np.arange(90) // 15) % 2 == 0, 33, 67)
+    pts = np.concatenate([[0], np.cumsum(gaps[:-1])])
+    p = _write(tmp_path / f"vfr.{ext}", _moving(90), pts=pts, time_base="1/1000")
+    vp = plan_video(str(p), analysis_width=64, threshold=30.0, min_shot_frames=10, target_fps=25.0, min_frames=9,
+                    max_frames=33, min_seconds=0.5)
+    assert vp.n_frames == 90 and vp.damaged == [] and len(vp.clips) >= 2
+    assert abs(vp.duration_s - (pts[-1] + 50) / 1000) < 0.05
+    ref = _decoded(p)
+    for c in vp.clips:
+        got = video.read_frames(str(p), c.frame_index, rotation=0, size=(128, 96), pts=c.pts)
+        assert np.array_equal(got, np.stack([ref[int(t)] for t in c.pts]))
+        # evenly timed at the clip rate: each frame is the one on display at its grid instant
+        grid = c.timestamps[0] + np.arange(len(c.pts)) / vp.fps
+        shown = np.asarray(c.timestamps)
+        assert np.all(shown <= grid + 0.25 / vp.fps) and np.all(grid - shown < 0.067 + 1e-6)
+
+
+def test_an_avi_whose_header_lies_reads_exactly(tmp_path):
+    """An old-style AVI with dropped-frame gaps and a header claiming 500 frames: the constant-rate
+    numbering lost frames and called the file truncated; by timestamps every planned frame reads."""
+    import struct
+
+    from preprocess.plan import plan_video
+
+    frames = _moving(60)
+    p = _write(tmp_path / "gaps.avi", frames, codec="mpeg4", pts=np.arange(60) + (np.arange(60) // 10) * 2,
+               time_base="1/25")
+    data = bytearray(p.read_bytes())
+    for tag, off in ((b"avih", 16), (b"strh", 32)):  # total frames / stream length
+        i = data.find(tag)
+        struct.pack_into("<I", data, i + 8 + off, 500)
+    lying = tmp_path / "lying.avi"
+    lying.write_bytes(bytes(data))
+    assert video.probe(str(lying)).n_frames == 500
+    vp = plan_video(str(lying), analysis_width=64, threshold=30.0, min_shot_frames=10, target_fps=25.0, min_frames=9,
+                    max_frames=33, min_seconds=0.5)
+    assert vp.n_frames == 60 and sum(len(c.frame_index) for c in vp.clips) >= 60
+    ref = _decoded(lying)
+    for c in vp.clips:
+        got = video.read_frames(str(lying), c.frame_index, rotation=0, size=(128, 96), pts=c.pts)
+        assert np.array_equal(got, np.stack([ref[int(t)] for t in c.pts]))
+
+
+@pytest.mark.parametrize("ext", ["mp4", "mkv", "ts"])
+def test_a_corrupt_stretch_costs_its_frames_not_the_video(tmp_path, ext):
+    """10% of the bytes in the middle overwritten: the frames around the damage still make clips, no clip
+    spans the damage, and the damaged stretch is recorded."""
+    from preprocess.plan import plan_video
+
+    good = _write(tmp_path / f"good.{ext}", _moving(120), options={"g": "12"})
+    data = bytearray(good.read_bytes())
+    a, n = int(len(data) * 0.45), int(len(data) * 0.1)
+    data[a:a + n] = np.random.default_rng(0).integers(0, 256, n, dtype=np.uint8).tobytes()
+    bad = tmp_path / f"bad.{ext}"
+    bad.write_bytes(bytes(data))
+    vp = plan_video(str(bad), analysis_width=64, threshold=30.0, min_shot_frames=10, target_fps=25.0, min_frames=9,
+                    max_frames=33, min_seconds=0.5)
+    assert 60 <= vp.n_frames < 120 and vp.damaged, (vp.n_frames, vp.damaged)
+    assert any(c.timestamps[-1] < 1.5 for c in vp.clips) and any(c.timestamps[0] > 2.5 for c in vp.clips)
+    for c in vp.clips:
+        assert not any(c.timestamps[0] <= before and after <= c.timestamps[-1] for before, after in vp.damaged)
+        got = video.read_frames(str(bad), c.frame_index, rotation=0, size=(128, 96), pts=c.pts)
+        assert got.shape == (len(c.frame_index), 96, 128, 3)
