@@ -45,11 +45,16 @@ def is_local(fs: pafs.FileSystem) -> bool:
 class Storage:
     """A directory (local or object store) with atomic writes: readers never see a partial file."""
 
-    def __init__(self, uri: str):
+    def __init__(self, uri: str, create: bool = True):
+        """``create=False`` for readers: a missing directory stays missing (see :meth:`root_exists`)."""
         self.uri = uri
         self.fs, self.root = filesystem(uri)
         self.local = is_local(self.fs)
-        self.fs.create_dir(self.root, recursive=True)
+        if create:
+            self.fs.create_dir(self.root, recursive=True)
+
+    def root_exists(self) -> bool:
+        return self.fs.get_file_info(self.root).type == pafs.FileType.Directory
 
     def path(self, rel: str) -> str:
         return posixpath.join(self.root, rel) if not self.local else os.path.join(self.root, rel)

@@ -105,7 +105,9 @@ def check_tar(storage: Storage, name: str, fields, seen: dict[str, str], deep: b
 
 def validate(output: str, deep: bool = False, log=print) -> list[str]:
     """All problems of the dataset at ``output`` (empty when it is valid)."""
-    storage = Storage(output)
+    storage = Storage(output, create=False)
+    if not storage.root_exists():
+        raise FileNotFoundError(f"output={output}: no such directory (give the output= of a preprocess/run.py run)")
     if not storage.exists(DATASET_FILE):
         return [f"{output}: no {DATASET_FILE}; not a dataset written by preprocess/run.py"]
     ds = read_json(storage, DATASET_FILE)
@@ -172,7 +174,11 @@ def main(argv: list[str]) -> int:
     if not output:
         print(f"error: output= is required\n{__doc__}", file=sys.stderr)
         return 2
-    problems = validate(output, deep=deep)
+    try:
+        problems = validate(output, deep=deep)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     for p in problems[:200]:
         print(f"PROBLEM {p}")
     if len(problems) > 200:

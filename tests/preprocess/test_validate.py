@@ -91,3 +91,11 @@ def test_uncommitted_tar_and_index_mismatch(dataset, tmp_path):
     problems = validate(str(out), log=lambda *_: None)
     assert any("never committed" in p for p in problems)
     assert any("also in" in p for p in problems)  # its keys duplicate the committed shard's
+
+
+def test_a_missing_directory_is_named_and_not_created(tmp_path):
+    missing = tmp_path / "no" / "such"
+    r = subprocess.run([sys.executable, str(ROOT / "preprocess" / "validate.py"), f"output={missing}"],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2 and "no such directory" in r.stderr and str(missing) in r.stderr
+    assert not missing.exists() and not missing.parent.exists()
