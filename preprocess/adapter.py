@@ -60,9 +60,9 @@ def map_stage(ds: Dataset, stage: Stage) -> Dataset:
         raise ValueError(f"stage {stage.name!r} has no resources: build it with load_stage or .using(resources)")
     common = {"batch_size": r.batch_size, "num_cpus": r.num_cpus, "num_gpus": r.num_gpus, "batch_format": "numpy"}
     if stage.actor:
-        return ds.map_batches(_actor_class(stage), fn_constructor_args=(stage,),
+        return ds.map_batches(actor_class(stage), fn_constructor_args=(stage,),
                               compute=ActorPoolStrategy(min_size=r.min_actors, max_size=r.max_actors), **common)
-    return ds.map_batches(_task_function(stage), **common)
+    return ds.map_batches(task_function(stage), **common)
 
 
 class StageActor:
@@ -76,7 +76,8 @@ class StageActor:
         return pack(self.stage.process_batch(unpack(batch)))
 
 
-def _actor_class(stage: Stage) -> type[StageActor]:
+def actor_class(stage: Stage) -> type[StageActor]:
+    """The actor class ``map_batches`` instantiates for ``stage`` (constructor argument: the stage)."""
     return type(stage.name, (StageActor,), {})  # so Ray's plan and progress bars name the stage
 
 
@@ -92,7 +93,9 @@ def _run_task(batch: dict[str, np.ndarray], stage: Stage, token: str) -> dict[st
     return pack(_TASK_STAGES[token].process_batch(unpack(batch)))
 
 
-def _task_function(stage: Stage):
+def task_function(stage: Stage):
+    """The function ``map_batches`` runs as tasks for ``stage``; every copy of it that Ray unpickles in one worker
+    process shares the stage set up by the first."""
     token = f"{stage.name}-{uuid.uuid4().hex}"
 
     def fn(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

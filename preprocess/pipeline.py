@@ -28,7 +28,7 @@ from .adapter import from_rows, map_stage, unpack
 from .config import ConfigError, PreprocessConfig
 from .engine import INPUT_COLUMNS, DecodeStage, ProbePlanStage, SinkStage, input_row
 from .shards import DATASET_FILE, FAILURES_FILE, INDEX_FILE, SHARD_DIR, SUMMARY_FILE
-from .stage import FAILED, OK, Stage, VideoStage, check_stages, load_stage, written_groups
+from .stage import FAILED, OK, ClipStage, Stage, VideoStage, check_stages, load_stage, written_groups
 from .state import build_failures, build_index, load_committed, read_json, write_json, write_table
 from .storage import InputFile, Storage
 from .writer import ShardWriter, writer_name
@@ -46,10 +46,10 @@ def build_stages(cfg: PreprocessConfig, run_id: str) -> list[Stage]:
     stages = [
         ProbePlanStage({"probe": cfg.probe, "plan": cfg.plan}).using(s["probe"]),
         DecodeStage({"decode": cfg.decode}).using(s["decode"]),
-        *(load_stage(name, spec) for name, spec in cfg.annotators.items() if spec.enabled),
+        *(load_stage(name, spec, ClipStage) for name, spec in cfg.annotators.items() if spec.enabled),
         SinkStage({"run_id": run_id, "n_writers": cfg.writer.num_writers, "namespace": cfg.ray.namespace})
         .using(s["sink"]),
-        *(load_stage(name, spec) for name, spec in cfg.video_stages.items() if spec.enabled),
+        *(load_stage(name, spec, VideoStage) for name, spec in cfg.video_stages.items() if spec.enabled),
     ]
     check_stages(stages, given=INPUT_COLUMNS)
     return stages

@@ -117,15 +117,15 @@ class VideoStage(Stage):
         raise NotImplementedError
 
 
-def load_stage(name: str, spec: StageSpec) -> Stage:
-    """Instantiate the stage class named by ``spec.target``, with the spec's resources (no model loaded)."""
+def load_stage(name: str, spec: StageSpec, kind: type[Stage] = Stage) -> Stage:
+    """Instantiate the ``kind`` stage class named by ``spec.target``, with the spec's resources (no model loaded)."""
     module, _, cls_name = spec.target.rpartition(".")
     try:
         cls = getattr(importlib.import_module(module), cls_name)
     except (ImportError, AttributeError) as e:
         raise ConfigError(f"stage {name!r}: cannot import {spec.target!r}: {e}") from None
-    if not (isinstance(cls, type) and issubclass(cls, Stage)):
-        raise ConfigError(f"stage {name!r}: {spec.target!r} is not a Stage subclass")
+    if not (isinstance(cls, type) and issubclass(cls, kind)):
+        raise ConfigError(f"stage {name!r}: {spec.target!r} is not a {kind.__name__} subclass")
     return cls(spec.params).using(spec.resources)
 
 

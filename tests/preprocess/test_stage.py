@@ -3,11 +3,12 @@ earlier stage, every column it writes is defined by the schema), and every stage
 way (an actor pool or tasks, its setup once per worker)."""
 import os
 
+import cloudpickle
 import numpy as np
 import pytest
 
 from preprocess import schema
-from preprocess.adapter import from_rows, map_stage, pack, unpack
+from preprocess.adapter import from_rows, map_stage, pack, task_function, unpack
 from preprocess.config import ConfigError, Resources, StageSpec, to_config
 from preprocess.pipeline import build_stages, run
 from preprocess.stage import ClipStage, Stage, new_row, written_groups
@@ -67,6 +68,13 @@ def test_a_stage_that_writes_a_column_outside_the_schema_is_refused(tmp_path):
     cfg.annotators = {"blur": _spec(BlurScoreStage)}
     with pytest.raises(ConfigError, match=r"stage 'blur' \(.*BlurScoreStage\) writes 'blur_score', which is not a "
                                           r"column of preprocess/schema.py"):
+        build_stages(cfg, "test")
+
+
+def test_a_stage_of_the_wrong_kind_is_refused(tmp_path):
+    cfg = _cfg(tmp_path, "annotators=embedded")
+    cfg.annotators = {**cfg.annotators, "refs": cfg.video_stages.pop("refs")}  # a video stage among the clip stages
+    with pytest.raises(ConfigError, match=r"stage 'refs': '.*YawSortedRefsStage' is not a ClipStage subclass"):
         build_stages(cfg, "test")
 
 
@@ -133,7 +141,16 @@ def test_a_task_stage_sets_up_once_per_worker_process(ray_local):
     for pid, instance, _ in tags:
         by_pid.setdefault(pid, set()).add(instance)
     assert all(len(instances) == 1 for instances in by_pid.values())  # later batches reuse the set-up stage
-    assert len(by_pid) < len(tags)  # some process ran several batches (Ray reuses its idle workers)
+
+
+def test_task_copies_in_one_process_share_one_set_up_stage():
+    """What Ray does to a task stage, in this process: every task unpickles its own copy of the function."""
+    r = Resources(num_cpus=0.1, num_gpus=0, batch_size=1, min_actors=1, max_actors=1)
+    blob = cloudpickle.dumps(task_function(WorkerTaskStage().using(r)))
+    tags = [unpack(cloudpickle.loads(blob)(pack([new_row(key=f"k{i}")])))[0]["m_worker"] for i in range(3)]
+    assert len(set(tags)) == 1 and tags[0] == (os.getpid(), tags[0][1], 1)
+    other = cloudpickle.dumps(task_function(WorkerTaskStage().using(r)))  # another map_stage call: its own setup
+    assert unpack(cloudpickle.loads(other)(pack([new_row(key="k")])))[0]["m_worker"][1] != tags[0][1]
 
 
 def test_a_stage_without_resources_is_not_mapped():
