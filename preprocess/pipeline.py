@@ -234,7 +234,8 @@ def run(cfg: PreprocessConfig, inputs: list[InputFile]) -> int:
     summary = {
         "run_id": run_id, "output": storage.uri, "wall_seconds": round(time.time() - t_start, 3),
         "stream_seconds": round(stream_seconds, 3),
-        "inputs": len(inputs), "inputs_listed_twice": len(listed_twice), "skipped_already_done": n_skipped_listing + sum(e["status"] == "skipped" for e in vids),
+        "inputs": len(inputs), "inputs_listed_twice": len(listed_twice),
+        "skipped_already_done": n_skipped_listing + sum(e["status"] == "skipped" for e in vids),
         "videos_done": sum(e["status"] == OK for e in vids), "videos_failed": len(run_failed),
         "failures_by_reason": dict(Counter(e["error_class"] for e in run_failed)),
         "clips_written": sum(int(e.get("n_clips", 0)) for e in vids if e["status"] == OK),
@@ -257,7 +258,8 @@ def run(cfg: PreprocessConfig, inputs: list[InputFile]) -> int:
     preview = write_preview(storage, index, run_id)
     print(f"[preprocess] shards:   {storage.url(SHARD_DIR)}\n[preprocess] index:    {storage.url(INDEX_FILE)}\n"
           f"[preprocess] failures: {storage.url(FAILURES_FILE)} ({len(run_failed)} this run)\n"
-          f"[preprocess] summary:  {storage.url(SUMMARY_FILE)}" + (f"\n[preprocess] report:   {report}" if report else "")
+          f"[preprocess] summary:  {storage.url(SUMMARY_FILE)}"
+          + (f"\n[preprocess] report:   {report}" if report else "")
           + (f"\n[preprocess] preview:  {preview}" if preview else ""), flush=True)
     return EXIT_FAILURES if run_failed else EXIT_OK
 
