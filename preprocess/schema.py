@@ -130,6 +130,27 @@ META_KEYS = (
     "start_frame", "end_frame", "n_frames", "fps", "width", "height",
     "src_fps", "src_width", "src_height", "src_codec", "src_rotation",
 )
+# An annotator's own meta key is a row column ``m_<name>``: stored as meta.json ``<name>``, and as an index column
+# when it is a scalar.
+ANNOTATOR_META_PREFIX = "m_"
+
+# Row columns that are neither shard fields nor meta.json keys: what the pipeline stages hand on to each other and
+# to the writer's stats rows. With FIELDS, META_KEYS and ``m_*`` these are every column a stage may write.
+WORK_COLUMNS = {
+    "frames": "the decoded clip, uint8 T x H x W x 3, read by every annotator; dropped before the writer",
+    "source_size": "bytes of the input file (-1: not found)",
+    "source_mtime": "modification time of the input file (with source and size: an earlier run finished it)",
+    "source_seconds": "duration of the input video, s",
+    "dropped": "shots of the video too short to make a clip, by reason",
+    "n_clips": "clips planned for the video (the writer waits for all of them)",
+    "src_start_pts": "pts of the video stream's first frame (the clip decoder seeks by it)",
+}
+
+
+def is_column(name: str) -> bool:
+    """Whether ``name`` is a row column the schema defines: a shard field, a meta key or a work column."""
+    return (name in FIELDS_BY_NAME or name in META_KEYS or name in WORK_COLUMNS
+            or (name.startswith(ANNOTATOR_META_PREFIX) and len(name) > len(ANNOTATOR_META_PREFIX)))
 
 
 def field(name: str) -> Field:

@@ -1,42 +1,47 @@
-"""The stage contract (after NeMo Curator's video stages) and its mapping onto Ray Data.
+"""The stage contract (after NeMo Curator's ``ProcessingStage``): every step of the pipeline is a Stage.
 
-A pipeline is a list of stages. Each stage declares the row fields it reads and writes, gets its
-resources (CPUs, GPU fraction, batch size, actor pool size) from the config, loads its models once
-per worker in ``setup()`` and handles one clip at a time in ``process()``. Two kinds:
+A pipeline is a list of stages: the engine's own (``engine.py``: probe + plan, decode, sink) and the
+annotators (``annotators/``). Each stage declares the row columns it reads and writes (names from
+``schema.py``; the pipeline refuses at build time a stage that reads a column no earlier stage writes, or
+writes one the schema does not define), gets its resources (CPUs, GPU fraction, batch size, actor pool size)
+from the config, loads its models once per worker in ``setup()`` and turns a batch of rows into rows in
+``process_batch()``. ``adapter.map_stage`` is the one place a stage becomes a Ray Data operator. Two kinds
+serve the annotators:
 
-* ``ClipStage``: runs in a Ray Data actor pool on every decoded clip (``row["frames"]`` is the clip,
-  uint8 T×H×W×3, shared by every annotator: the video is decoded once).
+* ``ClipStage``: runs on every decoded clip (``row["frames"]`` is the clip, uint8 T×H×W×3, shared by every
+  annotator: the video is decoded once) and returns the clip's new fields.
 * ``VideoStage``: runs inside the shard writer once all clips of a video have arrived (yaw-sorted
   references need every frame of the video).
 
-Rows travel between stages as a few scalar columns (key, video_key, status, ...) plus one binary
-``payload`` column holding the rest of the row (numpy arrays, bytes). Clips differ in T, H and W, and
-keeping those in a single pickled column keeps every Arrow block's schema identical.
+Every row carries the bookkeeping of ``new_row`` (key, status, error, timings); a failed row is passed
+along untouched by later stages and recorded by the writer, never raised.
 """
 from __future__ import annotations
 
 import dataclasses
 import importlib
-import pickle
 import time
 import traceback
+from collections.abc import Iterable
 from typing import Any, ClassVar
 
-import numpy as np
+from . import schema
+from .config import ConfigError, Resources, StageSpec
 
-from .config import ConfigError, StageSpec
-
-# Scalar columns visible to Ray Data (for stats and routing); everything else is in ``payload``.
-SCALAR_COLUMNS = ("key", "video_key", "kind", "status")
 OK, FAILED, SKIPPED = "ok", "failed", "skipped"
 
 
 def new_row(**values) -> dict[str, Any]:
-    """A row with the bookkeeping every row carries."""
+    """A row with the bookkeeping every row carries (``kind``: clip, or video for an input that made no clip;
+    ``timings`` / ``stage_frames``: seconds and frames per stage, summed by the writer)."""
     row = {"key": "", "video_key": "", "kind": "clip", "status": OK, "error_stage": "",
-           "error_class": "", "error_message": "", "timings": {}}
+           "error_class": "", "error_message": "", "timings": {}, "stage_frames": {}}
     row.update(values)
     return row
+
+
+# Columns every row has from the start: no stage declares them.
+BOOKKEEPING = tuple(new_row())
 
 
 def fail(row: dict, stage: str, error: BaseException | str, error_class: str | None = None) -> dict:
@@ -52,33 +57,18 @@ def fail(row: dict, stage: str, error: BaseException | str, error_class: str | N
     return row
 
 
-def pack(rows: list[dict]) -> dict[str, np.ndarray]:
-    """Rows → a Ray Data numpy batch."""
-    batch = {c: np.array([r[c] for r in rows], dtype=object) for c in SCALAR_COLUMNS}
-    batch["payload"] = np.array(
-        [pickle.dumps({k: v for k, v in r.items() if k not in SCALAR_COLUMNS}, protocol=5) for r in rows],
-        dtype=object)
-    return batch
-
-
-def unpack(batch: dict[str, np.ndarray]) -> list[dict]:
-    """A Ray Data numpy batch → rows."""
-    rows = []
-    for i in range(len(batch["payload"])):
-        row = pickle.loads(batch["payload"][i])
-        for c in SCALAR_COLUMNS:
-            row[c] = str(batch[c][i])
-        rows.append(row)
-    return rows
-
-
 class Stage:
-    """Common part of both stage kinds."""
+    """One step of the pipeline. Subclasses set ``name``, ``reads``, ``writes`` and, for their own settings,
+    a ``Params`` dataclass; the resources come from the config (``load_stage`` or the pipeline's builder)."""
 
     name: ClassVar[str] = ""
-    reads: ClassVar[tuple[str, ...]] = ()
-    writes: ClassVar[tuple[str, ...]] = ()  # shard fields (preprocess.schema) or row columns
+    reads: ClassVar[tuple[str, ...]] = ()  # row columns an earlier stage wrote (bookkeeping needs no mention)
+    writes: ClassVar[tuple[str, ...]] = ()  # row columns the schema defines (schema.is_column)
     Params: ClassVar[type] = type("Params", (), {})  # a dataclass of the stage's own settings
+    # True: a pool of long-lived actors (models, child processes); False: Ray tasks, for a light stage whose
+    # setup is cheap (it still runs once per worker process, see adapter.py)
+    actor: ClassVar[bool] = True
+    resources: Resources | None = None  # what one worker asks the scheduler for
 
     def __init__(self, params: dict | None = None):
         params = dict(params or {})
@@ -94,8 +84,18 @@ class Stage:
         else:
             self.params = params
 
+    def using(self, resources: Resources) -> Stage:
+        """This stage, with the resources one of its workers asks for."""
+        self.resources = resources
+        return self
+
     def setup(self) -> None:
-        """Load models; called once per worker before the first clip."""
+        """Load models; called once per worker before the first batch."""
+
+    def process_batch(self, rows: list[dict]) -> list[dict]:
+        """The rows that follow from ``rows`` (the same rows updated, or more or fewer); never raises for bad
+        input: a row that cannot be processed is marked with ``fail`` and handed on."""
+        raise NotImplementedError
 
 
 class ClipStage(Stage):
@@ -105,25 +105,28 @@ class ClipStage(Stage):
         """Return the new fields of ``row`` (arrays per schema); raise to fail just this clip."""
         raise NotImplementedError
 
+    def process_batch(self, rows: list[dict]) -> list[dict]:
+        return [run_clip_stage(self, r) for r in rows]
+
 
 class VideoStage(Stage):
-    """Sees every clip row of one video (in clip order) before they are written."""
+    """Sees every clip row of one video (in clip order) before they are written; runs in the shard writer."""
 
     def process_video(self, rows: list[dict]) -> None:
         """Update the rows in place (e.g. add reference images); raise to fail the whole video."""
         raise NotImplementedError
 
 
-def load_stage(name: str, spec: StageSpec) -> Stage:
-    """Instantiate the stage class named by ``spec.target``."""
+def load_stage(name: str, spec: StageSpec, kind: type[Stage] = Stage) -> Stage:
+    """Instantiate the ``kind`` stage class named by ``spec.target``, with the spec's resources (no model loaded)."""
     module, _, cls_name = spec.target.rpartition(".")
     try:
         cls = getattr(importlib.import_module(module), cls_name)
     except (ImportError, AttributeError) as e:
         raise ConfigError(f"stage {name!r}: cannot import {spec.target!r}: {e}") from None
-    if not (isinstance(cls, type) and issubclass(cls, Stage)):
-        raise ConfigError(f"stage {name!r}: {spec.target!r} is not a Stage subclass")
-    return cls(spec.params)
+    if not (isinstance(cls, type) and issubclass(cls, kind)):
+        raise ConfigError(f"stage {name!r}: {spec.target!r} is not a {kind.__name__} subclass")
+    return cls(spec.params).using(spec.resources)
 
 
 def run_clip_stage(stage: ClipStage, row: dict) -> dict:
@@ -133,21 +136,34 @@ def run_clip_stage(stage: ClipStage, row: dict) -> dict:
     t0 = time.perf_counter()
     try:
         row.update(stage.process(row))
-    except Exception as e:  # one bad clip never stops the run
+    except Exception as e:  # noqa: BLE001 - one bad clip never stops the run
         fail(row, stage.name, e)
         row["error_message"] += "\n" + traceback.format_exc(limit=3)[-1500:]
     row["timings"][stage.name] = time.perf_counter() - t0
     return row
 
 
-class ClipStageActor:
-    """Ray Data actor wrapping one ClipStage: models load once in ``__init__``."""
+def check_stages(stages: list[Stage], given: Iterable[str] = ()) -> None:
+    """Refuse a pipeline in which a stage reads a column that no earlier stage writes (``given``: the columns
+    of the input rows) or writes a column the schema does not define; the error names the stage and the column."""
+    written = {*BOOKKEEPING, *given}
+    for i, st in enumerate(stages):
+        unknown = [c for c in st.writes if not schema.is_column(c)]
+        if unknown:
+            raise ConfigError(
+                f"stage {st.name!r} ({type(st).__module__}.{type(st).__name__}) writes {unknown[0]!r}, which is "
+                "not a column of preprocess/schema.py: add it there (a shard field, a meta key, m_<name> for an "
+                "annotator's meta key, or a work column), or fix the stage's writes")
+        missing = [c for c in st.reads if c not in written]
+        if missing:
+            before = ", ".join(s.name for s in stages[:i]) or "none"
+            raise ConfigError(
+                f"stage {st.name!r} ({type(st).__module__}.{type(st).__name__}) reads {missing[0]!r}, which no "
+                f"earlier stage writes (stages before it: {before}): enable or reorder the stage that writes it")
+        written.update(st.writes)
 
-    def __init__(self, name: str, spec: StageSpec):
-        self.stage = load_stage(name, spec)
-        if not isinstance(self.stage, ClipStage):
-            raise ConfigError(f"annotators.{name}: {spec.target} is not a ClipStage")
-        self.stage.setup()
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return pack([run_clip_stage(self.stage, r) for r in unpack(batch)])
+def written_groups(stages: list[Stage]) -> list[str]:
+    """Schema groups the stages write, in schema order, the engine's ``clip`` group left out."""
+    groups = {schema.FIELDS_BY_NAME[c].group for st in stages for c in st.writes if c in schema.FIELDS_BY_NAME}
+    return [g for g in schema.GROUPS if g in groups and g != "clip"]

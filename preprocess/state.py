@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
+from .schema import ANNOTATOR_META_PREFIX
 from .shards import SHARD_DIR, STATS_SUFFIX, TAR_SUFFIX, stats_path
 from .storage import Storage
 
@@ -65,7 +66,7 @@ def build_index(c: Committed) -> pd.DataFrame:
     clips = c.stats[(c.stats["kind"] == "clip") & (c.stats["status"] == "ok")]
     if clips.empty:  # every video failed (its stats rows carry no clip columns): an empty index, not a crash
         return pd.DataFrame(columns=INDEX_COLUMNS)
-    extra = sorted(col for col in clips.columns if col.startswith("m_"))
+    extra = sorted(col for col in clips.columns if col.startswith(ANNOTATOR_META_PREFIX))
     cols = INDEX_COLUMNS + ["timings"] + extra
     out = clips[[col for col in cols if col in clips.columns]].sort_values("key").reset_index(drop=True)
     for col in ("clip_index", "shot_index", "n_frames", "start_frame", "end_frame", "width", "height", "bytes"):

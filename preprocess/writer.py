@@ -28,6 +28,10 @@ from .stage import FAILED, OK, SKIPPED, VideoStage, fail, load_stage
 from .storage import Storage
 
 
+def writer_name(run_id: str, i: int) -> str:
+    """The Ray actor name of writer ``i`` of a run (the sink stage finds its writers by it)."""
+    return f"dreamactor-writer-{run_id}-{i}"
+
 
 def part_name(run_id: str, writer_id: int, seq: int) -> str:
     return f"{run_id}-w{writer_id:02d}-{seq:05d}"
@@ -51,7 +55,8 @@ def clip_meta(row: dict) -> dict:
     for k in schema.META_KEYS:
         if k in row:
             meta[k] = _plain(row[k])
-    meta.update({k[2:]: _plain(v) for k, v in row.items() if k.startswith("m_")})
+    n = len(schema.ANNOTATOR_META_PREFIX)
+    meta.update({k[n:]: _plain(v) for k, v in row.items() if k.startswith(schema.ANNOTATOR_META_PREFIX)})
     return meta
 
 
@@ -64,7 +69,7 @@ def _plain(v):
 
 
 class ShardWriter:
-    """Writes the shards of one writer id; used as a Ray actor (see pipeline.py)."""
+    """Writes the shards of one writer id; used as a Ray actor (the pipeline starts them, the sink stage feeds them)."""
 
     def __init__(self, output: str, writer_id: int, run_id: str, shard_bytes: int, groups: list[str],
                  video_stages: dict[str, StageSpec]):
@@ -199,7 +204,7 @@ class ShardWriter:
                "bytes": int(row.get("_bytes", 0)),
                "timings": json.dumps({k: round(v, 4) for k, v in row.get("timings", {}).items()})}
         for k, v in row.items():
-            if k.startswith("m_") and np.ndim(v) == 0:
+            if k.startswith(schema.ANNOTATOR_META_PREFIX) and np.ndim(v) == 0:
                 rec[k] = _plain(v)
         return rec
 
