@@ -10,6 +10,7 @@ failed (``stage.fail``) with the reason as ``error_class`` and recorded by the w
 from __future__ import annotations
 
 import json
+import math
 import time
 import zlib
 from dataclasses import dataclass
@@ -49,7 +50,7 @@ class ProbePlanStage(Stage):
     reads = INPUT_COLUMNS
     writes = ("key", "video_key", "source_seconds", "dropped", "n_clips", "clip_index", "shot_index", "frame_index",
               "timestamps", "fps", "start_frame", "end_frame", "n_frames", "src_fps", "src_width", "src_height",
-              "src_codec", "src_rotation", "src_start_pts")
+              "src_codec", "src_rotation", "src_start_pts", "src_pts")
 
     @dataclass
     class Params:
@@ -98,7 +99,11 @@ class ProbePlanStage(Stage):
         except Exception as e:  # noqa: BLE001 - a bad input is a recorded failure, never a crash
             return [fail(vrow, "probe", f"{uri}: {type(e).__name__}: {e}", "probe_error")]
         info = plan.info
-        vrow.update(source_seconds=plan.n_frames / info.fps, dropped=plan.dropped)
+        dropped = dict(plan.dropped)
+        if plan.damaged:  # (last good, next good frame) s; None: the stream's edge
+            dropped["damaged_stretches"] = [[None if math.isinf(a) else round(a, 3), None if math.isinf(b) else round(b, 3)]
+                                            for a, b in plan.damaged]
+        vrow.update(source_seconds=plan.duration_s, dropped=dropped)
         if not plan.clips:
             return [fail(vrow, "plan", f"{uri}: no shot has {pl.min_frames} frames at "
                          f"{plan.fps:.3g} fps ({len(plan.shots)} shots, longest "
@@ -106,12 +111,12 @@ class ProbePlanStage(Stage):
         seconds = time.perf_counter() - t0
         return [new_row(
             key=schema.clip_key(vk, c.clip_index), video_key=vk, kind="clip", **base,
-            source_seconds=plan.n_frames / info.fps, dropped=plan.dropped, n_clips=len(plan.clips),
+            source_seconds=plan.duration_s, dropped=dropped, n_clips=len(plan.clips),
             clip_index=c.clip_index, shot_index=c.shot_index, frame_index=c.frame_index,
-            timestamps=c.frame_index.astype(np.float64) / info.fps, fps=plan.fps,
+            timestamps=np.asarray(c.timestamps, dtype=np.float64), fps=plan.fps,
             start_frame=int(c.frame_index[0]), end_frame=int(c.frame_index[-1]), n_frames=len(c.frame_index),
             src_fps=info.fps, src_width=info.width, src_height=info.height, src_codec=info.codec,
-            src_rotation=info.rotation, src_start_pts=info.start_pts,
+            src_rotation=info.rotation, src_start_pts=info.start_pts, src_pts=c.pts,
             timings={"plan": seconds} if c.clip_index == 0 else {},
             stage_frames={"plan": plan.n_frames} if c.clip_index == 0 else {})
             for c in plan.clips]
@@ -124,7 +129,7 @@ class DecodeStage(Stage):
     video in one task) and with the first annotator (serialising decoding with model inference)."""
 
     name = "decode"
-    reads = ("source", "frame_index", "fps", "src_width", "src_height", "src_rotation", "src_start_pts")
+    reads = ("source", "frame_index", "fps", "src_width", "src_height", "src_rotation", "src_start_pts", "src_pts")
     writes = ("frames", "video", "width", "height")
 
     @dataclass
@@ -144,7 +149,8 @@ class DecodeStage(Stage):
             size = scaled_size(row["src_width"], row["src_height"], d.max_side)
             fobj = None if "://" not in row["source"] else open_input(row["source"])
             frames = read_frames(row["source"], row["frame_index"], rotation=row["src_rotation"], size=size,
-                                 backend=d.backend, start_pts=row["src_start_pts"], fileobj=fobj)
+                                 backend=d.backend, start_pts=row["src_start_pts"], pts=row.get("src_pts"),
+                                 fileobj=fobj)
             t1 = time.perf_counter()
             row["video"] = encode_mp4(frames, row["fps"], crf=d.crf, preset=d.preset)
             t2 = time.perf_counter()

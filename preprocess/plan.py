@@ -28,7 +28,7 @@ class ClipPlan:
     clip_index: int
     shot_index: int
     frame_index: np.ndarray  # source frames (presentation order among the decodable frames), sorted
-    timestamps: np.ndarray | None = None  # seconds from the first frame
+    timestamps: np.ndarray | None = None  # seconds from the first frame: the instant each clip frame stands for
     pts: np.ndarray | None = None  # stream timestamps of the frames (None: the stream has none)
 
 
@@ -106,11 +106,12 @@ def plan_windows(shots, src_fps: float, target_fps: float | None, min_frames: in
             idx = np.searchsorted(times[a:b], grid + 0.25 / rate, side="right") - 1 + a
         else:
             idx = np.arange(a, b, dtype=np.int64)
+            grid = times[idx]
         if len(idx) < min_frames:
             dropped["shot_too_short"] = dropped.get("shot_too_short", 0) + 1
             continue
-        for win in np.array_split(idx, math.ceil(len(idx) / max_frames)):
-            clips.append(ClipPlan(len(clips), si, win.astype(np.int32), times[win]))
+        for win in np.array_split(np.arange(len(idx)), math.ceil(len(idx) / max_frames)):
+            clips.append(ClipPlan(len(clips), si, idx[win].astype(np.int32), grid[win]))
     return fps, clips, dropped
 
 

@@ -79,7 +79,7 @@ FIELDS: tuple[Field, ...] = (
     Field("meta", "json", "clip", doc="clip metadata, see META_KEYS"),
     Field("video", "mp4", "clip", doc="the clip, H.264 yuv420p, n_frames frames at meta.fps"),
     Field("frame_index", "npy", "clip", "int32", ("T",), doc="source-video frame index of each frame"),
-    Field("timestamps", "npy", "clip", "float64", ("T",), doc="source-video time of each frame, s"),
+    Field("timestamps", "npy", "clip", "float64", ("T",), doc="source-video time each frame stands for, s (evenly spaced at the clip's fps)"),
     # --- subject tracking ---
     Field("subject_box", "npy", "subject", "float32", ("T", 4), doc="main subject box x0,y0,x1,y1 px"),
     Field("subject_valid", "npy", "subject", "uint8", ("T",), doc="1 where the main subject was found"),
@@ -141,9 +141,11 @@ WORK_COLUMNS = {
     "source_size": "bytes of the input file (-1: not found)",
     "source_mtime": "modification time of the input file (with source and size: an earlier run finished it)",
     "source_seconds": "duration of the input video, s",
-    "dropped": "shots of the video too short to make a clip, by reason",
+    "dropped": "shots of the video too short to make a clip, by reason; damaged_stretches: [last good, next good "
+               "frame] s around what did not decode",
     "n_clips": "clips planned for the video (the writer waits for all of them)",
     "src_start_pts": "pts of the video stream's first frame (the clip decoder seeks by it)",
+    "src_pts": "stream timestamps of the clip's frames (the clip decoder finds them by these; None: none)",
 }
 
 

@@ -24,6 +24,57 @@ def make_corpus(d: Path, n_good: int = 3, n_frames: int = 20) -> list[Path]:
                        motion=samples.Motion(shift=(2.0 * i, 1.0 * i))) for i in range(n_good)]
 
 
+def make_vfr_video(path, n=60, size=96, fast_ms=33, slow_ms=67, stretch=15) -> Path:
+    """A phone-style variable-frame-rate clip: stretches of ``stretch`` frames alternating ``fast_ms`` and
+    ``slow_ms`` apart (H.264, millisecond timestamps)."""
+    import av
+    from fractions import Fraction
+
+    frames, _ = samples.render_motion(samples.load_photo("grace_hopper"), (size, size), n,
+                                      samples.Motion(shift=(size * 0.4, 0)))
+    gaps = [fast_ms if (i // stretch) % 2 == 0 else slow_ms for i in range(n)]
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("libx264", rate=30)
+        s.width, s.height, s.pix_fmt = size, size, "yuv420p"
+        s.codec_context.time_base = Fraction(1, 1000)
+        t = 0
+        for f, gap in zip(frames, gaps):
+            fr = av.VideoFrame.from_ndarray(f, format="rgb24")
+            fr.pts, fr.time_base = t, Fraction(1, 1000)
+            t += gap
+            for pk in s.encode(fr):
+                c.mux(pk)
+        for pk in s.encode():
+            c.mux(pk)
+    return Path(path)
+
+
+def make_damaged_video(path, n=120, size=96, at=0.45, share=0.1) -> Path:
+    """An MPEG-TS clip with ``share`` of its bytes overwritten with noise at ``at`` of the file."""
+    import numpy as np
+
+    good = make_video(Path(path).with_suffix(".good.mp4"), "camera", n=n, size=size,
+                      motion=samples.Motion(shift=(size * 0.3, 0)))
+    import av
+    with av.open(str(good)) as src, av.open(str(path), "w", format="mpegts") as dst:
+        s_in = src.streams.video[0]
+        s = dst.add_stream("libx264", rate=25)
+        s.width, s.height, s.pix_fmt = size, size, "yuv420p"
+        s.options = {"g": "12"}
+        for fr in src.decode(s_in):
+            fr.pict_type = av.video.frame.PictureType.NONE
+            for pk in s.encode(fr):
+                dst.mux(pk)
+        for pk in s.encode():
+            dst.mux(pk)
+    good.unlink()
+    data = bytearray(Path(path).read_bytes())
+    a, k = int(len(data) * at), int(len(data) * share)
+    data[a:a + k] = np.random.default_rng(0).integers(0, 256, k, dtype=np.uint8).tobytes()
+    Path(path).write_bytes(bytes(data))
+    return Path(path)
+
+
 ENGINE_OVERRIDES = ["annotators=none", "plan.min_frames=8", "plan.max_frames=20", "decode.max_side=96",
                     "ray.progress_bars=false", "progress_interval_s=1000"]
 

@@ -121,3 +121,34 @@ def test_small_shards_roll_over_at_video_boundaries(ray_local, tmp_path):
     assert idx["shard"].nunique() == 3  # each video fills a 1 KiB shard on its own
     assert idx.groupby("video_key")["shard"].nunique().max() == 1  # a video never spans shards
     assert validate(str(out), log=lambda *_: None) == []
+
+
+def test_variable_frame_rate_and_damaged_videos_make_clips(ray_local, tmp_path):
+    """Valid VFR video is read by timestamps (not rejected as truncated) into evenly timed clips; a file
+    with a corrupt stretch keeps the clips around it and records the stretch (issue 17)."""
+    from tests.preprocess.helpers import make_damaged_video, make_vfr_video
+
+    from preprocess.shards import iter_samples
+
+    d = tmp_path / "in"
+    d.mkdir()
+    make_vfr_video(d / "phone.mp4")
+    make_damaged_video(d / "damaged.ts")
+    out = tmp_path / "out"
+    assert run_inprocess(str(d), str(out), ["plan.target_fps=20"]) == 0
+    index = pd.read_parquet(out / "index.parquet")
+    by_source = {Path(s).name: g for s, g in index.groupby("source")}
+    assert set(by_source) == {"phone.mp4", "damaged.ts"}
+    assert len(by_source["damaged.ts"]) >= 2
+    times = {}
+    for tar in sorted((out / "shards").glob("*.tar")):
+        with open(tar, "rb") as f:
+            for key, sample in iter_samples(f, select=lambda k, field: field == "timestamps.npy"):
+                times[key] = np.load(__import__("io").BytesIO(sample["timestamps.npy"]))
+    for key in by_source["phone.mp4"]["key"]:
+        assert np.allclose(np.diff(times[key]), 0.05), times[key]  # evenly timed at 20 fps
+    videos = pd.concat([pd.read_parquet(p) for p in (out / "shards").glob("*.parquet")])
+    damaged = videos[(videos["kind"] == "video") & videos["source"].str.endswith("damaged.ts")]
+    stretches = json.loads(damaged["clips_dropped"].iloc[0])["damaged_stretches"]
+    assert stretches and all(len(s) == 2 for s in stretches)
+    assert validate(str(out), deep=True, log=lambda *_: None) == []
