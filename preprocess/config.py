@@ -58,6 +58,7 @@ class ProbeConfig:
     timeout_s: float  # per video, probe + shot detection, in an isolated process
     min_seconds: float  # shorter inputs are recorded as too_short
     key_bytes: int  # bytes read from each end of the file for the content key
+    list_timeout_s: float = 30.0  # a manifest entry whose store does not answer in this time is a recorded failure
 
 
 @dataclass
@@ -150,6 +151,7 @@ def check(c: PreprocessConfig) -> None:
         "probe.timeout_s": (c.probe.timeout_s, 1e-3, None, "seconds per video"),
         "probe.min_seconds": (c.probe.min_seconds, 0, None, "seconds"),
         "probe.key_bytes": (c.probe.key_bytes, 1, None, "bytes hashed from each end of a file"),
+        "probe.list_timeout_s": (c.probe.list_timeout_s, 1e-3, None, "seconds per manifest entry"),
     }
     for key, (value, low, high, meaning) in ranges.items():
         if value is not None and (value < low or (high is not None and value > high)):

@@ -166,6 +166,8 @@ def run(cfg: PreprocessConfig, inputs: list[InputFile]) -> int:
     groups = written_groups(stages)
     check_dataset_file(storage, groups, cfg)
     inputs, listed_twice = unique_inputs(inputs)
+    unlisted = [v for v in inputs if v.problem]  # manifest lines that name no readable file: recorded, skipped
+    inputs = [v for v in inputs if not v.problem]
     committed = load_committed(storage)
     finished = committed.finished(cfg.retry_failed)
     by_source = {(r["source"], int(r["source_size"]), float(r["source_mtime"])) for r in finished.to_dict("records")}
@@ -225,16 +227,19 @@ def run(cfg: PreprocessConfig, inputs: list[InputFile]) -> int:
     dup_failures += [{"kind": "video", "video_key": "", "key": "", "source": v.uri, "stage": "list",
                       "error_class": "duplicate", "error_message": "listed more than once in the input: processed once"}
                      for v in listed_twice]
+    dup_failures += [{"kind": "video", "video_key": "", "key": "", "source": v.uri, "stage": "list",
+                      "error_class": v.problem[0], "error_message": v.problem[1]} for v in unlisted]
     failures = build_failures(committed, dup_failures)
     write_table(storage, INDEX_FILE, index)
     write_table(storage, FAILURES_FILE, failures)
     vids = [e for e in events if e["event"] == "video"]
     run_failed = [e for e in vids if e["status"] == FAILED]
     run_failed += [{"error_class": "duplicate", "source": v.uri} for v in listed_twice]
+    run_failed += [{"error_class": v.problem[0], "source": v.uri} for v in unlisted]
     summary = {
         "run_id": run_id, "output": storage.uri, "wall_seconds": round(time.time() - t_start, 3),
         "stream_seconds": round(stream_seconds, 3),
-        "inputs": len(inputs), "inputs_listed_twice": len(listed_twice),
+        "inputs": len(inputs), "inputs_listed_twice": len(listed_twice), "inputs_unreadable_entries": len(unlisted),
         "skipped_already_done": n_skipped_listing + sum(e["status"] == "skipped" for e in vids),
         "videos_done": sum(e["status"] == OK for e in vids), "videos_failed": len(run_failed),
         "failures_by_reason": dict(Counter(e["error_class"] for e in run_failed)),
@@ -250,8 +255,8 @@ def run(cfg: PreprocessConfig, inputs: list[InputFile]) -> int:
         "stage_frames_per_s": {k: round(stage_frames[k] / v, 2) for k, v in stage_seconds.items() if v > 0},
     }
     shot_drops: Counter = Counter()
-    for e in vids:
-        shot_drops.update(e.get("dropped") or {})
+    for e in vids:  # counts by reason (damaged_stretches is a list of times, not a count)
+        shot_drops.update({k: v for k, v in (e.get("dropped") or {}).items() if isinstance(v, int)})
     summary["shots_dropped_by_reason"] = dict(shot_drops)  # shots too short to make a clip, in videos that made others
     write_json(storage, SUMMARY_FILE, summary)
     report = write_report(storage, index, failures, summary)

@@ -33,7 +33,7 @@ def main(dcfg: DictConfig) -> None:
             log.info("no input= given: %d built-in sample videos", len(paths))
             inputs = [f for p in paths for f in list_inputs(p)]
         else:
-            inputs = list_inputs(cfg.input)
+            inputs = list_inputs(cfg.input, timeout_s=cfg.probe.list_timeout_s)
         if cfg.max_videos is not None:
             inputs = inputs[: cfg.max_videos]
         code = pipeline.run(cfg, inputs)

@@ -6,8 +6,11 @@ import fnmatch
 import io
 import os
 import posixpath
+import queue
 import tempfile
-from dataclasses import dataclass
+import threading
+import time
+from dataclasses import dataclass, field
 
 import pyarrow.fs as pafs
 
@@ -132,6 +135,7 @@ class InputFile:
     uri: str  # as given (local path or URI)
     size: int  # -1 when the file does not exist
     mtime: float
+    problem: tuple[str, str] | None = None  # (reason, message) when the entry cannot be listed: a recorded failure
 
 
 def _info(fs, path: str, uri: str) -> InputFile:
@@ -176,12 +180,15 @@ def read_manifest(uri: str) -> list[str]:
     return out
 
 
-def list_inputs(spec: str) -> list[InputFile]:
+def list_inputs(spec: str, timeout_s: float = 30.0) -> list[InputFile]:
     """Expand ``input=`` (a directory, a glob, a manifest, a single file; local or URI) to files.
 
-    Directories are walked recursively; every non-hidden file is an input (files that are not
-    videos become recorded failures, never silent drops). A missing manifest entry is kept with
-    size -1 and fails as ``missing_file``.
+    Directories are walked recursively, local ones following symbolic links into each real directory
+    once (a link back into the tree is a cycle: logged and skipped, see :func:`walk_local`); every
+    non-hidden file is an input (files that are not videos become recorded failures, never silent drops).
+    A missing manifest entry is kept with size -1 and fails as ``missing_file``; an entry whose scheme is not
+    supported or whose store does not answer within ``timeout_s`` is kept with a ``problem`` (a recorded
+    failure of that line; the run goes on).
     """
     fs, path = filesystem(spec)
     if any(ch in path for ch in "*?["):
@@ -199,20 +206,134 @@ def list_inputs(spec: str) -> list[InputFile]:
         raise ConfigError(f"input={spec!r} does not exist (give a directory, a glob, a manifest "
                           f"{'/'.join(MANIFEST_EXTENSIONS)} or a video file)")
     if info.type == pafs.FileType.Directory:
+        if is_local(fs):
+            return walk_local(path).files
         sel = pafs.FileSelector(path, recursive=True)
         files = [i for i in fs.get_file_info(sel) if i.type == pafs.FileType.File
                  and not any(part.startswith(".") for part in i.path[len(path):].split("/"))]
         return [InputFile(_join_uri(spec, i.path), int(i.size), i.mtime.timestamp() if i.mtime else 0.0)
                 for i in sorted(files, key=lambda i: i.path)]
     if spec.lower().endswith(MANIFEST_EXTENSIONS):
-        out = []
-        for e in read_manifest(spec):
-            efs, epath = filesystem(e)
-            out.append(_info(efs, epath, e))
+        out = stat_entries(read_manifest(spec), timeout_s)
         if not out:
             raise ConfigError(f"input={spec!r}: the manifest lists no file")
         return out
     return [_info(fs, path, spec)]
+
+
+@dataclass
+class Walk:
+    files: list[InputFile]
+    cycles: list[tuple[str, str]] = field(default_factory=list)  # (link, the real directory it leads back to)
+
+
+def walk_local(root: str) -> Walk:
+    """Every non-hidden file under a local directory, sorted by path. Symbolic links to directories are
+    followed, but each real directory is entered once: a link to a directory already entered (a cycle, or a
+    second way into the same tree) is logged and skipped, so a link loop neither multiplies the inputs nor
+    makes the listing endless."""
+    import logging
+
+    seen: set[tuple[int, int]] = set()
+    files: list[InputFile] = []
+    cycles: list[tuple[str, str]] = []
+    stack = [root]
+    while stack:
+        d = stack.pop()
+        try:
+            st = os.stat(d)
+        except OSError:
+            continue  # a dangling link to a directory: nothing to list
+        if (st.st_dev, st.st_ino) in seen:
+            cycles.append((d, os.path.realpath(d)))
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        try:
+            entries = sorted(os.scandir(d), key=lambda e: e.name)
+        except OSError:
+            continue
+        for e in entries:
+            if e.name.startswith("."):
+                continue
+            try:
+                if e.is_dir(follow_symlinks=True):
+                    stack.append(e.path)
+                elif e.is_file(follow_symlinks=True):
+                    fst = e.stat(follow_symlinks=True)
+                    files.append(InputFile(e.path, int(fst.st_size), fst.st_mtime))
+                elif e.is_symlink():  # a dangling link: listed, fails as missing_file
+                    files.append(InputFile(e.path, -1, 0.0))
+            except OSError:
+                files.append(InputFile(e.path, -1, 0.0))
+    for link, real in cycles:
+        logging.getLogger("preprocess").warning("input: %s leads back to %s, already listed: skipped (a symbolic "
+                                                "link cycle or a second link to the same directory)", link, real)
+    return Walk(sorted(files, key=lambda f: f.uri), cycles)
+
+
+def _stat_entry(uri: str) -> InputFile:
+    """One manifest entry: its size and mtime, or a problem saying why it cannot be read."""
+    scheme = uri.split("://", 1)[0] if "://" in uri else "file"
+    try:
+        fs, path = filesystem(uri)
+    except ImportError as e:
+        msg = f"{uri}: reading {scheme}:// needs a package that is not installed ({e})"
+        return InputFile(uri, -1, 0.0, ("unsupported_uri", msg))
+    except ValueError as e:
+        msg = f"{uri}: {scheme}:// is not a storage scheme this machine can read ({e})"
+        return InputFile(uri, -1, 0.0, ("unsupported_uri", msg))
+    except Exception as e:  # noqa: BLE001 - DNS, credentials, ...: this line fails, the run goes on
+        return InputFile(uri, -1, 0.0, ("unreachable", f"{uri}: {type(e).__name__}: {e}"))
+    try:
+        return _info(fs, path, uri)
+    except Exception as e:  # noqa: BLE001
+        return InputFile(uri, -1, 0.0, ("unreachable", f"{uri}: {type(e).__name__}: {e}"))
+
+
+def stat_entries(uris: list[str], timeout_s: float, workers: int = 16) -> list[InputFile]:
+    """:func:`_stat_entry` of every URI, in order, ``workers`` at a time; an entry without an answer
+    within ``timeout_s`` is ``unreachable`` (its thread is abandoned: a store that never answers costs
+    its lines, not the run)."""
+    if all("://" not in u for u in uris):  # local files: no network to wait for
+        return [_stat_entry(u) for u in uris]
+    results: list[InputFile | None] = [None] * len(uris)
+    started: list[float | None] = [None] * len(uris)
+    todo: queue.Queue = queue.Queue()
+    for i in range(len(uris)):
+        todo.put(i)
+    lock = threading.Lock()
+
+    def work() -> None:
+        while True:
+            try:
+                i = todo.get_nowait()
+            except queue.Empty:
+                return
+            started[i] = time.monotonic()
+            got = _stat_entry(uris[i])
+            with lock:
+                if results[i] is None:
+                    results[i] = got
+
+    def spawn() -> threading.Thread:
+        t = threading.Thread(target=work, daemon=True, name="list-inputs")
+        t.start()
+        return t
+
+    threads = [spawn() for _ in range(min(workers, len(uris)))]
+    while any(r is None for r in results):
+        time.sleep(0.05)
+        now = time.monotonic()
+        with lock:
+            late = [i for i, r in enumerate(results) if r is None and started[i] is not None
+                    and now - started[i] > timeout_s]
+            for i in late:
+                msg = f"{uris[i]}: no answer within {timeout_s:g} s (probe.list_timeout_s)"
+                results[i] = InputFile(uris[i], -1, 0.0, ("unreachable", msg))
+        threads = [t for t in threads if t.is_alive()] + [spawn() for _ in late]  # replace the stuck ones
+        if not threads and any(r is None for r in results):
+            threads = [spawn()]
+    return results  # type: ignore[return-value]
 
 
 def open_input(uri: str):

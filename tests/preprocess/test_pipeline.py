@@ -152,3 +152,15 @@ def test_variable_frame_rate_and_damaged_videos_make_clips(ray_local, tmp_path):
     stretches = json.loads(damaged["clips_dropped"].iloc[0])["damaged_stretches"]
     assert stretches and all(len(s) == 2 for s in stretches)
     assert validate(str(out), deep=True, log=lambda *_: None) == []
+
+
+def test_a_manifest_line_naming_no_readable_store_is_a_failure_not_a_dead_run(ray_local, tmp_path):
+    good = make_corpus(tmp_path / "in", n_good=1)[0]
+    manifest = tmp_path / "list.txt"
+    manifest.write_text(f"{good}\nfoo://bucket/clip.mp4\n")
+    out = tmp_path / "out"
+    assert run_inprocess(str(manifest), str(out)) == 3
+    f = failures(out)
+    row = f[f["source"] == "foo://bucket/clip.mp4"].iloc[0]
+    assert (row["stage"], row["error_class"]) == ("list", "unsupported_uri") and "foo://" in row["error_message"]
+    assert _summary(out)["inputs_unreadable_entries"] == 1 and len(index_keys(out)) >= 1

@@ -21,6 +21,52 @@ def test_directory_is_walked_recursively_without_hidden_files(tree):
     assert all(f.size == 10 and f.mtime > 0 for f in list_inputs(str(tree / "a")))
 
 
+def test_symlink_cycles_are_followed_once(tree, tmp_path, caplog):
+    """A link back up the tree (a cycle) and a second link to the same directory: each real directory is
+    listed once and the listing ends; a link to a directory outside the tree is followed."""
+    import os
+
+    os.symlink(tree / "a", tree / "a" / "b" / "loop")  # a/b/loop -> a
+    os.symlink(tree / "a" / "b", tree / "a" / "again")  # a second way into a/b
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "w.mp4").write_bytes(b"v" * 10)
+    os.symlink(outside, tree / "a" / "ext")
+    os.symlink(tree / "gone", tree / "a" / "dangling.mp4")
+    with caplog.at_level("WARNING", logger="preprocess"):
+        got = [f.uri for f in list_inputs(str(tree / "a"))]
+    names = sorted(os.path.basename(u) for u in got)
+    assert names == ["dangling.mp4", "w.mp4", "x.mp4", "y.mov", "z.mp4"], got
+    assert "leads back to" in caplog.text
+    sizes = {os.path.basename(f.uri): f.size for f in list_inputs(str(tree / "a"))}
+    assert sizes["dangling.mp4"] == -1  # fails later as missing_file
+
+
+def test_manifest_lines_that_cannot_be_read_are_problems_not_crashes(tree, monkeypatch):
+    """An unknown scheme, a scheme whose package is missing, and a store that never answers: each line
+    gets a problem (a recorded failure later); the other lines list normally, in order."""
+    import time
+
+    from preprocess import storage
+
+    real = storage._stat_entry
+
+    def stat(uri):
+        if "hangs" in uri:
+            time.sleep(60)
+        return real(uri)
+
+    monkeypatch.setattr(storage, "_stat_entry", stat)
+    (tree / "list.txt").write_text(f"a/x.mp4\nfoo://bucket/v.mp4\ns3://hangs/v.mp4\n{tree / 'a/b/z.mp4'}\n")
+    t0 = time.monotonic()
+    got = list_inputs(str(tree / "list.txt"), timeout_s=1.0)
+    assert time.monotonic() - t0 < 10
+    assert [f.uri for f in got] == [str(tree / "a/x.mp4"), "foo://bucket/v.mp4", "s3://hangs/v.mp4", str(tree / "a/b/z.mp4")]
+    assert got[0].problem is None and got[3].problem is None and got[0].size == 10
+    assert got[1].problem[0] == "unsupported_uri" and "foo://" in got[1].problem[1]
+    assert got[2].problem[0] == "unreachable" and "no answer within 1 s" in got[2].problem[1]
+
+
 def test_glob(tree):
     assert [f.uri for f in list_inputs(str(tree / "a" / "b" / "*.mp4"))] == [str(tree / "a/b/z.mp4")]
     with pytest.raises(ConfigError, match="matches no file"):
