@@ -130,6 +130,33 @@ VIDEO_EXTENSIONS = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v", ".mpg", ".m
 MANIFEST_EXTENSIONS = (".txt", ".csv", ".parquet")
 
 
+def check_output(uri: str, min_free_bytes: int = 256 << 20) -> None:
+    """Refuse an output that cannot work, before anything runs: a local path that is a file, a directory
+    that cannot be created or written, or a disk with less than ``min_free_bytes`` free (ConfigError, one
+    line naming the path and the fix). Object stores are checked by their first write."""
+    import errno
+    import shutil
+
+    fs, path = filesystem(uri)
+    if not is_local(fs):
+        return
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ConfigError(f"output={uri} is a file, not a directory: give a directory (it is created) or an "
+                          "object-store prefix")
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-check-"):
+            pass
+    except OSError as e:
+        why = {errno.EACCES: "permission denied", errno.EPERM: "permission denied",
+               errno.EROFS: "read-only file system", errno.ENOSPC: "no space left"}.get(e.errno, e.strerror or str(e))
+        raise ConfigError(f"output={uri} cannot be written ({why}): choose a writable directory") from None
+    free = shutil.disk_usage(path).free
+    if free < min_free_bytes:
+        raise ConfigError(f"output={uri}: only {free >> 20} MiB free on its disk (at least {min_free_bytes >> 20} "
+                          "MiB needed to start): free space or choose another disk")
+
+
 @dataclass
 class InputFile:
     uri: str  # as given (local path or URI)

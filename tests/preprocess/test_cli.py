@@ -23,11 +23,32 @@ from tests.preprocess.helpers import ENGINE_OVERRIDES, index_keys, make_corpus, 
     (["decode.max_side=-5"], "decode.max_side=-5 is out of range"),
     (["decode.crf=60"], "decode.crf=60 is out of range: use a value in [0, 51]"),
     (["writer.jpeg_quality=0"], "writer.jpeg_quality=0 is out of range"),
+    (["nonsense_key=3"], "unknown config key 'nonsense_key'"),
+    (["decode.crff=3"], "unknown config key 'decode.crff'"),
+    (["+cluster=nope"], "cluster has no option 'nope' (available: prod)"),
+    (["decode.crf=[1,"], "bad override decode.crf=[1,"),
+    (["probe.list_timeout_s=0"], "probe.list_timeout_s=0.0 is out of range"),
 ])
 def test_bad_config_is_a_clear_error(args, needle, tmp_path):
     r = run_cli([*args, f"output={tmp_path / 'o'}", "annotators=none"], timeout=120)
     assert r.returncode == 2, r.stderr[-2000:]
     assert needle in r.stderr and "Traceback" not in r.stderr
+
+
+def test_an_output_that_cannot_work_is_refused_in_one_line(tmp_path):
+    """A file where the output directory should be, and a disk without room: exit 2 with the path and the
+    fix, nothing created, no traceback."""
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    r = run_cli([f"output={afile}", "annotators=none"], timeout=120)
+    assert r.returncode == 2 and f"output={afile} is a file" in r.stderr and "Traceback" not in r.stderr
+    from preprocess.config import ConfigError
+    from preprocess.storage import check_output
+
+    with pytest.raises(ConfigError, match="MiB free on its disk"):
+        check_output(str(tmp_path / "new"), min_free_bytes=1 << 62)
+    check_output(str(tmp_path / "new"))  # a creatable, writable directory passes and leaves no probe file
+    assert (tmp_path / "new").is_dir() and not list((tmp_path / "new").iterdir())
 
 
 def test_prod_config_prints_without_connecting():
@@ -135,3 +156,13 @@ def test_a_manifest_that_lists_a_file_twice_writes_it_once(tmp_path):
     assert failures[["source", "error_class"]].values.tolist() == [[str(a), "duplicate"]]
     assert json.loads((out / "summary.json").read_text())["inputs_listed_twice"] == 1
     assert validate(str(out)) == []
+
+
+def test_a_clean_run_prints_no_traceback(tmp_path):
+    """Nothing alarming on a run where every input succeeds (the isolated decoder used to make
+    multiprocessing print a KeyError traceback per semaphore inside Ray workers)."""
+    make_corpus(tmp_path / "in", n_good=2)
+    r = run_cli([f"input={tmp_path / 'in'}", f"output={tmp_path / 'out'}", *ENGINE_OVERRIDES], timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    text = r.stdout + r.stderr
+    assert "Traceback" not in text and "KeyError" not in text and "died unexpectedly" not in text, text[-3000:]

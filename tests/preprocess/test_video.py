@@ -85,7 +85,14 @@ def test_isolated_crash_and_timeout_become_exceptions():
     import time
     with pytest.raises(DecoderTimeout):
         iso.call(time.sleep, 30, timeout=2)
+    with pytest.raises(video.VideoError) as e:  # the child's exceptions come back as themselves
+        iso.call(video.probe, "/definitely/missing.mp4", timeout=60)
+    assert e.value.reason in ("unreadable", "not_a_video")
+    print("noise on the child's stdout", flush=True)  # cannot corrupt the protocol (a private pipe)
+    assert iso.call(print, "the child prints", flush=True, timeout=60) is None
+    child = iso._proc
     iso.close()
+    assert child.poll() is not None  # no process left behind
 
 
 @pytest.mark.parametrize("content,reason", [(b"this is not a video\n" * 50, "not_a_video"), (b"\x00" * 4096, "not_a_video")])
