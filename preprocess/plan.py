@@ -171,7 +171,7 @@ def plan_video(path: str, *, analysis_width: int, threshold: float, min_shot_fra
 
 
 def _words(e: Exception) -> str:
-    return getattr(e, "strerror", None) or str(e)
+    return getattr(e, "strerror", None) or str(e)  # FFmpeg's words, without its error number
 
 
 def _damage_text(damaged: list[tuple[float, float]]) -> str:

@@ -50,6 +50,21 @@ class ProbeInfo:
     start_pts: int = 0  # pts of frame 0 (the smallest of the first frames; not always stream.start_time)
 
 
+def _starts_like_mp4(path: str, fileobj=None) -> bool:
+    """Whether the file begins with an ISO-BMFF ``ftyp`` box (MP4, MOV, M4V, 3GP)."""
+    try:
+        if fileobj is not None:
+            fileobj.seek(0)
+            head = fileobj.read(12)
+            fileobj.seek(0)
+        else:
+            with open(path, "rb") as f:
+                head = f.read(12)
+    except OSError:
+        return False
+    return len(head) >= 12 and head[4:8] == b"ftyp"
+
+
 def _display_rotation(frame) -> int:
     """Degrees clockwise a decoded frame must be turned for display (from its display matrix)."""
     rot = int(round(getattr(frame, "rotation", 0) or 0))
@@ -61,9 +76,12 @@ def probe(path: str, fileobj=None) -> ProbeInfo:
     try:
         container = av.open(fileobj if fileobj is not None else path, metadata_errors="ignore")
     except av.error.InvalidDataError as e:
-        raise VideoError("not_a_video", f"{path}: not a readable media file ({e})") from None
+        if _starts_like_mp4(path, fileobj):
+            raise VideoError("truncated", f"{path}: an MP4/MOV whose index (moov box) is missing: the file was cut "
+                             f"short (an interrupted download or copy); fetch it again ({_ffmpeg_words(e)})") from None
+        raise VideoError("not_a_video", f"{path}: not a readable media file ({_ffmpeg_words(e)})") from None
     except av.error.FFmpegError as e:
-        raise VideoError("unreadable", f"{path}: {e}") from None
+        raise VideoError("unreadable", f"{path}: {_ffmpeg_words(e)}") from None
     with container:
         fmt = container.format.name or ""
         if fmt.split(",")[0] in NON_VIDEO_FORMATS or fmt.endswith("_pipe"):
@@ -90,7 +108,7 @@ def probe(path: str, fileobj=None) -> ProbeInfo:
                 if len(head) >= 8:
                     break
         except av.error.FFmpegError as e:
-            raise VideoError("undecodable", f"{path}: first frames do not decode ({e})") from None
+            raise VideoError("undecodable", f"{path}: first frames do not decode ({_ffmpeg_words(e)})") from None
         if not head:
             raise VideoError("no_frames", f"{path}: the video stream has no decodable frame")
         first = head[0]

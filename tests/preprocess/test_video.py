@@ -95,6 +95,16 @@ def test_isolated_crash_and_timeout_become_exceptions():
     assert child.poll() is not None  # no process left behind
 
 
+def test_a_cut_short_mp4_is_called_truncated(tmp_path):
+    frames, _ = samples.render_motion(samples.load_photo("camera"), (64, 48), 30, samples.Motion())
+    data = video.encode_mp4(frames, 25.0)
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(data[: len(data) // 3])
+    with pytest.raises(video.VideoError) as e:
+        video.probe(str(cut))
+    assert e.value.reason == "truncated" and "cut short" in str(e.value) and "Errno" not in str(e.value)
+
+
 @pytest.mark.parametrize("content,reason", [(b"this is not a video\n" * 50, "not_a_video"), (b"\x00" * 4096, "not_a_video")])
 def test_probe_rejects_non_video(tmp_path, content, reason):
     p = tmp_path / "fake.mp4"
