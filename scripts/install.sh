@@ -5,12 +5,20 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Megamind.avi (the one real moving-people sample clip) ships in Debian's opencv-doc.
-if command -v apt-get >/dev/null 2>&1 && [ ! -f /usr/share/doc/opencv-doc/examples/data/Megamind.avi ]; then
+# Megamind.avi (the one real moving-people sample clip) ships in Debian's opencv-doc. The GL loader
+# packages let MediaPipe's GPU delegate start on a headless GPU node (+cluster=prod; checked on an H200:
+# EGL 1.5, OpenGL ES 3.2); without them a stage with delegate=gpu is refused at setup.
+GL_PACKAGES="libegl1 libgles2 libglvnd0 libopengl0"
+if command -v apt-get >/dev/null 2>&1; then
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
-  $SUDO apt-get update -qq || echo "warning: apt-get update failed; continuing without opencv-doc" >&2
-  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends opencv-doc \
-    || echo "warning: opencv-doc not installed; the default run uses the photo-made samples only" >&2
+  need=""
+  [ -f /usr/share/doc/opencv-doc/examples/data/Megamind.avi ] || need="opencv-doc"
+  for p in $GL_PACKAGES; do dpkg -s "$p" >/dev/null 2>&1 || need="$need $p"; done
+  if [ -n "$need" ]; then
+    $SUDO apt-get update -qq || echo "warning: apt-get update failed; continuing without:$need" >&2
+    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $need \
+      || echo "warning: not installed:$need (no Megamind sample / no MediaPipe GPU delegate)" >&2
+  fi
 fi
 
 export PIP_CONSTRAINT="$PWD/constraints.txt"

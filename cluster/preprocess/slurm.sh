@@ -2,7 +2,9 @@
 # Slurm: start a Ray head on the first node and Ray workers on the others, then run the
 # preprocessing job against that cluster.
 #   DREAMACTOR_INPUT=s3://... DREAMACTOR_OUTPUT=s3://... sbatch cluster/preprocess/slurm.sh
-# EDIT: the #SBATCH lines (nodes, GPUs, CPUs, partition, time) and the environment activation.
+# EDIT: the #SBATCH lines (nodes, GPUs, CPUs, partition, time) and the environment activation. Every node
+# needs the GL loader packages for MediaPipe's GPU delegate (libegl1 libgles2 libglvnd0 libopengl0, installed by
+# scripts/install.sh); a node without them fails the model stages at setup with that message.
 #SBATCH --job-name=dreamactor-preprocess
 #SBATCH --nodes=4
 #SBATCH --ntasks-per-node=1

@@ -8,6 +8,8 @@ clip into an unrelated one.
 """
 from __future__ import annotations
 
+import logging
+import socket
 import weakref
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -15,6 +17,8 @@ from typing import Any, Callable
 import numpy as np
 
 from ..assets import resolve
+
+log = logging.getLogger(__name__)
 
 
 def mp_image(rgb: np.ndarray):
@@ -39,7 +43,9 @@ class MediaPipeParams:
     min_presence_confidence: float = 0.5
     min_tracking_confidence: float = 0.5
     video_mode: bool = True  # VIDEO running mode: track between frames, the detector runs when tracking is lost
-    delegate: str = "cpu"  # cpu | gpu (MediaPipe's GPU delegate; give the stage a GPU fraction in its resources)
+    # cpu | gpu (MediaPipe's GPU delegate; give the stage a GPU fraction in its resources; refused at setup when
+    # it cannot start) | auto (the GPU delegate where it starts, else the CPU with a warning)
+    delegate: str = "cpu"
 
 
 def landmarker_factory(kind: str, asset: str, p: MediaPipeParams, config_key: str, **options) -> Callable[[Any], Any]:
@@ -53,16 +59,43 @@ def landmarker_factory(kind: str, asset: str, p: MediaPipeParams, config_key: st
                   f"min_{low}_presence_confidence": p.min_presence_confidence,
                   "min_tracking_confidence": p.min_tracking_confidence}
 
-    if p.delegate not in ("cpu", "gpu"):
-        raise ValueError(f"{config_key}.delegate={p.delegate!r}: use cpu or gpu")
-    delegate = BaseOptions.Delegate.GPU if p.delegate == "gpu" else BaseOptions.Delegate.CPU
+    if p.delegate not in ("cpu", "gpu", "auto"):
+        raise ValueError(f"{config_key}.delegate={p.delegate!r}: use cpu, gpu or auto")
 
-    def factory(mode):
-        return task_cls.create_from_options(options_cls(
-            base_options=BaseOptions(model_asset_path=path, delegate=delegate), running_mode=mode,
-            **thresholds, **options))
+    def make(delegate):
+        def factory(mode):
+            return task_cls.create_from_options(options_cls(
+                base_options=BaseOptions(model_asset_path=path, delegate=delegate), running_mode=mode,
+                **thresholds, **options))
+        return factory
 
-    return factory
+    if p.delegate == "cpu":
+        return make(BaseOptions.Delegate.CPU)
+    gpu = make(BaseOptions.Delegate.GPU)
+    problem = gpu_delegate_problem(gpu)
+    if problem is None:
+        return gpu
+    key = config_key.rsplit(".", 1)[0] + ".delegate"
+    message = (f"MediaPipe's GPU delegate does not start on {socket.gethostname()} ({problem}). A headless GPU node "
+               "needs the GL loader packages: apt-get install libegl1 libgles2 libglvnd0 libopengl0 (scripts/install.sh "
+               f"installs them); or set {key}=cpu")
+    if p.delegate == "gpu":
+        raise RuntimeError(message)
+    log.warning("%s; %s runs on the CPU", message, kind)
+    return make(BaseOptions.Delegate.CPU)
+
+
+def gpu_delegate_problem(factory: Callable[[Any], Any]) -> str | None:
+    """Why a task on the GPU delegate cannot be created here (None: it can), checked once at setup, so a node
+    without GL fails its stage at once instead of every clip."""
+    from mediapipe.tasks.python import vision
+
+    try:
+        task = factory(vision.RunningMode.IMAGE)
+    except Exception as e:  # noqa: BLE001 - MediaPipe raises RuntimeError/ValueError with the GL error text
+        return " ".join(str(e).split())[:300] or type(e).__name__
+    _close(task)
+    return None
 
 
 def _close(task) -> None:
