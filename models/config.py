@@ -7,11 +7,11 @@ Without Hydra (e.g. a GPU box that has only PyYAML): ``load_preset("wan1_3b")``.
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from .typed_config import build
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf" / "model"
 PRESETS = ("tiny", "small", "wan1_3b", "wan14b")
@@ -138,8 +138,9 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> ModelConfig:
-        """Build from a plain dict (yaml / OmegaConf container); unknown or missing keys raise."""
-        return _build(cls, data, "model")
+        """Build from a plain dict (yaml / OmegaConf container); unknown or missing keys raise
+        :class:`~models.typed_config.ConfigError` naming them."""
+        return build(cls, data, "model")
 
     def replace(self, **sections) -> ModelConfig:
         """Copy with some fields of some sections replaced: ``cfg.replace(dit={"num_layers": 2})``."""
@@ -148,47 +149,6 @@ class ModelConfig:
             current = getattr(self, name)
             changes[name] = dataclasses.replace(current, **fields) if dataclasses.is_dataclass(current) else fields
         return dataclasses.replace(self, **changes)
-
-
-def _build(tp, value, path: str):
-    """Recursively turn plain data into the annotated type ``tp``."""
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise TypeError(f"{path}: expected a mapping, got {type(value).__name__}")
-        hints = typing.get_type_hints(tp)
-        names = [f.name for f in dataclasses.fields(tp)]
-        unknown = sorted(set(value) - set(names))
-        missing = [n for n in names if n not in value]
-        if unknown or missing:
-            raise KeyError(f"{path}: unknown keys {unknown}, missing keys {missing}")
-        return tp(**{n: _build(hints[n], value[n], f"{path}.{n}") for n in names})
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        errors = []
-        for a in inner:
-            try:
-                return _build(a, value, path)
-            except (TypeError, ValueError, KeyError) as e:
-                errors.append(str(e))
-        raise TypeError(f"{path}: {value!r} is none of {[getattr(a, '__name__', str(a)) for a in inner]}: {errors}")
-    if origin is tuple:
-        items = list(value)
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_build(args[0], v, f"{path}[{i}]") for i, v in enumerate(items))
-        if len(items) != len(args):
-            raise ValueError(f"{path}: expected {len(args)} items, got {len(items)}")
-        return tuple(_build(a, v, f"{path}[{i}]") for i, (a, v) in enumerate(zip(args, items)))
-    if origin is dict or tp is Any:
-        return dict(value) if isinstance(value, dict) else value
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if tp in (int, float, str, bool) and not isinstance(value, tp):
-        raise TypeError(f"{path}: expected {tp.__name__}, got {value!r}")
-    return value
 
 
 def load_preset(name: str, overrides: dict | None = None) -> ModelConfig:

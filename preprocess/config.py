@@ -8,11 +8,27 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, open_dict
+
+from models.typed_config import Choice, ConfigError, from_node
 
 
-class ConfigError(ValueError):
-    """A configuration value that cannot work; the message names the key and what to do."""
+class DecodeBackend(Choice):
+    AUTO = "auto"  # PyAV (exact on timestamps; docs/performance.md)
+    PYAV = "pyav"
+    DECORD = "decord"
+
+
+class X264Preset(Choice):
+    ULTRAFAST = "ultrafast"
+    SUPERFAST = "superfast"
+    VERYFAST = "veryfast"
+    FASTER = "faster"
+    FAST = "fast"
+    MEDIUM = "medium"
+    SLOW = "slow"
+    SLOWER = "slower"
+    VERYSLOW = "veryslow"
 
 
 @dataclass
@@ -73,10 +89,10 @@ class PlanConfig:
 
 @dataclass
 class DecodeConfig:
-    backend: str  # auto | pyav | decord
+    backend: DecodeBackend
     max_side: int  # the stored clip's long side is at most this (0: source size)
     crf: int
-    preset: str
+    preset: X264Preset
 
 
 @dataclass
@@ -114,12 +130,7 @@ def to_config(cfg: DictConfig) -> PreprocessConfig:
         specs = cfg.get(section) or {}
         with open_dict(cfg):
             cfg[section] = {k: v for k, v in specs.items() if v is not None and "target" in v}
-    try:
-        schema = OmegaConf.structured(PreprocessConfig)
-        merged = OmegaConf.merge(schema, cfg)
-        out: PreprocessConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
-    except Exception as e:  # omegaconf names the key and the bad value
-        raise ConfigError(f"bad config: {e}") from None
+    out: PreprocessConfig = from_node(PreprocessConfig, cfg, "")
     check(out)
     return out
 
@@ -136,8 +147,6 @@ def check(c: PreprocessConfig) -> None:
                           f"({2 * p.min_frames - 1}) so long shots split into valid windows")
     if p.target_fps is not None and p.target_fps <= 0:
         raise ConfigError(f"plan.target_fps={p.target_fps} must be > 0 or null")
-    if c.decode.backend not in ("auto", "pyav", "decord"):
-        raise ConfigError(f"decode.backend={c.decode.backend!r}: use auto, pyav or decord")
     if c.writer.shard_bytes < 1024:
         raise ConfigError(f"writer.shard_bytes={c.writer.shard_bytes}: shards are sized in bytes; use >= 1024 "
                           "(e.g. 536870912 for 512 MiB)")

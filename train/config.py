@@ -8,13 +8,33 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from models.config import ModelConfig
+from models.typed_config import Choice, ConfigError, from_node
+from models.typed_config import resolved as resolved_node
+
+TrainConfigError = ConfigError  # the one configuration error (models.typed_config); the old name stays
 
 
-class TrainConfigError(ValueError):
-    """A trainer configuration value that cannot work; the message names the key."""
+class Offload(Choice):
+    NONE = "none"
+    CPU = "cpu"
+
+
+class Device(Choice):
+    CPU = "cpu"
+    CUDA = "cuda"
+
+
+class Backend(Choice):
+    GLOO = "gloo"
+    NCCL = "nccl"
+
+
+class Precision(Choice):
+    FP32 = "fp32"
+    BF16 = "bf16"
 
 
 @dataclass
@@ -100,8 +120,8 @@ class ZeroConfig:
     """``zero``: the DeepSpeed ZeRO stage and its knobs (see conf/zero/zero2.yaml)."""
 
     stage: int
-    offload_optimizer: str
-    offload_param: str
+    offload_optimizer: Offload
+    offload_param: Offload
     overlap_comm: bool
     contiguous_gradients: bool
     bucket_size: Any  # int or "auto"
@@ -115,9 +135,9 @@ class ZeroConfig:
 class LaunchConfig:
     """``launch``: where the processes run (see conf/launch/*.yaml)."""
 
-    device: str
-    backend: str
-    precision: str
+    device: Device
+    backend: Backend
+    precision: Precision
     deterministic: bool
     timeout_min: float
     peak_tflops: Any  # None, "auto" or a number
@@ -148,25 +168,24 @@ class TrainJob:
 
 
 def _typed(cls, node: dict, key: str):
-    """``node`` (a resolved plain dict) checked against the dataclass ``cls``; omegaconf names a bad key or value."""
+    """``node`` (a resolved plain dict) typed as the dataclass ``cls`` (models.typed_config), errors named by section."""
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(cls), node)
-        return OmegaConf.to_object(merged)
-    except Exception as e:
-        raise TrainConfigError(f"bad {key} config: {e}") from None
+        return from_node(cls, node, key)
+    except ConfigError as e:
+        raise ConfigError(f"bad {key} config: {e}") from None
 
 
 def to_job(cfg: DictConfig) -> TrainJob:
     """The composed Hydra config as a checked :class:`TrainJob`."""
     from train.data import to_config as data_config
 
-    resolved = OmegaConf.to_container(cfg, resolve=True)
+    resolved = resolved_node(cfg)
     job = TrainJob(
         train=_typed(TrainSection, resolved["train"], "train"),
         stage=_typed(StageConfig, resolved["stage"], "stage"),
         zero=_typed(ZeroConfig, resolved["zero"], "zero"),
         launch=_typed(LaunchConfig, resolved["launch"], "launch"),
-        model=ModelConfig.from_dict(resolved["model"]),
+        model=_typed(ModelConfig, resolved["model"], "model"),
         data=data_config(resolved["data"]),
         resolved=resolved,
     )
@@ -180,52 +199,44 @@ def check(job: TrainJob) -> None:
     """Reject values that cannot work, naming the key."""
     t, s, z, la = job.train, job.stage, job.zero, job.launch
     if s.id not in (1, 2, 3):
-        raise TrainConfigError(f"stage.id must be 1, 2 or 3, got {s.id}")
+        raise ConfigError(f"stage.id must be 1, 2 or 3, got {s.id}")
     if s.id == 1 and s.use_face:
-        raise TrainConfigError("stage 1 (pose) trains without face motion tokens: stage.use_face must be false")
+        raise ConfigError("stage 1 (pose) trains without face motion tokens: stage.use_face must be false")
     if s.id > 1 and s.init is None:
-        raise TrainConfigError(f"stage {s.id} continues from stage {s.id - 1}: set stage.init=auto or a weights path")
+        raise ConfigError(f"stage {s.id} continues from stage {s.id - 1}: set stage.init=auto or a weights path")
     if s.steps < 1:
-        raise TrainConfigError(f"stage.steps must be >= 1, got {s.steps}")
+        raise ConfigError(f"stage.steps must be >= 1, got {s.steps}")
     if z.stage not in (2, 3):
-        raise TrainConfigError(f"zero.stage must be 2 or 3, got {z.stage}")
-    if z.offload_optimizer not in ("none", "cpu") or z.offload_param not in ("none", "cpu"):
-        raise TrainConfigError("zero.offload_optimizer / zero.offload_param must be none or cpu")
+        raise ConfigError(f"zero.stage must be 2 or 3, got {z.stage}")
     if z.offload_param != "none" and z.stage != 3:
-        raise TrainConfigError("zero.offload_param needs zero.stage=3")
-    if la.device not in ("cpu", "cuda"):
-        raise TrainConfigError(f"launch.device must be cpu or cuda, got {la.device}")
-    if la.backend not in ("gloo", "nccl"):
-        raise TrainConfigError(f"launch.backend must be gloo or nccl, got {la.backend}")
+        raise ConfigError("zero.offload_param needs zero.stage=3")
     if la.backend == "nccl" and la.device != "cuda":
-        raise TrainConfigError("launch.backend=nccl needs launch.device=cuda")
-    if la.precision not in ("fp32", "bf16"):
-        raise TrainConfigError(f"launch.precision must be fp32 or bf16, got {la.precision}")
+        raise ConfigError("launch.backend=nccl needs launch.device=cuda")
     if not isinstance(t.compile_blocks, bool):
-        raise TrainConfigError(f"train.compile_blocks must be auto, true or false, got {t.compile_blocks!r}")
+        raise ConfigError(f"train.compile_blocks must be auto, true or false, got {t.compile_blocks!r}")
     if t.guard.max_consecutive_nonfinite < 1:
-        raise TrainConfigError("train.guard.max_consecutive_nonfinite must be >= 1")
+        raise ConfigError("train.guard.max_consecutive_nonfinite must be >= 1")
     from models.dreamactor import PARAM_GROUPS
 
     if t.guard.poison_group not in PARAM_GROUPS:
-        raise TrainConfigError(f"train.guard.poison_group must be one of {list(PARAM_GROUPS)}, got {t.guard.poison_group!r}")
+        raise ConfigError(f"train.guard.poison_group must be one of {list(PARAM_GROUPS)}, got {t.guard.poison_group!r}")
     if t.compile_blocks and z.stage != 2:
-        raise TrainConfigError("train.compile_blocks needs zero.stage=2 (ZeRO-3 fetches parameters in module hooks)")
+        raise ConfigError("train.compile_blocks needs zero.stage=2 (ZeRO-3 fetches parameters in module hooks)")
     if t.grad_accum < 1:
-        raise TrainConfigError("train.grad_accum must be >= 1")
+        raise ConfigError("train.grad_accum must be >= 1")
     if t.checkpoint.every < 1 or t.checkpoint.keep < 1:
-        raise TrainConfigError("train.checkpoint.every and train.checkpoint.keep must be >= 1")
+        raise ConfigError("train.checkpoint.every and train.checkpoint.keep must be >= 1")
     if t.log.every < 1:
-        raise TrainConfigError("train.log.every must be >= 1")
+        raise ConfigError("train.log.every must be >= 1")
     if not 0.0 <= t.continuation_prob <= 1.0:
-        raise TrainConfigError(f"train.continuation_prob must be in [0, 1], got {t.continuation_prob}")
+        raise ConfigError(f"train.continuation_prob must be in [0, 1], got {t.continuation_prob}")
     if not 0.0 <= t.ema.decay < 1.0:
-        raise TrainConfigError(f"train.ema.decay must be in [0, 1), got {t.ema.decay}")
+        raise ConfigError(f"train.ema.decay must be in [0, 1), got {t.ema.decay}")
     tc = job.model.vae.temporal_compression
     if t.sample.every and (t.sample.frames - 1) % tc:
-        raise TrainConfigError(f"train.sample.frames must be 1 + k*{tc}, got {t.sample.frames}")
+        raise ConfigError(f"train.sample.frames must be 1 + k*{tc}, got {t.sample.frames}")
     if t.resume not in ("auto", "none") and not Path(t.resume).expanduser().is_dir():
-        raise TrainConfigError(f"train.resume={t.resume!r}: expected auto, none or an existing checkpoint directory")
+        raise ConfigError(f"train.resume={t.resume!r}: expected auto, none or an existing checkpoint directory")
     if s.use_face != job.data.face_crops:
-        raise TrainConfigError(f"stage.use_face={s.use_face} but data.face_crops={job.data.face_crops}: "
+        raise ConfigError(f"stage.use_face={s.use_face} but data.face_crops={job.data.face_crops}: "
                                "the loader must decode face crops exactly when the stage uses face motion tokens")

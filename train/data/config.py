@@ -10,9 +10,20 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from models.typed_config import Choice, ConfigError, from_node
 
-class DataConfigError(ValueError):
-    """A data-loader configuration value that cannot work; the message names the key."""
+DataConfigError = ConfigError  # the one configuration error (models.typed_config); the old name stays
+
+
+class Decoder(Choice):
+    DECORD = "decord"
+    PYAV = "pyav"
+
+
+class StartMethod(Choice):
+    FORK = "fork"
+    FORKSERVER = "forkserver"
+    SPAWN = "spawn"
 
 
 @dataclass
@@ -78,9 +89,9 @@ class WorkersConfig:
     num_workers: int
     prefetch_factor: int
     pin_memory: bool
-    decoder: str  # decord | pyav: the reader of the stored clips (both from the tar bytes in memory)
+    decoder: Decoder  # the reader of the stored clips (both from the tar bytes in memory)
     decode_threads: int  # decoder threads per worker (1: the parallelism is the workers)
-    start_method: str  # fork | forkserver | spawn: how worker processes start (see docs/data-loader.md)
+    start_method: StartMethod  # how worker processes start (see docs/data-loader.md)
     max_restarts: int  # worker deaths survived per iterator (the sample being built is quarantined each time)
 
 
@@ -102,13 +113,10 @@ class DataConfig:
 
 def to_config(cfg) -> DataConfig:
     """The composed ``data`` node (DictConfig or dict) as a checked :class:`DataConfig`."""
-    from omegaconf import OmegaConf
-
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(DataConfig), cfg)
-        out: DataConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
-    except Exception as e:  # omegaconf names the key and the bad value
-        raise DataConfigError(f"bad data config: {e}") from None
+        out: DataConfig = from_node(DataConfig, cfg, "data")
+    except ConfigError as e:
+        raise ConfigError(f"bad data config: {e}") from None
     check(out)
     return out
 
@@ -118,36 +126,32 @@ def check(c: DataConfig, temporal_compression: int | None = None) -> None:
     from preprocess import schema
 
     if (c.source.dataset is None) == (not c.source.shards):
-        raise DataConfigError("set exactly one of data.source.dataset (a preprocess output) or data.source.shards")
+        raise ConfigError("set exactly one of data.source.dataset (a preprocess output) or data.source.shards")
     unknown = set(c.source.require_groups) - set(schema.GROUPS)
     if unknown:
-        raise DataConfigError(f"data.source.require_groups: unknown groups {sorted(unknown)}; known {list(schema.GROUPS)}")
+        raise ConfigError(f"data.source.require_groups: unknown groups {sorted(unknown)}; known {list(schema.GROUPS)}")
     f = c.frames
     if not 1 <= f.min <= f.max or f.step < 1:
-        raise DataConfigError(f"data.frames: need 1 <= min <= max and step >= 1, got {f.min}/{f.max}/{f.step}")
+        raise ConfigError(f"data.frames: need 1 <= min <= max and step >= 1, got {f.min}/{f.max}/{f.step}")
     if temporal_compression:
         tc = temporal_compression
         if (f.min - 1) % tc or f.step % tc:
-            raise DataConfigError(f"data.frames.min={f.min} / step={f.step}: lengths must be 1 + k*{tc} "
+            raise ConfigError(f"data.frames.min={f.min} / step={f.step}: lengths must be 1 + k*{tc} "
                                   f"(the VAE's temporal compression): min-1 and step multiples of {tc}")
     if f.target_fps is not None and f.target_fps <= 0:
-        raise DataConfigError(f"data.frames.target_fps={f.target_fps} must be > 0 or null")
+        raise ConfigError(f"data.frames.target_fps={f.target_fps} must be > 0 or null")
     b = c.buckets
     if b.area <= 0 or not b.aspect_ratios or any(a <= 0 for a in b.aspect_ratios):
-        raise DataConfigError("data.buckets: area > 0 and a non-empty list of positive aspect_ratios (height/width)")
+        raise ConfigError("data.buckets: area > 0 and a non-empty list of positive aspect_ratios (height/width)")
     if b.token_budget <= 0 or b.max_batch_size < 1:
-        raise DataConfigError("data.buckets.token_budget must be > 0 and max_batch_size >= 1")
+        raise ConfigError("data.buckets.token_budget must be > 0 and max_batch_size >= 1")
     if not 1 <= c.refs.min <= c.refs.max:
-        raise DataConfigError(f"data.refs: need 1 <= min <= max, got {c.refs.min}/{c.refs.max}")
+        raise ConfigError(f"data.refs: need 1 <= min <= max, got {c.refs.min}/{c.refs.max}")
     for k in ("ref", "motion"):
         p = getattr(c.dropout, k)
         if not (0.0 <= p <= 1.0 and math.isfinite(p)):
-            raise DataConfigError(f"data.dropout.{k}={p} must be a probability")
+            raise ConfigError(f"data.dropout.{k}={p} must be a probability")
     if c.shuffle.window_shards < 1 or c.shuffle.buffer < 1:
-        raise DataConfigError("data.shuffle.window_shards and data.shuffle.buffer must be >= 1")
-    if c.workers.decoder not in ("decord", "pyav"):
-        raise DataConfigError(f"data.workers.decoder={c.workers.decoder!r}: use decord or pyav")
-    if c.workers.start_method not in ("fork", "forkserver", "spawn"):
-        raise DataConfigError(f"data.workers.start_method={c.workers.start_method!r}: use fork, forkserver or spawn")
+        raise ConfigError("data.shuffle.window_shards and data.shuffle.buffer must be >= 1")
     if c.workers.num_workers < 0 or c.workers.prefetch_factor < 1:
-        raise DataConfigError("data.workers.num_workers >= 0 and prefetch_factor >= 1")
+        raise ConfigError("data.workers.num_workers >= 0 and prefetch_factor >= 1")
