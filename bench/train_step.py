@@ -11,8 +11,9 @@ model and the batches are the bench's: random weights made on the GPU (zero-init
 values so that no matmul runs on zeros), and synthetic batches of precomputed latents (``data.latents=true``:
 no VAE; production would precompute them, and the loader's cost is measured by bench/dataloader.py), uint8
 pose maps and face crops, moved to the GPU each step like a loader batch. The phases of each step are timed
-with the device synchronized between them (``Trainer.sync_phases``). Reports the median step time, tokens/s, model TFLOP/s and MFU (models.flops over
-the device's dense bf16 peak), peak memory, and the checkpoint's size, save and load times.
+with the device synchronized between them (``Trainer.sync_phases``). Reports the median step time, tokens/s,
+model TFLOP/s and MFU (models.flops over the device's dense bf16 peak), peak memory, the update guard's
+verdict per step, and the checkpoint's size, save and load times.
 """
 from __future__ import annotations
 
