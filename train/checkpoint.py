@@ -1,15 +1,21 @@
-"""Sharded checkpoints that an interruption can never corrupt, and resume from them on any number of ranks.
+"""Sharded checkpoints that an interruption can never corrupt, and the resume from them on any number of ranks:
+the :class:`Checkpointer` owns both (the trainer only says which states it has).
 
 Layout of ``<stage dir>/checkpoints``::
 
     latest                    tag of the newest complete checkpoint (DeepSpeed's name; moved only after COMPLETE)
     step_00000400/
         *model_states.pt, *optim_states.pt    DeepSpeed: module, ZeRO optimizer partitions, LR scheduler, steps
-        trainer/rank_00000.pt ...             per rank: RNG states (python, numpy, torch, CUDA), EMA shard
-        trainer/state.pt                      data cursor of every rank, counters (rank 0)
+        trainer/rank_00000.pt ...             per rank: RNG states (python, numpy, torch, CUDA), EMA shard, guard
+        trainer/state.pt                      data cursor of every rank, step (rank 0)
         config.yaml                           the resolved config of the run
         COMPLETE                              JSON written last by rank 0: step, world size, ZeRO stage, ...
         universal/                            DeepSpeed universal checkpoint, made when the world size changes
+
+States (each with ``state_dict`` / ``load_state_dict``, registered with :meth:`Checkpointer.track`): the
+DeepSpeed engine; *per-rank* states (RNG, guard counters), restored from the rank's own file; *sharded*
+states (the EMA), restored from the rank's own shard or, after a world-size change, reassembled from every
+old shard; *shared* states (the data cursor), the same on every rank and written once by rank 0.
 
 Commit protocol: every rank writes its files (each through a temporary name + fsync + rename), a barrier
 proves they all did, then rank 0 writes ``COMPLETE`` and only then moves ``latest``. ``resume=auto`` picks
@@ -19,6 +25,9 @@ is ignored (and deleted by the next complete save). The directory must be shared
 World-size change: rank 0 converts the checkpoint with DeepSpeed's ``ds_to_universal`` (into
 ``universal/``, once) and every rank loads it with ``checkpoint.load_universal``; the EMA is reassembled
 from every old shard (train/ema.py) and the data loader continues the epoch from the merged cursor.
+DeepSpeed must know before ``deepspeed.initialize`` that it loads a universal checkpoint, so the resume is
+two calls: :meth:`Checkpointer.prepare` before the engine exists (the checks that need no model, the
+conversion while the host holds no model), then :meth:`Checkpointer.load` once every state exists.
 """
 from __future__ import annotations
 
@@ -30,7 +39,9 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 import yaml
@@ -41,11 +52,58 @@ log = logging.getLogger(__name__)
 
 TAG_RE = re.compile(r"^step_(\d{8})$")
 COMPLETE = "COMPLETE"
+TRAINER_DIR = "trainer"
+SHARED_FILE = "state.pt"
+# The trainer's states by their names in the rank files and in state.pt (the layout above).
+RNG, GUARD, EMA, DATA = "rng", "guard", "ema", "data"
+# What a checkpoint must share with the run that resumes it (keys of the COMPLETE record).
+COMPATIBLE = ("stage", "model", "zero_stage", "frozen_signature")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be resumed: incomplete, unreadable, or made by another kind of run."""
+
+
+class Stateful(Protocol):
+    """What a checkpoint saves and restores."""
+
+    def state_dict(self) -> Any: ...
+
+    def load_state_dict(self, state: Any) -> None: ...
 
 
 def tag_of(step: int) -> str:
     """Checkpoint tag of an optimizer step."""
     return f"step_{step:08d}"
+
+
+def rank_file(tag_dir: Path, rank: int) -> Path:
+    """The trainer file of ``rank`` in a checkpoint (its per-rank and sharded states)."""
+    return Path(tag_dir) / TRAINER_DIR / f"rank_{rank:05d}.pt"
+
+
+def rank_files(tag_dir: Path) -> list[Path]:
+    """Every rank's trainer file of a checkpoint, by rank."""
+    return sorted((Path(tag_dir) / TRAINER_DIR).glob("rank_*.pt"))
+
+
+def read_state(path: Path) -> dict:
+    """A trainer file of a checkpoint; a missing or unreadable one is a :class:`CheckpointError`."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # truncated zip, pickle error, missing file: all mean a broken checkpoint
+        raise CheckpointError(f"{path} is missing or unreadable ({type(e).__name__}: {e}): the checkpoint "
+                              f"{path.parent.parent} is broken; resume another one (train.resume=<checkpoint dir>), "
+                              "or delete it and let train.resume=auto take the previous one") from e
+
+
+def rank_entries(tag_dir: Path, name: str) -> Iterator[Any]:
+    """State ``name`` of every rank's trainer file, by rank, one file in memory at a time."""
+    files = rank_files(tag_dir)
+    if not files:
+        raise CheckpointError(f"{Path(tag_dir) / TRAINER_DIR} holds no rank files: the checkpoint is broken")
+    for f in files:
+        yield read_state(f)[name]
 
 
 def _fsync_dir(path: Path) -> None:
@@ -114,43 +172,66 @@ def find_resume(root: Path, warn: bool = True) -> Path | None:
 
 
 class Checkpointer:
-    """Saves and loads the checkpoints of one stage (see the module docstring)."""
+    """Saves and resumes the checkpoints of one stage (see the module docstring).
 
-    def __init__(self, root: Path, dist: Dist, keep: int):
+    ``meta``: this run's record, written into every ``COMPLETE``; a checkpoint is resumed only when the keys of
+    :data:`COMPATIBLE` that the record holds match. ``config``: the resolved config, saved as ``config.yaml``.
+    """
+
+    def __init__(self, root: Path, dist: Dist, keep: int, meta: dict | None = None, config: dict | None = None):
         self.root = Path(root)
         self.dist = dist
         self.keep = keep
+        self.meta = dict(meta or {})
+        self.config = config or {}
+        self.engine = None
+        self.per_rank: dict[str, Stateful] = {}
+        self.sharded: dict[str, Stateful] = {}
+        self.shared: dict[str, Stateful] = {}
+
+    def track(self, engine, *, per_rank: dict[str, Stateful] | None = None, sharded: dict[str, Stateful] | None = None,
+              shared: dict[str, Stateful] | None = None, meta: dict | None = None) -> None:
+        """Register what :meth:`save` writes and :meth:`load` restores besides the DeepSpeed ``engine``:
+        ``per_rank`` states (this rank's own), ``sharded`` ones (whose ``load_state_dict`` takes an iterable of
+        saved shards, so that it can reassemble its part from any number of old ranks) and ``shared`` ones
+        (the same on every rank; ``state_dict`` may be collective); ``meta``: more of the run's record (what is
+        known once the model exists)."""
+        self.engine = engine
+        self.per_rank.update(per_rank or {})
+        self.sharded.update(sharded or {})
+        self.shared.update(shared or {})
+        self.meta.update(meta or {})
 
     # ------------------------------------------------------------------ save
 
-    def save(self, engine, step: int, rank_state: dict, shared_state: dict, resolved_config: dict,
-             meta: dict) -> Path:
-        """Collective: write checkpoint ``step`` and commit it. ``rank_state`` is this rank's (RNG, EMA
-        shard); ``shared_state`` is the same on every rank (data cursor, counters) and written by rank 0."""
+    def save(self, step: int) -> Path:
+        """Collective: write checkpoint ``step`` of every tracked state and commit it."""
         t0 = time.perf_counter()
         tag = tag_of(step)
         tag_dir = self.root / tag
+        shared = {name: s.state_dict() for name, s in self.shared.items()}  # collective (the data cursor)
+        shared["step"] = step
+        own = {name: s.state_dict() for name, s in {**self.per_rank, **self.sharded}.items()}
         if self.dist.is_main:
             self.root.mkdir(parents=True, exist_ok=True)
             if tag_dir.exists():  # a save of this step that never completed (killed earlier): start clean
                 log.warning("removing incomplete checkpoint %s before saving it again", tag_dir)
                 shutil.rmtree(tag_dir)
         barrier()
-        engine.save_checkpoint(str(self.root), tag=tag, client_state={"trainer_step": step}, save_latest=False)
-        atomic_torch_save(rank_state, tag_dir / "trainer" / f"rank_{self.dist.rank:05d}.pt")
+        self.engine.save_checkpoint(str(self.root), tag=tag, client_state={"trainer_step": step}, save_latest=False)
+        atomic_torch_save(own, rank_file(tag_dir, self.dist.rank))
         if self.dist.is_main:
-            atomic_torch_save(shared_state, tag_dir / "trainer" / "state.pt")
-            atomic_write_bytes(tag_dir / "config.yaml", yaml.safe_dump(resolved_config, sort_keys=False).encode())
+            atomic_torch_save(shared, tag_dir / TRAINER_DIR / SHARED_FILE)
+            atomic_write_bytes(tag_dir / "config.yaml", yaml.safe_dump(self.config, sort_keys=False).encode())
         barrier()  # every rank's files are on disk
         if self.dist.is_main:
-            meta = dict(meta, step=step, world_size=self.dist.world_size, time=time.time(),
+            meta = dict(self.meta, step=step, world_size=self.dist.world_size, time=time.time(),
                         save_seconds=round(time.perf_counter() - t0, 3))
             atomic_write_bytes(tag_dir / COMPLETE, json.dumps(meta, indent=1).encode())
             atomic_write_bytes(self.root / "latest", tag.encode())  # DeepSpeed's pointer, moved last
             self._retain()
         barrier()
-        seconds = time.perf_counter() - t0
-        log.info("checkpoint %s saved in %.2f s", tag_dir, seconds)
+        log.info("checkpoint %s saved in %.2f s", tag_dir, time.perf_counter() - t0)
         return tag_dir
 
     def _retain(self) -> None:
@@ -164,45 +245,131 @@ class Checkpointer:
                 log.warning("deleting incomplete checkpoint %s", d)
                 shutil.rmtree(d, ignore_errors=True)
 
-    # ------------------------------------------------------------------ load
+    # ------------------------------------------------------------------ resume
 
-    def prepare(self, tag_dir: Path) -> bool:
-        """Collective, before the engine exists: True when ``tag_dir`` was saved by another number of ranks;
-        then rank 0 has converted it to a DeepSpeed universal checkpoint (``tag_dir/universal``)."""
-        meta = read_meta(tag_dir)
-        if meta is None:
-            raise FileNotFoundError(f"{tag_dir} is not a complete checkpoint (no {COMPLETE})")
+    def find(self, resume: str) -> Path | None:
+        """The checkpoint to continue from, following ``train.resume`` (auto | none | a checkpoint directory)."""
+        if resume == "none":
+            if complete_checkpoints(self.root):
+                raise RuntimeError(f"train.resume=none but {self.root} holds checkpoints of this stage: pass "
+                                   "train.resume=auto to continue, or a new train.out_dir to start over")
+            return None
+        if resume == "auto":
+            found = find_resume(self.root, warn=self.dist.is_main)
+            if found is None and self.dist.is_main:
+                log.info("no complete checkpoint in %s: stage %s starts at step 0", self.root, self.meta.get("stage"))
+            return found
+        return Path(resume).expanduser()
+
+    def newest(self) -> Path | None:
+        """The newest complete checkpoint of this stage (quietly: for the export)."""
+        return find_resume(self.root, warn=False)
+
+    def prepare(self, tag_dir: Path | None) -> bool:
+        """Collective, before the engine exists: check ``tag_dir`` against what :attr:`meta` already holds and,
+        when it was saved by another number of ranks, have rank 0 convert it to a DeepSpeed universal checkpoint
+        (``tag_dir/universal``, once). Returns whether the engine must load the universal format."""
+        if tag_dir is None:
+            return False
+        meta = self._checked_meta(Path(tag_dir))
         universal = meta["world_size"] != self.dist.world_size
-        if universal and self.dist.is_main and read_meta(tag_dir / "universal") is None:
-            to_universal(tag_dir)
+        if universal and self.dist.is_main and read_meta(Path(tag_dir) / "universal") is None:
+            try:
+                to_universal(Path(tag_dir))
+            except RuntimeError as e:
+                raise CheckpointError(f"{e}\nResume it on {meta['world_size']} ranks, or resume another checkpoint "
+                                      "(train.resume=<checkpoint dir>)") from e
         barrier()
         return universal
 
-    def load(self, engine, tag_dir: Path, universal: bool) -> None:
-        """Collective: module, optimizer, scheduler and step counters through DeepSpeed."""
-        if universal:
-            load_dir, tag = tag_dir, "universal"
-        else:
-            load_dir, tag = tag_dir.parent, tag_dir.name
-        path, _ = engine.load_checkpoint(str(load_dir), tag=tag, load_module_strict=True)
+    def load(self, tag_dir: Path) -> int:
+        """Collective: restore every tracked state from checkpoint ``tag_dir``; returns its step.
+
+        Checks (stage, model, ZeRO stage, frozen weights, step) and the universal conversion come first; the
+        engine must have been built with ``load_universal`` as :meth:`prepare` said. Anything missing,
+        unreadable or made by another kind of run is a :class:`CheckpointError` naming the checkpoint."""
+        tag_dir = Path(tag_dir)
+        universal = self.prepare(tag_dir)
+        meta = read_meta(tag_dir)
+        if universal and not self.engine.load_universal_checkpoint():
+            raise CheckpointError(f"{tag_dir} was saved by {meta['world_size']} ranks, this run has "
+                                  f"{self.dist.world_size}: build the engine with load_universal=True "
+                                  "(Checkpointer.prepare says so before deepspeed.initialize)")
+        self._load_engine(tag_dir, universal)
+        step = int(self.engine.global_steps)
+        if meta["step"] != step:
+            raise CheckpointError(f"{tag_dir} is step {meta['step']} but DeepSpeed restored step {step}: the checkpoint "
+                                  "is inconsistent; resume another one (train.resume=<checkpoint dir>)")
+        own_file = rank_file(tag_dir, self.dist.rank)
+        own = read_state(own_file) if own_file.is_file() or not universal else None
+        for name, state in self.per_rank.items():
+            if own is None or name not in own:  # a rank the checkpoint did not have, or an older file
+                log.info("rank %d: %s holds no %s state: it starts fresh", self.dist.rank, own_file, name)
+                continue
+            self._restore(state, own[name], name, own_file)
+        for name, state in self.sharded.items():
+            shards = rank_entries(tag_dir, name) if universal else [self._entry(own, name, own_file)]
+            self._restore(state, shards, name, own_file.parent)
+        shared_file = tag_dir / TRAINER_DIR / SHARED_FILE
+        shared = read_state(shared_file)
+        for name, state in self.shared.items():
+            self._restore(state, self._entry(shared, name, shared_file), name, shared_file)
+        log.info("rank %d resumed from %s at step %d%s", self.dist.rank, tag_dir, step,
+                 f" (universal checkpoint: {meta['world_size']} -> {self.dist.world_size} ranks)" if universal else "")
+        return step
+
+    def _checked_meta(self, tag_dir: Path) -> dict:
+        """The COMPLETE record of ``tag_dir``, refused unless complete and compatible with :attr:`meta`."""
+        meta = read_meta(tag_dir)
+        if meta is None:
+            raise CheckpointError(f"{tag_dir} is not a complete checkpoint (no readable {COMPLETE}: its save was cut "
+                                  "short, or it is no checkpoint): pass train.resume=auto to take the newest complete "
+                                  "one, or another checkpoint directory")
+        bad = {k: (meta.get(k), self.meta[k]) for k in COMPATIBLE if k in self.meta and meta.get(k) != self.meta[k]}
+        if bad:
+            why = "; ".join(f"{k}: checkpoint {c!r}, this run {r!r}" for k, (c, r) in bad.items())
+            if "frozen_signature" in bad:
+                why += (" (the frozen parameters of this stage differ from those the checkpoint was trained with: "
+                        "stage.init or the model preset changed)")
+            raise CheckpointError(f"{tag_dir} does not match this run: {why}. Resume a checkpoint of this stage, "
+                                  "model and ZeRO stage (train.resume=<checkpoint dir>), or start the stage over in a "
+                                  "new train.out_dir")
+        return meta
+
+    def _load_engine(self, tag_dir: Path, universal: bool) -> None:
+        """Module, optimizer, scheduler and step counters through DeepSpeed."""
+        load_dir, tag = (tag_dir, "universal") if universal else (tag_dir.parent, tag_dir.name)
+        try:
+            path, _ = self.engine.load_checkpoint(str(load_dir), tag=tag, load_module_strict=True)
+        except Exception as e:  # whatever DeepSpeed raises, the checkpoint is what failed
+            raise CheckpointError(f"DeepSpeed could not load {load_dir / tag} ({type(e).__name__}: {e}): the checkpoint "
+                                  "is broken or of another model; resume another one (train.resume=<checkpoint dir>)"
+                                  ) from e
         if path is None:
-            raise RuntimeError(f"DeepSpeed could not load {load_dir / tag}")
+            raise CheckpointError(f"DeepSpeed could not load {load_dir / tag} (its model-states files are missing): "
+                                  "resume another checkpoint (train.resume=<checkpoint dir>)")
         if universal:  # the universal format restores optimizer-owned parameters only: buffers come from here
-            restore_buffers(engine.module, tag_dir)
-
-    def rank_state_files(self, tag_dir: Path) -> list[Path]:
-        """Every rank's trainer file of a checkpoint, by rank."""
-        return sorted((tag_dir / "trainer").glob("rank_*.pt"))
-
-    def load_rank_state(self, tag_dir: Path) -> dict | None:
-        """This rank's own trainer file, or None when the checkpoint had fewer ranks."""
-        f = tag_dir / "trainer" / f"rank_{self.dist.rank:05d}.pt"
-        return torch.load(f, map_location="cpu", weights_only=False) if f.is_file() else None
+            restore_buffers(self.engine.module, tag_dir)
 
     @staticmethod
-    def load_shared_state(tag_dir: Path) -> dict:
-        """The state every rank shares (data cursor, counters)."""
-        return torch.load(tag_dir / "trainer" / "state.pt", map_location="cpu", weights_only=False)
+    def _entry(saved: dict | None, name: str, path: Path):
+        """State ``name`` of a trainer file, which must hold it."""
+        if saved is None or name not in saved:
+            raise CheckpointError(f"{path} holds no {name} state: the checkpoint is broken; resume another one "
+                                  "(train.resume=<checkpoint dir>)")
+        return saved[name]
+
+    @staticmethod
+    def _restore(state: Stateful, saved, name: str, path: Path) -> None:
+        """``state.load_state_dict(saved)``; a refusal names the checkpoint file and the state."""
+        try:
+            state.load_state_dict(saved)
+        except CheckpointError:
+            raise
+        except Exception as e:  # any refusal of a state is a checkpoint that cannot be resumed here
+            raise CheckpointError(f"{path}: cannot restore the {name} state ({type(e).__name__}: {e}); resume another "
+                                  "checkpoint (train.resume=<checkpoint dir>), or start the stage over in a new "
+                                  "train.out_dir") from e
 
 
 def to_universal(tag_dir: Path) -> Path:
@@ -215,7 +382,7 @@ def to_universal(tag_dir: Path) -> Path:
     workers = max(1, min(8, (os.cpu_count() or 2) // 2))
     cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag_dir),
            "--output_folder", str(tmp), "--num_extract_workers", str(workers), "--num_merge_workers", str(max(1, workers // 2))]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"ds_to_universal failed on {tag_dir}:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
     (tag_dir / "latest_universal").unlink(missing_ok=True)  # written by the converter, names the tmp dir

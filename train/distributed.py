@@ -40,7 +40,7 @@ def strip_local_rank_arg(argv: list[str]) -> list[str]:
     out, i = [], 0
     while i < len(argv):
         a = argv[i]
-        if a.startswith("--local_rank=") or a.startswith("--local-rank="):
+        if a.startswith(("--local_rank=", "--local-rank=")):
             os.environ.setdefault("LOCAL_RANK", a.split("=", 1)[1])
         elif a in ("--local_rank", "--local-rank") and i + 1 < len(argv):
             os.environ.setdefault("LOCAL_RANK", argv[i + 1])
@@ -106,6 +106,16 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+class RNGStates:
+    """Every global generator of this process as a checkpoint state (restored on resume)."""
+
+    def state_dict(self) -> dict:
+        return rng_state()
+
+    def load_state_dict(self, state: dict) -> None:
+        set_rng_state(state)
+
+
 def barrier() -> None:
     """A barrier when torch.distributed is up."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -117,5 +127,5 @@ def shutdown() -> None:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         try:
             torch.distributed.destroy_process_group()
-        except Exception as e:  # exiting anyway; say why
+        except Exception as e:  # noqa: BLE001 - exiting anyway; say why
             print(f"destroy_process_group: {e}", file=sys.stderr)

@@ -11,7 +11,7 @@ every old shard the ranges its new fragments cover, and the export concatenates 
 """
 from __future__ import annotations
 
-from pathlib import Path
+from collections.abc import Iterable
 
 import torch
 
@@ -66,11 +66,11 @@ class ShardedEMA:
                 "numel": {n: self._numel(p) for n, p in self.params.items()},
                 "shards": {n: (s, t.detach().cpu().clone()) for n, (s, t) in self.shadow.items()}}
 
-    def load_shard_files(self, files: list[Path]) -> None:
-        """Fill this rank's fragments from the EMA shards of every rank of a checkpoint (any world size)."""
+    def load_state_dict(self, shards: dict | Iterable[dict]) -> None:
+        """Fill this rank's fragments from saved shards: its own :meth:`state_dict`, or the shards of every rank
+        of a checkpoint (any world size and ZeRO layout; an iterable is read one shard at a time)."""
         filled = {n: 0 for n in self.shadow}
-        for f in files:
-            old = torch.load(f, map_location="cpu", weights_only=False)["ema"]
+        for old in [shards] if isinstance(shards, dict) else shards:
             for name, (s_old, t_old) in old["shards"].items():
                 if name not in self.shadow:
                     continue
@@ -81,20 +81,19 @@ class ShardedEMA:
                     filled[name] += hi - lo
         short = [n for n, k in filled.items() if k != self.shadow[n][1].numel()]
         if short:
-            raise RuntimeError(f"EMA shards in {files[0].parent} do not cover {len(short)} fragments (e.g. {short[0]}): "
-                               "the checkpoint's trainable set differs from this stage's")
+            raise RuntimeError(f"the saved EMA shards do not cover {len(short)} fragments (e.g. {short[0]}): the "
+                               "checkpoint's trainable set differs from this stage's")
 
     @staticmethod
     def _numel(p: torch.nn.Parameter) -> int:
         return int(getattr(p, "ds_numel", p.numel()))
 
 
-def consolidate(files: list[Path], shapes: dict[str, torch.Size]) -> dict[str, torch.Tensor]:
-    """Full fp32 EMA tensors from every rank's shard file (for the export)."""
+def consolidate(shards: Iterable[dict], shapes: dict[str, torch.Size]) -> dict[str, torch.Tensor]:
+    """Full fp32 EMA tensors from the saved shards of every rank (for the export)."""
     full: dict[str, torch.Tensor] = {}
     seen: dict[str, int] = {}
-    for f in files:
-        part = torch.load(f, map_location="cpu", weights_only=False)["ema"]
+    for part in shards:
         for name, (start, t) in part["shards"].items():
             if name not in full:
                 full[name] = torch.empty(part["numel"][name], dtype=torch.float32)

@@ -21,8 +21,8 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from train.checkpoint import read_meta  # noqa: E402
-from train.ema import consolidate  # noqa: E402
+from train import checkpoint as ckpt
+from train.ema import consolidate
 
 log = logging.getLogger(__name__)
 
@@ -41,11 +41,11 @@ def export(tag_dir: Path, out_dir: Path) -> dict[str, Path]:
     from safetensors.torch import save_file
 
     tag_dir, out_dir = Path(tag_dir), Path(out_dir)
-    meta = read_meta(tag_dir)
+    meta = ckpt.read_meta(tag_dir)
     if meta is None:
         raise FileNotFoundError(f"{tag_dir} is not a complete checkpoint")
     weights = consolidated_state_dict(tag_dir)
-    ema = consolidate(sorted((tag_dir / "trainer").glob("rank_*.pt")), {k: v.shape for k, v in weights.items()})
+    ema = consolidate(ckpt.rank_entries(tag_dir, ckpt.EMA), {k: v.shape for k, v in weights.items()})
     ema_weights = dict(weights)
     ema_weights.update({k: v.contiguous() for k, v in ema.items()})
     info = {"checkpoint": str(tag_dir), "step": str(meta["step"]), "stage": str(meta["stage"]),

@@ -38,7 +38,8 @@ def device_peak_tflops(setting, device: torch.device) -> float | None:
 class StepStats:
     """Per-step numbers of one rank, summed over ranks with one all-reduce."""
 
-    FIELDS = ("loss_sum", "micro_steps", "samples", "tokens", "flops", "data_s", "step_s", "stop", "over_time")
+    FIELDS = ("loss_sum", "micro_steps", "samples", "tokens", "flops", "data_s", "step_s", "stop", "over_time",
+              "forward_s", "backward_s", "optimizer_s", "ema_s")
 
     def __init__(self):
         self.values = dict.fromkeys(self.FIELDS, 0.0)
@@ -68,7 +69,7 @@ class MetricLogger:
         if not enabled:
             return
         stage_dir.mkdir(parents=True, exist_ok=True)
-        self.jsonl = open(stage_dir / "metrics.jsonl", "a")
+        self.jsonl = open(stage_dir / "metrics.jsonl", "a")  # noqa: SIM115 - open for the run, closed in close()
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 

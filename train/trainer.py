@@ -17,7 +17,7 @@ import torch
 
 from . import checkpoint as ckpt
 from .config import TrainJob
-from .distributed import Dist, rng_state, set_rng_state
+from .distributed import Dist, RNGStates, barrier
 from .ema import ShardedEMA
 from .engine import initialize, set_activation_budget
 from .guard import StepHealth, UpdateGuard
@@ -29,18 +29,26 @@ log = logging.getLogger(__name__)
 
 
 class Trainer:
-    """Builds everything for one stage and runs it to ``stage.steps`` (or to a SIGTERM)."""
+    """Builds everything for one stage and runs it to ``stage.steps`` (or to a SIGTERM).
 
-    def __init__(self, job: TrainJob, dist: Dist):
+    ``model``: the stage's model with its trainable set chosen, ``loader``: the rank's batches (an iterable with
+    ``state_dict`` / ``load_state_dict`` / ``skip_counts``); both built from the job unless given
+    (bench/train_step.py gives a random model on the GPU and synthetic batches)."""
+
+    def __init__(self, job: TrainJob, dist: Dist, model: torch.nn.Module | None = None, loader=None):
         self.job, self.dist = job, dist
         self.stop_requested = False
-        self.checkpointer = ckpt.Checkpointer(job.stage_dir / "checkpoints", dist, job.train.checkpoint.keep)
-        resume_dir = self._resume_dir()
-        universal = self.checkpointer.prepare(resume_dir) if resume_dir is not None else False
-        if resume_dir is not None:
-            self._check_compatible(ckpt.read_meta(resume_dir))
+        self.sync_phases = False  # synchronize the device between the phases of a step (exact phase times)
+        self.t_start = time.perf_counter()
+        self.kept_batch = None
+        self.checkpointer = ckpt.Checkpointer(
+            job.stage_dir / "checkpoints", dist, job.train.checkpoint.keep, config=job.resolved,
+            meta={"stage": job.stage.id, "model": job.model.name, "zero_stage": job.zero.stage,
+                  "ema_decay": job.train.ema.decay, "precision": job.launch.precision})
+        resume_dir = self.checkpointer.find(job.train.resume)
+        universal = self.checkpointer.prepare(resume_dir)
 
-        model = build_model(job)
+        model = model if model is not None else build_model(job)
         if dist.is_main:
             log.info(describe(model, job.stage.id))
         self.frozen_signature = frozen_signature(model)
@@ -48,74 +56,32 @@ class Trainer:
         if job.train.compile_blocks:
             model.compile_blocks()
         self.engine = initialize(model, job, load_universal=universal)
-        self.vae = build_vae(job, dist.device)
+        # the VAE encodes pixel batches and decodes the sample videos: precomputed latents without samples need none
+        self.vae = build_vae(job, dist.device) if not job.data.latents or job.train.sample.every else None
         self.step_fn = FlowMatchingStep(job, self.vae, dist.device, dist.rank)
-        self.loader = self._build_loader()
-        if resume_dir is not None:
-            self.checkpointer.load(self.engine, resume_dir, universal)
+        self.loader = loader if loader is not None else self._build_loader()
         named = dict(self.engine.module.named_parameters())
         self.ema = ShardedEMA([(n, named[n]) for n in self.trainable], job.train.ema.decay, dist.rank)
         g = job.train.guard
         self.guard = UpdateGuard(self.engine, [(n, named[n]) for n in self.trainable], g.max_consecutive_nonfinite,
                                  g.poison_steps, g.poison_group, dist.world_size)
-        self.step = int(self.engine.global_steps)
-        budget = set_activation_budget(self.engine, job, dist)
-        if budget is not None and dist.is_main:
+        self.checkpointer.track(self.engine, per_rank={ckpt.RNG: RNGStates(), ckpt.GUARD: self.guard},
+                                sharded={ckpt.EMA: self.ema}, shared={ckpt.DATA: self.loader},
+                                meta={"frozen_signature": self.frozen_signature, "trainable": len(self.trainable)})
+        self.step = self.checkpointer.load(resume_dir) if resume_dir is not None else int(self.engine.global_steps)
+        self.activation_budget = set_activation_budget(self.engine, job, dist)
+        if self.activation_budget is not None and dist.is_main:
             log.info("activation checkpointing: auto, %.1f GiB for activations (the fewest checkpointed blocks that "
-                     "fit, per batch)", budget / 2**30)
-        if resume_dir is not None:
-            self._restore(resume_dir, universal)
+                     "fit, per batch)", self.activation_budget / 2**30)
         self.peak_tflops = device_peak_tflops(job.launch.peak_tflops, dist.device)
 
     # ------------------------------------------------------------------ setup
-
-    def _resume_dir(self):
-        """The checkpoint to continue from, following ``train.resume``."""
-        resume, root = self.job.train.resume, self.checkpointer.root
-        if resume == "none":
-            if ckpt.complete_checkpoints(root):
-                raise RuntimeError(f"train.resume=none but {root} holds checkpoints of this stage: pass train.resume=auto "
-                                   "to continue, or a new train.out_dir to start over")
-            return None
-        if resume == "auto":
-            found = ckpt.find_resume(root, warn=self.dist.is_main)
-            if found is None and self.dist.is_main:
-                log.info("no complete checkpoint in %s: stage %d starts at step 0", root, self.job.stage.id)
-            return found
-        return Path(resume).expanduser()
-
-    def _check_compatible(self, meta: dict) -> None:
-        """Refuse a checkpoint of another stage, model or ZeRO stage."""
-        j = self.job
-        want = {"stage": j.stage.id, "model": j.model.name, "zero_stage": j.zero.stage}
-        bad = {k: (meta.get(k), v) for k, v in want.items() if meta.get(k) != v}
-        if bad:
-            raise RuntimeError(f"checkpoint does not match this run (checkpoint, run): {bad}")
 
     def _build_loader(self):
         from train.data import build_loader
 
         return build_loader(self.job.data, self.job.model, rank=self.dist.rank, world_size=self.dist.world_size,
                             seed=self.job.train.seed)
-
-    def _restore(self, tag_dir, universal: bool) -> None:
-        """EMA, RNG states, data cursor (DeepSpeed restored the rest)."""
-        meta = ckpt.read_meta(tag_dir)
-        if meta["frozen_signature"] != self.frozen_signature:
-            raise RuntimeError(f"the frozen parameters of this stage differ from those {tag_dir} was trained with "
-                               "(stage.init or the model preset changed)")
-        if meta["step"] != self.step:
-            raise RuntimeError(f"{tag_dir} is step {meta['step']} but DeepSpeed restored step {self.step}")
-        own = self.checkpointer.load_rank_state(tag_dir)
-        files = self.checkpointer.rank_state_files(tag_dir)
-        self.ema.load_shard_files(files if universal else [tag_dir / "trainer" / f"rank_{self.dist.rank:05d}.pt"])
-        if own is not None:
-            set_rng_state(own["rng"])
-            self.guard.load_state_dict(own.get("guard", {}))
-        shared = self.checkpointer.load_shared_state(tag_dir)
-        self.loader.load_state_dict(shared["data"])
-        log.info("rank %d resumed from %s at step %d%s", self.dist.rank, tag_dir, self.step,
-                 f" (universal checkpoint: {meta['world_size']} -> {self.dist.world_size} ranks)" if universal else "")
 
     # ------------------------------------------------------------------ loop
 
@@ -167,45 +133,66 @@ class Trainer:
                 from .export import export
 
                 # the newest complete checkpoint: the last step may have applied no update and saved none
-                export(ckpt.find_resume(self.checkpointer.root, warn=False), job.stage_dir / "export")
-            ckpt.barrier()
+                export(self.checkpointer.newest(), job.stage_dir / "export")
+            barrier()
             return 0
         finally:
             logger.close()
 
     def train_step(self, it, step: int) -> tuple[StepStats, list, StepHealth]:
         """One optimizer step: ``train.grad_accum`` micro-batches through forward, backward and the guarded
-        DeepSpeed step, then the EMA (only when the update was applied)."""
+        DeepSpeed step, then the EMA (only when the update was applied). The stats hold the seconds of each
+        phase (``forward_s``, ``backward_s``, ``optimizer_s``, ``ema_s``: exact with :attr:`sync_phases`)."""
         job = self.job
         stats = StepStats()
         keys = []
         health = None
+        self._sync_phase()
         t0 = time.perf_counter()
         for micro in range(job.train.grad_accum):
             td = time.perf_counter()
             batch = self._next_batch(it)
-            stats.add(data_s=time.perf_counter() - td)
+            t = time.perf_counter()
+            stats.add(data_s=t - td)
             if self.kept_batch is None and job.train.sample.every:
                 self.kept_batch = batch
             if job.train.log.sample_keys:
                 keys += [[int(e), k] for e, k in zip(batch.epoch.tolist(), batch.keys)]
             out = self.step_fn(self.engine, batch, step, micro)
+            t = self._phase_done(stats, "forward_s", t)
             self.engine.backward(self.guard.poison(out.loss, step))
+            t = self._phase_done(stats, "backward_s", t)
             if micro == job.train.grad_accum - 1:
                 health = self.guard.before_step(step)
             self.engine.step()
             stats.add(loss_sum=out.loss.detach().float().item(), micro_steps=1, samples=out.samples,
                       tokens=out.tokens, flops=out.flops)
+            if micro < job.train.grad_accum - 1:
+                self._phase_done(stats, "optimizer_s", t)
         self.guard.after_step(health)
         if self.dist.device.type == "cuda":
             torch.cuda.synchronize(self.dist.device)
+        t = self._phase_done(stats, "optimizer_s", t)
         if health.applied:
             self.ema.update()
+        self._phase_done(stats, "ema_s", t)
         self.step = step
         limit = job.train.time_limit_min
         stats.add(step_s=time.perf_counter() - t0, stop=float(self.stop_requested),
                   over_time=float(bool(limit) and time.perf_counter() - self.t_start > 60 * limit))
         return stats, keys, health
+
+    def _sync_phase(self) -> None:
+        """Wait for the device's queued work when phases are timed exactly."""
+        if self.sync_phases and self.dist.device.type == "cuda":
+            torch.cuda.synchronize(self.dist.device)
+
+    def _phase_done(self, stats: StepStats, name: str, t: float) -> float:
+        """Add the seconds since ``t`` to phase ``name``; returns the time now."""
+        self._sync_phase()
+        now = time.perf_counter()
+        stats.add(**{name: now - t})
+        return now
 
     def _next_batch(self, it):
         """The next loader batch; after a preemption signal a dead worker cannot deliver it."""
@@ -273,15 +260,9 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoint
 
-    def save(self) -> None:
-        """Collective: a complete checkpoint of the current step."""
-        data = self.loader.state_dict()  # collective: the cursor of every rank
-        rank_state = {"rng": rng_state(), "ema": self.ema.state_dict(), "guard": self.guard.state_dict()}
-        shared = {"data": data, "step": self.step}
-        meta = {"stage": self.job.stage.id, "model": self.job.model.name, "zero_stage": self.job.zero.stage,
-                "frozen_signature": self.frozen_signature, "ema_decay": self.job.train.ema.decay,
-                "trainable": len(self.trainable), "precision": self.job.launch.precision}
-        self.checkpointer.save(self.engine, self.step, rank_state, shared, self.job.resolved, meta)
+    def save(self) -> Path:
+        """Collective: a complete checkpoint of the current step (every tracked state)."""
+        return self.checkpointer.save(self.step)
 
 
 def _float(x) -> float:

@@ -1,15 +1,28 @@
-"""Checkpoint bookkeeping without a training run: which checkpoint resume picks, retention, and the sharded
-EMA reassembled across world sizes and ZeRO layouts."""
+"""Checkpoint bookkeeping without a training run: which checkpoint resume picks, retention, the sharded EMA
+reassembled across world sizes and ZeRO layouts, and the Checkpointer's save and load of every state (a
+stand-in for DeepSpeed's engine): round trips, world-size changes, refusals, and checkpoints written by the
+code before the Checkpointer owned the resume (``fixtures/checkpoint_before_consolidation``, made by its
+``make.py`` at commit af1012c)."""
 from __future__ import annotations
 
 import json
 import math
+import random
+import re
+import shutil
+from pathlib import Path
 
+import numpy as np
+import pytest
 import torch
 
 from train import checkpoint as ckpt
-from train.distributed import Dist
+from train.distributed import Dist, RNGStates
 from train.ema import ShardedEMA, consolidate
+from train.guard import UpdateGuard
+
+FIXTURE = Path(__file__).parent / "fixtures" / "checkpoint_before_consolidation"
+META = {"stage": 1, "model": "tiny", "zero_stage": 2, "ema_decay": 0.5, "precision": "fp32"}
 
 
 def _fake(root, step, complete=True):
@@ -83,18 +96,15 @@ def _sharded_params(full: dict[str, torch.Tensor], world: int, rank: int, flat_l
 def test_ema_shards_reassemble_on_any_world_size(tmp_path):
     g = torch.Generator().manual_seed(0)
     full = {"a": torch.randn(5, 7, generator=g), "b": torch.randn(3, generator=g), "c": torch.randn(11, 2, generator=g)}
-    files = []
     for r in range(3):  # written by 3 ranks, flat ZeRO-2 layout
         ema = ShardedEMA(_sharded_params(full, 3, r, True), decay=0.5, rank=r)
-        f = tmp_path / f"rank_{r:05d}.pt"
-        torch.save({"ema": ema.state_dict()}, f)
-        files.append(f)
-    back = consolidate(files, {k: v.shape for k, v in full.items()})
+        ckpt.atomic_torch_save({ckpt.EMA: ema.state_dict()}, ckpt.rank_file(tmp_path, r))
+    back = consolidate(ckpt.rank_entries(tmp_path, ckpt.EMA), {k: v.shape for k, v in full.items()})
     assert all(torch.equal(back[k], full[k]) for k in full)
     for world, flat in ((1, True), (2, False), (4, True)):  # read by other world sizes and layouts
         for r in range(world):
             ema = ShardedEMA(_sharded_params({k: torch.zeros_like(v) for k, v in full.items()}, world, r, flat), 0.5, r)
-            ema.load_shard_files(files)
+            ema.load_state_dict(ckpt.rank_entries(tmp_path, ckpt.EMA))
             for name, (start, t) in ema.shadow.items():
                 assert torch.equal(t, full[name].reshape(-1)[start:start + t.numel()])
 
@@ -109,3 +119,207 @@ def test_ema_update_is_an_average_of_the_master_weights():
     frag.fill_(2.0)
     ema.update()
     assert torch.allclose(ema.shadow["w"][1], torch.full((4,), 0.75 * 0.25 + 0.25 * 2.0))
+
+
+# ---------------------------------------------------------------------- the Checkpointer's states
+
+
+class _Engine:
+    """DeepSpeed's checkpoint calls on a small module: one model-states file per rank (as the fixture's)."""
+
+    def __init__(self, module: torch.nn.Module, rank: int, universal: bool):
+        self.module, self.rank, self.universal = module, rank, universal
+        self.global_steps = 0
+
+    def save_checkpoint(self, save_dir, tag, client_state, save_latest):
+        d = Path(save_dir) / tag
+        d.mkdir(parents=True, exist_ok=True)
+        torch.save({"module": self.module.state_dict(), "buffer_names": [], "global_steps": self.global_steps,
+                    **client_state}, d / f"mp_rank_{self.rank:02d}_model_states.pt")
+
+    def load_checkpoint(self, load_dir, tag, load_module_strict):
+        files = sorted((Path(load_dir) / tag).glob("*model_states.pt"))
+        if not files:
+            return None, None
+        sd = torch.load(files[0], weights_only=False)
+        self.module.load_state_dict(sd["module"], strict=load_module_strict)
+        self.global_steps = sd["global_steps"]
+        return str(files[0]), {}
+
+    def load_universal_checkpoint(self) -> bool:
+        return self.universal
+
+
+class _Loader:
+    """The data loader's cursor interface."""
+
+    def __init__(self):
+        self.cursor = {"version": 1, "cursor": [0, 0]}
+
+    def state_dict(self) -> dict:
+        return self.cursor
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("version") != 1:
+            raise ValueError(f"data cursor version {state.get('version')} != 1")
+        self.cursor = state
+
+
+def _parts(rank: int, world: int, seed: int, universal: bool = False):
+    """(engine, EMA, guard, loader) of ``rank``: a Linear(3, 2) (8 values) cut into ZeRO-2-style flat partitions."""
+    torch.manual_seed(seed)
+    module = torch.nn.Linear(3, 2)
+    named = list(module.named_parameters())
+    ps, off = 8 // world, 0
+    for _, p in named:
+        lo, hi = max(rank * ps, off), min((rank + 1) * ps, off + p.numel())
+        p._hp_mapping = _Frag(lo - off, p.detach().reshape(-1)[lo - off:hi - off].clone()) if lo < hi else None
+        off += p.numel()
+    engine = _Engine(module, rank, universal)
+    return engine, ShardedEMA(named, 0.5, rank), UpdateGuard(engine, named, max_consecutive=3), _Loader()
+
+
+def _checkpointer(root: Path, rank: int, world: int, parts, signature: str = "f" * 64, **meta) -> ckpt.Checkpointer:
+    """A Checkpointer tracking ``parts`` the way the trainer does."""
+    engine, ema, guard, loader = parts
+    c = ckpt.Checkpointer(root, Dist(rank, world, rank, torch.device("cpu")), keep=3, meta=dict(META, **meta),
+                          config={"model": {"name": "tiny"}})
+    c.track(engine, per_rank={ckpt.RNG: RNGStates(), ckpt.GUARD: guard}, sharded={ckpt.EMA: ema},
+            shared={ckpt.DATA: loader}, meta={"frozen_signature": signature, "trainable": 2})
+    return c
+
+
+def _fake_universal(tag_dir: Path) -> Path:
+    """ds_to_universal's output as the stand-in engine reads it: the model states under ``universal/``."""
+    out = tag_dir / "universal"
+    out.mkdir()
+    shutil.copy(ckpt.model_state_files(tag_dir)[0], out / "mp_rank_00_model_states.pt")
+    ckpt.atomic_write_bytes(out / ckpt.COMPLETE, b"{}")
+    return out
+
+
+def _draws() -> tuple[float, float, float]:
+    """The next number of every global generator."""
+    return random.random(), float(np.random.rand()), float(torch.rand(1))
+
+
+def _fixture(tmp_path: Path, world: int) -> tuple[Path, dict]:
+    """A copy of the fixture written by ``world`` ranks: (its checkpoints dir, what make.py recorded)."""
+    shutil.copytree(FIXTURE / f"world{world}", tmp_path / f"world{world}")
+    return tmp_path / f"world{world}" / "checkpoints", json.loads((FIXTURE / f"world{world}" / "expected.json").read_text())
+
+
+def _shadow(ema: ShardedEMA) -> dict:
+    return {n: [s, t.tolist()] for n, (s, t) in ema.shadow.items()}
+
+
+def test_a_checkpoint_written_before_loads(tmp_path):
+    root, want = _fixture(tmp_path, 1)
+    engine, ema, guard, loader = parts = _parts(0, 1, seed=1)  # other weights than the saved ones
+    c = _checkpointer(root, 0, 1, parts)
+    tag_dir = c.find("auto")
+    assert tag_dir == root / ckpt.tag_of(7) and c.prepare(tag_dir) is False
+    assert c.load(tag_dir) == want["step"]
+    assert _draws() == tuple(want["ranks"][0]["next_random"][k] for k in ("python", "numpy", "torch"))
+    assert guard.state_dict() == want["ranks"][0]["guard"]
+    assert _shadow(ema) == want["ranks"][0]["ema"]
+    assert loader.cursor == want["data"]
+    torch.manual_seed(0)  # the saved module (make.py)
+    assert all(torch.equal(a, b) for a, b in zip(engine.module.state_dict().values(),
+                                                  torch.nn.Linear(3, 2).state_dict().values()))
+
+
+def test_a_two_rank_checkpoint_written_before_loads_on_one_rank(tmp_path, monkeypatch):
+    root, want = _fixture(tmp_path, 2)
+    converted = []
+    monkeypatch.setattr(ckpt, "to_universal", lambda d: converted.append(d) or _fake_universal(d))
+    _, ema, guard, loader = parts = _parts(0, 1, seed=1, universal=True)
+    c = _checkpointer(root, 0, 1, parts)
+    tag_dir = c.find("auto")
+    assert c.prepare(tag_dir) is True and converted == [tag_dir]
+    assert c.load(tag_dir) == want["step"] and converted == [tag_dir]  # converted once
+    assert _draws() == tuple(want["ranks"][0]["next_random"][k] for k in ("python", "numpy", "torch"))
+    assert guard.state_dict() == want["ranks"][0]["guard"]  # rank 0's counters
+    full = {"weight": [0.0] * 6, "bias": [0.0] * 2}  # the EMA reassembled from both ranks' shards
+    for r in want["ranks"]:
+        for name, (start, values) in r["ema"].items():
+            full[name][start:start + len(values)] = values
+    assert _shadow(ema) == {n: [0, v] for n, v in full.items()}
+    assert loader.cursor == want["data"]
+
+
+def test_save_then_load_restores_every_state_on_any_world_size(tmp_path, monkeypatch):
+    monkeypatch.setattr(ckpt, "to_universal", _fake_universal)
+    engine, ema, guard, loader = parts = _parts(0, 1, seed=0)
+    for _, p in engine.module.named_parameters():  # a step: the master weights move, the EMA follows
+        p._hp_mapping.values.add_(1.0)
+    ema.update()
+    engine.global_steps = 5
+    guard.nonfinite_steps, guard.skipped_steps = 3, 1
+    loader.cursor = {"version": 1, "cursor": [2, 7]}
+    random.seed(11)
+    np.random.seed(12)
+    torch.manual_seed(13)
+    tag_dir = _checkpointer(tmp_path, 0, 1, parts).save(5)
+    draws = _draws()
+    assert ckpt.read_meta(tag_dir)["frozen_signature"] == "f" * 64 and ckpt.rank_files(tag_dir) == [
+        ckpt.rank_file(tag_dir, 0)]
+
+    same = _parts(0, 1, seed=1)  # the same world size: everything comes back
+    assert _checkpointer(tmp_path, 0, 1, same).load(tag_dir) == 5
+    assert _draws() == draws
+    assert same[2].state_dict() == guard.state_dict() and _shadow(same[1]) == _shadow(ema)
+    assert same[3].cursor == loader.cursor
+    assert all(torch.equal(a, b) for a, b in zip(same[0].module.parameters(), engine.module.parameters()))
+
+    full = {n: t for n, (_, t) in ema.shadow.items()}
+    for rank in (0, 1):  # two ranks: each takes its fragment of the EMA from the one old shard
+        e, g, d = (grown := _parts(rank, 2, seed=1, universal=True))[1:]
+        assert _checkpointer(tmp_path, rank, 2, grown).load(tag_dir) == 5
+        for name, (start, t) in e.shadow.items():
+            assert torch.equal(t, full[name][start:start + t.numel()])
+        assert g.state_dict() == (guard.state_dict() if rank == 0 else {"nonfinite_steps": 0, "skipped_steps": 0})
+        assert d.cursor == loader.cursor
+
+
+def test_a_rank_file_without_guard_counters_starts_them_at_zero(tmp_path):
+    root, want = _fixture(tmp_path, 1)
+    tag_dir = root / ckpt.tag_of(7)
+    f = ckpt.rank_file(tag_dir, 0)
+    saved = torch.load(f, weights_only=False)
+    del saved[ckpt.GUARD]  # written before the update guard existed
+    torch.save(saved, f)
+    _, ema, guard, _ = parts = _parts(0, 1, seed=1)
+    assert _checkpointer(root, 0, 1, parts).load(tag_dir) == 7
+    assert guard.state_dict() == {"nonfinite_steps": 0, "skipped_steps": 0}
+    assert _shadow(ema) == want["ranks"][0]["ema"]
+
+
+def test_a_checkpoint_that_cannot_be_resumed_is_a_clear_error(tmp_path):
+    root, _ = _fixture(tmp_path, 1)
+    tag_dir = root / ckpt.tag_of(7)
+    at = re.escape(str(tag_dir))
+    with pytest.raises(RuntimeError, match="train.resume=none but .* holds checkpoints"):
+        _checkpointer(root, 0, 1, _parts(0, 1, seed=1)).find("none")
+    with pytest.raises(ckpt.CheckpointError, match=f"{at} does not match this run: zero_stage: checkpoint 2, this "
+                                                   "run 3.*new train.out_dir"):
+        _checkpointer(root, 0, 1, _parts(0, 1, seed=1), zero_stage=3).prepare(tag_dir)
+    with pytest.raises(ckpt.CheckpointError, match=f"{at} does not match this run: frozen_signature.*stage.init"):
+        _checkpointer(root, 0, 1, _parts(0, 1, seed=1), signature="0" * 64).load(tag_dir)
+
+    shared = tag_dir / ckpt.TRAINER_DIR / ckpt.SHARED_FILE
+    good = shared.read_bytes()
+    torch.save({ckpt.DATA: {"version": 99}, "step": 7}, shared)
+    with pytest.raises(ckpt.CheckpointError, match=f"{re.escape(str(shared))}: cannot restore the data state "
+                                                   r"\(ValueError: data cursor version 99"):
+        _checkpointer(root, 0, 1, _parts(0, 1, seed=1)).load(tag_dir)
+    shared.write_bytes(good)
+
+    f = ckpt.rank_file(tag_dir, 0)
+    f.write_bytes(f.read_bytes()[:200])  # a torn file (a checkpoint copied or edited by hand)
+    with pytest.raises(ckpt.CheckpointError, match=f"{re.escape(str(f))} is missing or unreadable.*is broken"):
+        _checkpointer(root, 0, 1, _parts(0, 1, seed=1)).load(tag_dir)
+
+    (tag_dir / ckpt.COMPLETE).unlink()
+    with pytest.raises(ckpt.CheckpointError, match=f"{at} is not a complete checkpoint"):
+        _checkpointer(root, 0, 1, _parts(0, 1, seed=1)).load(tag_dir)

@@ -1,0 +1,35 @@
+"""The trainer's step benchmark (bench/train_step.py) on the CPU, tiny preset: it times ``Trainer.train_step`` and
+the trainer's checkpoint save + load, and reports every figure of the GPU runs (docs/performance.md)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.train.conftest import env, free_port
+from train import checkpoint as ckpt
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_train_step_bench_times_the_trainers_step_and_checkpoint(tmp_path):
+    out, run_dir = tmp_path / "bench.json", tmp_path / "run"
+    cmd = [sys.executable, str(ROOT / "bench" / "train_step.py"), "--preset", "tiny", "--launch", "local", "--frames", "5",
+           "--height", "64", "--width", "64", "--refs", "1", "--steps", "2", "--warmup", "1", "--checkpoint",
+           "--checkpoint-dir", str(run_dir), "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False, cwd=ROOT,
+                          env=dict(env(), MASTER_PORT=str(free_port())))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert r["updates"] == "applied" and [s["step"] for s in r["steps"]] == [1, 2, 3]
+    assert all(s["finite"] and s["applied"] and s["grad_norm"] > 0 for s in r["steps"])
+    assert len(r["step_s_all"]) == 2 and r["step_s"] > 0 and len(r["forward_backward_step_ema_s"]) == 4
+    assert 0 < sum(r["forward_backward_step_ema_s"]) <= 1.01 * max(r["step_s_all"])
+    assert r["flops_per_step"] > 0 and r["tokens_per_sample"] > 0 and r["checkpointed_blocks"] == 0
+    assert r["checkpoint_save_s"] > 0 and r["checkpoint_load_s"] > 0 and r["checkpoint_gib"] > 0
+    tag_dir = run_dir / "stage3" / "checkpoints" / ckpt.tag_of(3)  # the trainer's own checkpoint of step 3
+    meta = ckpt.read_meta(tag_dir)
+    assert meta["step"] == 3 and meta["stage"] == 3 and "frozen_signature" in meta
+    assert ckpt.rank_files(tag_dir) == [ckpt.rank_file(tag_dir, 0)]
+    assert "step 3: " in proc.stdout and " update applied" in proc.stdout
