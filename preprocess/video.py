@@ -14,6 +14,7 @@ decodes packet by packet, skips what does not decode and records the damaged str
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 from dataclasses import dataclass
@@ -255,11 +256,8 @@ def read_frames_pyav(path: str, indices: np.ndarray, *, rotation: int, size: tup
         return np.stack([got[int(t)] for t in pts])
     want = set(int(i) for i in indices)
     out: dict[int, np.ndarray] = {}
-    w, h = size
-    dw, dh = (h, w) if rotation in (90, 270) else (w, h)
-    with av.open(fileobj if fileobj is not None else path) as c:
-        s = c.streams.video[0]
-        s.thread_type = "AUTO"
+    dw, dh = _decode_size(size, rotation)
+    with _opened(path, fileobj) as (c, s):
         rate = s.average_rate or s.guessed_rate
         tb = s.time_base
         first = int(indices[0])
@@ -286,17 +284,29 @@ def read_frames_pyav(path: str, indices: np.ndarray, *, rotation: int, size: tup
     return np.stack([out[int(i)] for i in indices])
 
 
+def _decode_size(size: tuple[int, int], rotation: int) -> tuple[int, int]:
+    """(w, h) to decode at so that turning the frame for display gives ``size`` (w, h)."""
+    w, h = size
+    return (h, w) if rotation in (90, 270) else (w, h)
+
+
+@contextlib.contextmanager
+def _opened(path: str, fileobj=None):
+    """(container, its first video stream) with frame threading on."""
+    with av.open(fileobj if fileobj is not None else path) as c:
+        s = c.streams.video[0]
+        s.thread_type = "AUTO"
+        yield c, s
+
+
 def _read_by_pts(path: str, pts: np.ndarray, *, rotation: int, size: tuple[int, int], fileobj, seek: bool
                  ) -> dict[int, np.ndarray]:
     """{pts: frame} of the wanted timestamps that decode; packets that fail to decode are skipped."""
     want = set(int(t) for t in pts)
     last = int(pts.max())
     out: dict[int, np.ndarray] = {}
-    w, h = size
-    dw, dh = (h, w) if rotation in (90, 270) else (w, h)
-    with av.open(fileobj if fileobj is not None else path) as c:
-        s = c.streams.video[0]
-        s.thread_type = "AUTO"
+    dw, dh = _decode_size(size, rotation)
+    with _opened(path, fileobj) as (c, s):
         if seek and int(pts.min()) > 0:
             c.seek(int(pts.min()), stream=s, backward=True, any_frame=False)
         for packet in c.demux(s):

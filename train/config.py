@@ -17,24 +17,11 @@ from models.typed_config import resolved as resolved_node
 TrainConfigError = ConfigError  # the one configuration error (models.typed_config); the old name stays
 
 
-class Offload(Choice):
-    NONE = "none"
-    CPU = "cpu"
-
-
-class Device(Choice):
-    CPU = "cpu"
-    CUDA = "cuda"
-
-
-class Backend(Choice):
-    GLOO = "gloo"
-    NCCL = "nccl"
-
-
-class Precision(Choice):
-    FP32 = "fp32"
-    BF16 = "bf16"
+# string choices (models.typed_config.Choice): checked when the config is built, kept as plain strings
+Offload = Choice("Offload", {"NONE": "none", "CPU": "cpu"})
+Device = Choice("Device", {"CPU": "cpu", "CUDA": "cuda"})
+Backend = Choice("Backend", {"GLOO": "gloo", "NCCL": "nccl"})
+Precision = Choice("Precision", {"FP32": "fp32", "BF16": "bf16"})
 
 
 @dataclass

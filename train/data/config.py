@@ -15,15 +15,8 @@ from models.typed_config import Choice, ConfigError, from_node
 DataConfigError = ConfigError  # the one configuration error (models.typed_config); the old name stays
 
 
-class Decoder(Choice):
-    DECORD = "decord"
-    PYAV = "pyav"
-
-
-class StartMethod(Choice):
-    FORK = "fork"
-    FORKSERVER = "forkserver"
-    SPAWN = "spawn"
+Decoder = Choice("Decoder", {"DECORD": "decord", "PYAV": "pyav"})
+StartMethod = Choice("StartMethod", {"FORK": "fork", "FORKSERVER": "forkserver", "SPAWN": "spawn"})
 
 
 @dataclass
