@@ -246,7 +246,7 @@ class Trainer:
 
     def _sample(self, logger: MetricLogger, batch, step: int) -> None:
         """The periodic sample video (every rank runs the sampler; rank 0 writes it)."""
-        from .sample import sample_video, write_sample
+        from .preview import sample_video, write_sample
 
         t0 = time.perf_counter()
         frames = sample_video(self.engine, self.vae, batch.to(self.dist.device), self.job.train.sample.frames,

@@ -165,9 +165,31 @@ def _npy(members: dict, name: str, n_frames: int) -> np.ndarray:
 def build_sample(members: dict[str, bytes], ps: PlannedSample, height: int, width: int, groups, render_cfg, *,
                  face_crops: bool, face_size: int = schema.FACE_CROP_SIZE, decode_threads: int = 1,
                  decoder: str = "decord") -> Sample:
-    """Decode, crop and render one planned sample; raises :class:`SampleError` with a skip reason."""
-    import cv2
+    """Decode, crop and render one planned sample; raises :class:`SampleError` with a skip reason.
 
+    1. check the members and read the clip's size from its meta; 2. load the annotation arrays;
+    3. crop box around the subject; 4. decode the sampled frames and the primary reference;
+    5. the other references; 6. the control maps (skeleton, head sphere); 7. the face crops."""
+    n, clip_w, clip_h = _clip_meta(members, ps, groups)
+    arr = _annotations(members, groups, n)
+    idx = np.asarray(ps.frame_index, dtype=np.int64)
+    box = _subject_box(arr, idx, clip_w, clip_h, height, width)
+    transform = render.crop_resize_transform(box, (height, width))
+    video, primary = _frames(members, idx, ps.primary_frame, box, (clip_w, clip_h), (height, width),
+                             decode_threads, decoder)
+    refs = [primary, *_extra_references(members, ps.ref_order, box, (clip_w, clip_h), (height, width))]
+    ones = np.ones(len(idx), bool)
+    head_valid = arr["head_valid"][idx].astype(bool) if "head_valid" in arr else ~ones
+    skeleton, sphere = _control_maps(arr, idx, ps.primary_frame, head_valid, transform, (height, width), render_cfg)
+    faces = _face_crops(members, idx, face_size, decode_threads, decoder) if face_crops and "face" in groups else None
+    return Sample(ps.key, video, refs, skeleton, sphere, faces,
+                  arr["face_valid"][idx].astype(bool) if "face_valid" in arr else ~ones,
+                  arr["subject_valid"][idx].astype(bool) if "subject_valid" in arr else ones,
+                  head_valid, transform)
+
+
+def _clip_meta(members: dict[str, bytes], ps: PlannedSample, groups) -> tuple[int, int, int]:
+    """(frames, width, height) of the stored clip, after checking the members the groups need and the plan."""
     missing = [f.member for f in required_members(groups) if not members.get(f.member)]
     if missing:
         raise SampleError("missing_field", f"missing {missing}")
@@ -177,36 +199,53 @@ def build_sample(members: dict[str, bytes], ps: PlannedSample, height: int, widt
         clip_w, clip_h = int(meta["width"]), int(meta["height"])
     except Exception as e:
         raise SampleError("bad_field", f"meta.json: {type(e).__name__}: {e}") from None
-    idx = np.asarray(ps.frame_index, dtype=np.int64)
-    if idx[-1] >= n or ps.primary_frame >= n:
-        raise SampleError("meta_mismatch", f"meta.json says {n} frames; the plan (from the stats) needs frame {idx[-1]}")
-    # the groups the dataset declares, plus any other whose members are all there (shard URLs without a
-    # dataset.json: hands are drawn when the shards have them)
-    present = [g for g, names in NEEDED_NPY.items() if g in groups or all(members.get(F(x).member) for x in names)]
-    arr = {name: _npy(members, name, n) for g in present for name in NEEDED_NPY[g]}
+    if max(ps.frame_index) >= n or ps.primary_frame >= n:
+        raise SampleError("meta_mismatch", f"meta.json says {n} frames; the plan (from the stats) needs frame "
+                          f"{max(ps.frame_index)}")
+    return n, clip_w, clip_h
 
-    # crop: centred on the subject over the sampled frames (the whole frame's centre when it is not found)
+
+def _annotations(members: dict[str, bytes], groups, n: int) -> dict[str, np.ndarray]:
+    """The annotation arrays: of the groups the dataset declares, plus any other whose members are all there
+    (shard URLs without a dataset.json: hands are drawn when the shards have them)."""
+    present = [g for g, names in NEEDED_NPY.items() if g in groups or all(members.get(F(x).member) for x in names)]
+    return {name: _npy(members, name, n) for g in present for name in NEEDED_NPY[g]}
+
+
+def _subject_box(arr: dict, idx: np.ndarray, clip_w: int, clip_h: int, height: int, width: int):
+    """The crop box, centred on the subject over the sampled frames (the frame's centre when not found)."""
     center = (clip_w / 2, clip_h / 2)
     if "subject_box" in arr:
         ok = arr["subject_valid"][idx].astype(bool)
         if ok.any():
             b = arr["subject_box"][idx][ok]
             center = ((b[:, 0].min() + b[:, 2].max()) / 2, (b[:, 1].min() + b[:, 3].max()) / 2)
-    box = crop_box(clip_w, clip_h, height, width, center)
-    transform = render.crop_resize_transform(box, (height, width))
+    return crop_box(clip_w, clip_h, height, width, center)
 
-    wanted = np.unique(np.append(idx, ps.primary_frame))  # sorted, so decord only seeks forward
+
+def _frames(members, idx: np.ndarray, primary_frame: int, box, clip_size, size, decode_threads: int, decoder: str):
+    """(the sampled frames (T, H, W, 3), the primary reference (H, W, 3)), cropped and resized."""
+    (clip_w, clip_h), (height, width) = clip_size, size
+    wanted = np.unique(np.append(idx, primary_frame))  # sorted, so decord only seeks forward
     frames = decode_frames(members[VIDEO.member], wanted, decode_threads, decoder)
     if frames.shape[1:3] != (clip_h, clip_w):
-        raise SampleError("meta_mismatch", f"video is {frames.shape[2]}x{frames.shape[1]}, meta.json says {clip_w}x{clip_h}")
+        raise SampleError("meta_mismatch",
+                          f"video is {frames.shape[2]}x{frames.shape[1]}, meta.json says {clip_w}x{clip_h}")
     at = {int(f): i for i, f in enumerate(wanted)}
     video = np.empty((len(idx), height, width, 3), np.uint8)
     for i, f in enumerate(idx):
         resize_crop(frames[at[int(f)]], box, height, width, out=video[i])
-    primary = resize_crop(frames[at[ps.primary_frame]], box, height, width)
+    return video, resize_crop(frames[at[primary_frame]], box, height, width)
 
-    refs = [primary]
-    for r in ps.ref_order:
+
+def _extra_references(members, ref_order, box, clip_size, size) -> list[np.ndarray]:
+    """The stored reference images in the planned order (absent ones skipped): a full frame of the clip's size
+    keeps the clip's framing; other crops (half body) are fitted whole."""
+    import cv2
+
+    (clip_w, clip_h), (height, width) = clip_size, size
+    refs = []
+    for r in ref_order:
         f = REF_FIELDS[r]
         data = members.get(f.member)
         if not data:
@@ -215,42 +254,45 @@ def build_sample(members: dict[str, bytes], ps: PlannedSample, height: int, widt
         if img is None:
             raise SampleError("image_undecodable", f"{f.member} is not a decodable image")
         img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
-        # a full frame of the clip's size keeps the clip's framing; other crops (half body) are fitted whole
         refs.append(resize_crop(img, box, height, width) if img.shape[:2] == (clip_h, clip_w)
                     else letterbox(img, height, width))
+    return refs
 
-    t = len(idx)
-    ones = np.ones(t, bool)
-    head_valid = arr["head_valid"][idx].astype(bool) if "head_valid" in arr else ~ones
-    # the two maps stay apart (concatenated on the device by DreamActorBatch.model_inputs): interleaving
-    # them here would copy every pixel once more
-    skeleton = sphere = None
+
+def _control_maps(arr: dict, idx: np.ndarray, primary_frame: int, head_valid: np.ndarray, transform, size,
+                  render_cfg) -> tuple[np.ndarray, np.ndarray]:
+    """(skeleton, head sphere) maps (T, H, W, 3) uint8, blank where the groups are absent. The two stay apart
+    (concatenated on the device by DreamActorBatch.conditions): interleaving them here would copy every pixel
+    once more."""
+    blank = np.zeros((len(idx), *size, 3), np.uint8)
+    skeleton = sphere = blank
     if "body_joints3d" in arr:
         hands = {}
         if "hand_joints3d" in arr:
             hands = dict(hands3d=arr["hand_joints3d"][idx], hand_conf=arr["hand_conf"][idx])
         skeleton = render.render_skeleton_map(
-            arr["body_joints3d"][idx], arr["body_conf"][idx], arr["camera_K"][idx], (height, width), render_cfg,
+            arr["body_joints3d"][idx], arr["body_conf"][idx], arr["camera_K"][idx], size, render_cfg,
             joint_names=schema.BODY_JOINT_NAMES, transform=transform, **hands)
     if "head_center" in arr:
         radius_all, valid_all = arr["head_radius"], arr["head_valid"].astype(bool)
         ok_ref = valid_all & np.isfinite(radius_all) & (radius_all > 0)
-        ref_radius = radius_all[ps.primary_frame] if ok_ref[ps.primary_frame] else \
+        ref_radius = radius_all[primary_frame] if ok_ref[primary_frame] else \
             (float(np.median(radius_all[ok_ref])) if ok_ref.any() else 0.0)
         radius = render.retarget_head_radius(radius_all[idx], ref_radius, valid_all[idx])
         sphere = render.render_head_sphere_map(arr["head_center"][idx], arr["head_rotation"][idx], radius,
-                                               (height, width), valid=head_valid, transform=transform)
-    faces = None
-    if face_crops and "face" in groups:
-        try:
-            faces = decode_frames(members[FACE.member], idx, decode_threads, decoder)
-        except SampleError as e:
-            raise SampleError("face_" + e.reason.split("_", 1)[1], f"{FACE.member}: {e}") from None
-        if faces.shape[1:3] != (face_size, face_size):  # the model's crop size differs from the stored one
-            interp = cv2.INTER_AREA if faces.shape[1] > face_size else cv2.INTER_LINEAR
-            faces = np.stack([cv2.resize(f, (face_size, face_size), interpolation=interp) for f in faces])
-    blank = np.zeros((t, height, width, 3), np.uint8)
-    return Sample(ps.key, video, refs, blank if skeleton is None else skeleton, blank if sphere is None else sphere, faces,
-                  arr["face_valid"][idx].astype(bool) if "face_valid" in arr else ~ones,
-                  arr["subject_valid"][idx].astype(bool) if "subject_valid" in arr else ones,
-                  head_valid, transform)
+                                               size, valid=head_valid, transform=transform)
+    return skeleton, sphere
+
+
+def _face_crops(members, idx: np.ndarray, face_size: int, decode_threads: int, decoder: str) -> np.ndarray:
+    """The face crops of the sampled frames (T, S, S, 3), resized when the model's crop size differs."""
+    import cv2
+
+    try:
+        faces = decode_frames(members[FACE.member], idx, decode_threads, decoder)
+    except SampleError as e:
+        raise SampleError("face_" + e.reason.split("_", 1)[1], f"{FACE.member}: {e}") from None
+    if faces.shape[1:3] != (face_size, face_size):
+        interp = cv2.INTER_AREA if faces.shape[1] > face_size else cv2.INTER_LINEAR
+        faces = np.stack([cv2.resize(f, (face_size, face_size), interpolation=interp) for f in faces])
+    return faces
