@@ -8,8 +8,8 @@ Two baselines run on the same clips, references and noise:
   that ignores motion and only reproduces the person scores this). Encoded as a still clip rather than the
   reference's one-frame latent repeated: the causal VAE encodes the first frame alone and later frames in
   groups of ``temporal_compression``, so a one-frame latent is a different kind of latent from the later ones
-  (with a random VAE, repeating it scored ~8 dB below the still clip's latent: a baseline too weak to mean
-  anything);
+  (with a random VAE, on a clip that is its reference held still, the repeated one-frame latent scores > 20 dB
+  below the clip's own latent: a baseline too weak to mean anything);
 - **motion dropped**: the same model sampled on its classifier-free-guidance "no motion" branch
   (``models.flow.guided_velocity(motion=False)``): what the model makes of the reference alone.
 
