@@ -59,12 +59,13 @@ def make_dataset(inputs: Path, out: Path, n_videos: int, n_frames: int, min_fram
         noisy = np.clip(frames + g.normal(0, grain, frames.shape), 0, 255).astype(np.uint8)
         samples.write_video(inputs / f"v{i}.mp4", noisy, 25.0)
     cfg = to_config(compose("preprocess", [
-        f"input={inputs}", f"output={out}", "annotators=embedded", "decode.max_side=1280", f"plan.min_frames={min_frames}",
-        f"plan.max_frames={max(n_frames, 2 * min_frames - 1)}", "ray.progress_bars=false", "progress_interval_s=1000"]))
+        f"input={inputs}", f"output={out}", "annotators=embedded", "decode.max_side=1280",
+        f"plan.min_frames={min_frames}", f"plan.max_frames={max(n_frames, 2 * min_frames - 1)}",
+        "ray.progress_bars=false", "progress_interval_s=1000"]))
     t = time.perf_counter()
     code = pipeline.run(cfg, list_inputs(cfg.input))
-    print(f"[bench] preprocessed {n_videos} videos x {n_frames} frames in {time.perf_counter() - t:.0f} s (exit {code})",
-          flush=True)
+    print(f"[bench] preprocessed {n_videos} videos x {n_frames} frames in {time.perf_counter() - t:.0f} s "
+          f"(exit {code})", flush=True)
     import ray
     ray.shutdown()
     return out
@@ -95,7 +96,8 @@ def data_config(dataset: Path, frames: int, workers: int, decoder: str = "decord
 
     return to_config(compose("data/prod", [
         f"data.source.dataset={dataset}", f"data.frames.min={frames}", f"data.frames.max={frames}",
-        f"data.workers.num_workers={workers}", "data.workers.pin_memory=false", f"data.workers.decoder={decoder}"]).data)
+        f"data.workers.num_workers={workers}", "data.workers.pin_memory=false",
+        f"data.workers.decoder={decoder}"]).data)
 
 
 def run_one_core(dataset: Path, frames: int, n_samples: int, model_cfg, decoder: str) -> dict:
@@ -135,7 +137,8 @@ def run_one_core(dataset: Path, frames: int, n_samples: int, model_cfg, decoder:
     cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
     return {"samples": n, "cpu_s": cpu, "wall_s": wall, "shape": shape,
             "samples_per_core_s": n / cpu, "cpu_s_per_sample": cpu / n,
-            "video_frames_per_core_s": frames_video / cpu, "decoded_frames_per_core_s": (frames_video + frames_face) / cpu,
+            "video_frames_per_core_s": frames_video / cpu,
+            "decoded_frames_per_core_s": (frames_video + frames_face) / cpu,
             "stages_cpu_s_per_sample": {k: v / n for k, v in sorted(timer.cpu.items(), key=lambda kv: -kv[1])},
             "skips": loader.skip_counts()}
 
@@ -157,10 +160,11 @@ def run_workers(dataset: Path, frames: int, n_samples: int, workers: int, model_
 
 def stored_bitrate(dataset: Path) -> dict:
     """Mean bytes per frame of the stored clips (video.mp4 / face.mp4) and the stored frame size."""
+    import tarfile
+
     import pandas as pd
 
     from preprocess import schema
-    import tarfile
 
     tar = sorted((dataset / "shards").glob("*.tar"))[0]
     sizes = defaultdict(list)
@@ -219,8 +223,8 @@ def main(argv=None) -> dict:
             tmp = tempfile.TemporaryDirectory(prefix="bench_dataloader_")
         out = Path(tmp.name) / "out" if tmp is not None else dataset
         w, h = (int(x) for x in args.size.split("x"))
-        dataset = make_dataset(out.with_name(out.name + "_in"), out, args.videos, args.video_frames, args.frames, (w, h),
-                               args.grain)
+        dataset = make_dataset(out.with_name(out.name + "_in"), out, args.videos, args.video_frames, args.frames,
+                               (w, h), args.grain)
     result = {"machine": os.uname().nodename, "cpu_count": os.cpu_count(), "date": time.strftime("%Y-%m-%d"),
               "frames": args.frames, "model": args.model, "stored": stored_bitrate(dataset), "runs": []}
     result["one_core"] = {}
@@ -229,8 +233,9 @@ def main(argv=None) -> dict:
             for dec in args.decoders:
                 r = run_one_core(dataset, args.frames, args.samples, model_cfg, dec)
                 result["one_core"][dec] = r
-                print(f"[bench] one core, {dec}: {r['samples_per_core_s']:.3f} samples/s, {r['video_frames_per_core_s']:.1f} "
-                      f"video frames/s, {r['decoded_frames_per_core_s']:.1f} decoded frames/s (video + face) at "
+                print(f"[bench] one core, {dec}: {r['samples_per_core_s']:.3f} samples/s, "
+                      f"{r['video_frames_per_core_s']:.1f} video frames/s, "
+                      f"{r['decoded_frames_per_core_s']:.1f} decoded frames/s (video + face) at "
                       f"{r['shape']}", flush=True)
                 for k, v in r["stages_cpu_s_per_sample"].items():
                     print(f"[bench]   {k:18s} {v * 1000:8.1f} ms CPU per sample", flush=True)

@@ -76,7 +76,8 @@ def main() -> None:
     print("| clip | " + " | ".join(f"{c} (frames/s)" for c in cols) + " | PyAV/decord, 1 thread |")
     print("|---|" + "---|" * (len(cols) + 1))
     for name, r in results.items():
-        print(f"| {name} | " + " | ".join(f"{r[c]:.0f}" for c in cols) + f" | {r['pyav_1thread'] / r['decord_1thread']:.2f}× |")
+        print(f"| {name} | " + " | ".join(f"{r[c]:.0f}" for c in cols)
+              + f" | {r['pyav_1thread'] / r['decord_1thread']:.2f}× |")
     print(json.dumps({"bench": "decode", "cpus": os.cpu_count(), "results": results}))
 
 

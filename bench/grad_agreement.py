@@ -9,10 +9,10 @@ gradient against the reference variant (eager, nothing checkpointed), plus the n
 A variant is ``eager|compile|outer : checkpointed blocks (-1 = all) [: attention backend]``;
 ``outer`` calls compiled blocks inside an outer checkpoint, ``refout`` makes the last block return its unused
 reference stream and ``mix`` turns Inductor's mix-order reduction back on: all three together are the DiT
-before the fix; ``mix`` alone reproduces the wrong gradients (pytorch/pytorch#193061, docs/performance.md). With ``--steps N`` each
-variant also takes N AdamW steps (lr ``--lr``) so that the gradients of steps 2..N come from updated weights,
-as in training. Exit status 1 when a variant disagrees with the reference beyond ``--tol`` or has a
-non-finite gradient: the GPU test (tests/models/test_gpu_grads.py) runs this.
+before the fix; ``mix`` alone reproduces the wrong gradients (pytorch/pytorch#193061, docs/performance.md).
+With ``--steps N`` each variant also takes N AdamW steps (lr ``--lr``) so that the gradients of steps 2..N
+come from updated weights, as in training. Exit status 1 when a variant disagrees with the reference beyond
+``--tol`` or has a non-finite gradient: the GPU test (tests/models/test_gpu_grads.py) runs this.
 """
 from __future__ import annotations
 
@@ -57,7 +57,8 @@ def make_batch(cfg, frames: int, height: int, width: int, refs: int, device, see
 def loss_of(model: DreamActor, b: dict) -> torch.Tensor:
     """The flow-matching loss of one batch (inputs cast to the weights' dtype, as train/step.py does)."""
     dt = model.dit.patch_embed.weight.dtype
-    v = model(b["xt"].to(dt), b["sigma"], Conditions(b["ref"].to(dt), b["pose"].to(dt), b["face"].to(dt)), use_face=True)
+    v = model(b["xt"].to(dt), b["sigma"], Conditions(b["ref"].to(dt), b["pose"].to(dt), b["face"].to(dt)),
+              use_face=True)
     return flow_loss(v, b["target"])
 
 
@@ -107,7 +108,8 @@ def run_variant(base: DreamActor, spec: str, batches: list[dict], lr: float) -> 
     model = copy.deepcopy(base)
     backend = next((r for r in rest if r in BACKENDS), None)
     dit_cfg = model.dit.cfg
-    backends = dit_cfg.attention_backends if backend is None else (backend,) + tuple(b for b in BACKENDS if b != backend)
+    backends = (dit_cfg.attention_backends if backend is None
+                else (backend,) + tuple(b for b in BACKENDS if b != backend))
     if model.dit.blocks[0].backends and next(model.parameters()).device.type == "cuda":
         for blk in model.dit.blocks:
             blk.backends = tuple(backends)
@@ -170,7 +172,8 @@ def main() -> int:
                 p.normal_(0, 0.02)
     base.train()
     base.set_stage(3)
-    batches = [make_batch(cfg, args.frames, args.height, args.width, args.refs, device, seed=i) for i in range(args.steps)]
+    batches = [make_batch(cfg, args.frames, args.height, args.width, args.refs, device, seed=i)
+               for i in range(args.steps)]
 
     results = [run_variant(base, v, batches, args.lr) for v in args.variants]
     ref = results[0]
@@ -196,9 +199,9 @@ def main() -> int:
             if not agree:
                 print("    worst:", ", ".join(f"{n} {d:.3g}" for d, n in worst), flush=True)
     if args.out:
+        device_name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
         Path(args.out).write_text(json.dumps({"args": vars(args), "torch": torch.__version__,
-                                              "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-                                              "rows": report}, indent=1))
+                                              "device": device_name, "rows": report}, indent=1))
     print("all variants agree" if ok else "SOME VARIANTS DISAGREE")
     return 0 if ok else 1
 

@@ -121,7 +121,8 @@ def preprocess(videos: Path, out: Path, size: int, min_frames: int, clip_frames:
     env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1")
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
     if proc.returncode not in (0, 3):  # 3: some inputs failed (recorded); the rest is usable
-        raise SystemExit(f"preprocessing {videos} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        raise SystemExit(f"preprocessing {videos} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                         f"{proc.stderr[-3000:]}")
 
 
 def common_overrides(args, dataset: Path) -> list[str]:
@@ -131,7 +132,8 @@ def common_overrides(args, dataset: Path) -> list[str]:
             f"data.buckets.area={args.size * args.size}", "data.buckets.aspect_ratios=[1.0]",
             f"data.buckets.token_budget={args.token_budget}", f"data.buckets.max_batch_size={args.batch}",
             f"data.frames.min={args.frames}", f"data.frames.max={args.frames}", "data.frames.step=4",
-            f"data.workers.num_workers={args.workers}", f"data.refs.min={args.refs[0]}", f"data.refs.max={args.refs[-1]}",
+            f"data.workers.num_workers={args.workers}", f"data.refs.min={args.refs[0]}",
+            f"data.refs.max={args.refs[-1]}",
             f"train.out_dir={args.out / 'run'}", f"train.seed={args.seed}", *args.overrides]
 
 
@@ -171,8 +173,8 @@ def evaluate(args, export: Path) -> dict:
     from train.step import build_vae
 
     over = common_overrides(args, args.out / "data" / "heldout") + [
-        "stage=full", f"stage.init={export / args.weights}", "data.dropout.ref=0", "data.dropout.motion=0", "data.workers.num_workers=0",
-        "data.shuffle.buffer=1", "data.refs.primary_outside_window=true"]
+        "stage=full", f"stage.init={export / args.weights}", "data.dropout.ref=0", "data.dropout.motion=0",
+        "data.workers.num_workers=0", "data.shuffle.buffer=1", "data.refs.primary_outside_window=true"]
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         job = to_job(compose("train", over))
     device = torch.device("cuda" if job.launch.device == "cuda" and torch.cuda.is_available() else "cpu")
@@ -246,7 +248,8 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=4)
     ap.add_argument("--minutes", type=float, nargs=2, default=None, help="wall-clock budget of stage 1 and stage 3")
     ap.add_argument("--steps", type=int, nargs=2, default=None, help="steps of stage 1 and stage 3")
-    ap.add_argument("--lr", type=float, default=2e-4, help="from scratch (the paper's 5e-6 fine-tunes a pretrained DiT)")
+    ap.add_argument("--lr", type=float, default=2e-4,
+                    help="from scratch (the paper's 5e-6 fine-tunes a pretrained DiT)")
     ap.add_argument("--weights", default="model.safetensors", help="model.safetensors | ema.safetensors")
     ap.add_argument("--eval-clips", type=int, default=24)
     ap.add_argument("--eval-steps", type=int, default=20)

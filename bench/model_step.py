@@ -97,7 +97,10 @@ def run_variant(args, spec: str, device) -> dict:
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    peak = lambda: torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
+
+    def peak():
+        return torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
+
     try:
         t0 = time.time()
         for _ in range(args.warmup):

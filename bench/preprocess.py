@@ -197,13 +197,17 @@ def main(overrides: list[str]) -> None:
     stage_bound = 1 / wall_per_out[slowest]
     machine_bound = eff / cpu_per_out
     bound = min(stage_bound, machine_bound)
-    print(f"\n{len(inputs)} inputs, {out_frames} clip frames, {cores} cores delivering {eff:.2f}x one core in parallel\n")
+    print(f"\n{len(inputs)} inputs, {out_frames} clip frames, {cores} cores delivering {eff:.2f}x one core "
+          "in parallel\n")
     print("| stage | frames/s alone (wall) | CPU-ms per frame |\n|---|---|---|")
     for st, fps, cpu in rows:
         print(f"| {st} | {fps:.1f} | {1000 * cpu:.1f} |")
-    print(f"\n| pipeline frames/s | slowest stage ({slowest}) bound | CPU bound ({eff:.2f} effective cores) | efficiency |")
-    print(f"|---|---|---|---|\n| {pipe_fps:.2f} | {stage_bound:.2f} | {machine_bound:.2f} | {pipe_fps / bound:.2f} |")
-    print(json.dumps({"bench": "preprocess", "cores": cores, "effective_cores": eff, "inputs": len(inputs), "clip_frames": out_frames,
+    print(f"\n| pipeline frames/s | slowest stage ({slowest}) bound | CPU bound ({eff:.2f} effective cores) "
+          "| efficiency |")
+    print(f"|---|---|---|---|\n| {pipe_fps:.2f} | {stage_bound:.2f} | {machine_bound:.2f} "
+          f"| {pipe_fps / bound:.2f} |")
+    print(json.dumps({"bench": "preprocess", "cores": cores, "effective_cores": eff, "inputs": len(inputs),
+                      "clip_frames": out_frames,
                       "stage_fps_alone": {st: fps for st, fps, _ in rows},
                       "stage_cpu_ms_per_frame": {st: 1000 * c for st, _, c in rows},
                       "pipeline_fps": pipe_fps, "pipeline_wall_s": wall, "slowest_stage": slowest,

@@ -54,7 +54,8 @@ def synthetic_batch(model: DreamActor, batch: int, frames: int, height: int, wid
         head_valid=torch.ones(batch, frames, dtype=torch.bool), drop_ref=torch.zeros(batch, dtype=torch.bool),
         drop_motion=torch.zeros(batch, dtype=torch.bool), frame_index=torch.arange(frames).repeat(batch, 1),
         fps=torch.full((batch,), 25.0), crop_transform=torch.eye(3).repeat(batch, 1, 1),
-        video_latents=torch.randn(batch, c, t, h, w, generator=g), ref_latents=torch.randn(batch, c, refs, h, w, generator=g))
+        video_latents=torch.randn(batch, c, t, h, w, generator=g),
+        ref_latents=torch.randn(batch, c, refs, h, w, generator=g))
     return b.pin_memory() if torch.cuda.is_available() else b
 
 
@@ -107,8 +108,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--checkpoint", action="store_true", help="also time a checkpoint save + load")
     ap.add_argument("--checkpoint-dir", default=None,
-                    help="train.out_dir of the bench: the checkpoint goes to <dir>/stage<N>/checkpoints, which must hold "
-                         "none yet (default: a temporary directory, deleted at the end)")
+                    help="train.out_dir of the bench: the checkpoint goes to <dir>/stage<N>/checkpoints, which "
+                         "must hold none yet (default: a temporary directory, deleted at the end)")
     ap.add_argument("--profile", default=None, help="write torch.profiler tables of one more step to this file")
     ap.add_argument("--out", default=None)
     ap.add_argument("overrides", nargs="*", help="more Hydra overrides of conf/train.yaml")
@@ -122,8 +123,9 @@ def main() -> None:
 
     conf = Path(__file__).resolve().parent.parent / "conf"
     with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
-        cfg = compose("train", [f"model={args.preset}", f"launch={args.launch}", f"zero={args.zero}", f"stage={args.stage}",
-                                "model.weights.required=false", f"model.dit.activation_checkpointing={args.ckpt_blocks}",
+        cfg = compose("train", [f"model={args.preset}", f"launch={args.launch}", f"zero={args.zero}",
+                                f"stage={args.stage}", "model.weights.required=false",
+                                f"model.dit.activation_checkpointing={args.ckpt_blocks}",
                                 f"train.compile_blocks={args.compile}", "train.resume=none",
                                 "train.checkpoint.keep=1", "train.sample.every=0", "data.latents=true",
                                 # every step's update must be applied: count skipped ones, never stop on them
@@ -167,7 +169,8 @@ def main() -> None:
     flops, tokens = s["flops"], int(s["tokens"])
     tflops = flops / med / 1e12
     result.update(
-        device=torch.cuda.get_device_name() if cuda else "cpu", torch=torch.__version__, world_size=world, args=vars(args),
+        device=torch.cuda.get_device_name() if cuda else "cpu", torch=torch.__version__, world_size=world,
+        args=vars(args),
         params=sum(p.numel() for p in model.parameters()), tokens_per_sample=tokens // args.batch,
         flops_per_step=flops, step_s=med, step_s_all=times,
         forward_backward_step_ema_s=[statistics.median(x) for x in zip(*parts)],

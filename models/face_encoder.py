@@ -194,7 +194,8 @@ def load_pdfgc_weights(encoder: FaceMotionEncoder, path: str | Path) -> None:
            if k.startswith(_PDFGC_PREFIXES) and not k.endswith("num_batches_tracked")}
     missing = sorted(set(own) - set(clean))
     if missing:
-        raise KeyError(f"{path}: not a PD-FGC motion encoder state dict, missing {len(missing)} keys, e.g. {missing[:5]}")
+        raise KeyError(f"{path}: not a PD-FGC motion encoder state dict, missing {len(missing)} keys, "
+                       f"e.g. {missing[:5]}")
     bad = [k for k in own if tuple(clean[k].shape) != tuple(own[k].shape)]
     if bad:
         raise ValueError(f"{path}: shape mismatch for {bad[:5]} (face_encoder.width must be 1.0 and crop_size 224 "

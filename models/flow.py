@@ -81,7 +81,10 @@ def guided_velocity(model, x: torch.Tensor, sigma: torch.Tensor, cond: Condition
     if guidance_ref != 1.0:
         passes.append((True, True))
     n = len(passes)
-    flags = lambda i: torch.tensor([p[i] for p in passes], device=x.device).repeat_interleave(b)
+
+    def flags(i):
+        return torch.tensor([p[i] for p in passes], device=x.device).repeat_interleave(b)
+
     c = cond.repeat(n) if n > 1 else cond
     v = model(torch.cat([x] * n), sigma.expand(b).repeat(n), c, drop_ref=flags(0), drop_motion=flags(1),
               use_face=use_face).float().chunk(n)

@@ -24,8 +24,8 @@ from .skeleton import (
     HAND_LIMBS,
     HAND_PARENTS,
     BodyLayout,
-    bridged_limbs,
     body_layout,
+    bridged_limbs,
     topological_order,
 )
 
@@ -247,7 +247,8 @@ def adjust_bone_lengths(joints3d, valid, parents, target_lengths, root_shift=Non
         bone = old[..., j, :] - old[..., par, :]
         length = np.linalg.norm(bone, axis=-1, keepdims=True)
         ok_j = ok[..., j] & ok[..., par] & (length[..., 0] > 1e-12) & np.isfinite(target[j])
-        scaled = new[..., par, :] + bone / np.where(length > 0, length, 1.0) * (target[j] if np.isfinite(target[j]) else 0.0)
+        scaled = (new[..., par, :]
+                  + bone / np.where(length > 0, length, 1.0) * (target[j] if np.isfinite(target[j]) else 0.0))
         rigid = old[..., j, :] + (new[..., par, :] - old[..., par, :])
         new[..., j, :] = np.where(ok_j[..., None], scaled, rigid)
     return new
@@ -275,8 +276,8 @@ def bone_length_adjust(drive_joints3d, drive_conf, ref_joints3d, ref_conf, *, jo
         if ref_hands3d is None:
             h_target = np.full(len(HAND_PARENTS), np.nan)
         else:
-            h_target = bone_lengths(_np(ref_hands3d)[..., side, :, :], _np(ref_hand_conf)[..., side, :] > min_confidence,
-                                    HAND_PARENTS)
+            h_target = bone_lengths(_np(ref_hands3d)[..., side, :, :],
+                                    _np(ref_hand_conf)[..., side, :] > min_confidence, HAND_PARENTS)
         hands[..., side, :, :] = adjust_bone_lengths(hands[..., side, :, :], h_ok[..., side, :], HAND_PARENTS,
                                                      h_target, root_shift=shift)
     return body, hands

@@ -113,7 +113,7 @@ def body_layout(joint_names: tuple[str, ...] | None = None) -> BodyLayout:
     keep = [k for k, (a, b) in enumerate(BODY_LIMBS) if a in col and b in col]
     limbs = np.array([[col[BODY_LIMBS[k][0]], col[BODY_LIMBS[k][1]]] for k in keep], dtype=np.int64).reshape(-1, 2)
     joint_colors = np.zeros((len(names), 3), dtype=np.uint8)
-    for k, (a, b) in zip(keep, limbs):
+    for k, (_a, b) in zip(keep, limbs):
         joint_colors[b] = LIMB_COLORS[k]  # a joint takes the colour of the limb that ends in it
     drawn = np.unique(limbs.reshape(-1))
     for j in drawn:

@@ -73,7 +73,8 @@ def _wan_shapes(config: dict) -> dict:
     i2v = config.get("model_type") in ("i2v", "flf2v")
     return {"num_attention_heads": heads, "attention_head_dim": config["dim"] // heads, "ffn_dim": config["ffn_dim"],
             "num_layers": config["num_layers"], "in_channels": config["in_dim"], "out_channels": config["out_dim"],
-            "text_dim": config.get("text_dim", 4096), "freq_dim": config["freq_dim"], "image_dim": 1280 if i2v else None}
+            "text_dim": config.get("text_dim", 4096), "freq_dim": config["freq_dim"],
+            "image_dim": 1280 if i2v else None}
 
 
 def check_config(dit: DiT, config: dict) -> None:

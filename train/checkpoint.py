@@ -159,9 +159,11 @@ def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
 def find_resume(root: Path, warn: bool = True) -> Path | None:
     """The newest complete checkpoint under ``root`` (``latest`` is only a hint: it may lag a crash)."""
     done = complete_checkpoints(root)
-    incomplete = [d.name for d in root.iterdir() if TAG_RE.match(d.name) and read_meta(d) is None] if root.is_dir() else []
+    incomplete = ([d.name for d in root.iterdir() if TAG_RE.match(d.name) and read_meta(d) is None]
+                  if root.is_dir() else [])
     if incomplete and warn:
-        log.warning("ignoring incomplete checkpoints (interrupted saves) in %s: %s", root, ", ".join(sorted(incomplete)))
+        log.warning("ignoring incomplete checkpoints (interrupted saves) in %s: %s", root,
+                    ", ".join(sorted(incomplete)))
     if not done:
         return None
     latest = root / "latest"
@@ -298,8 +300,8 @@ class Checkpointer:
         self._load_engine(tag_dir, universal)
         step = int(self.engine.global_steps)
         if meta["step"] != step:
-            raise CheckpointError(f"{tag_dir} is step {meta['step']} but DeepSpeed restored step {step}: the checkpoint "
-                                  "is inconsistent; resume another one (train.resume=<checkpoint dir>)")
+            raise CheckpointError(f"{tag_dir} is step {meta['step']} but DeepSpeed restored step {step}: the "
+                                  "checkpoint is inconsistent; resume another one (train.resume=<checkpoint dir>)")
         own_file = rank_file(tag_dir, self.dist.rank)
         own = read_state(own_file) if own_file.is_file() or not universal else None
         for name, state in self.per_rank.items():
@@ -342,9 +344,9 @@ class Checkpointer:
         try:
             path, _ = self.engine.load_checkpoint(str(load_dir), tag=tag, load_module_strict=True)
         except Exception as e:  # whatever DeepSpeed raises, the checkpoint is what failed
-            raise CheckpointError(f"DeepSpeed could not load {load_dir / tag} ({type(e).__name__}: {e}): the checkpoint "
-                                  "is broken or of another model; resume another one (train.resume=<checkpoint dir>)"
-                                  ) from e
+            raise CheckpointError(f"DeepSpeed could not load {load_dir / tag} ({type(e).__name__}: {e}): "
+                                  "the checkpoint is broken or of another model; resume another one "
+                                  "(train.resume=<checkpoint dir>)") from e
         if path is None:
             raise CheckpointError(f"DeepSpeed could not load {load_dir / tag} (its model-states files are missing): "
                                   "resume another checkpoint (train.resume=<checkpoint dir>)")
@@ -381,7 +383,8 @@ def to_universal(tag_dir: Path) -> Path:
     log.info("world size changed: converting %s to a DeepSpeed universal checkpoint", tag_dir)
     workers = max(1, min(8, (os.cpu_count() or 2) // 2))
     cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag_dir),
-           "--output_folder", str(tmp), "--num_extract_workers", str(workers), "--num_merge_workers", str(max(1, workers // 2))]
+           "--output_folder", str(tmp), "--num_extract_workers", str(workers),
+           "--num_merge_workers", str(max(1, workers // 2))]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"ds_to_universal failed on {tag_dir}:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")

@@ -155,7 +155,8 @@ class TrainJob:
 
 
 def _typed(cls, node: dict, key: str):
-    """``node`` (a resolved plain dict) typed as the dataclass ``cls`` (models.typed_config), errors named by section."""
+    """``node`` (a resolved plain dict) typed as the dataclass ``cls`` (models.typed_config), errors named
+    by section."""
     try:
         return from_node(cls, node, key)
     except ConfigError as e:

@@ -105,7 +105,8 @@ def initialize(model: torch.nn.Module, job: TrainJob, load_universal: bool = Fal
     scheduler = warmup_schedule(optimizer, job.train.optimizer.warmup_steps)
     config = deepspeed_config(job, sum(p.numel() for p in params), load_universal)
     # ds_to_universal needs this marker in the model-states file to convert a ZeRO-1/2 checkpoint.
-    setattr(model, ck.UNIVERSAL_CHECKPOINT_INFO, {ck.UNIVERSAL_CHECKPOINT_VERSION_KEY: ck.UNIVERSAL_CHECKPOINT_VERSION_VALUE})
+    setattr(model, ck.UNIVERSAL_CHECKPOINT_INFO,
+            {ck.UNIVERSAL_CHECKPOINT_VERSION_KEY: ck.UNIVERSAL_CHECKPOINT_VERSION_VALUE})
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
     align_buffer_dtypes(engine.module)
     return engine

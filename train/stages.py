@@ -39,7 +39,8 @@ def init_weights_path(job: TrainJob) -> Path | None:
         path = Path(init).expanduser()
         hint = "stage.init must name a model.safetensors written by train/export.py"
     if not path.is_file():
-        raise FileNotFoundError(f"stage {job.stage.id} ({job.stage.name}) starts from {path}, which does not exist: {hint}")
+        raise FileNotFoundError(f"stage {job.stage.id} ({job.stage.name}) starts from {path}, "
+                                f"which does not exist: {hint}")
     return path
 
 

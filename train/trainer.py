@@ -202,7 +202,7 @@ class Trainer:
             if self.stop_requested:
                 raise SystemExit(f"rank {self.dist.rank}: the data-loader workers were killed by the preemption "
                                  f"signal before step {self.step + 1}'s batch arrived: exiting without a checkpoint "
-                                 f"(resume=auto continues from the last periodic one)")
+                                 f"(resume=auto continues from the last periodic one)") from None
             raise
 
     def _log(self, logger: MetricLogger, step: int, s: dict, keys: list, health: StepHealth) -> None:
@@ -213,7 +213,8 @@ class Trainer:
             "loss": s["loss_sum"] / max(1.0, s["micro_steps"]),
             "lr": float(self.engine.get_lr()[0]),
             # the guard's norm (before clipping); DeepSpeed's where the guard cannot reach the partitions
-            "grad_norm": _float(self.engine.get_global_grad_norm()) if math.isnan(health.grad_norm) else health.grad_norm,
+            "grad_norm": (_float(self.engine.get_global_grad_norm()) if math.isnan(health.grad_norm)
+                          else health.grad_norm),
             "update_applied": int(health.applied),
             **self.guard.counters(),
             "samples_per_s": s["samples"] / step_s,

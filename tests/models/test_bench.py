@@ -11,8 +11,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_model_step_bench_runs(tmp_path):
     out = tmp_path / "bench.json"
-    cmd = [sys.executable, str(ROOT / "bench" / "model_step.py"), "--preset", "tiny", "--device", "cpu", "--dtype", "float32",
-           "--frames", "5", "--height", "32", "--width", "32", "--refs", "1", "--steps", "1", "--warmup", "1",
+    cmd = [sys.executable, str(ROOT / "bench" / "model_step.py"), "--preset", "tiny", "--device", "cpu",
+           "--dtype", "float32", "--frames", "5", "--height", "32", "--width", "32", "--refs", "1", "--steps", "1",
+           "--warmup", "1",
            "--variants", "auto:0", "auto:-1", "--out", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr

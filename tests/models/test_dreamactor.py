@@ -33,7 +33,8 @@ def test_drop_ref_is_a_zero_reference_and_drop_motion_ignores_controls(tiny_mode
     mask = torch.tensor([True, False])
     with torch.no_grad():
         dropped = forward(tiny_model, b, drop_ref=mask)
-        zero_ref = forward(tiny_model, {**b, "ref_latents": b["ref_latents"] * torch.tensor([0.0, 1.0]).view(2, 1, 1, 1, 1)})
+        zero_ref = forward(tiny_model,
+                           {**b, "ref_latents": b["ref_latents"] * torch.tensor([0.0, 1.0]).view(2, 1, 1, 1, 1)})
         torch.testing.assert_close(dropped, zero_ref)
         out = forward(tiny_model, b, drop_motion=mask)
         other = dict(b, pose_maps=torch.rand_like(b["pose_maps"]), face_crops=torch.rand_like(b["face_crops"]))
@@ -106,7 +107,8 @@ def _synthetic_pose_maps(cfg, frames, size):
     joints = np.stack([base + [0.05 * k, 0, 0] for k in range(frames)])
     k = np.array([[size, 0, size / 2], [0, size, size / 2], [0, 0, 1]], dtype=float)
     a = np.deg2rad(np.linspace(-30, 30, frames))
-    rot = np.stack([np.diag([1.0, -1, -1]) @ np.array([[np.cos(x), 0, np.sin(x)], [0, 1, 0], [-np.sin(x), 0, np.cos(x)]])
+    rot = np.stack([np.diag([1.0, -1, -1])
+                    @ np.array([[np.cos(x), 0, np.sin(x)], [0, 1, 0], [-np.sin(x), 0, np.cos(x)]])
                     for x in a])
     maps = render_control_maps((size, size), cfg.render, joints3d=joints, joint_conf=np.ones((frames, 22)), K=k,
                                head_center=np.tile([size / 2, size / 4], (frames, 1)), head_rotation=rot,

@@ -91,7 +91,8 @@ def test_projection_and_transform_conventions():
     identity = crop_resize_transform((0, 0, 640, 480), (480, 640))
     np.testing.assert_allclose(identity, np.eye(3))
     # 2x downsampling: input pixels 0 and 1 average into output pixel 0, so their midpoint 0.5 maps to 0.
-    np.testing.assert_allclose(transform_points([[0.5, 0.5]], crop_resize_transform((0, 0, 64, 64), (32, 32))), [[0, 0]])
+    np.testing.assert_allclose(transform_points([[0.5, 0.5]], crop_resize_transform((0, 0, 64, 64), (32, 32))),
+                               [[0, 0]])
 
 
 def test_invisible_joints_are_not_drawn():
@@ -178,7 +179,8 @@ def test_bone_length_adjustment_missing_joints_and_hands():
     elbow, wrist = layout.column("left_elbow"), layout.column("left_wrist")
     conf[0, elbow] = 0  # elbow not filled: the wrist follows its parent chain rigidly
     ref = 2.0 * drive
-    hands = drive[:, [wrist, layout.column("right_wrist")], None, :] + np.random.default_rng(1).normal(0, 0.03, (1, 2, 21, 3))
+    hands = (drive[:, [wrist, layout.column("right_wrist")], None, :]
+             + np.random.default_rng(1).normal(0, 0.03, (1, 2, 21, 3)))
     hands[:, :, 0] = drive[:, [wrist, layout.column("right_wrist")]]  # hand wrist = body wrist
     out, out_hands = bone_length_adjust(drive, conf, ref, np.ones((1, 22)), joint_names=names, drive_hands3d=hands,
                                         drive_hand_conf=np.ones((1, 2, 21)), ref_hands3d=hands,

@@ -37,7 +37,8 @@ GOOD = {"name": "x", "color": "red", "inner": {"n": 1}, "by_name": {"a": {"n": 2
 
 def test_plain_data_becomes_typed_objects():
     out = build(Outer, GOOD, "job")
-    assert out.inner == Inner(1, 0.5) and out.by_name == {"a": Inner(2, 1.0)} and isinstance(out.by_name["a"].ratio, float)
+    assert (out.inner == Inner(1, 0.5) and out.by_name == {"a": Inner(2, 1.0)}
+            and isinstance(out.by_name["a"].ratio, float))
     assert out.color == Color.RED and type(out.color) is str  # checked against the enum, kept as the plain value
     assert out.sizes == [1, 2] and out.limit is None and out.mode == "auto" and out.extra == {}
 

@@ -113,7 +113,8 @@ def wait_for_step(p: subprocess.Popen, out_dir: Path, step: int, timeout: float 
         if p.poll() is not None:
             raise AssertionError(f"run exited with {p.returncode} before step {step}:\n"
                                  f"{(out_dir / 'run.log').read_text(errors='replace')[-4000:]}")
-        if path.is_file() and any(json.loads(l)["step"] >= step for l in path.read_text().splitlines() if l.strip()):
+        if path.is_file() and any(json.loads(line)["step"] >= step
+                                  for line in path.read_text().splitlines() if line.strip()):
             return
         time.sleep(0.05)
     raise AssertionError(f"step {step} not reached in {timeout} s")

@@ -206,7 +206,8 @@ def _draws() -> tuple[float, float, float]:
 def _fixture(tmp_path: Path, world: int) -> tuple[Path, dict]:
     """A copy of the fixture written by ``world`` ranks: (its checkpoints dir, what make.py recorded)."""
     shutil.copytree(FIXTURE / f"world{world}", tmp_path / f"world{world}")
-    return tmp_path / f"world{world}" / "checkpoints", json.loads((FIXTURE / f"world{world}" / "expected.json").read_text())
+    return (tmp_path / f"world{world}" / "checkpoints",
+            json.loads((FIXTURE / f"world{world}" / "expected.json").read_text()))
 
 
 def _shadow(ema: ShardedEMA) -> dict:

@@ -17,8 +17,7 @@ import signal
 
 import pytest
 
-from tests.train.conftest import (REF_STEPS, copy_run, kill_job, metrics, run, same_training, start,
-                                  wait_for_step)
+from tests.train.conftest import REF_STEPS, copy_run, kill_job, metrics, run, same_training, start, wait_for_step
 
 
 def _plant_half_written(out_dir, step: int) -> None:

@@ -15,8 +15,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_train_step_bench_times_the_trainers_step_and_checkpoint(tmp_path):
     out, run_dir = tmp_path / "bench.json", tmp_path / "run"
-    cmd = [sys.executable, str(ROOT / "bench" / "train_step.py"), "--preset", "tiny", "--launch", "local", "--frames", "5",
-           "--height", "64", "--width", "64", "--refs", "1", "--steps", "2", "--warmup", "1", "--checkpoint",
+    cmd = [sys.executable, str(ROOT / "bench" / "train_step.py"), "--preset", "tiny", "--launch", "local",
+           "--frames", "5", "--height", "64", "--width", "64", "--refs", "1", "--steps", "2", "--warmup", "1",
+           "--checkpoint",
            "--checkpoint-dir", str(run_dir), "--out", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False, cwd=ROOT,
                           env=dict(env(), MASTER_PORT=str(free_port())))

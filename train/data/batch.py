@@ -114,13 +114,13 @@ class DreamActorBatch:
             if isinstance(v, torch.Tensor):
                 yield f.name, v
 
-    def pin_memory(self) -> "DreamActorBatch":
+    def pin_memory(self) -> DreamActorBatch:
         """Pin every tensor (called by the DataLoader's pin-memory thread)."""
         for name, v in self._tensors():
             setattr(self, name, v.pin_memory())
         return self
 
-    def to(self, device, non_blocking: bool = True) -> "DreamActorBatch":
+    def to(self, device, non_blocking: bool = True) -> DreamActorBatch:
         """Move every tensor to ``device`` (in place; returns self)."""
         for name, v in self._tensors():
             setattr(self, name, v.to(device, non_blocking=non_blocking))

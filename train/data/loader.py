@@ -65,7 +65,7 @@ class Assignment:
             return self.leftover[c + p * self.consumers]
         return self.base + c + (p - nl) * self.consumers, 0
 
-    def remaining(self, positions: list[tuple[int, int]]) -> "Assignment":
+    def remaining(self, positions: list[tuple[int, int]]) -> Assignment:
         """The canonical assignment of everything not yet delivered, for any number of consumers.
 
         ``positions[c] = (p, b)``: consumer ``c`` delivered everything before planned batch ``b`` of its
@@ -84,7 +84,7 @@ class Assignment:
             first_regular = self.base + c + max(0, p + 1 - nl) * self.consumers
             next_regular.append(first_regular)
         new_base = max(next_regular)
-        for c, r in enumerate(next_regular):
+        for r in next_regular:
             left.extend((g, 0) for g in range(r, new_base, self.consumers))  # untouched windows below new_base
         return Assignment(tuple(sorted(left)), new_base, self.consumers)
 
@@ -177,7 +177,8 @@ class DreamActorLoader:
                 loader = torch.utils.data.DataLoader(
                     self._dataset(inflight), batch_size=None, num_workers=w.num_workers, collate_fn=_identity,
                     pin_memory=w.pin_memory, prefetch_factor=w.prefetch_factor, worker_init_fn=_worker_init,
-                    persistent_workers=False, multiprocessing_context=None if w.start_method == "fork" else w.start_method)
+                    persistent_workers=False,
+                    multiprocessing_context=None if w.start_method == "fork" else w.start_method)
                 yield from self._deliver(iter(loader))
                 return
             except RuntimeError as e:
@@ -188,11 +189,13 @@ class DreamActorLoader:
                 keys = sorted({k for pid in pids for k in _inflight_keys(inflight, pid)})
                 restarts += 1
                 if not keys or restarts > w.max_restarts:
-                    raise RuntimeError(f"data worker(s) {pids} died ({'building ' + ', '.join(keys) if keys else 'outside a sample'}); "
-                                       f"{restarts - 1} restarts so far, data.workers.max_restarts={w.max_restarts}") from e
+                    raise RuntimeError(f"data worker(s) {pids} died "
+                                       f"({'building ' + ', '.join(keys) if keys else 'outside a sample'}); "
+                                       f"{restarts - 1} restarts so far, "
+                                       f"data.workers.max_restarts={w.max_restarts}") from e
                 self.quarantine.update(keys)  # counted by the workers each time they skip it
-                log.error("data worker(s) %s died while building %s: quarantined, restarting the workers from the cursor "
-                          "(%d/%d)", pids, keys, restarts, w.max_restarts)
+                log.error("data worker(s) %s died while building %s: quarantined, restarting the workers "
+                          "from the cursor (%d/%d)", pids, keys, restarts, w.max_restarts)
             finally:
                 shutil.rmtree(inflight, ignore_errors=True)
 
@@ -256,7 +259,8 @@ class DreamActorLoader:
             raise DataConfigError(f"data cursor lacks ranks {missing} of {state['world_size']}: save it with "
                                   "state_dict() on every rank (collective) or pass every rank's local_state()")
         mine = self.fingerprint()
-        diff = [k for k in mine if state["fingerprint"].get(k) != mine[k]] + (["seed"] if state["seed"] != self.seed else [])
+        diff = ([k for k in mine if state["fingerprint"].get(k) != mine[k]]
+                + (["seed"] if state["seed"] != self.seed else []))
         if diff:
             msg = (f"data cursor was written for a different {', '.join(diff)} (shards: the dataset changed; plan: "
                    "buckets/frames/refs/dropout/shuffle settings or the model geometry changed)")

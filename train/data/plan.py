@@ -40,10 +40,11 @@ class Geometry:
     pose_channels: int
 
     @classmethod
-    def of_model(cls, model_cfg) -> "Geometry":
+    def of_model(cls, model_cfg) -> Geometry:
         """From a ``models.config.ModelConfig``."""
         return cls(model_cfg.vae.temporal_compression, model_cfg.vae.spatial_compression,
-                   tuple(model_cfg.dit.patch_size), model_cfg.face_encoder.crop_size, model_cfg.pose_encoder.in_channels)
+                   tuple(model_cfg.dit.patch_size), model_cfg.face_encoder.crop_size,
+                   model_cfg.pose_encoder.in_channels)
 
     @property
     def size_multiple(self) -> int:

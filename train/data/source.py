@@ -89,7 +89,8 @@ def resolve_source(cfg: SourceConfig) -> tuple[list[str], list[str] | None]:
         log.warning("%s has no %s: using every shard in %s/", root, INDEX_FILE, SHARD_DIR)
         urls = expand_shards([_join(root, SHARD_DIR, "*.tar")], cfg.storage_options)
     if not urls:
-        raise FileNotFoundError(f"data.source.dataset={root!r} holds no shards (run preprocess/run.py output=... first)")
+        raise FileNotFoundError(f"data.source.dataset={root!r} holds no shards "
+                                "(run preprocess/run.py output=... first)")
     return urls, groups
 
 
@@ -142,7 +143,8 @@ def load_shard_meta(url: str, cfg: SourceConfig) -> ShardMeta:
         fps.append(float(meta["fps"]))
         w.append(int(meta["width"]))
         h.append(int(meta["height"]))
-    return ShardMeta(url, tuple(keys), np.array(n, np.int64), np.array(fps), np.array(w, np.int64), np.array(h, np.int64))
+    return ShardMeta(url, tuple(keys), np.array(n, np.int64), np.array(fps), np.array(w, np.int64),
+                     np.array(h, np.int64))
 
 
 def iter_samples(url: str, cfg: SourceConfig, select=None):

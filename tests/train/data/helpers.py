@@ -62,7 +62,8 @@ def summary(batch) -> tuple:
     import torch
 
     sums = []
-    for name in ("video", "ref_images", "skeleton_maps", "head_sphere_maps", "face_crops", "frame_index", "drop_ref", "drop_motion", "ref_valid"):
+    for name in ("video", "ref_images", "skeleton_maps", "head_sphere_maps", "face_crops", "frame_index", "drop_ref",
+                 "drop_motion", "ref_valid"):
         v = getattr(batch, name)
         sums.append(None if v is None else (tuple(v.shape), int(v.to(torch.int64).sum())))
     return (tuple(batch.keys), *sums)
@@ -81,4 +82,5 @@ def assert_epochs_covered(recs, n_epochs: int, every: set[str]) -> None:
         counts = Counter(k for k, ep in recs if ep == e)
         twice = [k for k, n in counts.items() if n > 1]
         assert not twice, f"epoch {e}: delivered twice: {twice}"
-        assert set(counts) == every, f"epoch {e}: missing {sorted(every - set(counts))}, extra {sorted(set(counts) - every)}"
+        assert set(counts) == every, (f"epoch {e}: missing {sorted(every - set(counts))}, "
+                                      f"extra {sorted(set(counts) - every)}")

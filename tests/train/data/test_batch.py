@@ -53,7 +53,8 @@ def test_every_field_has_its_dtype_and_shape(batches, model_cfg):
         assert torch.all(b.frame_index[:, 1:] > b.frame_index[:, :-1])
         assert torch.allclose(b.fps, torch.full((n,), 25.0))
         assert b.skeleton_maps.amax() > 0 and b.head_sphere_maps.amax() > 0 and b.video.float().std() > 10
-        assert b.pose_maps is None and torch.equal(b.pose_map_tensor(), torch.cat([b.skeleton_maps, b.head_sphere_maps], 1))
+        assert b.pose_maps is None and torch.equal(b.pose_map_tensor(),
+                                                   torch.cat([b.skeleton_maps, b.head_sphere_maps], 1))
         assert b.pose_map_tensor().shape == (n, 6, t, h, w)
         assert b.video.is_contiguous(memory_format=torch.channels_last_3d)
         cond = b.conditions(torch.zeros(n, 16, r, h // 8, w // 8))
@@ -116,7 +117,8 @@ def test_frames_and_face_crops_are_the_stored_ones(batches, stored):
             # stored face crops, resized to the model's crop size (the tiny preset's differs from the stored 224)
             s = b.face_crops.shape[-1]
             stored_faces = np.stack([cv2.resize(x, (s, s), interpolation=cv2.INTER_AREA if x.shape[0] > s else
-                                                cv2.INTER_LINEAR) for x in frames(stored[k][schema.field("face").member])])
+                                                cv2.INTER_LINEAR)
+                                     for x in frames(stored[k][schema.field("face").member])])
             faces = stored_faces[idx].astype(float)
             got_f = b.face_crops[i].permute(0, 2, 3, 1).numpy().astype(float)
             assert np.abs(got_f - faces).mean() < 2.0

@@ -24,6 +24,7 @@ def test_face_crops_need_face_fields(make_loader, dataset_dir):
     with pytest.raises(DataConfigError, match="face_crops"):
         make_loader("data.source.dataset=null", f"data.source.shards=[{pattern}]", "data.source.require_groups=[body]")
     loader = make_loader("data.source.dataset=null", f"data.source.shards=[{pattern}]",
-                         "data.source.require_groups=[body,head]", "data.face_crops=false", "data.workers.num_workers=0")
+                         "data.source.require_groups=[body,head]", "data.face_crops=false",
+                         "data.workers.num_workers=0")
     b = next(iter(loader))
     assert b.face_crops is None and b.skeleton_maps.amax() > 0 and b.head_sphere_maps.amax() > 0

@@ -150,6 +150,7 @@ def test_remaining_work_is_shared_with_no_duplicate_and_no_gap(chain):
 
     done: list[tuple[int, int]] = []
     a = Assignment((), 0, chain[0])
+    positions = None  # bound by the first iteration, read from the second on
     for i, c in enumerate(chain):
         if i:
             a = dataclasses.replace(a.remaining(positions), consumers=c)
