@@ -15,6 +15,7 @@ metric's definition there) and is constructible with random weights (``MetricNet
 """
 from __future__ import annotations
 
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -499,7 +500,9 @@ class MetricNets:
         if "fvd" in metrics:
             path = found[fvd_network][0]
             if is_torchscript(path):
-                nets.i3d = ScriptedI3D(torch.jit.load(str(path), map_location="cpu"))
+                with warnings.catch_warnings():  # torch 2.13 deprecates TorchScript; this file exists only as one
+                    warnings.simplefilter("ignore", DeprecationWarning)
+                    nets.i3d = ScriptedI3D(torch.jit.load(str(path), map_location="cpu"))
             else:
                 nets.i3d = InceptionI3d()
                 _load_state(nets.i3d, _read_state(path), path, fvd_network)

@@ -30,6 +30,7 @@ MODES = ("paper", "clean")
 PAIRWISE = ("psnr", "ssim", "lpips")
 DISTRIBUTION = ("fid", "fvd")
 FVD_FRAMES = 16  # frames per FVD clip in both modes
+FID_SIZE, FVD_SIZE = 299, 224  # network input sizes (tests shrink them to run the real networks on tiny inputs)
 FVD_STRIDE = {"paper": 1, "clean": FVD_FRAMES}  # DisCo makes a clip at every frame; StyleGAN-V: disjoint clips
 PAPER_PSNR_IDENTICAL = 100.0  # DisCo's psnr_eval returns 100 when the MSE is 0
 
@@ -49,7 +50,8 @@ DEFINITIONS = {
     "clean": {
         "psnr": "per frame torchmetrics peak_signal_noise_ratio on [0,1] frames, data_range=1.0 (inf when equal)",
         "ssim": "per frame torchmetrics structural_similarity_index_measure on RGB [0,1] frames, data_range=1.0, "
-                "11x11 Gaussian sigma=1.5, K1=0.01, K2=0.03, mean over channels and valid windows",
+                "11x11 Gaussian sigma=1.5, K1=0.01, K2=0.03, population variances, mean over channels and the "
+                "windows centred on every pixel of the frame reflect-padded by 5 (torchmetrics>=1.9)",
         "lpips": "per frame LPIPS v0.1 (VGG16 unless lpips_net) on [-1,1] frames (torchmetrics "
                  "LearnedPerceptualImagePatchSimilarity with normalize=True on [0,1])",
         "fid": "all frames as torchmetrics FrechetInceptionDistance: uint8, TF1-style bilinear resize to 299x299 "
@@ -160,10 +162,11 @@ def lpips_frames(gen: np.ndarray, gt: np.ndarray, mode: str, net, batch: int = 1
 
 class FeatureStats:
     """Running count, sum and sum of outer products of feature vectors (float64): mean and covariance of any
-    number of samples in O(D^2) memory (StyleGAN-ADA's FeatureStats, torchmetrics' FID states)."""
+    number of samples in O(D^2) memory (StyleGAN-ADA's FeatureStats, torchmetrics' FID states). While there are
+    fewer samples than dimensions the rows are kept too, for the exact sample-space distance."""
 
     def __init__(self):
-        self.n, self.sum, self.outer = 0, None, None
+        self.n, self.sum, self.outer, self.rows = 0, None, None, []
 
     def add(self, feats: np.ndarray) -> None:
         f = np.asarray(feats, dtype=np.float64)
@@ -172,6 +175,7 @@ class FeatureStats:
         self.n += len(f)
         self.sum += f.sum(0)
         self.outer += f.T @ f
+        self.rows = self.rows + [f] if self.rows is not None and self.n < f.shape[1] else None
 
     def mean_cov(self) -> tuple[np.ndarray, np.ndarray]:
         """Mean and unbiased (n - 1) covariance, as np.cov (DisCo, fvd-comparison) and torchmetrics."""
@@ -179,6 +183,22 @@ class FeatureStats:
             raise ValueError(f"a covariance needs at least 2 samples, have {self.n}")
         mean = self.sum / self.n
         return mean, (self.outer - self.n * np.outer(mean, mean)) / (self.n - 1)
+
+
+def frechet_from_stats(a: FeatureStats, b: FeatureStats) -> float:
+    """Frechet distance of two feature sets. With fewer samples than dimensions it is computed in sample space:
+    with S = A^T A (A: centred rows / sqrt(n - 1)), tr(S1) = |A1|_F^2 and tr((S1 S2)^(1/2)) is the sum of the
+    singular values of A1 A2^T (S1 S2 and A1 A2^T A2 A1^T share their non-zero eigenvalues): exact, and an
+    n1 x n2 SVD instead of D x D eigendecompositions."""
+    if a.rows is None or b.rows is None:
+        return frechet_distance(*a.mean_cov(), *b.mean_cov())
+    a.mean_cov(), b.mean_cov()  # the sample-count check
+    x, y = np.concatenate(a.rows), np.concatenate(b.rows)
+    mx, my = x.mean(0), y.mean(0)
+    ax, ay = (x - mx) / math.sqrt(len(x) - 1), (y - my) / math.sqrt(len(y) - 1)
+    nuclear = np.linalg.svd(ax @ ay.T, compute_uv=False).sum()
+    d = mx - my
+    return max(float(d @ d + np.square(ax).sum() + np.square(ay).sum() - 2 * nuclear), 0.0)
 
 
 def _psd_sqrt(s: torch.Tensor) -> torch.Tensor:
@@ -240,25 +260,26 @@ def inception_features(frames: np.ndarray, mode: str, net, batch: int = 16) -> n
     for i in range(0, len(frames), batch):
         f = frames[i:i + batch]
         if mode == "paper":
-            x = torch.from_numpy(_resize_pil_bicubic(f, 299)).permute(0, 3, 1, 2)
+            x = torch.from_numpy(_resize_pil_bicubic(f, FID_SIZE)).permute(0, 3, 1, 2)
         else:
-            x = _resize_bilinear_tf1(torch.from_numpy(np.ascontiguousarray(f)).permute(0, 3, 1, 2).float(), 299)
+            x = _resize_bilinear_tf1(torch.from_numpy(np.ascontiguousarray(f)).permute(0, 3, 1, 2).float(), FID_SIZE)
         out.append(net(x.to(dev)).double().cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, 2048))
 
 
 def fvd_frames(video: np.ndarray, mode: str) -> torch.Tensor:
     """(T, 3, 224, 224) float32 in [-1, 1]: the video as the mode feeds it to the I3D."""
+    size = FVD_SIZE
     if mode == "paper":
-        x = torch.from_numpy(_resize_pil_bicubic(video, 224)).permute(0, 3, 1, 2)
+        x = torch.from_numpy(_resize_pil_bicubic(video, size)).permute(0, 3, 1, 2)
     else:
         x = torch.from_numpy(np.ascontiguousarray(video)).permute(0, 3, 1, 2).float()
         h, w = x.shape[2:]
-        s = 224 / min(h, w)
-        x = F.interpolate(x, size=(max(224, math.ceil(h * s)), max(224, math.ceil(w * s))), mode="bilinear",
+        s = size / min(h, w)
+        x = F.interpolate(x, size=(max(size, math.ceil(h * s)), max(size, math.ceil(w * s))), mode="bilinear",
                           align_corners=False)
-        top, left = (x.shape[2] - 224) // 2, (x.shape[3] - 224) // 2
-        x = x[:, :, top:top + 224, left:left + 224]
+        top, left = (x.shape[2] - size) // 2, (x.shape[3] - size) // 2
+        x = x[:, :, top:top + size, left:left + size]
     return x / 127.5 - 1
 
 
@@ -382,7 +403,7 @@ class VideoScorer:
             s = self.stats[m]
             agg[f"{m}_samples"] = s["generated"].n
             try:
-                agg[m] = frechet_distance(*s["generated"].mean_cov(), *s["ground_truth"].mean_cov())
+                agg[m] = frechet_from_stats(s["generated"], s["ground_truth"])
             except ValueError as e:
                 agg[m], notes[m] = math.nan, str(e)
         return {"mode": self.mode, "definitions": {m: DEFINITIONS[self.mode][m] for m in self.metrics},
