@@ -163,6 +163,7 @@ def _alexnet_features() -> nn.Sequential:
                          nn.MaxPool2d(3, 2))
 
 
+LPIPS_FILES = {"vgg": ("vgg16", "lpips_vgg"), "alex": ("alexnet", "lpips_alex")}  # backbone, heads weight files
 # backbone name -> (features builder, tap ends (the ReLU after which LPIPS reads), channels at the taps)
 LPIPS_BACKBONES = {
     "vgg": (_vgg16_features, (4, 9, 16, 23, 30), (64, 128, 256, 512, 512)),  # relu1_2 .. relu5_3
@@ -197,11 +198,12 @@ class LPIPS(nn.Module):
 
     def load_files(self, backbone: Path, heads: Path) -> None:
         """torchvision's ImageNet file for the backbone, the LPIPS v0.1 file for the heads."""
-        bname, hname = ("vgg16", "lpips_vgg") if self.net == "vgg" else ("alexnet", "lpips_alex")
-        state = _read_state(backbone)
-        _load_state(self.features, {k[9:]: v for k, v in state.items() if k.startswith("features.")}, backbone, bname)
-        state = _read_state(heads)
-        _load_state(self.heads, {f"{k[3]}.weight": v for k, v in state.items() if k.startswith("lin")}, heads, hname)
+        bname, hname = LPIPS_FILES[self.net]
+        state = _read_state(backbone)  # torchvision's whole network: keep features.<i>.*
+        _load_state(self.features, {k.removeprefix("features."): v for k, v in state.items()
+                                    if k.startswith("features.")}, backbone, bname)
+        state = _read_state(heads)  # lin<k>.model.1.weight (dropout, then the 1x1 conv)
+        _load_state(self.heads, {f"{k.split('.')[0][3:]}.weight": v for k, v in state.items()}, heads, hname)
 
     def random_heads(self, seed: int = 0) -> LPIPS:
         """Non-negative random head weights (as trained LPIPS heads are), so distances stay >= 0."""
@@ -479,9 +481,10 @@ class MetricNets:
         """Each network from its configured, sha256-checked file. ``weights``: name -> WeightSetting (or a dict of
         path/sha256), as ``metrics.weights`` in the config; a missing file raises before anything loads."""
         settings = {k: v if isinstance(v, WeightSetting) else WeightSetting(**(v or {})) for k, v in weights.items()}
-        names = []
-        if "lpips" in metrics:
-            names += ["vgg16", "lpips_vgg"] if lpips_net == "vgg" else ["alexnet", "lpips_alex"]
+        if lpips_net not in LPIPS_FILES:
+            raise ValueError(f"metrics.lpips_net={lpips_net!r}: use one of {sorted(LPIPS_FILES)}")
+        backbone, heads = LPIPS_FILES[lpips_net]
+        names = [backbone, heads] if "lpips" in metrics else []
         if "fid" in metrics:
             names.append("inception_fid")
         if "fvd" in metrics:
@@ -492,7 +495,7 @@ class MetricNets:
         nets = cls(files={n: {"file": str(p), "sha256": h} for n, (p, h) in found.items()})
         if "lpips" in metrics:
             nets.lpips = LPIPS(lpips_net)
-            nets.lpips.load_files(found[names[0]][0], found[names[1]][0])
+            nets.lpips.load_files(found[backbone][0], found[heads][0])
         if "fid" in metrics:
             nets.inception = InceptionFID()
             _load_state(nets.inception, _read_state(found["inception_fid"][0]), found["inception_fid"][0],

@@ -192,7 +192,8 @@ def frechet_from_stats(a: FeatureStats, b: FeatureStats) -> float:
     n1 x n2 SVD instead of D x D eigendecompositions."""
     if a.rows is None or b.rows is None:
         return frechet_distance(*a.mean_cov(), *b.mean_cov())
-    a.mean_cov(), b.mean_cov()  # the sample-count check
+    if min(a.n, b.n) < 2:
+        raise ValueError(f"a covariance needs at least 2 samples, have {min(a.n, b.n)}")
     x, y = np.concatenate(a.rows), np.concatenate(b.rows)
     mx, my = x.mean(0), y.mean(0)
     ax, ay = (x - mx) / math.sqrt(len(x) - 1), (y - my) / math.sqrt(len(y) - 1)
@@ -327,6 +328,10 @@ class MetricsConfig:
         from omegaconf import OmegaConf
 
         d = OmegaConf.to_container(cfg, resolve=True) if not isinstance(cfg, dict) else dict(cfg)
+        missing = [k for k in ("mode", "lpips_net", "fvd_network", "fvd_stride", "fid_every", "batch", "weights")
+                   if k not in d]
+        if missing:
+            raise ValueError(f"metrics: missing {missing} (conf/metrics/default.yaml has every key)")
         for key, allowed in CHOICES.items():
             if d.get(key) not in allowed:
                 raise ValueError(f"metrics.{key}={d.get(key)!r}: use one of {allowed}")
@@ -334,9 +339,8 @@ class MetricsConfig:
         if unknown:
             raise ValueError(f"metrics.weights: unknown {unknown}; known: {sorted(WEIGHTS)}")
         weights = {k: WeightSetting(**(v or {})) for k, v in (d.get("weights") or {}).items()}
-        return cls(mode=d["mode"], lpips_net=d["lpips_net"], fvd_network=d["fvd_network"],
-                   fvd_stride=d.get("fvd_stride"), fid_every=int(d.get("fid_every", 1)), batch=int(d.get("batch", 16)),
-                   weights=weights)
+        return cls(mode=d["mode"], lpips_net=d["lpips_net"], fvd_network=d["fvd_network"], fvd_stride=d["fvd_stride"],
+                   fid_every=int(d["fid_every"]), batch=int(d["batch"]), weights=weights)
 
     def load_nets(self, metrics=("lpips", "fid", "fvd"), device="cpu") -> MetricNets:
         """The configured networks, each file checked against its sha256."""

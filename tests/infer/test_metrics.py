@@ -145,6 +145,27 @@ def test_lpips_feeds_0_1_in_paper_mode_and_minus1_1_in_clean_mode(nets):
     assert M.lpips_frames(big, big, "paper", alex)[0] == 0 and M.lpips_frames(big[:, ::-1], big, "paper", alex)[0] > 0
 
 
+@pytest.mark.parametrize("net", ["vgg", "alex"])
+def test_lpips_equals_torchmetrics_lpips_with_the_same_backbone_weights_and_its_heads(net, tmp_path, monkeypatch):
+    """torchmetrics' own LPIPS (its slicing, scaling layer, normalisation and head files) as the reference, given
+    our random backbone in place of torchvision's (which does not install here)."""
+    import copy
+
+    import torchmetrics.functional.image.lpips as tm_lpips
+
+    from infer.metric_nets import LPIPS, random_init
+
+    ours = random_init(LPIPS(net), seed=7)
+    monkeypatch.setattr(tm_lpips, "_get_tv_model_features", lambda *a, **k: copy.deepcopy(ours.features))
+    reference = tm_lpips._LPIPS(pretrained=True, net=net).eval()
+    backbone = tmp_path / "backbone.pth"
+    torch.save({f"features.{k}": v for k, v in ours.features.state_dict().items()}, backbone)
+    ours.load_files(backbone, resolve_weight("lpips_vgg" if net == "vgg" else "lpips_alex")[0])
+    x0, x1 = (torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(i)) * 2 - 1 for i in (1, 2))
+    with torch.no_grad():
+        torch.testing.assert_close(ours.eval()(x0, x1), reference(x0, x1).flatten(), rtol=1e-5, atol=1e-7)
+
+
 def test_paper_mode_resizes_a_generated_clip_of_another_size_clean_mode_refuses():
     gt = _frames(3, 20, 24)
     gen = np.repeat(np.repeat(gt, 2, axis=1), 2, axis=2)  # 2x nearest upscale: cv2 bilinear back is exact-ish
