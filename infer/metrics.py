@@ -242,14 +242,16 @@ def _resize_pil_bicubic(frames: np.ndarray, size: int) -> np.ndarray:
 
 def _resize_bilinear_tf1(x: torch.Tensor, size: int) -> torch.Tensor:
     """TF 1.x ``resize_bilinear`` without half-pixel centres (source = destination * in/out), as torch-fidelity
-    emulates it for torchmetrics' FID. (N, C, H, W) -> (N, C, size, size)."""
-    for dim in (2, 3):
+    emulates it for torchmetrics' FID, with its float32 arithmetic (width, then height; ``a + (b - a) * w``), so
+    the result is the same to the bit on CPU. (N, C, H, W) float32 -> (N, C, size, size)."""
+    for dim in (3, 2):
         n = x.shape[dim]
-        src = torch.arange(size, dtype=torch.float64) * (n / size)
-        i0 = src.floor().long().clamp(max=n - 1)
+        src = torch.arange(size, dtype=torch.float32) * torch.tensor(n / size, dtype=torch.float32)
+        i0 = src.long()
         i1 = (i0 + 1).clamp(max=n - 1)
-        w = (src - i0).to(x.dtype).view([-1 if d == dim else 1 for d in range(4)])
-        x = x.index_select(dim, i0) * (1 - w) + x.index_select(dim, i1) * w
+        w = (src - i0.float()).view([-1 if d == dim else 1 for d in range(4)])
+        a = x.index_select(dim, i0)
+        x = a + (x.index_select(dim, i1) - a) * w
     return x
 
 
@@ -273,15 +275,14 @@ def fvd_frames(video: np.ndarray, mode: str) -> torch.Tensor:
     size = FVD_SIZE
     if mode == "paper":
         x = torch.from_numpy(_resize_pil_bicubic(video, size)).permute(0, 3, 1, 2)
-    else:
-        x = torch.from_numpy(np.ascontiguousarray(video)).permute(0, 3, 1, 2).float()
-        h, w = x.shape[2:]
-        s = size / min(h, w)
-        x = F.interpolate(x, size=(max(size, math.ceil(h * s)), max(size, math.ceil(w * s))), mode="bilinear",
-                          align_corners=False)
-        top, left = (x.shape[2] - size) // 2, (x.shape[3] - size) // 2
-        x = x[:, :, top:top + size, left:left + size]
-    return x / 127.5 - 1
+        return x / 127.5 - 1
+    x = torch.from_numpy(np.ascontiguousarray(video)).permute(0, 3, 1, 2).float() / 255
+    h, w = x.shape[2:]
+    s = size / min(h, w)
+    x = F.interpolate(x, size=(size, math.ceil(w * s)) if h < w else (math.ceil(h * s), size), mode="bilinear",
+                      align_corners=False)
+    top, left = (x.shape[2] - size) // 2, (x.shape[3] - size) // 2
+    return (x[:, :, top:top + size, left:left + size] - 0.5) * 2
 
 
 def clip_starts(n_frames: int, stride: int) -> list[int]:
