@@ -21,8 +21,8 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from infer.metric_nets import LPIPS, InceptionFID, MetricNets
-from infer.metrics import MODES, VideoScorer
+from infer.metric_nets import LPIPS, InceptionFID, MetricNets  # noqa: E402
+from infer.metrics import MODES, VideoScorer  # noqa: E402
 
 
 def check_against_torchvision() -> dict:
@@ -43,7 +43,9 @@ def check_against_torchvision() -> dict:
     out["inception_missing"], out["inception_unexpected"] = missing, unexpected
     # pytorch-fid's FID blocks: torchvision's branches with average pools over real pixels only, and a max pool in
     # the pool branch of Mixed_7c; composed here from torchvision's own modules
-    avg = lambda x: F.avg_pool2d(x, 3, 1, 1, count_include_pad=False)
+    def avg(x):
+        return F.avg_pool2d(x, 3, 1, 1, count_include_pad=False)
+
     fid_blocks = {
         "Mixed_5b": (192, 35, lambda m, x: [m.branch1x1(x), m.branch5x5_2(m.branch5x5_1(x)), m.branch3x3dbl_3(
             m.branch3x3dbl_2(m.branch3x3dbl_1(x))), m.branch_pool(avg(x))]),

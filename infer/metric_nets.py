@@ -275,7 +275,8 @@ class _MixedC(nn.Module):
         super().__init__()
         h, v = _row(7), _col(7)
         self.branch1x1 = _Conv(cin, 192, 1)
-        self.branch7x7_1, self.branch7x7_2, self.branch7x7_3 = _Conv(cin, c7, 1), _Conv(c7, c7, **h), _Conv(c7, 192, **v)
+        self.branch7x7_1, self.branch7x7_2 = _Conv(cin, c7, 1), _Conv(c7, c7, **h)
+        self.branch7x7_3 = _Conv(c7, 192, **v)
         self.branch7x7dbl_1, self.branch7x7dbl_2 = _Conv(cin, c7, 1), _Conv(c7, c7, **v)
         self.branch7x7dbl_3, self.branch7x7dbl_4 = _Conv(c7, c7, **h), _Conv(c7, c7, **v)
         self.branch7x7dbl_5 = _Conv(c7, 192, **h)
@@ -403,7 +404,8 @@ _I3D_LAYERS = (  # (name, kind, arguments) in order
     ("Mixed_3b", "mixed", (192, (64, 96, 128, 16, 32, 32))), ("Mixed_3c", "mixed", (256, (128, 128, 192, 32, 96, 64))),
     ("MaxPool3d_4a_3x3", "pool", ((3, 3, 3), (2, 2, 2))),
     ("Mixed_4b", "mixed", (480, (192, 96, 208, 16, 48, 64))), ("Mixed_4c", "mixed", (512, (160, 112, 224, 24, 64, 64))),
-    ("Mixed_4d", "mixed", (512, (128, 128, 256, 24, 64, 64))), ("Mixed_4e", "mixed", (512, (112, 144, 288, 32, 64, 64))),
+    ("Mixed_4d", "mixed", (512, (128, 128, 256, 24, 64, 64))),
+    ("Mixed_4e", "mixed", (512, (112, 144, 288, 32, 64, 64))),
     ("Mixed_4f", "mixed", (528, (256, 160, 320, 32, 128, 128))), ("MaxPool3d_5a_2x2", "pool", ((2, 2, 2), (2, 2, 2))),
     ("Mixed_5b", "mixed", (832, (256, 160, 320, 32, 128, 128))),
     ("Mixed_5c", "mixed", (832, (384, 192, 384, 48, 128, 128))),

@@ -69,7 +69,7 @@ def as_video(x, name: str = "video") -> np.ndarray:
     """uint8 (T, H, W, 3) RGB frames from uint8 frames (numpy or torch) or a float (3, T, H, W) tensor in [-1, 1]."""
     if isinstance(x, torch.Tensor):
         if x.is_floating_point() and x.ndim == 4 and x.shape[0] == 3:
-            from train.sample import _frames_uint8  # the one (3, T, H, W) [-1, 1] -> uint8 conversion
+            from train.preview import _frames_uint8  # the one (3, T, H, W) [-1, 1] -> uint8 conversion
 
             return _frames_uint8(x)
         x = x.detach().cpu().numpy()
@@ -376,7 +376,8 @@ class VideoScorer:
         """Score one clip pair; returns (and keeps) its row: frame count, per-clip means and per-frame values."""
         if key in self.clips:
             raise ValueError(f"clip {key!r} scored twice")
-        gen, gt, notes = _pair(as_video(generated, f"{key} (generated)"), as_video(ground_truth, f"{key} (ground truth)"),
+        gen, gt, notes = _pair(as_video(generated, f"{key} (generated)"),
+                               as_video(ground_truth, f"{key} (ground truth)"),
                                self.mode, key)
         row = {"frames": len(gt), **notes, "per_frame": {}}
         for m in (m for m in PAIRWISE if m in self.metrics):

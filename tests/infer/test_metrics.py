@@ -111,8 +111,11 @@ def test_ssim_matches_the_formula_over_windows_gray_7x7_paper_rgb_gaussian_clean
     g = np.exp(-(d / 1.5) ** 2 / 2)
     g /= g.sum()
     pad = [(5, 5), (5, 5)]  # a window centred on every pixel, the frame mirrored at its borders
-    clean = np.mean([_ssim_windows(np.pad(gen[0, ..., c] / 255, pad, "reflect"), np.pad(gt[0, ..., c] / 255, pad,
-                                   "reflect"), np.outer(g, g), 0.01 ** 2, 0.03 ** 2, sample_cov=False) for c in range(3)])
+    def channel(c):
+        a, b = (np.pad(x[0, ..., c] / 255, pad, "reflect") for x in (gen, gt))
+        return _ssim_windows(a, b, np.outer(g, g), 0.01 ** 2, 0.03 ** 2, sample_cov=False)
+
+    clean = np.mean([channel(c) for c in range(3)])
     assert M.ssim_frames(gen, gt, "clean")[0] == pytest.approx(clean, abs=1e-10)
 
 
