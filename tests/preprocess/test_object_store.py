@@ -9,23 +9,6 @@ from tests.preprocess.helpers import ENGINE_OVERRIDES, index_keys, make_corpus, 
 moto_server = pytest.importorskip("moto.server")
 
 
-@pytest.fixture()
-def s3(monkeypatch):
-    srv = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    srv.start()
-    host, port = srv.get_host_and_port()
-    env = dict(AWS_ACCESS_KEY_ID="test", AWS_SECRET_ACCESS_KEY="test", AWS_DEFAULT_REGION="us-east-1",
-               AWS_ENDPOINT_URL=f"http://{host}:{port}")
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)
-    import boto3
-    client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"])
-    for b in ("raw", "shards"):
-        client.create_bucket(Bucket=b)
-    yield client
-    srv.stop()
-
-
 def test_s3_input_and_output(s3, ray_local, tmp_path):
     import os
     files = make_corpus(tmp_path / "in", n_good=3)
