@@ -145,7 +145,11 @@ def driver_gone(storage: Storage, holder: Holder, stale_s: float) -> str | None:
     another run could take the output over."""
     if holder.machine == machine_id() and not pid_alive(holder.pid, holder.pid_start):
         return f"its driver (pid {holder.pid}) is gone"
-    lease = read_lease(storage)
+    try:
+        lease = read_lease(storage)
+    except OSError as e:  # a store hiccup says nothing about the driver: the next check asks again
+        log.warning("output=%s: could not read the lock (%s: %s)", storage.uri, type(e).__name__, e)
+        return None
     if lease is None:
         return "the output's lock was released"
     if lease.get("token") != holder.token:

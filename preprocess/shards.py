@@ -13,6 +13,7 @@ Layout of an output::
     failures.parquet        one row per failed video or clip
     summary.json            counts, hours, throughput of the last run
     _lock.json              the lease of the run writing the output now (``lock.py``), deleted when it ends
+    _lock.guard             empty: local runs flock it to update the lease atomically
     _retired/{part}.*       the stats file of a part retired as damaged (its videos were redone), and why
 """
 from __future__ import annotations
