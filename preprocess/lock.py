@@ -193,13 +193,21 @@ class OutputLock:
     @contextlib.contextmanager
     def _guard(self):
         """Serialises lease updates of every run on a local output (a no-op on object stores)."""
-        if not self.storage.local:
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: the lease alone
+            fcntl = None
+        if not self.storage.local or fcntl is None:
             yield
             return
-        import fcntl
-
         with open(self.storage.path(LOCK_GUARD), "a") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX)
+            except OSError as e:  # a file system without locks (some FUSE mounts): the lease alone
+                log.warning("output=%s: no file locks here (%s); two runs starting in the same instant could both "
+                            "start", self.storage.uri, e)
+                yield
+                return
             try:
                 yield
             finally:

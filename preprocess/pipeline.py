@@ -32,16 +32,7 @@ from .engine import INPUT_COLUMNS, DecodeStage, ProbePlanStage, SinkStage, input
 from .lock import OutputLock
 from .shards import DATASET_FILE, FAILURES_FILE, INDEX_FILE, SHARD_DIR, SUMMARY_FILE
 from .stage import FAILED, OK, ClipStage, Stage, VideoStage, check_stages, load_stage, written_groups
-from .state import (
-    build_failures,
-    build_index,
-    damaged_parts,
-    load_committed,
-    read_json,
-    retire_parts,
-    write_json,
-    write_table,
-)
+from .state import build_failures, build_index, load_committed, read_json, retire_damaged, write_json, write_table
 from .storage import InputFile, Storage
 from .writer import ShardWriter, writer_name
 
@@ -182,20 +173,6 @@ def run(cfg: PreprocessConfig, inputs: list[InputFile]) -> int:
     stages = build_stages(cfg, run_id)
     with OutputLock(storage, run_id, cfg.lock) as lock:
         return run_locked(cfg, inputs, storage, stages, run_id, lock, t_start)
-
-
-def retire_damaged(storage: Storage, committed, deep: bool, run_id: str):
-    """Committed parts whose tar is missing, of another size than committed or (``deep``) another checksum are
-    retired: the index is rewritten without them first (it never lists a damaged part), then they are uncommitted,
-    so their videos are redone. Returns (the committed parts left, {retired part: why})."""
-    damaged = damaged_parts(storage, committed, deep)
-    if damaged:
-        for part, why in damaged.items():
-            log.warning("%s: committed part %s is damaged: it is retired and its videos are redone", why, part)
-        committed = committed.without(damaged)
-        write_table(storage, INDEX_FILE, build_index(committed))
-        retire_parts(storage, damaged, run_id)
-    return committed, damaged
 
 
 def run_locked(cfg: PreprocessConfig, inputs: list[InputFile], storage: Storage, stages: list[Stage], run_id: str,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import time
 from dataclasses import dataclass, field
 
@@ -13,6 +14,7 @@ import pandas as pd
 
 from .schema import ANNOTATOR_META_PREFIX
 from .shards import (
+    INDEX_FILE,
     RETIRED_DIR,
     SHARD_DIR,
     STATS_SUFFIX,
@@ -25,6 +27,8 @@ from .shards import (
     tar_path,
 )
 from .storage import Storage
+
+log = logging.getLogger("preprocess")
 
 INDEX_COLUMNS = ["key", "shard", "video_key", "clip_index", "shot_index", "source", "n_frames", "start_frame",
                  "end_frame", "fps", "width", "height", "duration_s", "bytes"]
@@ -129,6 +133,20 @@ def damaged_parts(storage: Storage, c: Committed, deep: bool) -> dict[str, str]:
         if why:
             out[part] = why
     return out
+
+
+def retire_damaged(storage: Storage, committed: Committed, deep: bool, run_id: str) -> tuple[Committed, dict[str, str]]:
+    """What a run does first: committed parts whose tar is missing, of another size than committed or (``deep``)
+    of another sha256 are retired. The index is rewritten without them first (it never lists a damaged part), then
+    they are uncommitted, so that this run redoes their videos. Returns (the parts left, {retired part: why})."""
+    damaged = damaged_parts(storage, committed, deep)
+    if damaged:
+        for part, why in damaged.items():
+            log.warning("%s: committed part %s is damaged: it is retired and its videos are redone", why, part)
+        committed = committed.without(damaged)
+        write_table(storage, INDEX_FILE, build_index(committed))
+        retire_parts(storage, damaged, run_id)
+    return committed, damaged
 
 
 def retire_parts(storage: Storage, damaged: dict[str, str], run_id: str) -> None:
