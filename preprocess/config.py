@@ -19,6 +19,9 @@ class DecodeBackend(Choice):
     DECORD = "decord"
 
 
+Verify = Choice("Verify", {"SIZE": "size", "DEEP": "deep"})
+
+
 class X264Preset(Choice):
     ULTRAFAST = "ultrafast"
     SUPERFAST = "superfast"
@@ -101,6 +104,16 @@ class WriterConfig:
     num_writers: int
     num_cpus: float
     jpeg_quality: int
+    commit_every_s: float  # a part is committed at the first video boundary once its oldest video waited this long
+
+
+@dataclass
+class LockConfig:
+    """The output's lock (``preprocess/lock.py``): one run at a time per output."""
+
+    stale_s: float  # a lock whose heartbeat is older is taken over (on its own host: once its process is gone)
+    heartbeat_s: float
+    settle_s: float  # object stores: the wait before the lease is read back
 
 
 @dataclass
@@ -113,10 +126,12 @@ class PreprocessConfig:
     plan: PlanConfig
     decode: DecodeConfig
     writer: WriterConfig
+    lock: LockConfig
     stages: dict[str, Resources]  # the engine's own stages: probe, decode, sink
     annotators: dict[str, StageSpec]  # clip stages in order (run on the decoded frames)
     video_stages: dict[str, StageSpec]  # per-video stages, run in the writer on a whole video
     retry_failed: bool  # rerun videos whose failure was recorded by an earlier run
+    verify: Verify  # size | deep (also the checksums): how a run checks the parts earlier runs committed
     progress_interval_s: float
     max_videos: int | None  # process at most this many inputs (smoke runs)
 
@@ -161,6 +176,10 @@ def check(c: PreprocessConfig) -> None:
         "probe.min_seconds": (c.probe.min_seconds, 0, None, "seconds"),
         "probe.key_bytes": (c.probe.key_bytes, 1, None, "bytes hashed from each end of a file"),
         "probe.list_timeout_s": (c.probe.list_timeout_s, 1e-3, None, "seconds per manifest entry"),
+        "writer.commit_every_s": (c.writer.commit_every_s, 0, None, "seconds; 0 commits after every video"),
+        "lock.heartbeat_s": (c.lock.heartbeat_s, 1e-2, None, "seconds between heartbeats of the output's lock"),
+        "lock.stale_s": (c.lock.stale_s, 3 * c.lock.heartbeat_s, None, "seconds; at least 3 x lock.heartbeat_s"),
+        "lock.settle_s": (c.lock.settle_s, 0, None, "seconds"),
     }
     for key, (value, low, high, meaning) in ranges.items():
         if value is not None and (value < low or (high is not None and value > high)):

@@ -5,8 +5,10 @@ consolidates the output:
       → [annotator clip stages] → sink → shard writers (+ per-video stages) → index, report
 
 Every step is a Stage (``stage.py``; the engine's own in ``engine.py``, the annotators in ``annotators/``),
-checked when the pipeline is built and mapped onto Ray Data by ``adapter.map_stage``. The driver lists inputs
-and drops videos an earlier run committed (by source, size and mtime: no byte is read); ``probe + plan``
+checked when the pipeline is built and mapped onto Ray Data by ``adapter.map_stage``. The driver holds the output's
+lock for the whole run (``lock.py``: a second run is refused), retires committed parts whose tar is damaged (their
+videos are redone), lists inputs and drops videos an earlier run committed (by source, size and mtime: no byte is
+read); ``probe + plan``
 computes the content key and skips keys already committed under another name. Every row carries a status: a
 failure is recorded and passed along, never raised. The driver only sees small events (video finished, part
 committed) for progress.
@@ -27,9 +29,10 @@ from . import schema
 from .adapter import from_rows, map_stage, unpack
 from .config import ConfigError, PreprocessConfig
 from .engine import INPUT_COLUMNS, DecodeStage, ProbePlanStage, SinkStage, input_row
+from .lock import OutputLock
 from .shards import DATASET_FILE, FAILURES_FILE, INDEX_FILE, SHARD_DIR, SUMMARY_FILE
 from .stage import FAILED, OK, ClipStage, Stage, VideoStage, check_stages, load_stage, written_groups
-from .state import build_failures, build_index, load_committed, read_json, write_json, write_table
+from .state import build_failures, build_index, load_committed, read_json, retire_damaged, write_json, write_table
 from .storage import InputFile, Storage
 from .writer import ShardWriter, writer_name
 
@@ -122,9 +125,16 @@ def init_ray(cfg: PreprocessConfig):
     if address:
         ray.init(address=address, **kwargs)
     else:
-        # "local": a fresh Ray of our own, even if `ray start` left a cluster on this machine
+        # "local": a fresh Ray of our own, even if `ray start` left a cluster on this machine; the reaper ends its
+        # processes if this one is killed (Ray's fate sharing misses the agents, and workers finish their calls)
         ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=False, **kwargs)
+        from . import reaper
+        global _reaper
+        _reaper = reaper.start()
     return ray
+
+
+_reaper = None  # the local Ray's reaper process (see reaper.py)
 
 
 def check_reservations(cfg: PreprocessConfig, stages: list[Stage], cluster_cpus: float) -> float:
@@ -155,20 +165,28 @@ def unique_inputs(inputs: list[InputFile]) -> tuple[list[InputFile], list[InputF
 
 
 def run(cfg: PreprocessConfig, inputs: list[InputFile]) -> int:
-    """Run the whole job; returns the exit code (0: all good, 3: some inputs failed)."""
-    import ray
-    from ray.data import DataContext
-
+    """Run the whole job under the output's lock; returns the exit code (0: all good, 3: some inputs failed).
+    Raises ``OutputBusy`` (a ConfigError: exit 2) when another live run holds the output."""
     t_start = time.time()
     run_id = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + secrets.token_hex(2)
     storage = Storage(cfg.output)
     stages = build_stages(cfg, run_id)
+    with OutputLock(storage, run_id, cfg.lock) as lock:
+        return run_locked(cfg, inputs, storage, stages, run_id, lock, t_start)
+
+
+def run_locked(cfg: PreprocessConfig, inputs: list[InputFile], storage: Storage, stages: list[Stage], run_id: str,
+               lock: OutputLock, t_start: float) -> int:
+    """The run, once it holds the output."""
+    import ray
+    from ray.data import DataContext
+
     groups = written_groups(stages)
     check_dataset_file(storage, groups, cfg)
     inputs, listed_twice = unique_inputs(inputs)
     unlisted = [v for v in inputs if v.problem]  # manifest lines that name no readable file: recorded, skipped
     inputs = [v for v in inputs if not v.problem]
-    committed = load_committed(storage)
+    committed, retired = retire_damaged(storage, load_committed(storage), cfg.verify == "deep", run_id)
     finished = committed.finished(cfg.retry_failed)
     by_source = {(r["source"], int(r["source_size"]), float(r["source_mtime"])) for r in finished.to_dict("records")}
     todo = [v for v in inputs if (v.uri, v.size, v.mtime) not in by_source]
@@ -187,36 +205,44 @@ def run(cfg: PreprocessConfig, inputs: list[InputFile]) -> int:
         ctx.execution_options.preserve_order = False
         writers = [ray.remote(ShardWriter).options(
             name=writer_name(run_id, i), namespace=cfg.ray.namespace, num_cpus=cfg.writer.num_cpus,
-            max_concurrency=1).remote(cfg.output, i, run_id, cfg.writer.shard_bytes, groups, cfg.video_stages)
+            max_concurrency=1).remote(cfg.output, i, run_id, cfg.writer.shard_bytes, groups, cfg.video_stages,
+                                      cfg.writer.commit_every_s, lock.driver_check())
             for i in range(cfg.writer.num_writers)]
-        ray.get([w.__ray_ready__.remote() for w in writers])
-        probe = next(st for st in stages if isinstance(st, ProbePlanStage))
-        probe.finished_keys = frozenset(finished["video_key"]) if len(finished) else frozenset()
-        items = sorted(todo, key=lambda v: (-v.size, v.uri))  # long videos first: better packing
-        ds = from_rows([input_row(v) for v in items], num_blocks=max(1, min(len(items), 200)))
-        for st in mapped(stages):
-            ds = map_stage(ds, st)
-        progress = Progress(todo, cfg.progress_interval_s)
-        t_stream = time.time()
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            for row in unpack(batch):
-                ev = json.loads(row["event"])
-                events.append(ev)
-                if ev["event"] == "video":
-                    progress.video(ev)
-            progress.maybe_print()
-        for evs in ray.get([w.close.remote() for w in writers]):
-            events.extend(evs)
+        try:
+            ray.get([w.__ray_ready__.remote() for w in writers])
+            probe = next(st for st in stages if isinstance(st, ProbePlanStage))
+            probe.finished_keys = frozenset(finished["video_key"]) if len(finished) else frozenset()
+            items = sorted(todo, key=lambda v: (-v.size, v.uri))  # long videos first: better packing
+            ds = from_rows([input_row(v) for v in items], num_blocks=max(1, min(len(items), 200)))
+            for st in mapped(stages):
+                ds = map_stage(ds, st)
+            progress = Progress(todo, cfg.progress_interval_s)
+            t_stream = time.time()
+            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                lock.check()
+                for row in unpack(batch):
+                    ev = json.loads(row["event"])
+                    events.append(ev)
+                    if ev["event"] == "video":
+                        progress.video(ev)
+                progress.maybe_print()
+            for evs in ray.get([w.close.remote() for w in writers]):
+                events.extend(evs)
+        except Exception:
+            lock.check()  # a writer refused to commit because another run took the output: say that, in one line
+            raise
+        finally:
+            for w in writers:
+                ray.kill(w)
         stream_seconds = time.time() - t_stream
         progress.maybe_print(force=True)
-        for w in writers:
-            ray.kill(w)
         for ev in events:
             if ev["event"] == "timings":
                 stage_seconds.update(ev["stage_seconds"])
                 stage_frames.update(ev.get("stage_frames", {}))
 
     # ---- consolidate: index, failures, summary, report
+    lock.check()
     if storage.local and os.path.isdir(storage.path("_staging")) and not os.listdir(storage.path("_staging")):
         os.rmdir(storage.path("_staging"))
     committed = load_committed(storage, cleanup=False)
@@ -250,6 +276,8 @@ def run(cfg: PreprocessConfig, inputs: list[InputFile]) -> int:
         "dataset_clips": len(index), "dataset_shards": int(index["shard"].nunique()) if len(index) else 0,
         "dataset_bytes": int(sum(e["bytes"] for e in events if e["event"] == "commit")),
         "parts_committed_this_run": sum(e["event"] == "commit" for e in events),
+        "parts_retired": retired,  # {part: why}: damaged parts whose videos this run redid
+        "lock_taken_over": lock.took_over,  # the stale run whose lock this run took over, if any
         "stage_seconds": {k: round(v, 3) for k, v in stage_seconds.items()},
         "stage_frames": dict(stage_frames),
         "stage_frames_per_s": {k: round(stage_frames[k] / v, 2) for k, v in stage_seconds.items() if v > 0},

@@ -1,12 +1,14 @@
 """python preprocess/run.py [+cluster=prod] [input=...] [output=...]: raw videos → WebDataset shards.
 
 With no argument: local Ray, embedded annotators, built-in sample inputs. Exit code 0 when every
-input succeeded, 3 when some failed (see failures.parquet), 2 on a configuration error.
+input succeeded, 3 when some failed (see failures.parquet), 2 on a configuration error or when another
+run holds the output (its lock names it).
 """
 from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 
 if __package__ in (None, ""):  # `python preprocess/run.py` from a checkout
@@ -25,6 +27,7 @@ def main(dcfg: DictConfig) -> None:
     from preprocess import pipeline, samples
     from preprocess.storage import check_output, list_inputs
 
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind: the output's lock is released, Ray shut down
     try:
         cfg = to_config(dcfg)
         check_output(cfg.output)

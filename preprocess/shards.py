@@ -7,26 +7,42 @@ Layout of an output::
     dataset.json            schema version and field groups (written first; a rerun with another format is refused)
     shards/{part}.tar       WebDataset tar: members ``{key}.{field}.{ext}``, the members of a clip contiguous
     shards/{part}.parquet   the part's stats rows (one per clip and one per video, failures included), written
-                            after the tar: its existence is the part's commit
+                            after the tar: its existence is the part's commit; its parquet metadata holds the tar's
+                            size and sha256 (``PART_INFO_KEY``; parts written before have none)
     index.parquet           one row per committed clip (rebuilt from the stats files)
     failures.parquet        one row per failed video or clip
     summary.json            counts, hours, throughput of the last run
+    _lock.json              the lease of the run writing the output now (``lock.py``), deleted when it ends
+    _lock.guard             empty: local runs flock it to update the lease atomically
+    _retired/{part}.*       the stats file of a part retired as damaged (its videos were redone), and why
 """
 from __future__ import annotations
 
+import hashlib
+import io
+import json
 import tarfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import BinaryIO, Callable, Iterator
+from typing import TYPE_CHECKING, BinaryIO
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 DATASET_FILE = "dataset.json"
 INDEX_FILE = "index.parquet"
 FAILURES_FILE = "failures.parquet"
 SUMMARY_FILE = "summary.json"
 SHARD_DIR = "shards"
+LOCK_FILE, LOCK_GUARD = "_lock.json", "_lock.guard"
+RETIRED_DIR = "_retired"
 TAR_SUFFIX, STATS_SUFFIX = ".tar", ".parquet"
 
 # what a broken or truncated tar stream raises while it is read
 TAR_ERRORS = (tarfile.TarError, OSError, EOFError, ValueError)
+
+
+PART_INFO_KEY = b"dreamactor.part"  # key of a stats file's parquet metadata: {"tar_bytes", "tar_sha256"}
 
 
 def tar_path(part: str) -> str:
@@ -37,6 +53,35 @@ def tar_path(part: str) -> str:
 def stats_path(part: str) -> str:
     """A part's stats file (its commit), relative to the output."""
     return f"{SHARD_DIR}/{part}{STATS_SUFFIX}"
+
+
+def digest(fileobj: BinaryIO) -> str:
+    """sha256 (hex) of a stream read to its end, 1 MiB at a time: a part's checksum."""
+    h = hashlib.sha256()
+    while chunk := fileobj.read(1 << 20):
+        h.update(chunk)
+    return h.hexdigest()
+
+
+def encode_stats(stats: pd.DataFrame, info: dict) -> bytes:
+    """A part's stats file: its rows, and ``info`` (the tar's size and checksum) in the parquet metadata."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.Table.from_pandas(stats, preserve_index=False)
+    table = table.replace_schema_metadata({**(table.schema.metadata or {}), PART_INFO_KEY: json.dumps(info)})
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    return buf.getvalue()
+
+
+def decode_stats(data: bytes) -> tuple[pd.DataFrame, dict]:
+    """(rows, part info) of a stats file; the info is {} for a part written before parts recorded it."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(io.BytesIO(data))
+    info = (table.schema.metadata or {}).get(PART_INFO_KEY)
+    return table.to_pandas(), (json.loads(info) if info else {})
 
 
 @dataclass

@@ -77,9 +77,13 @@ class Storage:
 
     def list(self, rel: str, suffix: str = "") -> list[str]:
         """Names (relative to ``rel``) of the files directly in ``rel`` ending with ``suffix``."""
+        return sorted(n for n in self.sizes(rel) if n.endswith(suffix))
+
+    def sizes(self, rel: str) -> dict[str, int]:
+        """{name: bytes} of the files directly in ``rel`` (one listing; no request per file)."""
         sel = pafs.FileSelector(self.path(rel), allow_not_found=True, recursive=False)
-        return sorted(posixpath.basename(i.path) for i in self.fs.get_file_info(sel)
-                      if i.type == pafs.FileType.File and i.path.endswith(suffix))
+        return {posixpath.basename(i.path): int(i.size) for i in self.fs.get_file_info(sel)
+                if i.type == pafs.FileType.File}
 
     def read_bytes(self, rel: str) -> bytes:
         with self.fs.open_input_stream(self.path(rel)) as f:

@@ -3,8 +3,9 @@
 Checks: each tar reads to its end; member names are ``{key}.{field}`` with well-formed keys; each
 sample's members are contiguous and keys are unique across shards; every required field of the
 dataset's groups is present with the schema's dtype and shape; the index and the shards' stats files
-agree with the tars; no uncommitted tar is lying around. ``--deep`` also decodes every clip video and
-compares its frame count with ``meta.n_frames``. Exits 1 and names every problem found.
+agree with the tars; each tar has the size its stats file committed; no uncommitted tar is lying around.
+``--deep`` also decodes every clip video and compares its frame count with ``meta.n_frames``, and each tar's
+sha256 with the committed one. Exits 1 and names every problem found.
 """
 from __future__ import annotations
 
@@ -16,9 +17,18 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from preprocess import schema
-from preprocess.shards import (DATASET_FILE, INDEX_FILE, SHARD_DIR, STATS_SUFFIX, TAR_ERRORS, TAR_SUFFIX, iter_members,
-                               stats_path)
-from preprocess.state import read_json, read_table
+from preprocess.shards import (
+    DATASET_FILE,
+    INDEX_FILE,
+    SHARD_DIR,
+    STATS_SUFFIX,
+    TAR_ERRORS,
+    TAR_SUFFIX,
+    decode_stats,
+    iter_members,
+    stats_path,
+)
+from preprocess.state import check_part, read_json, read_table
 from preprocess.storage import Storage
 
 
@@ -115,7 +125,8 @@ def validate(output: str, deep: bool = False, log=print) -> list[str]:
         return [f"{DATASET_FILE}: schema_version {ds.get('schema_version')}, this code reads {schema.SCHEMA_VERSION}"]
     fields = schema.fields_of(ds.get("groups", ["clip"]))
     problems: list[str] = []
-    names = storage.list(SHARD_DIR)
+    sizes = storage.sizes(SHARD_DIR)
+    names = sorted(sizes)
     tars = [n for n in names if n.endswith(TAR_SUFFIX)]
     committed = {n[:-len(STATS_SUFFIX)] for n in names if n.endswith(STATS_SUFFIX)}
     for n in names:
@@ -133,7 +144,10 @@ def validate(output: str, deep: bool = False, log=print) -> list[str]:
     # the index and the stats files against the tars
     want: dict[str, set[str]] = defaultdict(set)
     for part in sorted(committed):
-        st = read_table(storage, stats_path(part))
+        st, info = decode_stats(storage.read_bytes(stats_path(part)))
+        why = check_part(storage, part, info, sizes.get(f"{part}{TAR_SUFFIX}"), set(), deep) if info else None
+        if why:
+            problems.append(f"{why}; rerun preprocess to redo its videos")
         ok = st[(st["kind"] == "clip") & (st["status"] == "ok")] if len(st) else st
         for k, sh in zip(ok.get("key", []), ok.get("shard", [])):
             want[sh].add(k)

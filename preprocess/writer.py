@@ -2,18 +2,27 @@
 
 A writer (a Ray actor; several run side by side, each video routed to one by its key) buffers the
 rows of a video until every planned clip has arrived, runs the per-video stages (references) on
-them, then appends the video's samples to its open tar. A video never spans two tars. When the tar
-reaches ``shard_bytes`` it is closed under a temporary name, published by rename, and then its
-stats file ``{part}.parquet`` (one row per clip and one per video, failures included) is written:
-that file, written last, is the commit. On a rerun, videos listed in a stats file are finished;
-a tar with no stats file is debris of a killed run and is deleted (see ``state.py``).
+them, then appends the video's samples to its open tar. A video never spans two tars. At the first
+video boundary after the tar reaches ``shard_bytes``, or after its oldest video has waited
+``commit_every_s`` (checked by a background thread too, so no further video is needed), the tar is
+closed under a temporary name, published by rename, and then its stats file ``{part}.parquet`` (one
+row per clip and one per video, failures included; the tar's size and sha256 in its metadata) is
+written: that file, written last, is the commit. So kill -9 loses the videos in flight and at most
+``commit_every_s`` of finished ones. On a rerun, videos listed in a stats file are finished; a tar
+with no stats file is debris of a killed run and is deleted (see ``state.py``).
+
+Before publishing, a writer asks whether its run still owns the output (``lock.driver_gone``: the
+driver's process, the lease's owner and heartbeat); once it does not, the writer discards its open
+part and commits nothing more: a writer orphaned by a dead driver cannot race the run that follows.
 """
 from __future__ import annotations
 
 import io
 import json
 import os
+import sys
 import tarfile
+import threading
 import time
 import traceback
 from collections import Counter
@@ -23,9 +32,18 @@ import pandas as pd
 
 from . import schema
 from .config import StageSpec
-from .shards import SHARD_DIR, TAR_SUFFIX, stats_path, tar_path
+from .lock import DriverCheck
+from .shards import SHARD_DIR, TAR_SUFFIX, digest, encode_stats, stats_path, tar_path
 from .stage import FAILED, OK, SKIPPED, VideoStage, fail, load_stage
 from .storage import Storage
+
+TICK_S = 1.0  # how often the background thread looks at the open part's age
+DRIVER_CHECK_S = 5.0  # and, at most this often, at the driver
+
+
+class DriverGone(RuntimeError):
+    """The run this writer works for no longer owns the output (driver dead, or taken over): nothing more is
+    committed."""
 
 
 def writer_name(run_id: str, i: int) -> str:
@@ -72,7 +90,10 @@ class ShardWriter:
     """Writes the shards of one writer id; used as a Ray actor (the pipeline starts them, the sink stage feeds them)."""
 
     def __init__(self, output: str, writer_id: int, run_id: str, shard_bytes: int, groups: list[str],
-                 video_stages: dict[str, StageSpec]):
+                 video_stages: dict[str, StageSpec], commit_every_s: float | None = None,
+                 driver: DriverCheck | None = None):
+        """``commit_every_s`` None: parts close on size only; ``driver`` None: no liveness check (a writer used
+        outside a run, e.g. by tests)."""
         self.storage = Storage(output)
         self.storage.makedirs(SHARD_DIR)
         self.staging = self.storage.staging_dir()
@@ -91,13 +112,34 @@ class ShardWriter:
         self.tar_path = ""
         self.tar_bytes = 0
         self.records: list[dict] = []  # stats rows of the open part
+        self.open_since: float | None = None  # monotonic time the open part's oldest video finished
         self.stage_seconds: Counter = Counter()
         self.stage_frames: Counter = Counter()
+        self.commit_every_s, self.driver = commit_every_s, driver
+        self.stopped: str | None = None  # why this writer stopped committing (its run is over)
+        self.error: Exception | None = None  # a commit of the background thread that failed: raised by the next call
+        self.spilled: list[dict] = []  # events of background commits, returned by the next call
+        self._lock = threading.RLock()  # the actor's calls and the background thread
+        self._closed = threading.Event()
+        if commit_every_s is not None or driver is not None:
+            threading.Thread(target=self._watch, name=f"writer-{writer_id}-watch", daemon=True).start()
 
     # ---- receiving rows -------------------------------------------------------------------
     def add(self, rows: list[dict]) -> list[dict]:
         """Take rows (any order, any video); returns events for finished videos and commits."""
-        events: list[dict] = []
+        with self._lock:
+            self._raise_if_over()
+            events, self.spilled = self.spilled, []
+            self._add(rows, events)
+            return events
+
+    def _raise_if_over(self) -> None:
+        if self.stopped:
+            raise DriverGone(f"shard writer {self.writer_id}: {self.stopped}; it commits nothing more")
+        if self.error is not None:
+            raise self.error
+
+    def _add(self, rows: list[dict], events: list[dict]) -> None:
         for row in rows:
             if row["status"] == SKIPPED:
                 continue
@@ -113,7 +155,6 @@ class ShardWriter:
             self.pending.setdefault(vk, []).append(row)
             if len(self.pending[vk]) >= max(1, int(row.get("n_clips", 1))) or row["kind"] == "video":
                 events.extend(self._finish_video(self.pending.pop(vk)))
-        return events
 
     def _record_video(self, row: dict, status: str, error_class: str, message: str, n_clips: int,
                       dup: bool = False) -> dict:
@@ -125,6 +166,8 @@ class ShardWriter:
                "clips_dropped": json.dumps(row.get("dropped", {}))}
         if not dup:  # a duplicate input is reported, not committed (its twin is)
             self.records.append(rec)
+            if self.open_since is None:
+                self.open_since = time.monotonic()
         return {"event": "video", **{k: rec[k] for k in ("video_key", "source", "status", "error_class",
                                                           "source_seconds", "n_clips")},
                 "source_size": rec["source_size"], "dropped": row.get("dropped", {})}
@@ -167,9 +210,59 @@ class ShardWriter:
             head = dict(head, error_stage=stage)
             ev = self._record_video(head, FAILED, cls, msg, 0)
         events = [ev]
-        if self.tar is not None and self.tar_bytes >= self.shard_bytes:
+        if self._due():
             events.append(self.commit())
         return events
+
+    def _due(self) -> bool:
+        """The open part is committed now: its tar is full, or its oldest video has waited commit_every_s."""
+        if self.tar is not None and self.tar_bytes >= self.shard_bytes:
+            return True
+        return (self.commit_every_s is not None and self.open_since is not None
+                and time.monotonic() - self.open_since >= self.commit_every_s)
+
+    def _watch(self) -> None:
+        """Background thread: commit a part whose oldest video has waited commit_every_s (also when no other
+        video arrives), and stop for good once the run is over (checked every DRIVER_CHECK_S)."""
+        checked = time.monotonic()
+        while not self._closed.wait(TICK_S):
+            with self._lock:
+                if self.stopped or self.error is not None or self._closed.is_set():
+                    return
+                try:
+                    if self.driver is not None and time.monotonic() - checked >= DRIVER_CHECK_S:
+                        checked = time.monotonic()
+                        self._check_driver()
+                    if self._due():
+                        self.spilled.append(self.commit())
+                except DriverGone:
+                    return
+                except Exception as e:  # noqa: BLE001 - a store error: the next call of the actor raises it
+                    self.error = e
+                    return
+
+    def _check_driver(self, published: str | None = None) -> None:
+        """Raise DriverGone (after discarding the open part and a tar ``published`` just now) once the run is
+        over."""
+        why = self.driver.gone(self.storage) if self.driver is not None else None
+        if why is None:
+            return
+        if published:
+            self.storage.delete(tar_path(published))
+        n_videos = sum(r["kind"] == "video" for r in self.records)
+        self._discard()
+        self.stopped = why
+        print(f"[writer {self.writer_id}] {why}: its open part ({n_videos} finished videos) is discarded and "
+              "nothing more is committed", file=sys.stderr, flush=True)
+        raise DriverGone(f"shard writer {self.writer_id}: {why}")
+
+    def _discard(self) -> None:
+        if self.tar is not None:
+            self.tar.close()
+            self.tar = None
+        if self.tar_path and os.path.exists(self.tar_path):
+            os.unlink(self.tar_path)
+        self.records, self.open_since = [], None
 
     # ---- writing -------------------------------------------------------------------------
     def _open(self) -> None:
@@ -209,27 +302,38 @@ class ShardWriter:
         return rec
 
     def commit(self) -> dict:
-        """Publish the open part: tar renamed into place, then the stats file (the commit)."""
-        name = part_name(self.run_id, self.writer_id, self.seq)
-        n_clips = sum(r["kind"] == "clip" and r["status"] == OK for r in self.records)
-        nbytes = 0
-        if self.tar is not None:
-            self.tar.close()
-            nbytes = os.path.getsize(self.tar_path)
-            self.storage.put_file(self.tar_path, tar_path(name))
-            self.tar = None
-        stats = pd.DataFrame(self.records)
-        buf = io.BytesIO()
-        stats.to_parquet(buf, index=False)
-        self.storage.write_bytes(stats_path(name), buf.getvalue())
-        self.records = []
-        self.seq += 1
-        return {"event": "commit", "part": name, "clips": n_clips, "bytes": nbytes}
+        """Publish the open part: tar renamed into place, then the stats file (the commit) with the tar's size
+        and sha256. The driver is asked first, and again just before the stats file."""
+        with self._lock:
+            name = part_name(self.run_id, self.writer_id, self.seq)
+            n_clips = sum(r["kind"] == "clip" and r["status"] == OK for r in self.records)
+            info = {"tar_bytes": 0, "tar_sha256": None}  # a part of failures only has no tar
+            if self.tar is not None:
+                self.tar.close()
+                self.tar = None
+                with open(self.tar_path, "rb") as f:
+                    info = {"tar_bytes": os.path.getsize(self.tar_path), "tar_sha256": digest(f)}
+                self._check_driver()
+                self.storage.put_file(self.tar_path, tar_path(name))
+                self._check_driver(published=name)
+            else:
+                self._check_driver()
+            self.storage.write_bytes(stats_path(name), encode_stats(pd.DataFrame(self.records), info))
+            self.records, self.open_since = [], None
+            self.seq += 1
+            return {"event": "commit", "part": name, "clips": n_clips, "bytes": info["tar_bytes"]}
 
     def close(self) -> list[dict]:
         """Finish: videos still missing clips fail (their clips were lost with a crashed worker), and
         the last part is committed. Returns events and the writer's stage timings."""
-        events = []
+        with self._lock:
+            self._closed.set()
+            self._raise_if_over()
+            events, self.spilled = self.spilled, []
+            self._close(events)
+            return events
+
+    def _close(self, events: list[dict]) -> None:
         for rows in list(self.pending.values()):
             head = rows[0]
             want = int(head.get("n_clips", len(rows)))
@@ -243,4 +347,3 @@ class ShardWriter:
             events.append(self.commit())
         events.append({"event": "timings", "stage_seconds": dict(self.stage_seconds),
                        "stage_frames": dict(self.stage_frames)})
-        return events

@@ -1,6 +1,7 @@
 """The command as users type it: exit codes, config errors, the prod config, kill -9 and resume."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -121,6 +122,20 @@ def test_prod_profile_composes_to_a_valid_config(monkeypatch):
     assert to_config(compose("preprocess", ["annotators=none", "+cluster=prod"])).annotators == {}
 
 
+@pytest.mark.parametrize("override,needle", [
+    ("writer.commit_every_s=-1", "writer.commit_every_s=-1.0 is out of range"),
+    ("lock.stale_s=1", "lock.stale_s=1.0 is out of range: use a value >= 30.0"),
+    ("lock.heartbeat_s=0", "lock.heartbeat_s=0.0 is out of range"),
+    ("verify=full", "verify='full': use one of size, deep"),
+])
+def test_lock_commit_and_verify_keys_are_checked(override, needle):
+    from preprocess.config import ConfigError, to_config
+    from tests.conftest import compose
+
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        to_config(compose("preprocess", [override]))
+
+
 def test_a_run_where_every_input_fails_writes_its_outputs(tmp_path):
     """Every input fails before any clip exists (not a video, empty file): the run still writes an empty index,
     the failures and the summary, exits 3, and a rerun neither crashes nor redoes the recorded failures."""
@@ -166,3 +181,118 @@ def test_a_clean_run_prints_no_traceback(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     text = r.stdout + r.stderr
     assert "Traceback" not in text and "KeyError" not in text and "died unexpectedly" not in text, text[-3000:]
+
+
+def _args(d, out, *extra) -> list[str]:
+    """Engine-only args with a progress line after every batch of events."""
+    return [f"input={d}", f"output={out}", *(a for a in ENGINE_OVERRIDES if not a.startswith("progress_interval_s")),
+            "progress_interval_s=0", "ray.num_cpus=2", *extra]
+
+
+def _committed_videos(out) -> set[str]:
+    import pandas as pd
+    stats = [pd.read_parquet(p) for p in (out / "shards").glob("*.parquet")]
+    return set(pd.concat(stats).query("kind == 'video'")["video_key"]) if stats else set()
+
+
+def test_kill_9_loses_only_the_videos_in_flight(tmp_path):
+    """writer.commit_every_s=0: every video is committed before the driver reports it. kill -9 of the whole job once
+    videos are reported: none of them is redone; the rerun redoes exactly the uncommitted (in-flight) ones, takes
+    over the dead run's lock, and leaves every key once (issue 17: before, the open 16 MiB shard was lost whole)."""
+    import threading
+
+    import pandas as pd
+
+    n = 8
+    d = tmp_path / "in"
+    make_corpus(d, n_good=n)
+    out = tmp_path / "out"
+    args = _args(d, out, "writer.commit_every_s=0")  # writer.shard_bytes stays 16 MiB: one part would hold them all
+    proc = subprocess.Popen([sys.executable, str(ROOT / "preprocess" / "run.py"), *args], cwd=ROOT, text=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    reported, enough = [0], threading.Event()
+
+    def follow():
+        for line in proc.stderr:
+            if m := re.search(r"videos (\d+)/", line):
+                reported[0] = int(m.group(1))
+                if reported[0] >= 2:
+                    enough.set()
+
+    threading.Thread(target=follow, daemon=True).start()
+    assert enough.wait(300), "no video was reported done"
+    os.killpg(proc.pid, signal.SIGKILL)  # the whole job: driver, local Ray, writers
+    proc.wait()
+    done = reported[0]
+    if done == n:
+        pytest.skip("the run finished before it could be killed")
+    committed = _committed_videos(out)
+    assert len(committed) >= done  # no video reported done was lost
+
+    r = run_cli(args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "taking over the lock of run" in r.stdout + r.stderr and "is gone" in r.stdout + r.stderr
+    s = json.loads((out / "summary.json").read_text())
+    assert s["videos_done"] == n - len(committed) and s["skipped_already_done"] == len(committed)
+    index = pd.read_parquet(out / "index.parquet")
+    assert index["video_key"].nunique() == n and not index["key"].duplicated().any()  # 0 missing, 0 twice
+    assert validate(str(out), log=lambda *_: None) == []
+
+
+def test_two_runs_on_one_output_at_once(tmp_path):
+    """Two runs started together on one output: one runs, the other is refused with one line naming the holder
+    (host, pid, run id, heartbeat age) and exit 2; the dataset is whole (issue 17: before, each deleted the other's
+    staging files)."""
+    d = tmp_path / "in"
+    make_corpus(d, n_good=3)
+    out = tmp_path / "out"
+    procs = [subprocess.Popen([sys.executable, str(ROOT / "preprocess" / "run.py"), *_args(d, out)], cwd=ROOT,
+                              text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
+    results = [(p, *p.communicate(timeout=600)) for p in procs]
+    codes = sorted(p.returncode for p, _, _ in results)
+    assert codes == [0, 2], [e[-2000:] for _, _, e in results]
+    (winner, _, _), (_, _, refused) = sorted(results, key=lambda r: r[0].returncode)
+    errors = [ln for ln in refused.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in refused
+    assert f"output={out} is in use by run " in errors[0] and f"pid {winner.pid}, heartbeat " in errors[0]
+    assert "host " in errors[0] and "lock.stale_s" in errors[0]
+    assert len(index_keys(out)) == 3 and not (out / "_lock.json").exists()
+    assert validate(str(out), log=lambda *_: None) == []
+
+
+def test_a_killed_driver_leaves_no_committing_writer_and_no_process(tmp_path):
+    """kill -9 of the driver alone: its writers commit nothing more (they check the driver before every commit) and
+    every process the run started ends within seconds (the reaper of the local Ray); a rerun completes the dataset.
+    Before: an orphaned writer committed every remaining part, and Ray's agents lived on."""
+    from preprocess.reaper import alive, descendants
+
+    d = tmp_path / "in"
+    make_corpus(d, n_good=8)
+    out = tmp_path / "out"
+    args = _args(d, out, "writer.shard_bytes=1024")  # a commit per video
+    proc = subprocess.Popen([sys.executable, str(ROOT / "preprocess" / "run.py"), *args], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    seen: dict[int, str] = {}
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not _committed_videos(out):
+        seen.update(descendants({proc.pid}))
+        time.sleep(0.1)
+    seen.update(descendants({proc.pid}))
+    assert proc.poll() is None, "the run finished before it could be killed"
+    at_kill = len(list((out / "shards").glob("*.parquet")))
+    os.kill(proc.pid, signal.SIGKILL)  # the driver only
+    proc.wait()
+    deadline = time.time() + 20
+    while alive(seen) and time.time() < deadline:
+        time.sleep(0.2)
+    left = alive(seen)
+    try:
+        assert not left, f"{len(left)} processes outlived the driver"
+        time.sleep(2)
+        assert len(list((out / "shards").glob("*.parquet"))) <= at_kill + 1  # at most the commit under way
+    finally:
+        for pid in left:
+            os.kill(pid, signal.SIGKILL)
+    r = run_cli(args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert len(index_keys(out)) == 8 and validate(str(out), log=lambda *_: None) == []

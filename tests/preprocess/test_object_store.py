@@ -9,23 +9,6 @@ from tests.preprocess.helpers import ENGINE_OVERRIDES, index_keys, make_corpus, 
 moto_server = pytest.importorskip("moto.server")
 
 
-@pytest.fixture()
-def s3(monkeypatch):
-    srv = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    srv.start()
-    host, port = srv.get_host_and_port()
-    env = dict(AWS_ACCESS_KEY_ID="test", AWS_SECRET_ACCESS_KEY="test", AWS_DEFAULT_REGION="us-east-1",
-               AWS_ENDPOINT_URL=f"http://{host}:{port}")
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)
-    import boto3
-    client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"])
-    for b in ("raw", "shards"):
-        client.create_bucket(Bucket=b)
-    yield client
-    srv.stop()
-
-
 def test_s3_input_and_output(s3, ray_local, tmp_path):
     import os
     files = make_corpus(tmp_path / "in", n_good=3)
@@ -52,3 +35,40 @@ def test_s3_input_and_output(s3, ray_local, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads(s3.get_object(Bucket="shards", Key="v1/summary.json")["Body"].read())
     assert summary["skipped_already_done"] == 3 and summary["videos_done"] == 0
+
+
+def test_damaged_parts_on_s3_are_found_and_retired(s3):
+    """Parts record their tar's size and sha256 on an object store too; a truncated, a deleted and a changed tar are
+    found (the last by its checksum only) and retired: stats file moved to _retired/, tar deleted, index rewritten."""
+    from preprocess.shards import INDEX_FILE
+    from preprocess.state import damaged_parts, load_committed, read_table, retire_damaged
+    from preprocess.storage import Storage
+    from preprocess.writer import ShardWriter
+    from tests.preprocess.test_writer import video_rows
+
+    w = ShardWriter("s3://shards/damaged", 0, "run", 16 << 20, [], {}, commit_every_s=0)
+    for i in range(4):
+        w.add(video_rows(i))
+    w.close()
+    storage = Storage("s3://shards/damaged")
+    committed = load_committed(storage)
+    assert len(committed.parts) == 4 and all(committed.info[p]["tar_bytes"] > 0 for p in committed.parts)
+    cut, gone, changed, whole = committed.parts
+
+    def tar(part: str) -> str:
+        return f"damaged/shards/{part}.tar"
+
+    body = s3.get_object(Bucket="shards", Key=tar(cut))["Body"].read()
+    s3.put_object(Bucket="shards", Key=tar(cut), Body=body[:1000])
+    s3.delete_object(Bucket="shards", Key=tar(gone))
+    body = bytearray(s3.get_object(Bucket="shards", Key=tar(changed))["Body"].read())
+    body[700:704] = b"oops"
+    s3.put_object(Bucket="shards", Key=tar(changed), Body=bytes(body))
+    assert sorted(damaged_parts(storage, committed, deep=False)) == sorted([cut, gone])
+    left, retired = retire_damaged(storage, committed, deep=True, run_id="rerun")
+    assert sorted(retired) == sorted([cut, gone, changed]) and "sha256" in retired[changed]
+    assert load_committed(storage).parts == left.parts == [whole]
+    assert set(read_table(storage, INDEX_FILE)["shard"]) == {f"{whole}.tar"}
+    listed = {o["Key"] for o in s3.list_objects_v2(Bucket="shards", Prefix="damaged/")["Contents"]}
+    assert {f"damaged/_retired/{p}.parquet" for p in (cut, gone, changed)} <= listed
+    assert not {tar(cut), tar(changed)} & listed

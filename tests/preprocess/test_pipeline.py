@@ -164,3 +164,44 @@ def test_a_manifest_line_naming_no_readable_store_is_a_failure_not_a_dead_run(ra
     row = f[f["source"] == "foo://bucket/clip.mp4"].iloc[0]
     assert (row["stage"], row["error_class"]) == ("list", "unsupported_uri") and "foo://" in row["error_message"]
     assert _summary(out)["inputs_unreadable_entries"] == 1 and len(index_keys(out)) >= 1
+
+
+def test_a_damaged_committed_part_is_redone_into_a_new_part(ray_local, tmp_path):
+    """A committed tar truncated, deleted or changed afterwards: the rerun retires its part (the index never lists
+    it again) and redoes its videos into a new part; same-size damage is found by verify=deep (issue 17)."""
+    d = tmp_path / "in"
+    make_corpus(d, n_good=3)
+    out = tmp_path / "out"
+    args = ["writer.shard_bytes=1024"]  # one part per video
+    assert run_inprocess(str(d), str(out), args) == 0
+    want = index_keys(out)
+    index = pd.read_parquet(out / "index.parquet")
+    tars = sorted(index["shard"].unique())
+    assert len(tars) == 3
+    cut, gone, changed = (out / "shards" / t for t in tars)
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
+    gone.unlink()
+    problems = validate(str(out), log=lambda *_: None)
+    assert any(cut.name in p and "were committed" in p for p in problems)
+    assert any(gone.name in p and "missing" in p for p in problems)
+
+    assert run_inprocess(str(d), str(out), args) == 0
+    s = _summary(out)
+    assert sorted(s["parts_retired"]) == sorted(t[: -len(".tar")] for t in (cut.name, gone.name))
+    assert s["videos_done"] == 2 and s["skipped_already_done"] == 1
+    index = pd.read_parquet(out / "index.parquet")
+    assert sorted(index["key"]) == want and not set(index["shard"]) & {cut.name, gone.name}
+    assert len(list((out / "_retired").glob("*.parquet"))) == 2
+    assert validate(str(out), deep=True, log=lambda *_: None) == []
+
+    data = bytearray(changed.read_bytes())  # same size, other bytes: only the checksum sees it
+    data[1000:1010] = b"x" * 10
+    changed.write_bytes(bytes(data))
+    assert run_inprocess(str(d), str(out), args) == 0
+    assert _summary(out)["videos_done"] == 0  # verify=size: the sizes agree
+    assert any("sha256" in p for p in validate(str(out), deep=True, log=lambda *_: None))
+    assert run_inprocess(str(d), str(out), [*args, "verify=deep"]) == 0
+    s = _summary(out)
+    assert list(s["parts_retired"]) == [changed.name[: -len(".tar")]] and s["videos_done"] == 1
+    assert index_keys(out) == want
+    assert validate(str(out), deep=True, log=lambda *_: None) == []

@@ -54,3 +54,24 @@ def test_members_are_streamed_with_a_selection(tmp_path):
         members = list(iter_members(f, select=lambda k, m: m.startswith("meta")))
     assert members and all(m.is_file and m.key for m in members)
     assert all((m.data is not None) == m.member.startswith("meta") for m in members)
+
+
+def test_parts_written_before_sizes_were_recorded_are_verified_as_they_can_be(tmp_path):
+    """The fixture's part has no recorded size or checksum: it is read as before; a rerun can still tell that its tar
+    is missing, and (verify=deep) that it is truncated."""
+    from preprocess.state import damaged_parts, load_committed
+    from preprocess.storage import Storage
+
+    out = tmp_path / "ds"
+    shutil.copytree(FIXTURE, out)
+    storage = Storage(str(out))
+    committed = load_committed(storage, cleanup=False)
+    (part,) = committed.parts
+    assert committed.info == {part: {}}
+    assert damaged_parts(storage, committed, deep=False) == {} and damaged_parts(storage, committed, deep=True) == {}
+    tar = out / SHARD_DIR / f"{part}.tar"
+    tar.write_bytes(tar.read_bytes()[: tar.stat().st_size // 2])
+    assert damaged_parts(storage, committed, deep=False) == {}  # no recorded size to compare with
+    assert "truncated" in damaged_parts(storage, committed, deep=True)[part]
+    tar.unlink()
+    assert "missing" in damaged_parts(storage, committed, deep=False)[part]
