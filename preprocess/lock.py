@@ -97,17 +97,27 @@ class Holder:
         return Holder(run_id, secrets.token_hex(8), socket.gethostname(), machine_id(), pid, process_start(pid))
 
 
-def read_lease(storage: Storage) -> dict | None:
-    """The lease at ``output/_lock.json``: None when there is none, {} when it does not parse."""
-    try:
-        data = storage.read_bytes(LOCK_FILE)
-    except FileNotFoundError:
-        return None
-    try:
-        lease = json.loads(data)
-        return lease if isinstance(lease, dict) and "token" in lease else {}
-    except ValueError:
-        return {}
+LEASE_BYTES = 1024  # every lease is padded to this size: see read_lease
+
+
+def read_lease(storage: Storage, attempts: int = 3) -> dict | None:
+    """The lease at ``output/_lock.json``: None when there is none, {} when it does not parse (``attempts`` reads
+    0.1 s apart). pyarrow reads an object as HEAD (its size) then GET: a lease rewritten in between with another
+    length would be cut, hence leases of one fixed size, and a second look at what does not parse."""
+    for attempt in range(attempts):
+        try:
+            data = storage.read_bytes(LOCK_FILE)
+        except FileNotFoundError:
+            return None
+        try:
+            lease = json.loads(data)
+            if isinstance(lease, dict) and "token" in lease:
+                return lease
+        except ValueError:
+            pass
+        if attempt + 1 < attempts:
+            time.sleep(0.1)
+    return {}
 
 
 def heartbeat_age(lease: dict, now: float | None = None) -> float:
@@ -215,7 +225,8 @@ class OutputLock:
 
     def _write(self) -> None:
         lease = {**asdict(self.holder), "output": self.storage.uri, "started": self._started, "heartbeat": time.time()}
-        self.storage.write_bytes(LOCK_FILE, json.dumps(lease, indent=1).encode())
+        data = json.dumps(lease, indent=1).encode()
+        self.storage.write_bytes(LOCK_FILE, data + b" " * (LEASE_BYTES - len(data)))
 
     def _busy(self, lease: dict | None, why: str = "") -> OutputBusy:
         return OutputBusy(f"output={self.storage.uri} is in use by {describe(lease)}{why}: wait for that run to finish, "
@@ -246,7 +257,7 @@ class OutputLock:
             try:
                 with self._guard():
                     lease = read_lease(self.storage)
-                    if not lease or lease.get("token") != self.holder.token:
+                    if lease is None or (lease and lease.get("token") != self.holder.token):
                         self.lost = ("its lock file was deleted" if lease is None
                                      else f"it was taken over by {describe(lease)}")
                         log.error("output=%s: this run lost its lock (%s); it stops", self.storage.uri, self.lost)

@@ -146,3 +146,19 @@ def test_writers_see_a_dead_driver(tmp_path):
     assert "taken over" in driver_gone(storage, replace(me, token="0" * 16), CFG.stale_s)
     storage.delete(LOCK_FILE)
     assert "released" in driver_gone(storage, me, CFG.stale_s)
+
+
+def test_a_run_that_fails_releases_the_lock(tmp_path):
+    """The lock is released on errors too: here the output holds a dataset of another format (refused before Ray)."""
+    from preprocess import pipeline
+    from preprocess.config import ConfigError, to_config
+    from tests.conftest import compose
+    from tests.preprocess.helpers import ENGINE_OVERRIDES
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "dataset.json").write_text(json.dumps({"schema_version": -1}))
+    cfg = to_config(compose("preprocess", [f"input={tmp_path}", f"output={out}", *ENGINE_OVERRIDES]))
+    with pytest.raises(ConfigError, match="schema_version"):
+        pipeline.run(cfg, [])
+    assert not (out / LOCK_FILE).exists()

@@ -56,7 +56,7 @@ def test_each_video_is_committed_before_it_is_reported(tmp_path):
 
 
 def test_a_part_is_committed_once_its_oldest_video_waited_commit_every_s(tmp_path):
-    w = ShardWriter(str(tmp_path), 0, "run", 16 << 20, [], {}, commit_every_s=0.5)
+    w = ShardWriter(str(tmp_path), 0, "run", 16 << 20, [], {}, commit_every_s=2.0)
     assert [e["event"] for e in w.add(video_rows(0))] == ["video"]  # within the budget: the part stays open
     assert [e["event"] for e in w.add(video_rows(1))] == ["video"]
     deadline = time.time() + 10
