@@ -48,16 +48,16 @@ def make_dataset(inputs: Path, out: Path, n_videos: int, n_frames: int, min_fram
                  grain: float) -> Path:
     """Source videos from shipped photos (+ temporal grain, so the bitrate is not that of a still), then
     ``preprocess`` with the embedded annotators at a 1280 px long side."""
-    from preprocess import pipeline, samples
+    from preprocess import demo_media, pipeline
     from preprocess.config import to_config
     from preprocess.storage import list_inputs
 
     g = np.random.default_rng(0)
     for i in range(n_videos):
         photo, motion = SOURCES[i % len(SOURCES)]
-        frames, _ = samples.render_motion(samples.load_photo(photo), size, n_frames, samples.Motion(**motion))
+        frames, _ = demo_media.render_motion(demo_media.load_photo(photo), size, n_frames, demo_media.Motion(**motion))
         noisy = np.clip(frames + g.normal(0, grain, frames.shape), 0, 255).astype(np.uint8)
-        samples.write_video(inputs / f"v{i}.mp4", noisy, 25.0)
+        demo_media.write_video(inputs / f"v{i}.mp4", noisy, 25.0)
     cfg = to_config(compose("preprocess", [
         f"input={inputs}", f"output={out}", "annotators=embedded", "decode.max_side=1280",
         f"plan.min_frames={min_frames}", f"plan.max_frames={max(n_frames, 2 * min_frames - 1)}",

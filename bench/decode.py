@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import av  # noqa: E402
 import decord  # noqa: E402
 
-from preprocess import samples, video  # noqa: E402
+from preprocess import demo_media, video  # noqa: E402
 
 
 def pyav_read(path: str, n: int, threads: bool) -> int:
@@ -64,14 +64,14 @@ def main() -> None:
     a = ap.parse_args()
     w, h = map(int, a.size.split("x"))
     with tempfile.TemporaryDirectory() as d:
-        frames, _ = samples.render_motion(samples.load_photo("astronaut"), (w, h), a.frames,
-                                          samples.Motion(shift=(80, 20), rotate=(0, 10)))
+        frames, _ = demo_media.render_motion(demo_media.load_photo("astronaut"), (w, h), a.frames,
+                                          demo_media.Motion(shift=(80, 20), rotate=(0, 10)))
         clip = os.path.join(d, "clip.mp4")
         with open(clip, "wb") as f:
             f.write(video.encode_mp4(frames, 25.0, crf=20, preset="medium"))
         results = {f"h264 {w}x{h}": bench(clip, a.frames, a.repeats)}
-        if samples.MEGAMIND.exists():
-            results["mpeg4 720x528 (Megamind.avi)"] = bench(str(samples.MEGAMIND), 270, a.repeats)
+        if demo_media.MEGAMIND.exists():
+            results["mpeg4 720x528 (Megamind.avi)"] = bench(str(demo_media.MEGAMIND), 270, a.repeats)
     cols = ["pyav_1thread", "decord_1thread", "pyav_threads", "decord_threads"]
     print("| clip | " + " | ".join(f"{c} (frames/s)" for c in cols) + " | PyAV/decord, 1 thread |")
     print("|---|" + "---|" * (len(cols) + 1))

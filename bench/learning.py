@@ -95,11 +95,11 @@ def calibrate_vae(args) -> dict:
 
 def build_videos(root: Path, size: int, n_frames: int, motions: dict) -> tuple[Path, Path]:
     """Write the corpus: ``root/videos/{train,heldout}/<person>_<motion>.mp4``."""
-    from preprocess import samples
+    from preprocess import demo_media
 
     dirs = {s: root / "videos" / s for s in ("train", "heldout")}
     for person in PEOPLE:
-        photo = samples.load_photo(person)
+        photo = demo_media.load_photo(person)
         for name, kw in motions.items():
             split = "heldout" if name in HELDOUT else "train"
             path = dirs[split] / f"{person}_{name}.mp4"
@@ -108,8 +108,8 @@ def build_videos(root: Path, size: int, n_frames: int, motions: dict) -> tuple[P
             kw = dict(kw)
             if "shift" in kw:  # fractions of the frame side -> pixels
                 kw["shift"] = (kw["shift"][0] * size, kw["shift"][1] * size)
-            frames, _ = samples.render_motion(photo, (size, size), n_frames, samples.Motion(**kw))
-            samples.write_video(path, frames, 25.0)
+            frames, _ = demo_media.render_motion(photo, (size, size), n_frames, demo_media.Motion(**kw))
+            demo_media.write_video(path, frames, 25.0)
     return dirs["train"], dirs["heldout"]
 
 
@@ -269,7 +269,7 @@ def main() -> int:
     splits = [] if ready else zip(("train", "heldout"), build_videos(args.out, args.size, args.video_frames, MOTIONS))
     for split, videos in splits:  # (a finished dataset is reused: e.g. made on a CPU box, trained on a GPU one)
         if split == "train" and not args.no_megamind:
-            from preprocess.samples import MEGAMIND
+            from preprocess.demo_media import MEGAMIND
 
             if MEGAMIND.exists() and not (videos / MEGAMIND.name).exists():
                 (videos / MEGAMIND.name).symlink_to(MEGAMIND)

@@ -1,9 +1,9 @@
 """Preprocessing throughput: every stage alone vs the whole Ray Data pipeline, in one run.
 
-    python bench/preprocess.py [videos=N] [hydra overrides, e.g. samples.n_frames=100 input=/data/videos]
+    python bench/preprocess.py [videos=N] [hydra overrides, e.g. demo_media.n_frames=100 input=/data/videos]
 
 ``videos=N`` (default 24) makes N distinct driving videos from the shipped photos (varied shift, zoom
-and rotation; samples.n_frames frames at samples.size) so that pipeline fill and drain are amortised;
+and rotation; demo_media.n_frames frames at demo_media.size) so that pipeline fill and drain are amortised;
 ``videos=0`` uses the built-in samples as they are.
 
 1. Each stage alone, in this process, on the same clips, one after the other: plan (probe + shot
@@ -31,7 +31,7 @@ from collections import defaultdict
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-DEFAULT_OVERRIDES = ["samples.n_frames=100", "ray.progress_bars=false", "progress_interval_s=1000"]
+DEFAULT_OVERRIDES = ["demo_media.n_frames=100", "ray.progress_bars=false", "progress_interval_s=1000"]
 
 
 class Clock:
@@ -147,20 +147,20 @@ def pipeline_run(cfg, inputs) -> tuple[float, int]:
 
 def make_corpus(directory: str, n: int, size: int, n_frames: int, fps: float) -> list[str]:
     """``n`` distinct driving videos from the shipped photos under varied, known motions."""
-    from preprocess import samples
+    from preprocess import demo_media
 
     photos = ("astronaut", "grace_hopper", "camera")
     paths = []
     for i in range(n):
-        m = samples.Motion(shift=(3.0 * (i % 7) - 9, 2.0 * (i % 5) - 4), scale=(1.0, 0.9 + 0.02 * (i % 6)),
+        m = demo_media.Motion(shift=(3.0 * (i % 7) - 9, 2.0 * (i % 5) - 4), scale=(1.0, 0.9 + 0.02 * (i % 6)),
                            rotate=(0.0, 2.0 * (i % 9) - 8), flip=bool(i % 2))
-        frames, _ = samples.render_motion(samples.load_photo(photos[i % 3]), (size, size), n_frames, m)
-        paths.append(str(samples.write_video(os.path.join(directory, f"v{i:03d}.mp4"), frames, fps)))
+        frames, _ = demo_media.render_motion(demo_media.load_photo(photos[i % 3]), (size, size), n_frames, m)
+        paths.append(str(demo_media.write_video(os.path.join(directory, f"v{i:03d}.mp4"), frames, fps)))
     return paths
 
 
 def main(overrides: list[str]) -> None:
-    from preprocess import samples
+    from preprocess import demo_media
     from preprocess.config import to_config
     from preprocess.storage import list_inputs
     from tests.conftest import compose
@@ -177,7 +177,7 @@ def main(overrides: list[str]) -> None:
         inputs = [f for p in make_corpus(corpus, n_videos, s.size, s.n_frames, s.fps) for f in list_inputs(p)]
     elif cfg.input is None:
         s = cfg.samples
-        paths = samples.ensure_samples(s.dir, size=s.size, n_frames=s.n_frames, fps=s.fps, megamind=s.megamind)
+        paths = demo_media.ensure_samples(s.dir, size=s.size, n_frames=s.n_frames, fps=s.fps, megamind=s.megamind)
         inputs = [f for p in paths for f in list_inputs(p)]
     else:
         inputs = list_inputs(cfg.input)

@@ -101,7 +101,8 @@ class ProbePlanStage(Stage):
         info = plan.info
         dropped = dict(plan.dropped)
         if plan.damaged:  # (last good, next good frame) s; None: the stream's edge
-            dropped["damaged_stretches"] = [[None if math.isinf(a) else round(a, 3), None if math.isinf(b) else round(b, 3)]
+            dropped["damaged_stretches"] = [[None if math.isinf(a) else round(a, 3),
+                                             None if math.isinf(b) else round(b, 3)]
                                             for a, b in plan.damaged]
         vrow.update(source_seconds=plan.duration_s, dropped=dropped)
         if not plan.clips:

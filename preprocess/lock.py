@@ -229,9 +229,10 @@ class OutputLock:
         self.storage.write_bytes(LOCK_FILE, data + b" " * (LEASE_BYTES - len(data)))
 
     def _busy(self, lease: dict | None, why: str = "") -> OutputBusy:
-        return OutputBusy(f"output={self.storage.uri} is in use by {describe(lease)}{why}: wait for that run to finish, "
-                          f"or, if it is dead, rerun once its heartbeat is older than lock.stale_s={self.cfg.stale_s:g} s "
-                          f"(at once on its own host) or delete {self.storage.url(LOCK_FILE)}")
+        return OutputBusy(f"output={self.storage.uri} is in use by {describe(lease)}{why}: "
+                          "wait for that run to finish, or, if it is dead, rerun once its heartbeat is older than "
+                          f"lock.stale_s={self.cfg.stale_s:g} s (at once on its own host) "
+                          f"or delete {self.storage.url(LOCK_FILE)}")
 
     def acquire(self) -> None:
         """Take the lease, or raise ``OutputBusy`` naming the live run that holds it."""

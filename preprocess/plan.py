@@ -155,7 +155,8 @@ def plan_video(path: str, *, analysis_width: int, threshold: float, min_shot_fra
     scores = np.asarray(sc.values, dtype=np.float64)
     if len(scores) < min_frames:
         why = f" ({_damage_text(sc.damaged)} did not decode)" if sc.damaged else ""
-        raise VideoError("too_short", f"{path}: {len(scores)} decodable frames, fewer than plan.min_frames={min_frames}{why}")
+        raise VideoError("too_short", f"{path}: {len(scores)} decodable frames, "
+                                      f"fewer than plan.min_frames={min_frames}{why}")
     damaged = sorted(sc.damaged + find_gaps(sc.times))
     shots = split_at_damage(find_shots(scores, threshold, min_shot_frames), sc.times, damaged)
     src_fps = sc.mean_fps or info.fps

@@ -112,7 +112,8 @@ def refs_panel(sample: dict, height: int) -> np.ndarray | None:
         return None
     cell = height // len(roles)
     for r in roles:
-        img = cv2.cvtColor(cv2.imdecode(np.frombuffer(sample[f"ref_{r}"], np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+        img = cv2.cvtColor(cv2.imdecode(np.frombuffer(sample[f"ref_{r}"], np.uint8), cv2.IMREAD_COLOR),
+                           cv2.COLOR_BGR2RGB)
         s = cell / img.shape[0]
         img = cv2.resize(img, (max(1, int(img.shape[1] * s)), cell), interpolation=cv2.INTER_AREA)
         meta = sample.get("meta", {})

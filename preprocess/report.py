@@ -87,7 +87,8 @@ def shot_scale_plot(index: pd.DataFrame) -> str:
         _empty(ax, "shot-scale labels")
         return _png(fig)
     counts = index["m_shot_scale"].fillna("").replace("", "unknown").value_counts()
-    order = [s for s in (*SHOT_SCALES, "unknown") if s in counts] + [s for s in counts.index if s not in (*SHOT_SCALES, "unknown")]
+    known = (*SHOT_SCALES, "unknown")
+    order = [s for s in known if s in counts] + [s for s in counts.index if s not in known]
     ax.bar(order, [counts[s] for s in order], color="C1")
     ax.set_ylabel("clips")
     return _png(fig)
@@ -171,14 +172,19 @@ def write_report(output_dir: str, index: pd.DataFrame, failures: pd.DataFrame, s
     fail_rows = ""
     if len(failures):
         top = failures.head(50)
-        fail_rows = "<h2>failures (first 50)</h2><table><tr><th>source</th><th>stage</th><th>reason</th><th>message</th></tr>" + "".join(
+        fail_rows = ("<h2>failures (first 50)</h2><table>"
+                     "<tr><th>source</th><th>stage</th><th>reason</th><th>message</th></tr>") + "".join(
             f"<tr><td>{html.escape(str(r.get('source', '')))}</td><td>{html.escape(str(r.get('stage', '')))}</td>"
-            f"<td>{html.escape(str(r.get('error_class', '')))}</td><td>{html.escape(str(r.get('error_message', ''))[:300])}</td></tr>"
+            f"<td>{html.escape(str(r.get('error_class', '')))}</td>"
+            f"<td>{html.escape(str(r.get('error_message', ''))[:300])}</td></tr>"
             for r in top.to_dict("records")) + "</table>"
+    where = html.escape(str(summary.get("output", output_dir)))
+    run_id = html.escape(str(summary.get("run_id", "")))
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>dataset report</title>
 <style>body{{font-family:sans-serif;margin:1.5em}} img{{margin:4px;border:1px solid #ddd}}
-table{{border-collapse:collapse;margin:.5em 0}} th,td{{border:1px solid #ccc;padding:2px 8px;text-align:left;font-size:13px}}</style>
-</head><body><h1>dataset report</h1><p>{html.escape(str(summary.get('output', output_dir)))} · run {html.escape(str(summary.get('run_id', '')))}</p>
+table{{border-collapse:collapse;margin:.5em 0}} \
+th,td{{border:1px solid #ccc;padding:2px 8px;text-align:left;font-size:13px}}</style>
+</head><body><h1>dataset report</h1><p>{where} · run {run_id}</p>
 {_table(_facts(index, failures, summary))}
 <div>{''.join(plots)}</div>{fail_rows}</body></html>"""
     path = os.path.join(output_dir, REPORT_FILE)

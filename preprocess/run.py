@@ -24,7 +24,7 @@ log = logging.getLogger("preprocess")
 
 @hydra.main(config_path="../conf", config_name="preprocess", version_base="1.3")
 def main(dcfg: DictConfig) -> None:
-    from preprocess import pipeline, samples
+    from preprocess import demo_media, pipeline
     from preprocess.storage import check_output, list_inputs
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind: the output's lock is released, Ray shut down
@@ -33,7 +33,7 @@ def main(dcfg: DictConfig) -> None:
         check_output(cfg.output)
         if cfg.input is None:
             s = cfg.samples
-            paths = samples.ensure_samples(s.dir, size=s.size, n_frames=s.n_frames, fps=s.fps, megamind=s.megamind)
+            paths = demo_media.ensure_samples(s.dir, size=s.size, n_frames=s.n_frames, fps=s.fps, megamind=s.megamind)
             log.info("no input= given: %d built-in sample videos", len(paths))
             inputs = [f for p in paths for f in list_inputs(p)]
         else:
@@ -97,10 +97,12 @@ def _override_message(e: Exception, overrides: list[str]) -> str:
         key = culprit.split("=", 1)[0] if culprit else "?"
         return (f"unknown config key {key!r} in {culprit!r}: the keys are those of conf/preprocess.yaml "
                 f"(`python preprocess/run.py --cfg job` prints them); +{key.lstrip('+')}=... adds a new one")
-    m = re.search(r"Could not find '([^']+)/([^']+)'.*?Available options in '[^']+':(.*?)Config search path", raw, re.DOTALL)
+    m = re.search(r"Could not find '([^']+)/([^']+)'.*?Available options in '[^']+':(.*?)Config search path", raw,
+                  re.DOTALL)
     if m:
         options = ", ".join(m.group(3).split())
-        return f"{culprit or m.group(1) + '=' + m.group(2)}: {m.group(1)} has no option {m.group(2)!r} (available: {options})"
+        return (f"{culprit or m.group(1) + '=' + m.group(2)}: {m.group(1)} has no option {m.group(2)!r} "
+                f"(available: {options})")
     return f"bad override {culprit + ': ' if culprit else ''}{text.split(' See https://')[0]}"
 
 

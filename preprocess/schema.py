@@ -79,7 +79,8 @@ FIELDS: tuple[Field, ...] = (
     Field("meta", "json", "clip", doc="clip metadata, see META_KEYS"),
     Field("video", "mp4", "clip", doc="the clip, H.264 yuv420p, n_frames frames at meta.fps"),
     Field("frame_index", "npy", "clip", "int32", ("T",), doc="source-video frame index of each frame"),
-    Field("timestamps", "npy", "clip", "float64", ("T",), doc="source-video time each frame stands for, s (evenly spaced at the clip's fps)"),
+    Field("timestamps", "npy", "clip", "float64", ("T",),
+          doc="source-video time each frame stands for, s (evenly spaced at the clip's fps)"),
     # --- subject tracking ---
     Field("subject_box", "npy", "subject", "float32", ("T", 4), doc="main subject box x0,y0,x1,y1 px"),
     Field("subject_valid", "npy", "subject", "uint8", ("T",), doc="1 where the main subject was found"),

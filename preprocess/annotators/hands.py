@@ -63,7 +63,8 @@ class HandsStage(BackendClipStage):
         res = self.backend.estimate(frames, rois, timestamps_ms(row), self.continuity.new_sequence(row))
         body2d, body3d = row["body_joints2d"], row["body_joints3d"]
         side_px = rois[..., 2] - rois[..., 0]
-        wrist_dist = np.stack([np.linalg.norm(res.joints2d[:, s, 0] - body2d[:, _WRIST[s]], axis=-1) for s in range(2)], 1)
+        wrist_dist = np.stack([np.linalg.norm(res.joints2d[:, s, 0] - body2d[:, _WRIST[s]], axis=-1)
+                               for s in range(2)], 1)
         ok = res.found & (wrist_dist <= self.params.max_wrist_dist * np.nan_to_num(side_px, nan=0.0))
         # both crops caught the same hand (hands together): it belongs to the side whose wrist is nearer
         apart = np.linalg.norm(res.joints2d[:, 0, 0] - res.joints2d[:, 1, 0], axis=-1)

@@ -97,7 +97,7 @@ class YawSortedRefsStage(VideoStage):
         self._ident_frame: dict[int, Candidate] = {}  # the most frontal face of each clip
         try:
             idents = [self._clip_identity(i) for i in range(len(rows))]
-            for i, row in enumerate(rows):
+            for i in range(len(rows)):
                 self._annotate(i, idents)
         finally:
             self._rows, self._faces, self._emb, self._frames, self._ident_frame = [], {}, {}, {}, {}

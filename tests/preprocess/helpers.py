@@ -6,32 +6,33 @@ import subprocess
 import sys
 from pathlib import Path
 
-
-from preprocess import samples
+from preprocess import demo_media
 from preprocess.config import to_config
 from preprocess.storage import list_inputs
 from tests.conftest import ROOT, compose
 
 
-def make_video(path, photo="astronaut", n=30, size=96, motion=samples.Motion(), fps=25.0) -> Path:
-    frames, _ = samples.render_motion(samples.load_photo(photo), (size, size), n, motion)
-    return samples.write_video(path, frames, fps)
+def make_video(path, photo="astronaut", n=30, size=96, motion=None, fps=25.0) -> Path:
+    motion = demo_media.Motion() if motion is None else motion
+    frames, _ = demo_media.render_motion(demo_media.load_photo(photo), (size, size), n, motion)
+    return demo_media.write_video(path, frames, fps)
 
 
 def make_corpus(d: Path, n_good: int = 3, n_frames: int = 20) -> list[Path]:
     photos = ["astronaut", "grace_hopper", "camera"]
     return [make_video(d / f"good{i}.mp4", photos[i % 3], n=n_frames,
-                       motion=samples.Motion(shift=(2.0 * i, 1.0 * i))) for i in range(n_good)]
+                       motion=demo_media.Motion(shift=(2.0 * i, 1.0 * i))) for i in range(n_good)]
 
 
 def make_vfr_video(path, n=60, size=96, fast_ms=33, slow_ms=67, stretch=15) -> Path:
     """A phone-style variable-frame-rate clip: stretches of ``stretch`` frames alternating ``fast_ms`` and
     ``slow_ms`` apart (H.264, millisecond timestamps)."""
-    import av
     from fractions import Fraction
 
-    frames, _ = samples.render_motion(samples.load_photo("grace_hopper"), (size, size), n,
-                                      samples.Motion(shift=(size * 0.4, 0)))
+    import av
+
+    frames, _ = demo_media.render_motion(demo_media.load_photo("grace_hopper"), (size, size), n,
+                                      demo_media.Motion(shift=(size * 0.4, 0)))
     gaps = [fast_ms if (i // stretch) % 2 == 0 else slow_ms for i in range(n)]
     with av.open(str(path), "w") as c:
         s = c.add_stream("libx264", rate=30)
@@ -54,7 +55,7 @@ def make_damaged_video(path, n=120, size=96, at=0.45, share=0.1) -> Path:
     import numpy as np
 
     good = make_video(Path(path).with_suffix(".good.mp4"), "camera", n=n, size=size,
-                      motion=samples.Motion(shift=(size * 0.3, 0)))
+                      motion=demo_media.Motion(shift=(size * 0.3, 0)))
     import av
     with av.open(str(good)) as src, av.open(str(path), "w", format="mpegts") as dst:
         s_in = src.streams.video[0]

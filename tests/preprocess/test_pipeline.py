@@ -8,7 +8,7 @@ import av
 import numpy as np
 import pandas as pd
 
-from preprocess import samples
+from preprocess import demo_media
 from preprocess.validate import validate
 from tests.preprocess.helpers import failures, index_keys, make_corpus, make_video, run_inprocess, tar_members
 
@@ -56,7 +56,8 @@ def test_bad_inputs_are_recorded_and_never_stop_the_run(ray_local, tmp_path):
     assert all(m for m in f["error_message"])
     assert len(f[f["kind"] == "video"]) == 7
     keys = index_keys(out)
-    assert len(keys) == 2 and {k.split("_")[0] for k in keys} == set(pd.read_parquet(out / "index.parquet")["video_key"])
+    video_keys = set(pd.read_parquet(out / "index.parquet")["video_key"])
+    assert len(keys) == 2 and {k.split("_")[0] for k in keys} == video_keys
     assert validate(str(out), deep=True, log=lambda *_: None) == []
     s = _summary(out)
     assert s["videos_failed"] == 7 and s["videos_done"] == 2 and sum(s["failures_by_reason"].values()) == 7
@@ -78,7 +79,7 @@ def test_resume_skips_finished_work_without_decoding(ray_local, tmp_path):
     assert index_keys(out) == first and tar_members(out) == members
     # a renamed copy is recognised by content (only its ends are read) and a new video is added
     shutil.move(d / "good0.mp4", d / "renamed.mp4")
-    make_video(d / "new.mp4", "camera", n=20, motion=samples.Motion(rotate=(0, 15)))
+    make_video(d / "new.mp4", "camera", n=20, motion=demo_media.Motion(rotate=(0, 15)))
     assert run_inprocess(str(d), str(out)) == 0
     s = _summary(out)
     assert s["skipped_already_done"] == 3 and s["videos_done"] == 1
@@ -101,7 +102,7 @@ def test_duplicate_content_is_written_once(ray_local, tmp_path):
 
 def test_long_shots_split_and_keys_are_stable(ray_local, tmp_path):
     d = tmp_path / "in"
-    make_video(d / "long.mp4", n=70, motion=samples.Motion(shift=(30.0, 0.0)))
+    make_video(d / "long.mp4", n=70, motion=demo_media.Motion(shift=(30.0, 0.0)))
     a, b = tmp_path / "a", tmp_path / "b"
     assert run_inprocess(str(d), str(a)) == 0
     assert run_inprocess(str(d / "long.mp4"), str(b), ["writer.shard_bytes=1024"]) == 0
@@ -126,9 +127,8 @@ def test_small_shards_roll_over_at_video_boundaries(ray_local, tmp_path):
 def test_variable_frame_rate_and_damaged_videos_make_clips(ray_local, tmp_path):
     """Valid VFR video is read by timestamps (not rejected as truncated) into evenly timed clips; a file
     with a corrupt stretch keeps the clips around it and records the stretch (issue 17)."""
-    from tests.preprocess.helpers import make_damaged_video, make_vfr_video
-
     from preprocess.shards import iter_samples
+    from tests.preprocess.helpers import make_damaged_video, make_vfr_video
 
     d = tmp_path / "in"
     d.mkdir()

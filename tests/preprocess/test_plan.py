@@ -2,19 +2,20 @@
 import numpy as np
 import pytest
 
-from preprocess import samples
+from preprocess import demo_media
 from preprocess.plan import content_key, find_shots, plan_video, plan_windows
 from preprocess.video import VideoError
 
 
 def _concat_video(path, parts, size=96, fps=25.0):
-    frames = [samples.render_motion(samples.load_photo(p), (size, size), n, m)[0] for p, n, m in parts]
-    return samples.write_video(path, np.concatenate(frames), fps)
+    frames = [demo_media.render_motion(demo_media.load_photo(p), (size, size), n, m)[0] for p, n, m in parts]
+    return demo_media.write_video(path, np.concatenate(frames), fps)
 
 
 def test_cuts_at_the_joins_of_different_shots(tmp_path):
-    m = samples.Motion(shift=(10.0, 0.0))
-    path = _concat_video(tmp_path / "three_shots.mp4", [("astronaut", 30, m), ("camera", 40, m), ("grace_hopper", 35, m)])
+    m = demo_media.Motion(shift=(10.0, 0.0))
+    path = _concat_video(tmp_path / "three_shots.mp4",
+                         [("astronaut", 30, m), ("camera", 40, m), ("grace_hopper", 35, m)])
     plan = plan_video(str(path), analysis_width=64, threshold=27.0, min_shot_frames=8, target_fps=None,
                       min_frames=10, max_frames=30, min_seconds=0.1)
     assert plan.n_frames == 105
@@ -31,7 +32,8 @@ def test_cuts_at_the_joins_of_different_shots(tmp_path):
 
 
 def test_smooth_motion_is_one_shot(tmp_path):
-    path = _concat_video(tmp_path / "one.mp4", [("astronaut", 60, samples.Motion(shift=(40.0, 20.0), rotate=(0, 10)))])
+    path = _concat_video(tmp_path / "one.mp4",
+                         [("astronaut", 60, demo_media.Motion(shift=(40.0, 20.0), rotate=(0, 10)))])
     plan = plan_video(str(path), analysis_width=64, threshold=27.0, min_shot_frames=8, target_fps=None,
                       min_frames=10, max_frames=121, min_seconds=0.1)
     assert plan.shots == [(0, 60)] and len(plan.clips) == 1
@@ -63,7 +65,7 @@ def test_content_key_is_stable_and_content_based():
 
 
 def test_too_short_video_is_an_error(tmp_path):
-    path = _concat_video(tmp_path / "short.mp4", [("astronaut", 6, samples.Motion())])
+    path = _concat_video(tmp_path / "short.mp4", [("astronaut", 6, demo_media.Motion())])
     with pytest.raises(VideoError) as e:
         plan_video(str(path), analysis_width=64, threshold=27.0, min_shot_frames=8, target_fps=None,
                    min_frames=10, max_frames=30, min_seconds=0.1)

@@ -4,18 +4,18 @@ import numpy as np
 import pytest
 
 from preprocess import preview, schema
-from preprocess.samples import Motion
+from preprocess.demo_media import Motion
 from preprocess.shards import INDEX_FILE
 from preprocess.state import build_index, load_committed, write_table
 from preprocess.storage import Storage
 from preprocess.video import decode_mp4
 from preprocess.writer import ShardWriter
 
-from .annotators.conftest import annotate, clip_stages, render, stage_spec, to_writer_row  # noqa: F401 (fixture)
+from .annotators.conftest import annotate, clip_stages, render, stage_spec, to_writer_row  # noqa: F401, F811 (fixture)
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory, clip_stages):
+def dataset(tmp_path_factory, clip_stages):  # noqa: F811 (the fixture)
     out = tmp_path_factory.mktemp("ds")
     frames, _ = render("camera", Motion(shift=(20.0, 0.0)), 8, size=256)
     row = to_writer_row(annotate(clip_stages, frames, video_key="0123456789abcdef"))
@@ -54,7 +54,8 @@ def test_preview_draws_the_annotations_on_the_clip(dataset):
         r = int(row["head_radius"][t])
         assert diff[t, cy - r // 2:cy + r // 2, cx - r // 2:cx + r // 2].mean() > 0.5
         sure = row["body_conf"][t] > 0.5
-        hits = [diff[t, max(0, y - 2):y + 3, max(0, x - 2):x + 3].any() for x, y in row["body_joints2d"][t][sure].astype(int)
+        hits = [diff[t, max(0, y - 2):y + 3, max(0, x - 2):x + 3].any()
+                for x, y in row["body_joints2d"][t][sure].astype(int)
                 if 2 <= x < W - 2 and 2 <= y < H - 2]
         assert np.mean(hits) > 0.9
     assert preview.main([f"output={out}", f"key={row['key']}", f"out={out}/p.mp4"]) == 0

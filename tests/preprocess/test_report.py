@@ -11,10 +11,12 @@ from preprocess.report import write_report
 def _index(n=12):
     rng = np.random.default_rng(0)
     return pd.DataFrame({
-        "key": [f"{i:016x}_0000" for i in range(n)], "shard": "p.tar", "video_key": [f"{i // 2:016x}" for i in range(n)],
+        "key": [f"{i:016x}_0000" for i in range(n)], "shard": "p.tar",
+        "video_key": [f"{i // 2:016x}" for i in range(n)],
         "source": "x.mp4", "n_frames": rng.integers(25, 122, n), "fps": 25.0, "width": 512, "height": 384,
         "duration_s": rng.uniform(1, 5, n), "m_shot_scale": rng.choice(["portrait", "upper_body", "full_body", ""], n),
-        "m_yaw_mean": rng.uniform(-60, 60, n), "m_yaw_min": rng.uniform(-80, -10, n), "m_yaw_max": rng.uniform(10, 80, n),
+        "m_yaw_mean": rng.uniform(-60, 60, n), "m_yaw_min": rng.uniform(-80, -10, n),
+        "m_yaw_max": rng.uniform(10, 80, n),
         "m_subject_valid_frac": rng.uniform(0.5, 1, n), "m_head_valid_frac": rng.uniform(0.5, 1, n),
         "m_hands_valid_frac": rng.uniform(0, 1, n), "m_person_count_max": rng.integers(0, 3, n),
         "m_identity_valid": rng.random(n) > 0.2, "m_ref_fallbacks": rng.integers(0, 2, n), "m_body_fit_px": 10.0,
@@ -26,8 +28,9 @@ def _images(html):
 
 
 def test_report_has_every_plot_and_the_numbers(tmp_path):
-    failures = pd.DataFrame({"video_key": ["a", "b", "c"], "key": ["", "", "c_0001"], "source": ["a.mp4", "b.avi", "c.mp4"],
-                             "stage": ["probe", "refs", "refs"], "error_class": ["not_a_video", "NoPersonError", "SubjectLostError"],
+    failures = pd.DataFrame({"video_key": ["a", "b", "c"], "key": ["", "", "c_0001"],
+                             "source": ["a.mp4", "b.avi", "c.mp4"], "stage": ["probe", "refs", "refs"],
+                             "error_class": ["not_a_video", "NoPersonError", "SubjectLostError"],
                              "error_message": ["bad", "no person in any frame", "person in 20% of the frames"]})
     summary = {"run_id": "r1", "wall_seconds": 12.5, "stage_seconds": {"body": 10.0, "head": 4.0, "refs": 0.0},
                "stage_frames": {"body": 500, "head": 500}}

@@ -5,7 +5,7 @@ import av
 import numpy as np
 import pytest
 
-from preprocess import samples, video
+from preprocess import demo_media, video
 from preprocess.isolate import DecoderCrashed, DecoderTimeout, Isolated, crash_for_test
 
 
@@ -15,18 +15,19 @@ def _all_frames_pts_order(path):
     return np.stack([f for _, f in fr])
 
 
-@pytest.mark.skipif(not samples.MEGAMIND.exists(), reason="opencv-doc not installed")
+@pytest.mark.skipif(not demo_media.MEGAMIND.exists(), reason="opencv-doc not installed")
 def test_pyav_reader_is_frame_exact_on_megamind():
-    info = video.probe(str(samples.MEGAMIND))
+    info = video.probe(str(demo_media.MEGAMIND))
     assert (info.width, info.height, info.n_frames) == (720, 528, 270)
-    ref = _all_frames_pts_order(samples.MEGAMIND)
+    ref = _all_frames_pts_order(demo_media.MEGAMIND)
     for idx in (np.arange(0, 40), np.arange(150, 200, 3), np.array([5, 100, 269])):
-        got = video.read_frames(str(samples.MEGAMIND), idx, rotation=0, size=(720, 528), start_pts=info.start_pts)
+        got = video.read_frames(str(demo_media.MEGAMIND), idx, rotation=0, size=(720, 528), start_pts=info.start_pts)
         assert np.array_equal(got, ref[idx])
 
 
 def test_read_after_seek_matches_sequential(tmp_path):
-    frames, _ = samples.render_motion(samples.load_photo("astronaut"), (128, 96), 80, samples.Motion(shift=(50, 0)))
+    frames, _ = demo_media.render_motion(demo_media.load_photo("astronaut"), (128, 96), 80,
+                                         demo_media.Motion(shift=(50, 0)))
     p = tmp_path / "v.mp4"
     p.write_bytes(video.encode_mp4(frames, 25.0, crf=18))
     ref = _all_frames_pts_order(p)
@@ -36,7 +37,7 @@ def test_read_after_seek_matches_sequential(tmp_path):
 
 
 def test_display_rotation_is_applied(tmp_path):
-    frames, _ = samples.render_motion(samples.load_photo("astronaut"), (128, 96), 10, samples.Motion())
+    frames, _ = demo_media.render_motion(demo_media.load_photo("astronaut"), (128, 96), 10, demo_media.Motion())
     p = tmp_path / "rot.mp4"
     with av.open(str(p), "w") as c:
         s = c.add_stream("libx264", rate=25)
@@ -56,7 +57,8 @@ def test_display_rotation_is_applied(tmp_path):
 
 
 def test_encode_decode_round_trip():
-    frames, _ = samples.render_motion(samples.load_photo("camera"), (64, 48), 17, samples.Motion(rotate=(0, 30)))
+    frames, _ = demo_media.render_motion(demo_media.load_photo("camera"), (64, 48), 17,
+                                         demo_media.Motion(rotate=(0, 30)))
     data = video.encode_mp4(frames, 30.0, crf=12)
     back = video.decode_mp4(data)
     assert back.shape == frames.shape and np.abs(back.astype(int) - frames).mean() < 3
@@ -65,10 +67,10 @@ def test_encode_decode_round_trip():
 def test_encoding_is_deterministic():
     """The same frames give the same bytes: the sample clips, the stored clips and what the annotators
     find in them do not change from run to run (encode_mp4: x264's AVX-512 MB-tree path did)."""
-    clips = [samples.render_motion(samples.load_photo(photo), size, 34, motion)[0] for photo, size, motion in (
-        ("camera", (96, 96), samples.Motion(shift=(-8.0, 0.0))),  # the test dataset's clip that varied most
-        ("astronaut", (160, 160), samples.Motion(scale=(0.85, 1.1), rotate=(-12.0, 12.0))),
-        ("grace_hopper", (96, 96), samples.Motion(rotate=(0.0, 20.0))))]
+    clips = [demo_media.render_motion(demo_media.load_photo(photo), size, 34, motion)[0] for photo, size, motion in (
+        ("camera", (96, 96), demo_media.Motion(shift=(-8.0, 0.0))),  # the test dataset's clip that varied most
+        ("astronaut", (160, 160), demo_media.Motion(scale=(0.85, 1.1), rotate=(-12.0, 12.0))),
+        ("grace_hopper", (96, 96), demo_media.Motion(rotate=(0.0, 20.0))))]
     for frames in clips:
         for kw in ({"crf": 16, "preset": "medium", "threads": 1}, {"crf": 20, "preset": "veryfast"}):
             junk = [np.random.default_rng(i).integers(0, 256, 1 << 20, np.uint8).tobytes() for i in range(4)]
@@ -96,7 +98,7 @@ def test_isolated_crash_and_timeout_become_exceptions():
 
 
 def test_a_cut_short_mp4_is_called_truncated(tmp_path):
-    frames, _ = samples.render_motion(samples.load_photo("camera"), (64, 48), 30, samples.Motion())
+    frames, _ = demo_media.render_motion(demo_media.load_photo("camera"), (64, 48), 30, demo_media.Motion())
     data = video.encode_mp4(frames, 25.0)
     cut = tmp_path / "cut.mp4"
     cut.write_bytes(data[: len(data) // 3])
@@ -105,7 +107,8 @@ def test_a_cut_short_mp4_is_called_truncated(tmp_path):
     assert e.value.reason == "truncated" and "cut short" in str(e.value) and "Errno" not in str(e.value)
 
 
-@pytest.mark.parametrize("content,reason", [(b"this is not a video\n" * 50, "not_a_video"), (b"\x00" * 4096, "not_a_video")])
+@pytest.mark.parametrize("content,reason", [(b"this is not a video\n" * 50, "not_a_video"),
+                                            (b"\x00" * 4096, "not_a_video")])
 def test_probe_rejects_non_video(tmp_path, content, reason):
     p = tmp_path / "fake.mp4"
     p.write_bytes(content)
@@ -139,7 +142,7 @@ def _write(path, frames, codec="libx264", pts=None, time_base=None, rate=25, opt
 
 
 def _moving(n, size=(128, 96)):
-    frames, _ = samples.render_motion(samples.load_photo("astronaut"), size, n, samples.Motion(shift=(60, 0)))
+    frames, _ = demo_media.render_motion(demo_media.load_photo("astronaut"), size, n, demo_media.Motion(shift=(60, 0)))
     return frames
 
 

@@ -40,7 +40,8 @@ class Backend:
         names = {f.name for f in dataclasses.fields(self.Params)} if dataclasses.is_dataclass(self.Params) else set()
         unknown = set(params) - names
         if unknown:
-            raise ConfigError(f"backend {type(self).__name__}: unknown params {sorted(unknown)}; known: {sorted(names)}")
+            raise ConfigError(f"backend {type(self).__name__}: unknown params {sorted(unknown)}; "
+                              f"known: {sorted(names)}")
         self.params = self.Params(**params)
 
     def setup(self) -> None:

@@ -11,8 +11,9 @@ from __future__ import annotations
 import logging
 import socket
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -77,8 +78,8 @@ def landmarker_factory(kind: str, asset: str, p: MediaPipeParams, config_key: st
         return gpu
     key = config_key.rsplit(".", 1)[0] + ".delegate"
     message = (f"MediaPipe's GPU delegate does not start on {socket.gethostname()} ({problem}). A headless GPU node "
-               "needs the GL loader packages: apt-get install libegl1 libgles2 libglvnd0 libopengl0 (scripts/install.sh "
-               f"installs them); or set {key}=cpu")
+               "needs the GL loader packages: apt-get install libegl1 libgles2 libglvnd0 libopengl0 "
+               f"(scripts/install.sh installs them); or set {key}=cpu")
     if p.delegate == "gpu":
         raise RuntimeError(message)
     log.warning("%s; %s runs on the CPU", message, kind)

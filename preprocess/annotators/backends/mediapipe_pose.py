@@ -51,8 +51,8 @@ class MediaPipePose(BodyBackend):
 
     def setup(self) -> None:
         p = self.params
-        factory = landmarker_factory("Pose", "pose_landmarker_full", p, "annotators.body.params.backend.params.model_path",
-                                     num_poses=p.num_poses)
+        factory = landmarker_factory("Pose", "pose_landmarker_full", p,
+                                     "annotators.body.params.backend.params.model_path", num_poses=p.num_poses)
         self.task = VideoTask(factory, p.video_mode)
         self.task.start(True)  # load now, not on the first clip
         self.W = _mapping_matrix()

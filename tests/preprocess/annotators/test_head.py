@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from preprocess.annotators.geometry import project
-from preprocess.samples import Motion
+from preprocess.demo_media import Motion
 from preprocess.schema import FACE_CROP_SIZE
 from preprocess.video import decode_mp4
 
@@ -62,8 +62,8 @@ def test_head_centre_follows_a_shift_and_radius_follows_zoom(stages):
     assert ((c[:, 0] > box[:, 0]) & (c[:, 0] < box[:, 2]) & (c[:, 1] > box[:, 1]) & (c[:, 1] < box[:, 3])).all()
     # the camera-frame translation projects onto the head centre; scale = radius / 0.1 m
     for t in range(len(frames)):
-        assert np.allclose(project(row["head_translation"][t].astype(np.float64), row["camera_K"][t].astype(np.float64)),
-                           c[t], atol=0.05)
+        projected = project(row["head_translation"][t].astype(np.float64), row["camera_K"][t].astype(np.float64))
+        assert np.allclose(projected, c[t], atol=0.05)
     assert np.allclose(row["head_radius"], row["head_scale"] * 0.1, rtol=1e-5)
 
     zoom = annotate(stages, render("grace_hopper", Motion(scale=(0.5, 0.75)), 6)[0])

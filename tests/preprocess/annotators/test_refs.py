@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from preprocess.annotators.refs import NoPersonError, SubjectLostError
-from preprocess.samples import Motion
+from preprocess.demo_media import Motion
 from preprocess.stage import FAILED, OK
 
 from .conftest import annotate, megamind, needs_opencv_doc, opencv_image, render, to_writer_row
@@ -50,7 +50,8 @@ def _embed(refs_stage, row, t):
     if (row["key"], t) not in _EMB:
         crop = _FACES[row["key"]][t]
         inner = crop.shape[0] / (1 + 2 * row["m_face_margin"])
-        _EMB[(row["key"], t)] = refs_stage.identity.embed(crop, np.array([-inner, -inner, inner, inner]) / 2 + crop.shape[0] / 2)
+        _EMB[(row["key"], t)] = refs_stage.identity.embed(crop, np.array([-inner, -inner, inner, inner]) / 2
+                                                          + crop.shape[0] / 2)
     return _EMB[(row["key"], t)]
 
 

@@ -9,18 +9,18 @@ from pathlib import Path
 import pytest
 
 from models.config import load_preset
-from preprocess import samples
+from preprocess import demo_media
 from tests.conftest import compose
 from tests.preprocess.helpers import run_cli
 from train.data import build_loader, to_config
 
 # (photo, (width, height), motion): three aspect ratios so that several buckets are used
 CORPUS = (
-    ("astronaut", (128, 96), samples.Motion(shift=(12.0, 4.0))),
-    ("grace_hopper", (96, 128), samples.Motion(scale=(1.0, 1.1))),
-    ("camera", (96, 96), samples.Motion(shift=(-8.0, 0.0))),
-    ("astronaut", (96, 96), samples.Motion(rotate=(0.0, 8.0))),
-    ("grace_hopper", (128, 96), samples.Motion(shift=(0.0, 6.0), flip=True)),
+    ("astronaut", (128, 96), demo_media.Motion(shift=(12.0, 4.0))),
+    ("grace_hopper", (96, 128), demo_media.Motion(scale=(1.0, 1.1))),
+    ("camera", (96, 96), demo_media.Motion(shift=(-8.0, 0.0))),
+    ("astronaut", (96, 96), demo_media.Motion(rotate=(0.0, 8.0))),
+    ("grace_hopper", (128, 96), demo_media.Motion(shift=(0.0, 6.0), flip=True)),
 )
 N_FRAMES = 34  # two clips of 17 frames per video (plan.max_frames=17)
 PREPROCESS = ["annotators=embedded", "plan.min_frames=8", "plan.max_frames=17", "decode.max_side=128",
@@ -39,8 +39,8 @@ def dataset_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("loader_data")
     inputs = root / "in"
     for i, (photo, size, motion) in enumerate(CORPUS):
-        frames, _ = samples.render_motion(samples.load_photo(photo), size, N_FRAMES, motion)
-        samples.write_video(inputs / f"v{i}.mp4", frames, 25.0)
+        frames, _ = demo_media.render_motion(demo_media.load_photo(photo), size, N_FRAMES, motion)
+        demo_media.write_video(inputs / f"v{i}.mp4", frames, 25.0)
     out = root / "out"
     r = run_cli([f"input={inputs}", f"output={out}", *PREPROCESS], env=dict(os.environ, RAY_AUTH_MODE="disabled"))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
