@@ -256,6 +256,11 @@ def run_locked(cfg: PreprocessConfig, inputs: list[InputFile], storage: Storage,
     dup_failures += [{"kind": "video", "video_key": "", "key": "", "source": v.uri, "stage": "list",
                       "error_class": v.problem[0], "error_message": v.problem[1]} for v in unlisted]
     failures = build_failures(committed, dup_failures)
+    # inputs of this run that have no clip and a failure row (this run's or an earlier, unretried one's): the
+    # exit code reflects the dataset, not only this run's work
+    listed = {v.uri for v in inputs} | {v.uri for v in unlisted} | {v.uri for v in listed_twice}
+    with_clips = set(index["source"]) if len(index) else set()
+    open_failures = sorted((set(failures["source"]) & listed) - with_clips) if len(failures) else []
     write_table(storage, INDEX_FILE, index)
     write_table(storage, FAILURES_FILE, failures)
     vids = [e for e in events if e["event"] == "video"]
@@ -266,6 +271,7 @@ def run_locked(cfg: PreprocessConfig, inputs: list[InputFile], storage: Storage,
         "run_id": run_id, "output": storage.uri, "wall_seconds": round(time.time() - t_start, 3),
         "stream_seconds": round(stream_seconds, 3),
         "inputs": len(inputs), "inputs_listed_twice": len(listed_twice), "inputs_unreadable_entries": len(unlisted),
+        "inputs_with_open_failures": len(open_failures),
         "skipped_already_done": n_skipped_listing + sum(e["status"] == "skipped" for e in vids),
         "videos_done": sum(e["status"] == OK for e in vids), "videos_failed": len(run_failed),
         "failures_by_reason": dict(Counter(e["error_class"] for e in run_failed)),
@@ -294,7 +300,10 @@ def run_locked(cfg: PreprocessConfig, inputs: list[InputFile], storage: Storage,
           f"[preprocess] summary:  {storage.url(SUMMARY_FILE)}"
           + (f"\n[preprocess] report:   {report}" if report else "")
           + (f"\n[preprocess] preview:  {preview}" if preview else ""), flush=True)
-    return EXIT_FAILURES if run_failed else EXIT_OK
+    if open_failures and not run_failed:
+        log.warning("%d inputs keep the failure an earlier run recorded (failures.parquet; retry_failed=true retries "
+                    "them), e.g. %s", len(open_failures), open_failures[0])
+    return EXIT_FAILURES if run_failed or open_failures else EXIT_OK
 
 
 def write_preview(storage: Storage, index, run_id: str) -> str | None:

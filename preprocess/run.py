@@ -1,7 +1,8 @@
 """python preprocess/run.py [+cluster=prod] [input=...] [output=...]: raw videos → WebDataset shards.
 
 With no argument: local Ray, embedded annotators, built-in sample inputs. Exit code 0 when every
-input succeeded, 3 when some failed (see failures.parquet), 2 on a configuration error or when another
+input has its clips, 3 when some input has a failure row instead (this run's or an unretried earlier one's;
+see failures.parquet), 2 on a configuration error or when another
 run holds the output (its lock names it).
 """
 from __future__ import annotations

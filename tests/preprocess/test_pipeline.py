@@ -205,3 +205,19 @@ def test_a_damaged_committed_part_is_redone_into_a_new_part(ray_local, tmp_path)
     assert list(s["parts_retired"]) == [changed.name[: -len(".tar")]] and s["videos_done"] == 1
     assert index_keys(out) == want
     assert validate(str(out), deep=True, log=lambda *_: None) == []
+
+
+def test_the_exit_code_reflects_failures_an_earlier_run_recorded(ray_local, tmp_path):
+    """A rerun that leaves an earlier failure in place exits 3 (not 0); once the input is gone or retried
+    successfully, 0."""
+    d = tmp_path / "in"
+    make_corpus(d, n_good=1)
+    (d / "broken.mp4").write_bytes(b"\x00" * 4096)
+    out = tmp_path / "out"
+    assert run_inprocess(str(d), str(out)) == 3
+    assert run_inprocess(str(d), str(out)) == 3  # nothing redone, but broken.mp4 still has only its failure
+    s = _summary(out)
+    assert s["videos_failed"] == 0 and s["inputs_with_open_failures"] == 1
+    (d / "broken.mp4").unlink()
+    assert run_inprocess(str(d), str(out)) == 0
+    assert _summary(out)["inputs_with_open_failures"] == 0
