@@ -20,7 +20,7 @@ import av
 import cv2
 import numpy as np
 
-from .video import ProbeInfo, Scan, VideoError, probe, scan
+from .video import ProbeInfo, Scan, VideoError, ffmpeg_words, probe, scan
 
 
 @dataclass
@@ -151,7 +151,7 @@ def plan_video(path: str, *, analysis_width: int, threshold: float, min_shot_fra
         sc = shot_scan(path, info.rotation, analysis_width, info.fps, fileobj=fileobj,
                        src_size=(info.width, info.height))
     except av.error.FFmpegError as e:
-        raise VideoError("undecodable", f"{path}: decoding failed: {_words(e)}") from None
+        raise VideoError("undecodable", f"{path}: decoding failed: {ffmpeg_words(e)}") from None
     scores = np.asarray(sc.values, dtype=np.float64)
     if len(scores) < min_frames:
         why = f" ({_damage_text(sc.damaged)} did not decode)" if sc.damaged else ""
@@ -169,10 +169,6 @@ def plan_video(path: str, *, analysis_width: int, threshold: float, min_shot_fra
     duration = float(sc.times[-1]) + 1.0 / src_fps
     return VideoPlan(info=info, n_frames=len(scores), shots=shots, fps=fps, clips=clips, dropped=dropped,
                      duration_s=duration, damaged=damaged)
-
-
-def _words(e: Exception) -> str:
-    return getattr(e, "strerror", None) or str(e)  # FFmpeg's words, without its error number
 
 
 def _damage_text(damaged: list[tuple[float, float]]) -> str:

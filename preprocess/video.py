@@ -79,10 +79,10 @@ def probe(path: str, fileobj=None) -> ProbeInfo:
     except av.error.InvalidDataError as e:
         if _starts_like_mp4(path, fileobj):
             raise VideoError("truncated", f"{path}: an MP4/MOV whose index (moov box) is missing: the file was cut "
-                             f"short (an interrupted download or copy); fetch it again ({_ffmpeg_words(e)})") from None
-        raise VideoError("not_a_video", f"{path}: not a readable media file ({_ffmpeg_words(e)})") from None
+                             f"short (an interrupted download or copy); fetch it again ({ffmpeg_words(e)})") from None
+        raise VideoError("not_a_video", f"{path}: not a readable media file ({ffmpeg_words(e)})") from None
     except av.error.FFmpegError as e:
-        raise VideoError("unreadable", f"{path}: {_ffmpeg_words(e)}") from None
+        raise VideoError("unreadable", f"{path}: {ffmpeg_words(e)}") from None
     with container:
         fmt = container.format.name or ""
         if fmt.split(",")[0] in NON_VIDEO_FORMATS or fmt.endswith("_pipe"):
@@ -109,7 +109,7 @@ def probe(path: str, fileobj=None) -> ProbeInfo:
                 if len(head) >= 8:
                     break
         except av.error.FFmpegError as e:
-            raise VideoError("undecodable", f"{path}: first frames do not decode ({_ffmpeg_words(e)})") from None
+            raise VideoError("undecodable", f"{path}: first frames do not decode ({ffmpeg_words(e)})") from None
         if not head:
             raise VideoError("no_frames", f"{path}: the video stream has no decodable frame")
         first = head[0]
@@ -161,7 +161,7 @@ class Scan:
         return (len(self.times) - 1) / span if span > 0 else 0.0
 
 
-def _ffmpeg_words(e: Exception) -> str:
+def ffmpeg_words(e: Exception) -> str:
     """An FFmpeg error as words (PyAV's message without the errno prefix)."""
     msg = getattr(e, "strerror", None) or str(e)
     return msg.split("] ", 1)[-1].strip()

@@ -40,17 +40,23 @@ def _start(life: float) -> tuple[subprocess.Popen, dict[int, str]]:
     return p, descendants({p.pid})
 
 
-def test_what_a_killed_driver_started_is_ended():
-    driver, procs = _start(life=120)
-    assert len(procs) == 3
-    os.kill(driver.pid, signal.SIGKILL)
-    driver.wait()
-    deadline = time.time() + 15
+def _left_after(procs, seconds: float) -> list[int]:
+    """The processes still alive after waiting up to ``seconds`` for them to end (then killed, not to leak)."""
+    deadline = time.time() + seconds
     while alive(procs) and time.time() < deadline:
         time.sleep(0.1)
     left = alive(procs)
     for pid in left:
         os.kill(pid, signal.SIGKILL)
+    return left
+
+
+def test_what_a_killed_driver_started_is_ended():
+    driver, procs = _start(life=120)
+    assert len(procs) == 3
+    os.kill(driver.pid, signal.SIGKILL)
+    driver.wait()
+    left = _left_after(procs, 15)
     assert not left
 
 
@@ -58,10 +64,5 @@ def test_after_a_normal_exit_the_reaper_leaves():
     driver, procs = _start(life=3)
     assert len(procs) == 3
     driver.wait()
-    deadline = time.time() + 15
-    while alive(procs) and time.time() < deadline:
-        time.sleep(0.1)
-    left = alive(procs)
-    for pid in left:
-        os.kill(pid, signal.SIGKILL)
+    left = _left_after(procs, 15)
     assert not left  # here the driver left its child behind: the reaper ends it too
