@@ -188,7 +188,8 @@ def evaluate(args, export: Path) -> dict:
         if int(b.epoch.max()) > 0 or sum(x.size for x in batches) >= args.eval_clips:
             break
         batches.append(b)
-    scores = evaluate_latents(model, vae, batches, steps=args.eval_steps, seed=args.seed, dtype=torch.float32)
+    scores = evaluate_latents(model, vae, batches, steps=args.eval_steps, seed=args.seed, dtype=torch.float32,
+                              guidance_ref=args.guidance, guidance_motion=args.guidance)
     return scores.summary()
 
 
@@ -253,13 +254,19 @@ def main() -> int:
     ap.add_argument("--weights", default="model.safetensors", help="model.safetensors | ema.safetensors")
     ap.add_argument("--eval-clips", type=int, default=24)
     ap.add_argument("--eval-steps", type=int, default=20)
+    ap.add_argument("--guidance", type=float, default=None,
+                    help="classifier-free guidance of the sampler, reference and motion (default: the preset's, "
+                    "the paper's 2.5; 1 = no guidance)")
+    ap.add_argument("--eval-only", action="store_true",
+                    help="score the stage-3 export of an earlier run under --out again (e.g. --weights "
+                    "ema.safetensors or another --guidance); writes results-<weights>-g<guidance>.{json,md}")
     ap.add_argument("--margin", type=float, default=3.0, help="dB the model must beat both baselines by")
     ap.add_argument("--no-megamind", action="store_true")
     ap.add_argument("--data-only", action="store_true", help="build the datasets and stop")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("overrides", nargs="*", help="more conf/train.yaml overrides for both stages")
     args = ap.parse_args()
-    if args.minutes is None and args.steps is None and not args.data_only:
+    if args.minutes is None and args.steps is None and not (args.data_only or args.eval_only):
         ap.error("give --minutes S1 S3 or --steps S1 S3")
     args.out.mkdir(parents=True, exist_ok=True)
     args.vae_stats = None
@@ -280,20 +287,26 @@ def main() -> int:
         return 0
 
     args.vae_stats = calibrate_vae(args)
+    if args.eval_only:
+        return report(args, evaluate(args, args.out / "run" / "stage3" / "export"), curves(args),
+                      f"-{Path(args.weights).stem}-g{args.guidance or 'preset'}")
     budgets = [("minutes", m) for m in args.minutes] if args.minutes else [("steps", s) for s in args.steps]
     t1 = time.time()
     export1 = train_stage(args, "pose", budgets[0], None)
     export3 = train_stage(args, "full", budgets[1], export1 / "model.safetensors")
     t_train = time.time() - t1
     summary = evaluate(args, export3)
-    curve = curves(args)
-    summary.update(data_s=round(t_data, 1), train_s=round(t_train, 1), args={k: str(v) for k, v in vars(args).items()},
-                   steps={k: (v[-1][0] if v else 0) for k, v in curve.items()}, date=time.strftime("%Y-%m-%d"),
-                   updates=_updates(args))
+    summary.update(data_s=round(t_data, 1), train_s=round(t_train, 1))
+    return report(args, summary, curves(args))
+
+
+def report(args, summary: dict, curve: dict, suffix: str = "") -> int:
+    """Write results{suffix}.json / .md (and learning.png for a full run); 0 when the goal is met."""
+    summary.update(args={k: str(v) for k, v in vars(args).items()}, date=time.strftime("%Y-%m-%d"),
+                   steps={k: (v[-1][0] if v else 0) for k, v in curve.items()}, updates=_updates(args))
     ok = all(m >= args.margin for m in summary["model_minus_baseline_db"].values())
     summary["passed"] = ok
-    (args.out / "results.json").write_text(json.dumps(summary, indent=1))
-    (args.out / "curve.json").write_text(json.dumps(curve))
+    (args.out / f"results{suffix}.json").write_text(json.dumps(summary, indent=1))
     m = summary["mean_psnr_db"]
     dm = summary["denoise_mse"]
     table = ("| method | held-out latent PSNR (dB) | one-step denoising loss |\n|---|---:|---:|\n"
@@ -301,9 +314,11 @@ def main() -> int:
              + f"\nmodel - copy_reference: {summary['model_minus_baseline_db']['copy_reference']:+.2f} dB; "
                f"model - motion_dropped: {summary['model_minus_baseline_db']['motion_dropped']:+.2f} dB "
                f"({summary['clips']} clips; goal >= {args.margin} dB over both: {'met' if ok else 'NOT met'})\n")
-    (args.out / "results.md").write_text(table)
-    plot(args.out / "learning.png", summary, curve)
-    print(table + json.dumps({k: summary[k] for k in ("steps", "updates", "data_s", "train_s")}), flush=True)
+    (args.out / f"results{suffix}.md").write_text(table)
+    if not suffix:
+        (args.out / "curve.json").write_text(json.dumps(curve))
+        plot(args.out / "learning.png", summary, curve)
+    print(table + json.dumps({k: summary.get(k) for k in ("steps", "updates", "data_s", "train_s")}), flush=True)
     return 0 if ok else 1
 
 

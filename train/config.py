@@ -4,7 +4,7 @@ the only source of defaults, these dataclasses give the values types and reject 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ class OptimizerConfig:
     weight_decay: float
     warmup_steps: int
     grad_clip: float  # global L2 norm; 0 disables
+    lr_scale: dict[str, float] = field(default_factory=dict)  # parameter group -> lr multiplier
 
 
 @dataclass
@@ -70,6 +71,7 @@ class GuardConfig:
     max_consecutive_nonfinite: int
     poison_steps: list[int]  # fault injection: these steps' gradients of poison_group become NaN
     poison_group: str
+    owns_overflow_check: bool = True  # the guard's global norm replaces DeepSpeed's per-tensor check (ZeRO-1/2)
 
 
 @dataclass
@@ -206,6 +208,12 @@ def check(job: TrainJob) -> None:
         raise ConfigError("train.guard.max_consecutive_nonfinite must be >= 1")
     from models.dreamactor import PARAM_GROUPS
 
+    for group, scale in t.optimizer.lr_scale.items():
+        if group not in PARAM_GROUPS:
+            raise ConfigError(f"train.optimizer.lr_scale: unknown parameter group {group!r}; "
+                              f"the groups are {list(PARAM_GROUPS)}")
+        if not scale > 0:
+            raise ConfigError(f"train.optimizer.lr_scale.{group} must be > 0, got {scale}")
     if t.guard.poison_group not in PARAM_GROUPS:
         raise ConfigError(f"train.guard.poison_group must be one of {list(PARAM_GROUPS)}, got {t.guard.poison_group!r}")
     if t.compile_blocks and z.stage != 2:

@@ -68,15 +68,23 @@ def deepspeed_config(job: TrainJob, num_trainable: int, load_universal: bool = F
     return cfg
 
 
-def build_optimizer(params: list[torch.nn.Parameter], job: TrainJob) -> torch.optim.Optimizer:
-    """AdamW over the stage's trainable parameters."""
+def build_optimizer(named: list[tuple[str, torch.nn.Parameter]], job: TrainJob) -> torch.optim.Optimizer:
+    """AdamW over the stage's trainable parameters: one optimizer group per learning rate, the groups of
+    ``train.optimizer.lr_scale`` (a model parameter group -> lr multiplier; e.g. a new branch on a pretrained
+    backbone learns faster) apart from the rest."""
+    from models.dreamactor import param_group_of
+
     opt = job.train.optimizer
+    by_lr: dict[float, list[torch.nn.Parameter]] = {}
+    for name, p in named:
+        by_lr.setdefault(opt.lr * opt.lr_scale.get(param_group_of(name), 1.0), []).append(p)
+    groups = [{"params": aligned_order(ps), "lr": lr} for lr, ps in sorted(by_lr.items())]
     kw = dict(lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps, weight_decay=opt.weight_decay)
     if job.zero.offload_optimizer != "none":
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-        return DeepSpeedCPUAdam(params, adamw_mode=True, **kw)
-    return torch.optim.AdamW(params, fused=job.launch.device == "cuda", **kw)
+        return DeepSpeedCPUAdam(groups, adamw_mode=True, **kw)
+    return torch.optim.AdamW(groups, fused=job.launch.device == "cuda", **kw)
 
 
 def warmup_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
@@ -100,8 +108,9 @@ def initialize(model: torch.nn.Module, job: TrainJob, load_universal: bool = Fal
     import deepspeed
     from deepspeed.checkpoint import constants as ck
 
-    params = aligned_order([p for p in model.parameters() if p.requires_grad])
-    optimizer = build_optimizer(params, job)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    optimizer = build_optimizer(named, job)
     scheduler = warmup_schedule(optimizer, job.train.optimizer.warmup_steps)
     config = deepspeed_config(job, sum(p.numel() for p in params), load_universal)
     # ds_to_universal needs this marker in the model-states file to convert a ZeRO-1/2 checkpoint.

@@ -64,7 +64,7 @@ class Trainer:
         self.ema = ShardedEMA([(n, named[n]) for n in self.trainable], job.train.ema.decay, dist.rank)
         g = job.train.guard
         self.guard = UpdateGuard(self.engine, [(n, named[n]) for n in self.trainable], g.max_consecutive_nonfinite,
-                                 g.poison_steps, g.poison_group, dist.world_size)
+                                 g.poison_steps, g.poison_group, dist.world_size, g.owns_overflow_check)
         self.checkpointer.track(self.engine, per_rank={ckpt.RNG: RNGStates(), ckpt.GUARD: self.guard},
                                 sharded={ckpt.EMA: self.ema}, shared={ckpt.DATA: self.loader},
                                 meta={"frozen_signature": self.frozen_signature, "trainable": len(self.trainable)})

@@ -7,7 +7,7 @@ import torch
 from tests.conftest import compose
 from train.config import TrainConfigError, to_job
 from train.distributed import strip_local_rank_arg
-from train.engine import deepspeed_config, warmup_schedule
+from train.engine import build_optimizer, deepspeed_config, warmup_schedule
 
 
 def _job(*overrides):
@@ -64,6 +64,8 @@ def test_deepspeed_config_zero3_offload_and_universal():
     (["launch.backend=nccl"], "needs launch.device=cuda"),
     (["train.resume=/nonexistent/ckpt"], "train.resume"),
     (["train.optimizer.lr=fast"], "bad train config"),
+    (["+train.optimizer.lr_scale.pose=10"], "unknown parameter group 'pose'"),
+    (["+train.optimizer.lr_scale.pose_encoder=0"], "lr_scale.pose_encoder must be > 0"),
 ])
 def test_config_errors_name_the_key(overrides, match):
     with pytest.raises(TrainConfigError, match=match):
@@ -89,3 +91,17 @@ def test_warmup_then_constant():
         opt.step()
         sched.step()
     assert lrs == pytest.approx([1.25e-6, 2.5e-6, 3.75e-6, 5e-6, 5e-6, 5e-6])
+
+
+def test_lr_scale_gives_a_group_its_own_learning_rate():
+    job = _job("train.optimizer.lr=1e-4", "+train.optimizer.lr_scale.pose_encoder=10")
+    named = [("dit.blocks.0.attn.to_q.weight", torch.nn.Parameter(torch.zeros(8))),
+             ("pose_encoder.conv_in.weight", torch.nn.Parameter(torch.zeros(3))),
+             ("dit.pose_embed.weight", torch.nn.Parameter(torch.zeros(16))),
+             ("dit.proj_out.weight", torch.nn.Parameter(torch.zeros(8)))]
+    opt = build_optimizer(named, job)
+    groups = [(round(g["lr"], 12), [p.numel() for p in g["params"]]) for g in opt.param_groups]
+    # the pose encoder and the DiT's pose projection learn 10x faster; within a group the sizes that are a
+    # multiple of 8 come first (the flat ZeRO buffer stays aligned)
+    assert groups == [(1e-4, [8, 8]), (1e-3, [16, 3])]
+    assert len(build_optimizer(named, _job()).param_groups) == 1  # no lr_scale: one group, as before
