@@ -61,7 +61,7 @@ def map_stage(ds: Dataset, stage: Stage) -> Dataset:
     common = {"batch_size": r.batch_size, "num_cpus": r.num_cpus, "num_gpus": r.num_gpus, "batch_format": "numpy"}
     if stage.actor:
         return ds.map_batches(actor_class(stage), fn_constructor_args=(stage,),
-                              compute=ActorPoolStrategy(min_size=r.min_actors, max_size=r.max_actors), **common)
+                              compute=ActorPoolStrategy(min_size=r.pool[0], max_size=r.pool[1]), **common)
     return ds.map_batches(task_function(stage), **common)
 
 

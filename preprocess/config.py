@@ -41,8 +41,13 @@ class Resources:
     num_cpus: float
     num_gpus: float
     batch_size: int
-    min_actors: int
-    max_actors: int
+    min_actors: int | None = None  # actor stages only (an actor pool of min..max workers; default 1..1)
+    max_actors: int | None = None
+
+    @property
+    def pool(self) -> tuple[int, int]:
+        """(min, max) workers of the actor pool."""
+        return self.min_actors or 1, self.max_actors or 1
 
 
 @dataclass
@@ -51,7 +56,7 @@ class StageSpec:
 
     target: str
     enabled: bool
-    resources: Resources
+    resources: Resources | None = None  # clip stages: required; video stages run inside the shard writers: none
     params: dict[str, Any] = field(default_factory=dict)
 
 
@@ -192,9 +197,22 @@ def check(c: PreprocessConfig) -> None:
         for name, spec in specs.items():
             r = spec if isinstance(spec, Resources) else spec.resources
             where = f"{group}.{name}" + ("" if isinstance(spec, Resources) else ".resources")
+            if group == "video_stages":
+                if r is not None:
+                    raise ConfigError(f"{where}: a video stage runs inside the shard writers (writer.num_cpus), "
+                                      "it takes no resources of its own: remove the key")
+                continue
+            if r is None:
+                raise ConfigError(f"{where} is missing: num_cpus, num_gpus, batch_size (+ min_actors, max_actors "
+                                  "for a stage that runs as an actor pool)")
+            if name == "sink" and group == "stages" and (r.min_actors is not None or r.max_actors is not None):
+                raise ConfigError(f"{where}: the sink runs as Ray tasks, not an actor pool: remove min_actors/"
+                                  "max_actors")
             if r.num_cpus < 0 or r.num_gpus < 0:
                 raise ConfigError(f"{where}: num_cpus/num_gpus must be >= 0")
             if r.batch_size < 1:
                 raise ConfigError(f"{where}.batch_size must be >= 1")
-            if not 1 <= r.min_actors <= r.max_actors:
+            if (r.min_actors is None) != (r.max_actors is None):
+                raise ConfigError(f"{where}: give both min_actors and max_actors, or neither (1..1)")
+            if r.min_actors is not None and not 1 <= r.min_actors <= r.max_actors:
                 raise ConfigError(f"{where}: need 1 <= min_actors <= max_actors")

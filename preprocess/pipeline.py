@@ -140,7 +140,7 @@ _reaper = None  # the local Ray's reaper process (see reaper.py)
 def check_reservations(cfg: PreprocessConfig, stages: list[Stage], cluster_cpus: float) -> float:
     """Warn when the actor pools and writers cannot all be placed at once (a stage would then wait
     for an earlier pool to retire, and the pipeline would run stage after stage instead of streaming)."""
-    need = sum(st.resources.num_cpus * (st.resources.min_actors if st.actor else 1) for st in mapped(stages))
+    need = sum(st.resources.num_cpus * (st.resources.pool[0] if st.actor else 1) for st in mapped(stages))
     need += cfg.writer.num_cpus * cfg.writer.num_writers
     if need > cluster_cpus + 1e-9:
         log.warning("actor pools reserve %.2f CPUs but the cluster has %.2f: stages will wait for each other. "

@@ -126,7 +126,11 @@ def load_stage(name: str, spec: StageSpec, kind: type[Stage] = Stage) -> Stage:
         raise ConfigError(f"stage {name!r}: cannot import {spec.target!r}: {e}") from None
     if not (isinstance(cls, type) and issubclass(cls, kind)):
         raise ConfigError(f"stage {name!r}: {spec.target!r} is not a {kind.__name__} subclass")
-    return cls(spec.params).using(spec.resources)
+    r = spec.resources
+    if r is not None and not cls.actor and (r.min_actors is not None or r.max_actors is not None):
+        raise ConfigError(f"stage {name!r}: {cls.__name__} runs as Ray tasks, not an actor pool: remove "
+                          "resources.min_actors/max_actors")
+    return cls(spec.params).using(r)
 
 
 def run_clip_stage(stage: ClipStage, row: dict) -> dict:

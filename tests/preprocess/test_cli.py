@@ -127,6 +127,12 @@ def test_prod_profile_composes_to_a_valid_config(monkeypatch):
     ("lock.stale_s=1", "lock.stale_s=1.0 is out of range: use a value >= 30.0"),
     ("lock.heartbeat_s=0", "lock.heartbeat_s=0.0 is out of range"),
     ("verify=full", "verify='full': use one of size, deep"),
+    # every key is read: actor-pool sizes only where there is an actor pool, no resources for a video stage
+    ("+stages.sink.min_actors=2", "stages.sink: the sink runs as Ray tasks, not an actor pool"),
+    ("+video_stages.refs.resources={num_cpus:1,num_gpus:0,batch_size:1}",
+     "video_stages.refs.resources: a video stage runs inside the shard writers"),
+    ("stages.decode.min_actors=3", "stages.decode: need 1 <= min_actors <= max_actors"),
+    ("~stages.decode.max_actors", "stages.decode: give both min_actors and max_actors, or neither"),
 ])
 def test_lock_commit_and_verify_keys_are_checked(override, needle):
     from preprocess.config import ConfigError, to_config

@@ -10,8 +10,8 @@ import pytest
 from preprocess import schema
 from preprocess.adapter import from_rows, map_stage, pack, task_function, unpack
 from preprocess.config import ConfigError, Resources, StageSpec, to_config
-from preprocess.pipeline import build_stages, run
-from preprocess.stage import ClipStage, Stage, new_row, written_groups
+from preprocess.pipeline import build_stages, mapped, run
+from preprocess.stage import ClipStage, Stage, load_stage, new_row, written_groups
 from tests.conftest import compose
 
 
@@ -44,7 +44,7 @@ def test_the_shipped_pipelines_pass_the_check(annotators, names, groups, tmp_pat
     stages = build_stages(_cfg(tmp_path, f"annotators={annotators}"), "test")
     assert [st.name for st in stages] == names
     assert written_groups(stages) == groups
-    assert all(st.resources is not None for st in stages)
+    assert all(st.resources is not None for st in mapped(stages))  # video stages run in the writers: none
     for st in stages:  # every name a stage declares is a schema column
         assert all(schema.is_column(c) for c in st.writes), st.name
 
@@ -134,7 +134,7 @@ def test_an_actor_stage_sets_up_once_per_actor(ray_local):
 
 
 def test_a_task_stage_sets_up_once_per_worker_process(ray_local):
-    r = Resources(num_cpus=0.1, num_gpus=0, batch_size=1, min_actors=1, max_actors=1)
+    r = Resources(num_cpus=0.1, num_gpus=0, batch_size=1)
     tags = _tags(WorkerTaskStage().using(r))
     assert all(setups == 1 for _, _, setups in tags)
     by_pid = {}
@@ -145,7 +145,7 @@ def test_a_task_stage_sets_up_once_per_worker_process(ray_local):
 
 def test_task_copies_in_one_process_share_one_set_up_stage():
     """What Ray does to a task stage, in this process: every task unpickles its own copy of the function."""
-    r = Resources(num_cpus=0.1, num_gpus=0, batch_size=1, min_actors=1, max_actors=1)
+    r = Resources(num_cpus=0.1, num_gpus=0, batch_size=1)
     blob = cloudpickle.dumps(task_function(WorkerTaskStage().using(r)))
     tags = [unpack(cloudpickle.loads(blob)(pack([new_row(key=f"k{i}")])))[0]["m_worker"] for i in range(3)]
     assert len(set(tags)) == 1 and tags[0] == (os.getpid(), tags[0][1], 1)
@@ -156,3 +156,12 @@ def test_task_copies_in_one_process_share_one_set_up_stage():
 def test_a_stage_without_resources_is_not_mapped():
     with pytest.raises(ValueError, match="stage 'worker' has no resources"):
         map_stage(None, WorkerStage())
+
+
+def test_an_actor_pool_size_on_a_task_stage_is_refused():
+    spec = StageSpec(target=f"{__name__}.WorkerTaskStage", enabled=True,
+                     resources=Resources(num_cpus=0.1, num_gpus=0, batch_size=1, min_actors=2, max_actors=4))
+    with pytest.raises(ConfigError, match="WorkerTaskStage runs as Ray tasks, not an actor pool"):
+        load_stage("worker", spec)
+    spec.resources = Resources(num_cpus=0.1, num_gpus=0, batch_size=1)
+    assert load_stage("worker", spec).resources.pool == (1, 1)
