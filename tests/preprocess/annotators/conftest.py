@@ -22,8 +22,8 @@ needs_opencv_doc = pytest.mark.skipif(not demo_media.MEGAMIND.exists(), reason="
 def stage_spec(section: str, name: str, **params) -> StageSpec:
     """The StageSpec of ``section.name`` in the embedded config, with ``params`` overridden."""
     d = OmegaConf.to_container(OmegaConf.load(CONF)[section][name], resolve=True)
-    return StageSpec(target=d["target"], enabled=d["enabled"], resources=Resources(**d["resources"]) if d.get("resources") else None,
-                     params={**d["params"], **params})
+    resources = Resources(**d["resources"]) if d.get("resources") else None  # video stages have none
+    return StageSpec(target=d["target"], enabled=d["enabled"], resources=resources, params={**d["params"], **params})
 
 
 @pytest.fixture(scope="session")
