@@ -52,6 +52,15 @@ def test_an_output_that_cannot_work_is_refused_in_one_line(tmp_path):
     assert (tmp_path / "new").is_dir() and not list((tmp_path / "new").iterdir())
 
 
+def test_a_printed_config_is_a_config_that_runs():
+    """``--cfg job`` builds the typed config before Hydra prints it: a bad value is the same one-line error as a
+    run's; the prod profile's environment variables (set on the cluster) need not be set to print it."""
+    r = run_cli(["--cfg", "job", "plan.min_frames=-3"], timeout=120)
+    assert r.returncode == 2 and "need 1 <= min_frames <= max_frames" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli(["--cfg", "job", "+cluster=prod", "writer.jpeg_quality=0"], timeout=120)
+    assert r.returncode == 2 and "writer.jpeg_quality=0 is out of range" in r.stderr
+
+
 def test_prod_config_prints_without_connecting():
     t0 = time.time()
     r = run_cli(["+cluster=prod", "--cfg", "job"], timeout=120)

@@ -65,7 +65,7 @@ def test_deepspeed_config_zero3_offload_and_universal():
     (["train.resume=/nonexistent/ckpt"], "train.resume"),
     (["train.optimizer.lr=fast"], "bad train config"),
     (["+train.optimizer.lr_scale.pose=10"], "unknown parameter group 'pose'"),
-    (["+train.optimizer.lr_scale.pose_encoder=0"], "lr_scale.pose_encoder must be > 0"),
+    (["train.optimizer.lr_scale.pose_encoder=0"], "lr_scale.pose_encoder must be > 0"),
 ])
 def test_config_errors_name_the_key(overrides, match):
     with pytest.raises(TrainConfigError, match=match):
@@ -94,7 +94,7 @@ def test_warmup_then_constant():
 
 
 def test_lr_scale_gives_a_group_its_own_learning_rate():
-    job = _job("train.optimizer.lr=1e-4", "+train.optimizer.lr_scale.pose_encoder=10")
+    job = _job("train.optimizer.lr=1e-4", "train.optimizer.lr_scale.pose_encoder=10")
     named = [("dit.blocks.0.attn.to_q.weight", torch.nn.Parameter(torch.zeros(8))),
              ("pose_encoder.conv_in.weight", torch.nn.Parameter(torch.zeros(3))),
              ("dit.pose_embed.weight", torch.nn.Parameter(torch.zeros(16))),
@@ -105,3 +105,20 @@ def test_lr_scale_gives_a_group_its_own_learning_rate():
     # multiple of 8 come first (the flat ZeRO buffer stays aligned)
     assert groups == [(1e-4, [8, 8]), (1e-3, [16, 3])]
     assert len(build_optimizer(named, _job()).param_groups) == 1  # no lr_scale: one group, as before
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--cfg", "job", "train.guard.max_consecutive_nonfinite=0"], "train.guard.max_consecutive_nonfinite must be >= 1"),
+    (["train.optimizer.lrr=1"], "unknown config key 'train.optimizer.lrr'"),
+    (["--cfg", "job", "train.optimizer.lr_scale.pose=3"], "unknown config key 'train.optimizer.lr_scale.pose'"),
+])
+def test_the_command_line_is_checked_before_anything_starts(args, needle):
+    """A bad override or value is one line and exit 2, also when the config is only printed (--cfg job)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    r = subprocess.run([sys.executable, str(root / "train" / "run.py"), *args], capture_output=True, text=True,
+                       timeout=120, cwd=root)
+    assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
