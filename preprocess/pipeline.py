@@ -255,12 +255,13 @@ def run_locked(cfg: PreprocessConfig, inputs: list[InputFile], storage: Storage,
                      for v in listed_twice]
     dup_failures += [{"kind": "video", "video_key": "", "key": "", "source": v.uri, "stage": "list",
                       "error_class": v.problem[0], "error_message": v.problem[1]} for v in unlisted]
-    failures = build_failures(committed, dup_failures)
+    failures = build_failures(committed, dup_failures, run_id)
     # inputs of this run that have no clip and a failure row (this run's or an earlier, unretried one's): the
     # exit code reflects the dataset, not only this run's work
     listed = {v.uri for v in inputs} | {v.uri for v in unlisted} | {v.uri for v in listed_twice}
     with_clips = set(index["source"]) if len(index) else set()
-    open_failures = sorted((set(failures["source"]) & listed) - with_clips) if len(failures) else []
+    current = failures[failures["latest"]] if len(failures) else failures
+    open_failures = sorted((set(current["source"]) & listed) - with_clips) if len(current) else []
     write_table(storage, INDEX_FILE, index)
     write_table(storage, FAILURES_FILE, failures)
     vids = [e for e in events if e["event"] == "video"]

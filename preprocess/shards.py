@@ -45,6 +45,17 @@ TAR_ERRORS = (tarfile.TarError, OSError, EOFError, ValueError)
 PART_INFO_KEY = b"dreamactor.part"  # key of a stats file's parquet metadata: {"tar_bytes", "tar_sha256"}
 
 
+def part_name(run_id: str, writer_id: int, seq: int) -> str:
+    """The name of a writer's ``seq``-th part in run ``run_id`` (run ids start with the UTC time: names sort by
+    run, then writer, then sequence)."""
+    return f"{run_id}-w{writer_id:02d}-{seq:05d}"
+
+
+def run_of(part: str) -> str:
+    """The run id of a part name (:func:`part_name`)."""
+    return part.rsplit("-w", 1)[0]
+
+
 def tar_path(part: str) -> str:
     """A part's tar, relative to the output."""
     return f"{SHARD_DIR}/{part}{TAR_SUFFIX}"

@@ -23,6 +23,7 @@ from .shards import (
     decode_stats,
     digest,
     iter_members,
+    run_of,
     stats_path,
     tar_path,
 )
@@ -32,7 +33,7 @@ log = logging.getLogger("preprocess")
 
 INDEX_COLUMNS = ["key", "shard", "video_key", "clip_index", "shot_index", "source", "n_frames", "start_frame",
                  "end_frame", "fps", "width", "height", "duration_s", "bytes"]
-FAILURE_COLUMNS = ["kind", "video_key", "key", "source", "stage", "error_class", "error_message"]
+FAILURE_COLUMNS = ["kind", "video_key", "key", "source", "stage", "error_class", "error_message", "run_id", "latest"]
 
 
 @dataclass
@@ -176,16 +177,22 @@ def build_index(c: Committed) -> pd.DataFrame:
     return out
 
 
-def build_failures(c: Committed, run_failures: list[dict] | None = None) -> pd.DataFrame:
-    """Failed videos and clips of every committed part, plus this run's uncommitted ones."""
+def build_failures(c: Committed, run_failures: list[dict] | None = None, run_id: str = "") -> pd.DataFrame:
+    """Failed videos and clips of every committed part, plus this run's uncommitted ones (``run_id``).
+
+    ``run_id`` says which run recorded a row; ``latest`` is True for the rows of an input's latest attempt (by
+    source): after ``retry_failed=true`` an earlier failure stays on record with ``latest`` False, beside the
+    retry's clips or its own, newer failure row."""
     rows = []
     if not c.stats.empty:
+        attempts = c.stats[c.stats["kind"] == "video"].groupby("source")["part"].max()  # parts sort by run time
         bad = c.stats[c.stats["status"] == "failed"]
         for r in bad.to_dict("records"):
             rows.append({"kind": r["kind"], "video_key": r["video_key"], "key": r.get("key") or "",
                          "source": r["source"], "stage": r.get("error_stage") or "",
-                         "error_class": r["error_class"], "error_message": r["error_message"]})
-    rows.extend(run_failures or [])
+                         "error_class": r["error_class"], "error_message": r["error_message"],
+                         "run_id": run_of(r["part"]), "latest": r["part"] >= attempts.get(r["source"], r["part"])})
+    rows.extend({**f, "run_id": run_id, "latest": True} for f in run_failures or [])
     return pd.DataFrame(rows, columns=FAILURE_COLUMNS)
 
 

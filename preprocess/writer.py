@@ -33,7 +33,7 @@ import pandas as pd
 from . import schema
 from .config import StageSpec
 from .lock import DriverCheck
-from .shards import SHARD_DIR, TAR_SUFFIX, digest, encode_stats, stats_path, tar_path
+from .shards import SHARD_DIR, TAR_SUFFIX, digest, encode_stats, part_name, stats_path, tar_path
 from .stage import FAILED, OK, SKIPPED, VideoStage, fail, load_stage
 from .storage import Storage
 
@@ -49,10 +49,6 @@ class DriverGone(RuntimeError):
 def writer_name(run_id: str, i: int) -> str:
     """The Ray actor name of writer ``i`` of a run (the sink stage finds its writers by it)."""
     return f"dreamactor-writer-{run_id}-{i}"
-
-
-def part_name(run_id: str, writer_id: int, seq: int) -> str:
-    return f"{run_id}-w{writer_id:02d}-{seq:05d}"
 
 
 def sample_members(row: dict, fields: list[schema.Field]) -> list[tuple[str, bytes]]:

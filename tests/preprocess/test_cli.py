@@ -171,6 +171,33 @@ def test_a_run_where_every_input_fails_writes_its_outputs(tmp_path):
     assert validate(str(out)) == []
 
 
+def test_retry_failed_keeps_the_record_and_marks_the_latest_attempt(tmp_path):
+    """An input fails; retried while still broken, it has two failure rows of which the newer is ``latest``;
+    fixed and retried, it has clips and neither failure row is ``latest`` (the exit code then says 0)."""
+    import pandas as pd
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    video = inputs / "clip.mp4"
+    video.write_bytes(b"not a video, yet" * 64)
+    out = tmp_path / "out"
+
+    def run(*extra):
+        r = run_cli([f"input={inputs}", f"output={out}", *ENGINE_OVERRIDES, *extra])
+        return r.returncode, pd.read_parquet(out / "failures.parquet"), pd.read_parquet(out / "index.parquet")
+
+    code, f1, _ = run()
+    assert code == 3 and len(f1) == 1 and f1["latest"].tolist() == [True]
+    code, f2, _ = run("retry_failed=true")
+    assert code == 3 and len(f2) == 2
+    f2 = f2.sort_values("run_id")
+    assert f2["latest"].tolist() == [False, True] and f2["run_id"].iloc[0] == f1["run_id"].iloc[0]
+    make_video(video, n=24)
+    code, f3, index = run("retry_failed=true")
+    assert code == 0 and len(index) > 0 and set(index["source"]) == {str(video)}
+    assert len(f3) == 2 and not f3["latest"].any()  # both failures are history now
+
+
 def test_a_manifest_that_lists_a_file_twice_writes_it_once(tmp_path):
     import pandas as pd
 
