@@ -102,9 +102,10 @@ def guided_velocity(model, x: torch.Tensor, sigma: torch.Tensor, cond: Condition
 @torch.no_grad()
 def sample(model, noise: torch.Tensor, cond: Conditions, cfg: FlowConfig, *, steps: int | None = None,
            guidance_ref: float | None = None, guidance_motion: float | None = None, use_face: bool = True,
-           motion: bool = True) -> torch.Tensor:
+           motion: bool = True, on_step=None) -> torch.Tensor:
     """Euler integration from ``noise`` (sigma = 1) to latents (sigma = 0); defaults from ``cfg``;
-    ``motion=False`` samples the motion-dropped branch (see :func:`guided_velocity`)."""
+    ``motion=False`` samples the motion-dropped branch (see :func:`guided_velocity`); ``on_step()`` is called
+    after each step (progress bars)."""
     steps = cfg.sample_steps if steps is None else steps
     g_r = cfg.guidance_ref if guidance_ref is None else guidance_ref
     g_m = cfg.guidance_motion if guidance_motion is None else guidance_motion
@@ -113,6 +114,8 @@ def sample(model, noise: torch.Tensor, cond: Conditions, cfg: FlowConfig, *, ste
     for i in range(steps):
         v = guided_velocity(model, x, sigmas[i].view(1), cond, g_r, g_m, use_face, motion)
         x = x + (sigmas[i + 1] - sigmas[i]) * v
+        if on_step is not None:
+            on_step()
     if cond.cond_mask is not None:  # given latents are exact in the result
         m = cond.cond_mask.to(x.dtype)[:, None, :, None, None]
         x = x * (1 - m) + cond.cond_latents.float() * m
@@ -141,18 +144,19 @@ def segment_plan(num_frames: int, segment_frames: int, temporal_compression: int
 @torch.no_grad()
 def generate_long(model, cond: Conditions, cfg: FlowConfig, num_frames: int, *, generator=None,
                   steps: int | None = None, guidance_ref: float | None = None, guidance_motion: float | None = None,
-                  use_face: bool = True) -> list[torch.Tensor]:
+                  use_face: bool = True, segment_frames: int | None = None, on_step=None) -> list[torch.Tensor]:
     """Latents of each segment of a ``num_frames``-frame video driven by full-length ``cond`` controls.
 
     ``cond.pose_maps`` / ``face_crops`` / ``face_valid`` cover all frames (at least ``num_frames``).
     Segment k > 0 starts with the last latent of segment k - 1. Decode with :func:`decode_segments`.
+    ``segment_frames`` overrides ``cfg.segment_frames``; ``on_step()`` is called after every sampling step.
     """
     tc = model.cfg.vae.temporal_compression
     sc = model.cfg.vae.spatial_compression
     b, c = cond.ref_latents.shape[:2]
     h, w = cond.pose_maps.shape[-2] // sc, cond.pose_maps.shape[-1] // sc
     segments, prev_last = [], None
-    for start, stop in segment_plan(num_frames, cfg.segment_frames, tc):
+    for start, stop in segment_plan(num_frames, segment_frames or cfg.segment_frames, tc):
         t = 1 + (stop - start - 1) // tc
         seg = cond.pixel_frames(start, stop)
         if prev_last is not None:
@@ -162,7 +166,7 @@ def generate_long(model, cond: Conditions, cfg: FlowConfig, num_frames: int, *, 
             seg.cond_mask[:, 0] = 1
         noise = torch.randn(b, c, t, h, w, generator=generator, device=cond.ref_latents.device)
         x = sample(model, noise, seg, cfg, steps=steps, guidance_ref=guidance_ref, guidance_motion=guidance_motion,
-                   use_face=use_face)
+                   use_face=use_face, on_step=on_step)
         segments.append(x)
         prev_last = x[:, :, -1]
     return segments
