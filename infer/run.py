@@ -140,10 +140,7 @@ def main(dcfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     from infer.config import to_config
-    from models.command_line import check_command_line
+    from models.command_line import exit_on_bad_command_line
 
-    problem = check_command_line(sys.argv[1:], "infer", to_config)
-    if problem:
-        print(f"error: {problem}", file=sys.stderr)
-        sys.exit(2)
+    exit_on_bad_command_line("infer", to_config)
     main()

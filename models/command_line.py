@@ -64,6 +64,16 @@ def _build_for_print(cfg, build: Callable[[Any], Any]) -> str | None:
             os.environ.pop(name, None)
 
 
+def exit_on_bad_command_line(config_name: str, build: Callable[[Any], Any] | None = None) -> None:
+    """Check ``sys.argv`` (:func:`check_command_line`); on a problem print it as one line and exit 2."""
+    import sys
+
+    problem = check_command_line(sys.argv[1:], config_name, build)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        sys.exit(2)
+
+
 def _trace_file(config_name: str) -> str:
     with tempfile.NamedTemporaryFile("w", prefix=f"{config_name}-config-", suffix=".log", delete=False) as f:
         traceback.print_exc(file=f)

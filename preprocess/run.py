@@ -18,7 +18,7 @@ if __package__ in (None, ""):  # `python preprocess/run.py` from a checkout
 import hydra
 from omegaconf import DictConfig
 
-from models.command_line import check_command_line
+from models.command_line import exit_on_bad_command_line
 from preprocess.config import ConfigError, to_config
 
 log = logging.getLogger("preprocess")
@@ -57,8 +57,5 @@ def main(dcfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    problem = check_command_line(sys.argv[1:], "preprocess", to_config)
-    if problem:
-        print(f"error: {problem}", file=sys.stderr)
-        sys.exit(2)
+    exit_on_bad_command_line("preprocess", to_config)
     main()

@@ -54,11 +54,8 @@ def main(dcfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    from models.command_line import check_command_line
+    from models.command_line import exit_on_bad_command_line
     from train.config import to_job
 
-    problem = check_command_line(sys.argv[1:], "train", to_job)
-    if problem:
-        print(f"error: {problem}", file=sys.stderr)
-        sys.exit(2)
+    exit_on_bad_command_line("train", to_job)
     main()
