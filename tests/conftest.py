@@ -1,7 +1,10 @@
-"""Shared fixtures: a local Ray for the whole session and small videos made from shipped photos."""
+"""Shared fixtures: a local Ray for the whole session, and a small dataset written by the project's own
+preprocessing command (the trainer's, the evaluation's and the animation's tests read it)."""
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -32,3 +35,21 @@ def ray_local():
         ray.init(address="local", num_cpus=2, include_dashboard=False, namespace="dreamactor", log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def train_dataset(tmp_path_factory) -> Path:
+    """Shards from the project's preprocessing command (embedded annotators, built-in sample videos: three
+    50-frame clips cut into 6 clips), as ``python preprocess/run.py`` writes them with no input."""
+    root = tmp_path_factory.mktemp("train_data")
+    out = root / "preprocess"
+    cmd = [sys.executable, str(ROOT / "preprocess" / "run.py"), f"output={out}", f"samples.dir={root / 'samples'}",
+           "samples.size=128", "samples.n_frames=50", "samples.megamind=false", "max_videos=3",
+           "plan.min_frames=13", "plan.max_frames=25"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                            "MASTER_PORT")}
+    proc = subprocess.run(cmd, cwd=ROOT, env={**env, "PYTHONUNBUFFERED": "1"}, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert json.loads((out / "summary.json").read_text())["dataset_clips"] >= 4
+    return out

@@ -83,8 +83,10 @@ def still_reference(vae, batch) -> torch.Tensor:
 
 
 def evaluate_latents(model, vae, batches, *, steps: int, seed: int, dtype=torch.float32, use_face: bool = True,
-                     guidance_ref: float | None = None, guidance_motion: float | None = None) -> LatentScores:
-    """Score ``model`` and the baselines on loader batches (any device; moved to the model's)."""
+                     guidance_ref: float | None = None, guidance_motion: float | None = None,
+                     on_batch=None) -> LatentScores:
+    """Score ``model`` and the baselines on loader batches (any device; moved to the model's).
+    ``on_batch(batch, ground_truth_latents, {method: latents})`` sees every batch's results (pixel metrics)."""
     device = next(model.parameters()).device
     cfg = model.cfg.flow
     scores = LatentScores()
@@ -106,6 +108,8 @@ def evaluate_latents(model, vae, batches, *, steps: int, seed: int, dtype=torch.
             }
             for m, x in out.items():
                 scores.psnr[m] += latent_psnr(x, gt).tolist()
+            if on_batch is not None:
+                on_batch(batch, gt, out)
             scores.keys += list(batch.keys)
             losses = {m: 0.0 for m in METHODS}
             for level in DENOISE_SIGMAS:

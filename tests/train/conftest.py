@@ -132,21 +132,6 @@ def same_training(a: dict[int, dict], b: dict[int, dict], steps) -> list[str]:
 
 
 @pytest.fixture(scope="session")
-def train_dataset(tmp_path_factory) -> Path:
-    """Shards from the project's preprocessing command (embedded annotators, built-in sample videos: three
-    50-frame clips cut into 6 clips), as ``python preprocess/run.py`` writes them with no input."""
-    root = tmp_path_factory.mktemp("train_data")
-    out = root / "preprocess"
-    cmd = [sys.executable, str(ROOT / "preprocess" / "run.py"), f"output={out}", f"samples.dir={root / 'samples'}",
-           "samples.size=128", "samples.n_frames=50", "samples.megamind=false", "max_videos=3",
-           "plan.min_frames=13", "plan.max_frames=25"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert json.loads((out / "summary.json").read_text())["dataset_clips"] >= 4
-    return out
-
-
-@pytest.fixture(scope="session")
 def base_overrides(train_dataset) -> list[str]:
     """The local default (tiny model, 2 CPU processes, ZeRO-2) on the test dataset at test sizes."""
     return [f"data.source.dataset={train_dataset}", *DATA, *QUIET, *CKPT]

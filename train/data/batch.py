@@ -7,7 +7,7 @@ turns them into the model's float layouts on the device (one :class:`models.cond
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 
@@ -119,6 +119,13 @@ class DreamActorBatch:
         for name, v in self._tensors():
             setattr(self, name, v.pin_memory())
         return self
+
+    def head(self, n: int) -> DreamActorBatch:
+        """The first ``n`` clips (a new batch sharing the tensors' storage)."""
+        out = replace(self, keys=self.keys[:n])
+        for name, v in self._tensors():
+            setattr(out, name, v[:n])
+        return out
 
     def to(self, device, non_blocking: bool = True) -> DreamActorBatch:
         """Move every tensor to ``device`` (in place; returns self)."""

@@ -88,6 +88,20 @@ class WorkersConfig:
     max_restarts: int  # worker deaths survived per iterator (the sample being built is quarantined each time)
 
 
+Role = Choice("Role", {"TRAIN": "train", "HELDOUT": "heldout"})
+
+
+@dataclass
+class SplitConfig:
+    """A held-out split by source video: a video is held out when the hash of its key (with ``salt``) falls
+    in the first ``heldout_percent`` percent. A pure function of the key, so training (``role=train``) and the
+    evaluation (``role=heldout``) agree without a list to ship; the evaluation writes the list it used."""
+
+    heldout_percent: float  # 0: nothing held out
+    role: Role  # train: the other videos | heldout: only the held-out ones
+    salt: str
+
+
 @dataclass
 class DataConfig:
     """Everything the loader needs besides the model config."""
@@ -102,6 +116,7 @@ class DataConfig:
     face_crops: bool  # decode face.mp4 (stage 1 trains without face motion tokens: false saves CPU)
     latents: bool  # read precomputed VAE latents instead of pixels (needs a schema latent group)
     log_skips: int  # skips logged at WARNING per reason and worker; the rest at DEBUG
+    split: SplitConfig
 
 
 def to_config(cfg) -> DataConfig:
@@ -144,6 +159,10 @@ def check(c: DataConfig, temporal_compression: int | None = None) -> None:
         p = getattr(c.dropout, k)
         if not (0.0 <= p <= 1.0 and math.isfinite(p)):
             raise ConfigError(f"data.dropout.{k}={p} must be a probability")
+    if not 0.0 <= c.split.heldout_percent <= 100.0:
+        raise ConfigError(f"data.split.heldout_percent={c.split.heldout_percent} is out of range: use [0, 100]")
+    if c.split.role == "heldout" and c.split.heldout_percent <= 0:
+        raise ConfigError("data.split.role=heldout needs data.split.heldout_percent > 0")
     if c.shuffle.window_shards < 1 or c.shuffle.buffer < 1:
         raise ConfigError("data.shuffle.window_shards and data.shuffle.buffer must be >= 1")
     if c.workers.num_workers < 0 or c.workers.prefetch_factor < 1:

@@ -120,6 +120,25 @@ def _seed_words(*parts) -> list[int]:
     return out
 
 
+def heldout_fraction(video_key: str, salt: str) -> float:
+    """Where a source video falls in [0, 1) for the held-out split (a hash of its key and the salt)."""
+    h = hashlib.sha256(f"{salt}:{video_key}".encode()).digest()
+    return int.from_bytes(h[:8], "big") / 2**64
+
+
+def video_key_of(clip_key: str) -> str:
+    """The source video's key of a clip key ``{video_key}_{clip_index:04d}`` (preprocess.schema.clip_key)."""
+    return clip_key.rsplit("_", 1)[0]
+
+
+def in_split(clip_key: str, split) -> bool:
+    """Whether a clip belongs to the split's ``role`` (``data.split``); every clip when nothing is held out."""
+    if split.heldout_percent <= 0:
+        return True
+    held = heldout_fraction(video_key_of(clip_key), split.salt) < split.heldout_percent / 100.0
+    return held if split.role == "heldout" else not held
+
+
 def rng(*parts) -> np.random.Generator:
     """A generator seeded by a tuple of ints / strings (independent streams for distinct tuples)."""
     return np.random.Generator(np.random.PCG64(np.random.SeedSequence(_seed_words(*parts))))
@@ -229,6 +248,8 @@ class Planner:
         closed: list[tuple[int, int, list[PlannedSample]]] = []  # (bucket, frames, samples) in closing order
         for s, row in self.sample_order(window, metas):
             m = metas[s]
+            if not in_split(m.keys[row], self.cfg.split):  # the other side of the held-out split: not a skip
+                continue
             ps = self.plan_sample(m.keys[row], s, epoch, int(m.n_frames[row]), float(m.fps[row]))
             if ps is None:
                 excluded["samples/too_short"] = excluded.get("samples/too_short", 0) + 1

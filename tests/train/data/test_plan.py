@@ -161,3 +161,22 @@ def test_remaining_work_is_shared_with_no_duplicate_and_no_gap(chain):
     assert not pending & set(done)
     everything = {(w, b) for w in range(final.base) for b in range(sizes(w))}
     assert set(done) | pending == everything, "a batch was lost"
+
+
+def test_the_heldout_split_is_by_source_video_and_complementary():
+    from types import SimpleNamespace
+
+    from train.data.plan import heldout_fraction, in_split
+
+    keys = [f"{v:016x}_{c:04d}" for v in range(400) for c in range(3)]
+    train = SimpleNamespace(heldout_percent=10.0, role="train", salt="s")
+    held = SimpleNamespace(heldout_percent=10.0, role="heldout", salt="s")
+    t = {k for k in keys if in_split(k, train)}
+    h = {k for k in keys if in_split(k, held)}
+    assert t.isdisjoint(h) and t | h == set(keys)  # every clip on exactly one side
+    videos = {k.rsplit("_", 1)[0] for k in h}
+    assert all(f"{v}_{c:04d}" in h for v in videos for c in range(3))  # a video's clips stay together
+    assert 20 <= len(videos) <= 60  # ~10% of 400 videos
+    assert heldout_fraction("abc", "s") != heldout_fraction("abc", "t")  # the salt draws another split
+    none = SimpleNamespace(heldout_percent=0.0, role="train", salt="s")
+    assert all(in_split(k, none) for k in keys)
