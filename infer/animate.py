@@ -39,7 +39,7 @@ from models.config import ModelConfig
 from models.dreamactor import DreamActor
 from models.flow import decode_segments, generate_long, segment_plan
 from models.typed_config import ConfigError, resolved
-from models.vae import VideoVAE
+from models.vae import VideoVAE, frames_uint8
 from preprocess.schema import BODY_JOINT_NAMES
 
 from .annotate import AnnotationError, Annotations, Annotator, fill_missing
@@ -306,11 +306,6 @@ def pixels(frames: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(frames)).permute(3, 0, 1, 2)[None].float().div(127.5).sub(1.0)
 
 
-def to_uint8(video: torch.Tensor) -> np.ndarray:
-    """(3, T, H, W) in [-1, 1] -> (T, H, W, 3) uint8."""
-    return ((video.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 3, 0).cpu().numpy()
-
-
 # ----------------------------------------------------------------------------- the whole job
 
 
@@ -417,7 +412,7 @@ def sample_video(exp: Export, cond: Conditions, n_frames: int, s: Settings, prog
                              guidance_ref=s.guidance_ref, guidance_motion=s.guidance_motion, use_face=s.use_face,
                              segment_frames=s.segment_frames, on_step=progress)
     video = decode_segments(exp.vae, [x.float() for x in segments], n_frames)
-    return to_uint8(video[0])
+    return frames_uint8(video[0])
 
 
 def total_steps(exp: Export, n_frames: int, s: Settings) -> int:

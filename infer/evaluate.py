@@ -42,8 +42,9 @@ def evaluate_dataset(cfg: DictConfig) -> dict:
     """Score the checkpoint on the held-out clips; returns the record written as metrics.json."""
     import torch
 
-    from infer.animate import load_export, to_uint8
+    from infer.animate import load_export
     from infer.metrics import MetricsConfig, VideoScorer
+    from models.vae import frames_uint8
     from train.data import build_loader, to_config
     from train.data.plan import video_key_of
     from train.evaluate import evaluate_latents
@@ -87,9 +88,9 @@ def evaluate_dataset(cfg: DictConfig) -> dict:
         ref = batch.ref_images[:, 0].float().div(127.5).sub(1.0)[:, :, None].expand(-1, -1, gt.shape[2], -1, -1)
         decoded["copy_reference"] = ref  # the reference frame itself, held still
         for i, key in enumerate(batch.keys):
-            g = to_uint8(gt[i])
+            g = frames_uint8(gt[i])
             for m, v in decoded.items():
-                pixel[m].add(key, to_uint8(v[i]), g)
+                pixel[m].add(key, frames_uint8(v[i]), g)
 
     scores = evaluate_latents(exp.model, exp.vae, batches, steps=cfg.steps or exp.cfg.flow.sample_steps,
                               seed=int(cfg.seed), dtype=next(exp.model.parameters()).dtype, use_face=cfg.use_face,

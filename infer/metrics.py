@@ -69,9 +69,9 @@ def as_video(x, name: str = "video") -> np.ndarray:
     """uint8 (T, H, W, 3) RGB frames from uint8 frames (numpy or torch) or a float (3, T, H, W) tensor in [-1, 1]."""
     if isinstance(x, torch.Tensor):
         if x.is_floating_point() and x.ndim == 4 and x.shape[0] == 3:
-            from train.preview import _frames_uint8  # the one (3, T, H, W) [-1, 1] -> uint8 conversion
+            from models.vae import frames_uint8  # the one (3, T, H, W) [-1, 1] -> uint8 conversion
 
-            return _frames_uint8(x)
+            return frames_uint8(x)
         x = x.detach().cpu().numpy()
     x = np.asarray(x)
     if x.dtype != np.uint8 or x.ndim != 4 or x.shape[-1] != 3:

@@ -47,6 +47,11 @@ def build_autoencoder(cfg: VAEConfig, vae_dir: str | None):
     return vae
 
 
+def frames_uint8(video: torch.Tensor):
+    """Pixels (3, T, H, W) in [-1, 1] (the VAE's range) -> a (T, H, W, 3) uint8 numpy array."""
+    return ((video.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 3, 0).cpu().numpy()
+
+
 class VideoVAE(nn.Module):
     """Frozen wrapper: pixels in [-1, 1] (B, 3, T, H, W) <-> normalised latents (B, C, t, h, w)."""
 

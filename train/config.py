@@ -65,6 +65,15 @@ class SampleConfig:
 
 
 @dataclass
+class EvalConfig:
+    """``train.eval``: held-out scores during training (train/periodic_eval.py)."""
+
+    every: int  # steps between evaluations (0: never)
+    clips: int  # the fixed evaluation set
+    steps: int  # Euler steps of the sampler
+
+
+@dataclass
 class GuardConfig:
     """``train.guard``: non-finite gradients are counted, logged and stop the run (train/guard.py)."""
 
@@ -91,6 +100,7 @@ class TrainSection:
     log: LogConfig
     sample: SampleConfig
     guard: GuardConfig
+    eval: EvalConfig
 
 
 @dataclass
@@ -229,6 +239,9 @@ def check(job: TrainJob) -> None:
     if not 0.0 <= t.ema.decay < 1.0:
         raise ConfigError(f"train.ema.decay must be in [0, 1), got {t.ema.decay}")
     tc = job.model.vae.temporal_compression
+    if t.eval.every < 0 or t.eval.clips < 1 or t.eval.steps < 1:
+        raise ConfigError(f"train.eval: every >= 0, clips >= 1 and steps >= 1, got {t.eval.every}/{t.eval.clips}/"
+                          f"{t.eval.steps}")
     if t.sample.every and (t.sample.frames - 1) % tc:
         raise ConfigError(f"train.sample.frames must be 1 + k*{tc}, got {t.sample.frames}")
     if t.resume not in ("auto", "none") and not Path(t.resume).expanduser().is_dir():

@@ -115,6 +115,19 @@ class MetricLogger:
         else:
             log.info(line)
 
+    def scalars(self, step: int, record: dict, name: str = "eval") -> None:
+        """A side record (``<name>.jsonl`` next to metrics.jsonl, TensorBoard scalars under ``<name>/``)."""
+        if not self.enabled:
+            return
+        path = Path(self.jsonl.name).with_name(f"{name}.jsonl")
+        with open(path, "a") as f:
+            f.write(json.dumps(dict(record, step=step, time=round(time.time(), 3))) + "\n")
+        if self.tb is not None:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and math.isfinite(v):
+                    self.tb.add_scalar(f"{name}/{k}", v, step)
+            self.tb.flush()
+
     def image(self, tag: str, image_hwc, step: int) -> None:
         """A uint8 (H, W, 3) image in TensorBoard."""
         if self.tb is not None:

@@ -14,13 +14,9 @@ import numpy as np
 import torch
 
 from models.flow import sample
+from models.vae import frames_uint8
 
 log = logging.getLogger(__name__)
-
-
-def _frames_uint8(video: torch.Tensor) -> np.ndarray:
-    """(3, T, H, W) in [-1, 1] -> (T, H, W, 3) uint8."""
-    return ((video.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 3, 0).cpu().numpy()
 
 
 @torch.no_grad()
@@ -50,7 +46,7 @@ def sample_video(engine, vae, batch, frames: int, steps: int, use_face: bool, se
     sphere = cond.pose_maps[0, 3:6].float() * 2 - 1
     controls = torch.maximum(skeleton, sphere)
     panel = torch.cat([x0_pix[0], controls.to(x0_pix), video.to(x0_pix)], dim=-1)
-    return _frames_uint8(panel)
+    return frames_uint8(panel)
 
 
 def write_sample(path: Path, frames: np.ndarray, fps: float) -> Path:

@@ -57,7 +57,8 @@ class Trainer:
             model.compile_blocks()
         self.engine = initialize(model, job, load_universal=universal)
         # the VAE encodes pixel batches and decodes the sample videos: precomputed latents without samples need none
-        self.vae = build_vae(job, dist.device) if not job.data.latents or job.train.sample.every else None
+        self.vae = build_vae(job, dist.device) if (not job.data.latents or job.train.sample.every
+                                                    or job.train.eval.every) else None
         self.step_fn = FlowMatchingStep(job, self.vae, dist.device, dist.rank)
         self.loader = loader if loader is not None else self._build_loader()
         named = dict(self.engine.module.named_parameters())
@@ -74,6 +75,11 @@ class Trainer:
             log.info("activation checkpointing: auto, %.1f GiB for activations (the fewest checkpointed blocks that "
                      "fit, per batch)", self.activation_budget / 2**30)
         self.peak_tflops = device_peak_tflops(job.launch.peak_tflops, dist.device)
+        self.periodic_eval = None
+        if job.train.eval.every:
+            from .periodic_eval import PeriodicEval
+
+            self.periodic_eval = PeriodicEval(job, dist, self.vae, self.step_fn.dtype)
 
     # ------------------------------------------------------------------ setup
 
@@ -114,6 +120,9 @@ class Trainer:
                     self._log(logger, step, total_stats, keys, health)
                 if job.train.sample.every and step % job.train.sample.every == 0:
                     self._sample(logger, self.kept_batch, step)
+                if self.periodic_eval is not None and step % job.train.eval.every == 0:
+                    self.periodic_eval.run(self.engine.module, logger, step)
+                    self.engine.train()
                 good = self.guard.consecutive == 0  # no checkpoint of a step that applied no update
                 if total_stats["stop"]:
                     if good:

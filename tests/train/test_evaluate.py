@@ -36,3 +36,20 @@ def test_latent_psnr_halving_the_error_is_3_db():
     noise = torch.randn(2, 64, generator=torch.Generator().manual_seed(0))
     a, b = latent_psnr(gt + 0.1 * noise, gt), latent_psnr(gt + 0.1 * noise / 2 ** 0.5, gt)
     torch.testing.assert_close(b - a, torch.full((2,), 10 * torch.log10(torch.tensor(2.0)).item()), atol=1e-4, rtol=0)
+
+
+def test_the_periodic_evaluation_scores_every_rank_and_leaves_training_alone(reference_zero3):
+    """``train.eval.every=4`` in the ZeRO-3 reference run (2 ranks: every rank takes part in the sampler's
+    forwards): rank 0 wrote the held-out scores at steps 4 and 8; the resume tests compare runs without the
+    evaluation against this one bitwise, so it changed nothing of the training."""
+    import json
+    import math
+
+    rows = [json.loads(line) for line in (reference_zero3 / "stage1" / "eval.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [4, 8]
+    for r in rows:
+        assert r["clips"] == 2
+        for m in ("model", "copy_reference", "motion_dropped"):
+            assert math.isfinite(r[f"latent_psnr_{m}"]) and r[f"denoise_mse_{m}"] > 0
+        assert "pixel_psnr_model" not in r  # a random VAE: no pixel metrics
+    assert list((reference_zero3 / "stage1" / "tb").iterdir())
