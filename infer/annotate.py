@@ -55,10 +55,14 @@ class Annotations:
 class Annotator:
     """The enabled clip stages of an annotators config, set up once (models loaded) and run in order."""
 
-    def __init__(self, annotators_node, chunk_frames: int = 64):
+    def __init__(self, annotators_node, chunk_frames: int = 64, delegate: str | None = None):
+        """``delegate`` (cpu | gpu | auto) sets every backend's MediaPipe delegate (None: the config's own)."""
         self.stages: list[ClipStage] = []
         for name, node in (annotators_node or {}).items():
             spec = from_node(StageSpec, node, f"annotators.{name}")
+            backend = spec.params.get("backend")
+            if delegate is not None and isinstance(backend, dict) and "MediaPipe" in str(backend.get("target")):
+                spec.params["backend"] = {**backend, "params": {**backend.get("params", {}), "delegate": delegate}}
             if spec.enabled:
                 self.stages.append(load_stage(name, spec, ClipStage))
         if not self.stages:

@@ -37,9 +37,13 @@ class PseudoRefsConfig:
     max_yaw_deg: float
 
 
+Delegate = Choice("Delegate", {"CPU": "cpu", "GPU": "gpu", "AUTO": "auto"})
+
+
 @dataclass
 class AnnotateConfig:
     chunk_frames: int
+    delegate: Delegate | None  # MediaPipe delegate of every annotator (None: the annotators config's own)
 
 
 @dataclass

@@ -63,7 +63,7 @@ def run(cfg) -> dict:
         ref0, drive0 = default_inputs(cfg)
         reference, driving = reference or ref0, driving or drive0
     exp = A.load_export(cfg.checkpoint, cfg.weights, device, dtype, cfg.preset)
-    annotator = Annotator(cfg.annotators, cfg.annotate.chunk_frames)
+    annotator = Annotator(cfg.annotators, cfg.annotate.chunk_frames, cfg.annotate.delegate)
     s = A.Settings(segment_frames=cfg.sampling.segment_frames, steps=cfg.sampling.steps,
                    guidance_ref=cfg.sampling.guidance_ref, guidance_motion=cfg.sampling.guidance_motion,
                    seed=cfg.seed, height=cfg.video.height, width=cfg.video.width, fps=cfg.video.fps,

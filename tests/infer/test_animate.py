@@ -239,3 +239,14 @@ def test_pseudo_reference_mode_adds_the_picked_frames_as_references(export, tmp_
                                         "yaw_min": {"frame": 0, "yaw_deg": -30.0},
                                         "yaw_median": {"frame": 2, "yaw_deg": 5.0}}
     assert rec["references_used"] == 4 and rec["frames_out"] == 5
+
+
+def test_one_switch_puts_every_annotator_on_a_mediapipe_delegate():
+    from infer.annotate import Annotator
+    from infer.config import to_config
+    from tests.conftest import compose
+
+    cfg = to_config(compose("infer", ["annotate.delegate=auto"]))
+    stages = Annotator(cfg.annotators, 8, cfg.annotate.delegate).stages
+    assert [st.name for st in stages] == ["body", "hands", "head"]
+    assert all(st.params.backend["params"]["delegate"] == "auto" for st in stages)
