@@ -29,6 +29,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -42,7 +43,8 @@ from models.typed_config import ConfigError, resolved
 from models.vae import VideoVAE, frames_uint8
 from preprocess.schema import BODY_JOINT_NAMES
 
-from .annotate import AnnotationError, Annotations, Annotator, fill_missing
+if TYPE_CHECKING:  # the annotators (MediaPipe, PyAV) load only where annotation runs, not on a sampling box
+    from .annotate import Annotations, Annotator
 
 log = logging.getLogger(__name__)
 
@@ -346,6 +348,8 @@ class Prepared:
 def prepare(exp: Export, annotator: Annotator, reference, driving_path: str, s: Settings) -> Prepared:
     """Steps 2-5: read, annotate, place and draw (see the module docstring)."""
     from train.data.sample import crop_box, resize_crop
+
+    from .annotate import AnnotationError, fill_missing
 
     cfg = exp.cfg
     refs = read_references(reference)

@@ -250,3 +250,17 @@ def test_one_switch_puts_every_annotator_on_a_mediapipe_delegate():
     stages = Annotator(cfg.annotators, 8, cfg.annotate.delegate).stages
     assert [st.name for st in stages] == ["body", "hands", "head"]
     assert all(st.params.backend["params"]["delegate"] == "auto" for st in stages)
+
+
+def test_the_inference_bench_runs_its_two_steps(tmp_path):
+    """bench/infer.py: controls prepared (annotated) on one machine, sampled on another (here both the CPU)."""
+    npz = tmp_path / "drive.npz"
+    for args in (["prepare", "--preset", "tiny", "--frames", "9", "--height", "64", "--width", "64", "--out", str(npz)],
+                 ["sample", "--preset", "tiny", "--prepared", str(npz), "--steps", "1", "--segment-frames", "5",
+                  "--json", str(tmp_path / "b.json")]):
+        r = subprocess.run([sys.executable, str(ROOT / "bench" / "infer.py"), *args], capture_output=True, text=True,
+                           timeout=600, cwd=ROOT)
+        assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((tmp_path / "b.json").read_text())
+    assert res["frames"] == 9 and res["size"] == [64, 64] and res["total_steps"] == 2  # 2 segments of 5 frames
+    assert res["seconds_per_output_frame"] > 0
