@@ -41,6 +41,11 @@ def test_the_heldout_split_is_scored_beside_both_baselines(train_dataset, tmp_pa
     held = json.loads((out / "heldout_videos.json").read_text())
     index = pd.read_parquet(train_dataset / "index.parquet")
     assert set(held["video_keys"]) <= set(index["video_key"])  # recorded, so training can exclude them
+    # nothing held out (the local default): the training videos are scored, and the job says so
+    r = evaluate([f"checkpoint={export}", f"data.source.dataset={train_dataset}", "clips=1", "steps=1",
+                  "pixel_metrics=false", f"output={tmp_path / 'eval0'}", *DATA])
+    assert r.returncode == 0 and "no video is held out" in r.stderr + r.stdout, r.stderr[-3000:]
+    assert json.loads((tmp_path / "eval0" / "metrics.json").read_text())["split"]["role"] == "train"
 
 
 def test_folders_of_videos_are_scored_by_name(tmp_path):
