@@ -24,6 +24,8 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 
+from models.redact import redact_url
+
 from .config import ConfigError, LockConfig
 from .shards import LOCK_FILE, LOCK_GUARD
 from .storage import Storage
@@ -224,7 +226,8 @@ class OutputLock:
                 fcntl.flock(f, fcntl.LOCK_UN)
 
     def _write(self) -> None:
-        lease = {**asdict(self.holder), "output": self.storage.uri, "started": self._started, "heartbeat": time.time()}
+        lease = {**asdict(self.holder), "output": redact_url(self.storage.uri), "started": self._started,
+                 "heartbeat": time.time()}
         data = json.dumps(lease, indent=1).encode()
         self.storage.write_bytes(LOCK_FILE, data + b" " * (LEASE_BYTES - len(data)))
 

@@ -25,6 +25,8 @@ import time
 from collections import Counter
 from dataclasses import asdict
 
+from models.redact import redact_text, redact_url
+
 from . import schema
 from .adapter import from_rows, map_stage, unpack
 from .config import ConfigError, PreprocessConfig
@@ -269,7 +271,7 @@ def run_locked(cfg: PreprocessConfig, inputs: list[InputFile], storage: Storage,
     run_failed += [{"error_class": "duplicate", "source": v.uri} for v in listed_twice]
     run_failed += [{"error_class": v.problem[0], "source": v.uri} for v in unlisted]
     summary = {
-        "run_id": run_id, "output": storage.uri, "wall_seconds": round(time.time() - t_start, 3),
+        "run_id": run_id, "output": redact_url(storage.uri), "wall_seconds": round(time.time() - t_start, 3),
         "stream_seconds": round(stream_seconds, 3),
         "inputs": len(inputs), "inputs_listed_twice": len(listed_twice), "inputs_unreadable_entries": len(unlisted),
         "inputs_with_open_failures": len(open_failures),
@@ -296,11 +298,11 @@ def run_locked(cfg: PreprocessConfig, inputs: list[InputFile], storage: Storage,
     write_json(storage, SUMMARY_FILE, summary)
     report = write_report(storage, index, failures, summary)
     preview = write_preview(storage, index, run_id)
-    print(f"[preprocess] shards:   {storage.url(SHARD_DIR)}\n[preprocess] index:    {storage.url(INDEX_FILE)}\n"
-          f"[preprocess] failures: {storage.url(FAILURES_FILE)} ({len(run_failed)} this run)\n"
-          f"[preprocess] summary:  {storage.url(SUMMARY_FILE)}"
-          + (f"\n[preprocess] report:   {report}" if report else "")
-          + (f"\n[preprocess] preview:  {preview}" if preview else ""), flush=True)
+    print(redact_text(f"[preprocess] shards:   {storage.url(SHARD_DIR)}\n[preprocess] index:    "
+                      f"{storage.url(INDEX_FILE)}\n[preprocess] failures: {storage.url(FAILURES_FILE)} "
+                      f"({len(run_failed)} this run)\n[preprocess] summary:  {storage.url(SUMMARY_FILE)}"
+                      + (f"\n[preprocess] report:   {report}" if report else "")
+                      + (f"\n[preprocess] preview:  {preview}" if preview else "")), flush=True)
     if open_failures and not run_failed:
         log.warning("%d inputs keep the failure an earlier run recorded (failures.parquet; retry_failed=true retries "
                     "them), e.g. %s", len(open_failures), open_failures[0])

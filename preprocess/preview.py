@@ -10,6 +10,7 @@ clip of the index is shown; the video goes to ``{output}/previews/{key}.mp4`` un
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 if __package__ in (None, ""):  # `python preprocess/preview.py` from a checkout
@@ -25,6 +26,7 @@ from preprocess.storage import Storage
 from preprocess.video import decode_mp4, encode_mp4
 
 MIN_CONF = 0.3  # joints drawn above this confidence
+PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*")  # a shard (part) name from the index: no folder in it
 
 
 def load_clip(output: str, key: str | None = None) -> dict:
@@ -35,10 +37,18 @@ def load_clip(output: str, key: str | None = None) -> dict:
         raise SystemExit(f"{storage.url(INDEX_FILE)} lists no clip")
     if key is None:
         key = str(index["key"].iloc[0])
+    try:  # the key names the preview file: a dataset's crafted key must not write outside previews/
+        schema.check_key(key)
+    except ValueError as e:
+        raise SystemExit(f"{e}; refusing it (from key= or {storage.url(INDEX_FILE)}): a clip key becomes a file "
+                         "name") from None
     hit = index[index["key"] == key]
     if not len(hit):
         raise SystemExit(f"clip {key!r} is not in {storage.url(INDEX_FILE)} (e.g. {list(index['key'][:3])})")
     shard = str(hit["shard"].iloc[0])
+    if not PLAIN_NAME.fullmatch(shard) or ".." in shard:
+        raise SystemExit(f"{storage.url(INDEX_FILE)} names shard {shard!r} for clip {key}: not a part name; "
+                         "refusing to read a path outside shards/")
     sample: dict = {"key": key}
     with storage.fs.open_input_stream(storage.path(tar_path(shard.removesuffix(TAR_SUFFIX)))) as f:
         for k, members in iter_samples(f, select=lambda k, _: k == key):
@@ -173,12 +183,22 @@ def render_preview(sample: dict) -> np.ndarray:
     return out
 
 
+def preview_path(output: str, key: str) -> str:
+    """``{output}/previews/{key}.mp4`` (``./{key}.mp4`` for an object-store output); ``key`` must be a clip key
+    (:func:`preprocess.schema.check_key`), so the path stays inside that folder."""
+    storage = Storage(output, create=False)
+    folder = storage.path("previews") if storage.local else "."
+    path = os.path.join(folder, f"{schema.check_key(key)}.mp4")
+    if os.path.dirname(os.path.abspath(path)) != os.path.abspath(folder):
+        raise ValueError(f"preview of {key!r} would be written outside {folder}")
+    return path
+
+
 def write_preview(output: str, key: str | None = None, out: str | None = None) -> str:
     """Render the preview of a clip and write it as H.264 MP4; returns its path."""
     sample = load_clip(output, key)
     frames = render_preview(sample)
-    path = out or os.path.join(Storage(output).path("previews") if Storage(output).local else ".",
-                               f"{sample['key']}.mp4")
+    path = out or preview_path(output, sample["key"])
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "wb") as f:
         f.write(encode_mp4(frames, float(sample.get("meta", {}).get("fps", 25.0)), crf=20))

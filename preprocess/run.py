@@ -19,6 +19,7 @@ import hydra
 from omegaconf import DictConfig
 
 from models.command_line import exit_on_bad_command_line
+from models.redact import install_log_redaction
 from preprocess.config import ConfigError, to_config
 
 log = logging.getLogger("preprocess")
@@ -30,6 +31,7 @@ def main(dcfg: DictConfig) -> None:
     from preprocess.storage import check_output, list_inputs
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind: the output's lock is released, Ray shut down
+    install_log_redaction()  # a URI's credentials (s3://KEY:SECRET@bucket, ?X-Amz-Signature=) reach no log line
     try:
         cfg = to_config(dcfg)
         check_output(cfg.output)

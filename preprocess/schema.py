@@ -21,6 +21,14 @@ SCHEMA_VERSION = 1
 KEY_RE = re.compile(r"^[0-9a-f]{16}_[0-9]{4}$")
 
 
+def check_key(key) -> str:
+    """``key`` when it is a clip key (:data:`KEY_RE`), else a ValueError. A key read from a dataset becomes a
+    file name (``previews/{key}.mp4``): a crafted one (``../../x``) must never reach a path."""
+    if not isinstance(key, str) or not KEY_RE.fullmatch(key):
+        raise ValueError(f"{key!r} is not a clip key (16 hex digits, '_', 4 digits: {KEY_RE.pattern})")
+    return key
+
+
 def clip_key(video_key: str, clip_index: int) -> str:
     """The stable, dot-free key of clip ``clip_index`` of a video."""
     return f"{video_key}_{clip_index:04d}"

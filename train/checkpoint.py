@@ -8,9 +8,11 @@ Layout of ``<stage dir>/checkpoints``::
         *model_states.pt, *optim_states.pt    DeepSpeed: module, ZeRO optimizer partitions, LR scheduler, steps
         trainer/rank_00000.pt ...             per rank: RNG states (python, numpy, torch, CUDA), EMA shard, guard
         trainer/state.pt                      data cursor of every rank, step (rank 0)
-        config.yaml                           the resolved config of the run
-        COMPLETE                              JSON written last by rank 0: step, world size, ZeRO stage, ...
+        config.yaml                           the resolved config of the run, secrets redacted
+        COMPLETE                              JSON written last by rank 0: step, world size, ZeRO stage, ..., every
+                                              file's size and sha256, signed (train/manifest.py)
         universal/                            DeepSpeed universal checkpoint, made when the world size changes
+    _quarantine/step_00000300/                a checkpoint that failed verification, moved aside (never deleted)
 
 States (each with ``state_dict`` / ``load_state_dict``, registered with :meth:`Checkpointer.track`): the
 DeepSpeed engine; *per-rank* states (RNG, guard counters), restored from the rank's own file; *sharded*
@@ -18,9 +20,16 @@ states (the EMA), restored from the rank's own shard or, after a world-size chan
 old shard; *shared* states (the data cursor), the same on every rank and written once by rank 0.
 
 Commit protocol: every rank writes its files (each through a temporary name + fsync + rename), a barrier
-proves they all did, then rank 0 writes ``COMPLETE`` and only then moves ``latest``. ``resume=auto`` picks
-the newest checkpoint that has ``COMPLETE``, so a save cut short by ``kill -9``, a node loss or a full disk
-is ignored (and deleted by the next complete save). The directory must be shared by all nodes.
+proves they all did, every rank records the size and sha256 of its own files, rank 0 gathers them into
+``COMPLETE`` (signed with the run's checkpoint key) and only then moves ``latest``. ``resume=auto`` takes the
+newest checkpoint that has ``COMPLETE`` *and verifies against it*: a save cut short by ``kill -9``, a node loss
+or a full disk has no ``COMPLETE`` and is ignored (and deleted by the next complete save); a complete one with
+a file missing, truncated or changed since is moved to ``_quarantine/`` (with the reason) and the previous one
+is taken. A checkpoint whose ``COMPLETE`` this run's key did not sign is never loaded: DeepSpeed's files are
+pickles (train/manifest.py). The directory must be shared by all nodes.
+
+Our own states are tensors and plain data (numbers, strings, lists, dicts) and load with
+``torch.load(weights_only=True)``: no code runs when a trainer file is read, whoever wrote it.
 
 World-size change: rank 0 converts the checkpoint with DeepSpeed's ``ds_to_universal`` (into
 ``universal/``, once) and every rank loads it with ``checkpoint.load_universal``; the EMA is reassembled
@@ -36,6 +45,7 @@ import logging
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -43,15 +53,21 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 import yaml
 
-from .distributed import Dist, barrier
+from models.redact import redacted
+
+from . import manifest
+from .distributed import Dist, all_gather, barrier, from_main
+from .manifest import COMPLETE, Problem
 
 log = logging.getLogger(__name__)
 
 TAG_RE = re.compile(r"^step_(\d{8})$")
-COMPLETE = "COMPLETE"
+QUARANTINE_DIR = "_quarantine"
+REASON_SUFFIX = ".reason.json"  # _quarantine/step_X.reason.json: why step_X is there (beside it, not in it)
 TRAINER_DIR = "trainer"
 SHARED_FILE = "state.pt"
 # The trainer's states by their names in the rank files and in state.pt (the layout above).
@@ -87,11 +103,20 @@ def rank_files(tag_dir: Path) -> list[Path]:
     return sorted((Path(tag_dir) / TRAINER_DIR).glob("rank_*.pt"))
 
 
+def _legacy_numpy_globals() -> list:
+    """What the RNG state of a trainer file written before holds besides tensors: numpy's key array (rebuilt
+    by numpy's array constructor, which runs no other code)."""
+    core = getattr(np, "_core", None) or np.core
+    return [core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
 def read_state(path: Path) -> dict:
-    """A trainer file of a checkpoint; a missing or unreadable one is a :class:`CheckpointError`."""
+    """A trainer file of a checkpoint, loaded with ``weights_only=True`` (no code in it can run); a missing or
+    unreadable one is a :class:`CheckpointError`."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # truncated zip, pickle error, missing file: all mean a broken checkpoint
+        with torch.serialization.safe_globals(_legacy_numpy_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, refused pickle, missing file: all mean a broken checkpoint
         raise CheckpointError(f"{path} is missing or unreadable ({type(e).__name__}: {e}): the checkpoint "
                               f"{path.parent.parent} is broken; resume another one (train.resume=<checkpoint dir>), "
                               "or delete it and let train.resume=auto take the previous one") from e
@@ -156,14 +181,19 @@ def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
     return sorted(out)
 
 
+def incomplete_checkpoints(root: Path) -> list[str]:
+    """Tags under ``root`` without a readable COMPLETE (saves cut short)."""
+    return sorted(d.name for d in root.iterdir() if TAG_RE.match(d.name) and d.is_dir() and read_meta(d) is None) \
+        if root.is_dir() else []
+
+
 def find_resume(root: Path, warn: bool = True) -> Path | None:
-    """The newest complete checkpoint under ``root`` (``latest`` is only a hint: it may lag a crash)."""
+    """The newest complete checkpoint under ``root`` (``latest`` is only a hint: it may lag a crash); not yet
+    verified (:meth:`Checkpointer.find` does that)."""
     done = complete_checkpoints(root)
-    incomplete = ([d.name for d in root.iterdir() if TAG_RE.match(d.name) and read_meta(d) is None]
-                  if root.is_dir() else [])
+    incomplete = incomplete_checkpoints(root)
     if incomplete and warn:
-        log.warning("ignoring incomplete checkpoints (interrupted saves) in %s: %s", root,
-                    ", ".join(sorted(incomplete)))
+        log.warning("ignoring incomplete checkpoints (interrupted saves) in %s: %s", root, ", ".join(incomplete))
     if not done:
         return None
     latest = root / "latest"
@@ -173,23 +203,55 @@ def find_resume(root: Path, warn: bool = True) -> Path | None:
     return done[-1][1]
 
 
+def quarantine(tag_dir: Path, problems: list[Problem]) -> Path:
+    """Move a damaged checkpoint to ``<checkpoints>/_quarantine/<tag>`` (a rename: nothing is deleted), with
+    ``<tag>.reason.json`` beside it naming the bad files; returns where it went."""
+    tag_dir = Path(tag_dir)
+    qdir = tag_dir.parent / QUARANTINE_DIR
+    qdir.mkdir(exist_ok=True)
+    dest, n = qdir / tag_dir.name, 1
+    while dest.exists():
+        dest, n = qdir / f"{tag_dir.name}.{n}", n + 1
+    os.replace(tag_dir, dest)
+    _fsync_dir(tag_dir.parent)
+    reason = {"checkpoint": tag_dir.name, "from": str(tag_dir), "time": time.time(), "host": socket.gethostname(),
+              "problems": [{"file": p.path, "why": p.why} for p in problems]}
+    atomic_write_bytes(dest.with_name(dest.name + REASON_SUFFIX), json.dumps(reason, indent=1).encode())
+    return dest
+
+
+def quarantined(root: Path) -> list[str]:
+    """The checkpoints moved to quarantine under ``root``."""
+    q = Path(root) / QUARANTINE_DIR
+    return sorted(d.name for d in q.iterdir() if d.is_dir()) if q.is_dir() else []
+
+
 class Checkpointer:
     """Saves and resumes the checkpoints of one stage (see the module docstring).
 
     ``meta``: this run's record, written into every ``COMPLETE``; a checkpoint is resumed only when the keys of
-    :data:`COMPATIBLE` that the record holds match. ``config``: the resolved config, saved as ``config.yaml``.
-    """
+    :data:`COMPATIBLE` that the record holds match. ``config``: the resolved config, saved (secrets redacted) as
+    ``config.yaml``. ``key``: the checkpoint key that signs and checks ``COMPLETE`` (rank 0's; other ranks may
+    pass None) and ``key_from`` where it came from (for messages); ``verify``: ``size`` or ``sha256`` (how a
+    checkpoint is checked before a resume); ``trust_unsigned``: resume checkpoints this key did not sign."""
 
-    def __init__(self, root: Path, dist: Dist, keep: int, meta: dict | None = None, config: dict | None = None):
+    def __init__(self, root: Path, dist: Dist, keep: int, meta: dict | None = None, config: dict | None = None, *,
+                 key: bytes | None = None, key_from: str = "", verify: str = "sha256", trust_unsigned: bool = False):
+        if verify not in manifest.LEVELS:
+            raise ValueError(f"verify={verify!r}: use one of {manifest.LEVELS}")
         self.root = Path(root)
         self.dist = dist
         self.keep = keep
         self.meta = dict(meta or {})
-        self.config = config or {}
+        self.config = redacted(config or {})
+        self.key, self.key_from = key, key_from or manifest.KEY_ENV
+        self.verify_level, self.trust_unsigned = verify, trust_unsigned
         self.engine = None
         self.per_rank: dict[str, Stateful] = {}
         self.sharded: dict[str, Stateful] = {}
         self.shared: dict[str, Stateful] = {}
+        self._verified: set[Path] = set()  # checkpoints that verified (checked once per run)
+        self._universal_ready: set[Path] = set()  # checkpoints whose universal conversion exists and verified
 
     def track(self, engine, *, per_rank: dict[str, Stateful] | None = None, sharded: dict[str, Stateful] | None = None,
               shared: dict[str, Stateful] | None = None, meta: dict | None = None) -> None:
@@ -226,10 +288,15 @@ class Checkpointer:
             atomic_torch_save(shared, tag_dir / TRAINER_DIR / SHARED_FILE)
             atomic_write_bytes(tag_dir / "config.yaml", yaml.safe_dump(self.config, sort_keys=False).encode())
         barrier()  # every rank's files are on disk
+        t_hash = time.perf_counter()
+        world, rank = self.dist.world_size, self.dist.rank
+        files = all_gather(manifest.describe(tag_dir, manifest.owned(tag_dir, rank, world)))  # each its own files
         if self.dist.is_main:
             meta = dict(self.meta, step=step, world_size=self.dist.world_size, time=time.time(),
-                        save_seconds=round(time.perf_counter() - t0, 3))
-            atomic_write_bytes(tag_dir / COMPLETE, json.dumps(meta, indent=1).encode())
+                        save_seconds=round(time.perf_counter() - t0, 3),
+                        checksum_seconds=round(time.perf_counter() - t_hash, 3),
+                        format=manifest.FORMAT, files=dict(sorted(kv for part in files for kv in part.items())))
+            atomic_write_bytes(tag_dir / COMPLETE, json.dumps(manifest.sign(meta, self.key), indent=1).encode())
             atomic_write_bytes(self.root / "latest", tag.encode())  # DeepSpeed's pointer, moved last
             self._retain()
         barrier()
@@ -238,51 +305,148 @@ class Checkpointer:
 
     def _retain(self) -> None:
         """Keep the newest ``keep`` complete checkpoints; drop older ones and every incomplete leftover
-        (saves cut short earlier; no other save can be in flight while rank 0 runs this)."""
+        (saves cut short earlier; no other save can be in flight while rank 0 runs this). Quarantined
+        checkpoints are left alone."""
         done = complete_checkpoints(self.root)
         for _, d in done[:-self.keep]:
             shutil.rmtree(d, ignore_errors=True)
-        for d in self.root.iterdir():
-            if TAG_RE.match(d.name) and d.is_dir() and read_meta(d) is None:
-                log.warning("deleting incomplete checkpoint %s", d)
-                shutil.rmtree(d, ignore_errors=True)
+        for name in incomplete_checkpoints(self.root):
+            log.warning("deleting incomplete checkpoint %s", self.root / name)
+            shutil.rmtree(self.root / name, ignore_errors=True)
 
     # ------------------------------------------------------------------ resume
 
     def find(self, resume: str) -> Path | None:
-        """The checkpoint to continue from, following ``train.resume`` (auto | none | a checkpoint directory)."""
+        """Collective: the checkpoint to continue from, following ``train.resume`` (auto | none | a checkpoint
+        directory), verified (:meth:`verify`); every rank gets the same answer."""
         if resume == "none":
             if complete_checkpoints(self.root):
                 raise RuntimeError(f"train.resume=none but {self.root} holds checkpoints of this stage: pass "
                                    "train.resume=auto to continue, or a new train.out_dir to start over")
             return None
         if resume == "auto":
-            found = find_resume(self.root, warn=self.dist.is_main)
-            if found is None and self.dist.is_main:
-                log.info("no complete checkpoint in %s: stage %s starts at step 0", self.root, self.meta.get("stage"))
-            return found
-        return Path(resume).expanduser()
+            return self._newest_verified()
+        tag_dir = Path(resume).expanduser()
+        self._checked_meta(tag_dir)
+        self._require_verified(tag_dir)
+        return tag_dir
+
+    def _newest_verified(self) -> Path | None:
+        """The newest complete checkpoint that verifies. Damaged newer ones are quarantined (rank 0 decides and
+        moves them; every rank sees the same verdicts); one this run's key did not sign stops the run."""
+        tags = from_main([d.name for _, d in complete_checkpoints(self.root)] if self.dist.is_main else None)
+        if self.dist.is_main:
+            find_resume(self.root, warn=True)  # the warnings: interrupted saves, a stale latest
+        bad: list[str] = []
+        for tag in reversed(tags):
+            tag_dir = self.root / tag
+            problems = self.verify(tag_dir)
+            if not problems:
+                self._verified.add(tag_dir)
+                if self.dist.is_main and bad:
+                    log.warning("resuming from %s: the newest checkpoint that verifies (quarantined: %s)", tag,
+                                ", ".join(bad))
+                    atomic_write_bytes(self.root / "latest", tag.encode())
+                barrier()
+                return tag_dir
+            if not all(p.damaged for p in problems):
+                raise CheckpointError(self._untrusted(tag_dir, problems))
+            if self.dist.is_main:
+                where = quarantine(tag_dir, problems)
+                log.warning("checkpoint %s is damaged: %s; moved to %s (kept, not deleted); falling back to the "
+                            "previous checkpoint", tag, "; ".join(map(str, problems)), where)
+            barrier()
+            bad.append(tag)
+        held = from_main(quarantined(self.root) if self.dist.is_main else None)
+        if held:
+            raise CheckpointError(f"no checkpoint in {self.root} verifies (quarantined in "
+                                  f"{self.root / QUARANTINE_DIR}: {', '.join(held)}; each with its "
+                                  f"<tag>{REASON_SUFFIX}): this run does not start the stage over by itself. Resume "
+                                  "one you repaired (train.resume=<checkpoint dir>), or start over in a new "
+                                  "train.out_dir")
+        if self.dist.is_main:
+            log.info("no complete checkpoint in %s: stage %s starts at step 0", self.root, self.meta.get("stage"))
+        return None
+
+    def verify(self, tag_dir: Path) -> list[Problem]:
+        """Collective: every problem of checkpoint ``tag_dir`` against its COMPLETE (train/manifest.py), the same
+        list on every rank. Rank 0 checks the signature and looks for files the save did not write; the listed
+        files are checked by the rank that wrote them (in parallel)."""
+        tag_dir = Path(tag_dir)
+        t0 = time.perf_counter()
+        record = read_meta(tag_dir) or {}
+        files = record.get("files") or {}
+        world, rank = self.dist.world_size, self.dist.rank
+        mine = manifest.file_problems(tag_dir, {r: f for r, f in files.items() if manifest.owner(r, world) == rank},
+                                      self.verify_level)
+        if self.dist.is_main:
+            mine += manifest.trust_problems(tag_dir, record, self.key, self.key_from, self.trust_unsigned)
+            mine += manifest.extra_problems(tag_dir, files) if files else []
+        problems = sorted(p for part in all_gather(mine) for p in part)
+        if self.dist.is_main and not problems and files:
+            log.info("%s verified: %d files, %.1f MB (%s) in %.2f s", tag_dir, len(files),
+                     manifest.total_bytes(record) / 2**20, self.verify_level, time.perf_counter() - t0)
+        return problems
+
+    def _require_verified(self, tag_dir: Path) -> None:
+        """Collective: refuse (a :class:`CheckpointError` naming the bad file) a checkpoint that does not verify."""
+        if tag_dir in self._verified:
+            return
+        problems = self.verify(tag_dir)
+        if any(not p.damaged for p in problems):
+            raise CheckpointError(self._untrusted(tag_dir, problems))
+        if problems:
+            raise CheckpointError(f"{tag_dir} fails verification: {'; '.join(map(str, problems))}. Nothing was "
+                                  "loaded; resume another checkpoint (train.resume=auto takes the newest one that "
+                                  "verifies and quarantines damaged ones), or restore the file")
+        self._verified.add(tag_dir)
+
+    def _untrusted(self, tag_dir: Path, problems: list[Problem]) -> str:
+        """The refusal of a checkpoint that this run's key did not sign."""
+        why = "; ".join(str(p) for p in problems if not p.damaged)
+        return (f"{why}. Nothing of {tag_dir} was loaded: DeepSpeed's files are pickles, and unpickling a file "
+                "from an untrusted source runs its code. If the checkpoint is yours, give the key that signed it "
+                f"(${manifest.KEY_ENV} or train.checkpoint.key_file); if you trust where it comes from (written "
+                "before checkpoints were signed, copied from a machine you control), pass "
+                "train.checkpoint.trust_unsigned=true")
 
     def newest(self) -> Path | None:
         """The newest complete checkpoint of this stage (quietly: for the export)."""
         return find_resume(self.root, warn=False)
 
     def prepare(self, tag_dir: Path | None) -> bool:
-        """Collective, before the engine exists: check ``tag_dir`` against what :attr:`meta` already holds and,
-        when it was saved by another number of ranks, have rank 0 convert it to a DeepSpeed universal checkpoint
-        (``tag_dir/universal``, once). Returns whether the engine must load the universal format."""
+        """Collective, before the engine exists: verify ``tag_dir`` (:meth:`verify`; once), check it against what
+        :attr:`meta` already holds and, when it was saved by another number of ranks, have rank 0 convert it to a
+        DeepSpeed universal checkpoint (``tag_dir/universal``, once; its own files verified on reuse). Returns
+        whether the engine must load the universal format."""
         if tag_dir is None:
             return False
-        meta = self._checked_meta(Path(tag_dir))
+        tag_dir = Path(tag_dir)
+        meta = self._checked_meta(tag_dir)
+        self._require_verified(tag_dir)
         universal = meta["world_size"] != self.dist.world_size
-        if universal and self.dist.is_main and read_meta(Path(tag_dir) / "universal") is None:
-            try:
-                to_universal(Path(tag_dir))
-            except RuntimeError as e:
-                raise CheckpointError(f"{e}\nResume it on {meta['world_size']} ranks, or resume another checkpoint "
-                                      "(train.resume=<checkpoint dir>)") from e
-        barrier()
+        if universal and tag_dir not in self._universal_ready:
+            if self.dist.is_main and not self._universal_usable(tag_dir):
+                try:
+                    to_universal(tag_dir, self.key)
+                except RuntimeError as e:
+                    raise CheckpointError(f"{e}\nResume it on {meta['world_size']} ranks, or resume another "
+                                          "checkpoint (train.resume=<checkpoint dir>)") from e
+            barrier()
+            self._universal_ready.add(tag_dir)
         return universal
+
+    def _universal_usable(self, tag_dir: Path) -> bool:
+        """Whether ``tag_dir/universal`` is a complete conversion that verifies (else it is made again)."""
+        out = tag_dir / "universal"
+        record = read_meta(out)
+        if record is None:
+            return False
+        problems = manifest.verify(out, record, self.key, self.key_from, self.verify_level, self.trust_unsigned)
+        if problems:
+            log.warning("converting %s again: its universal checkpoint does not verify (%s)", tag_dir,
+                        "; ".join(map(str, problems)))
+        return not problems
 
     def load(self, tag_dir: Path) -> int:
         """Collective: restore every tracked state from checkpoint ``tag_dir``; returns its step.
@@ -374,8 +538,9 @@ class Checkpointer:
                                   "train.out_dir") from e
 
 
-def to_universal(tag_dir: Path) -> Path:
-    """Convert a DeepSpeed ZeRO checkpoint to the universal format in ``tag_dir/universal`` (atomically)."""
+def to_universal(tag_dir: Path, key: bytes | None = None) -> Path:
+    """Convert a (verified) DeepSpeed ZeRO checkpoint to the universal format in ``tag_dir/universal``
+    (atomically), its COMPLETE listing and signing its files like a save's."""
     out = tag_dir / "universal"
     tmp = tag_dir / "universal.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -391,8 +556,8 @@ def to_universal(tag_dir: Path) -> Path:
     (tag_dir / "latest_universal").unlink(missing_ok=True)  # written by the converter, names the tmp dir
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
-    atomic_write_bytes(out / COMPLETE, json.dumps({"source": tag_dir.name,
-                                                  "seconds": round(time.perf_counter() - t0, 2)}).encode())
+    record = manifest.sealed(out, {"source": tag_dir.name, "seconds": round(time.perf_counter() - t0, 2)}, key)
+    atomic_write_bytes(out / COMPLETE, json.dumps(record, indent=1).encode())
     log.info("universal checkpoint %s written in %.1f s", out, time.perf_counter() - t0)
     return out
 
@@ -405,7 +570,7 @@ def model_state_files(tag_dir: Path) -> list[Path]:
 @torch.no_grad()
 def restore_buffers(module: torch.nn.Module, tag_dir: Path) -> None:
     """Copy the persistent buffers (e.g. the face encoder's BatchNorm statistics) saved in ``tag_dir``."""
-    sd = torch.load(model_state_files(tag_dir)[0], map_location="cpu", weights_only=False)
+    sd = torch.load(model_state_files(tag_dir)[0], map_location="cpu", weights_only=True)  # tensors, names, ints
     buffers = dict(module.named_buffers())
     for name in sd["buffer_names"]:
         buffers[name].copy_(sd["module"][name].to(buffers[name]))

@@ -47,6 +47,9 @@ class CheckpointConfig:
     every: int
     keep: int
     export: bool
+    verify: str  # size | sha256: how a checkpoint is checked against its COMPLETE before a resume or an export
+    key_file: str | None  # the key that signs COMPLETE; null: $DREAMACTOR_CHECKPOINT_KEY, else the default file
+    trust_unsigned: bool  # resume / export checkpoints this key did not sign (DeepSpeed's files are pickles)
 
 
 @dataclass
@@ -232,6 +235,8 @@ def check(job: TrainJob) -> None:
         raise ConfigError("train.grad_accum must be >= 1")
     if t.checkpoint.every < 1 or t.checkpoint.keep < 1:
         raise ConfigError("train.checkpoint.every and train.checkpoint.keep must be >= 1")
+    if t.checkpoint.verify not in ("size", "sha256"):
+        raise ConfigError(f"train.checkpoint.verify={t.checkpoint.verify!r}: use size or sha256")
     if t.log.every < 1:
         raise ConfigError("train.log.every must be >= 1")
     if not 0.0 <= t.continuation_prob <= 1.0:

@@ -107,13 +107,51 @@ def set_rng_state(state: dict) -> None:
 
 
 class RNGStates:
-    """Every global generator of this process as a checkpoint state (restored on resume)."""
+    """Every global generator of this process as a checkpoint state (restored on resume).
+
+    Saved as tensors and plain numbers (numpy's key array as an int64 tensor), so that the rank file loads with
+    ``torch.load(weights_only=True)``; :meth:`load_state_dict` also takes the native form that checkpoints
+    written before held (numpy arrays, tuples)."""
 
     def state_dict(self) -> dict:
-        return rng_state()
+        state = rng_state()
+        version, keys, gauss = state["python"]
+        name, np_keys, pos, has_gauss, cached = state["numpy"]
+        out = {"python": {"version": int(version), "state": torch.tensor(keys, dtype=torch.int64), "gauss": gauss},
+               "numpy": {"name": str(name), "keys": torch.from_numpy(np_keys.astype(np.int64)), "pos": int(pos),
+                         "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+               "torch": state["torch"]}
+        if "cuda" in state:
+            out["cuda"] = list(state["cuda"])
+        return out
 
     def load_state_dict(self, state: dict) -> None:
-        set_rng_state(state)
+        py, nps = state["python"], state["numpy"]
+        if isinstance(py, dict):  # the tensor form of state_dict
+            py = (py["version"], tuple(int(v) for v in py["state"].tolist()), py["gauss"])
+            nps = (nps["name"], nps["keys"].numpy().astype(np.uint32), nps["pos"], nps["has_gauss"],
+                   nps["cached_gaussian"])
+        set_rng_state(dict(state, python=py, numpy=nps))
+
+
+def all_gather(obj) -> list:
+    """``obj`` of every rank, in rank order (a list of one outside a multi-rank job)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()) \
+            or torch.distributed.get_world_size() == 1:
+        return [obj]
+    out = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def from_main(obj):
+    """Rank 0's ``obj`` on every rank (a decision every rank must share)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()) \
+            or torch.distributed.get_world_size() == 1:
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def barrier() -> None:

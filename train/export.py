@@ -1,8 +1,13 @@
 """Consolidated safetensors for inference from a sharded checkpoint: ``model.safetensors`` (the fp32 master
 weights + buffers, DeepSpeed's ``zero_to_fp32`` reassembly) and ``ema.safetensors`` (the same with every
-trainable parameter replaced by its fp32 EMA), plus the run's ``config.yaml``.
+trainable parameter replaced by its fp32 EMA), plus the run's ``config.yaml`` (secrets redacted).
 
     python -m train.export outputs/train/tiny/stage1/checkpoints/step_00000012 [--out DIR]
+
+The checkpoint is verified first (train/manifest.py: every file against ``COMPLETE``, whose signature must be
+this machine's checkpoint key's): DeepSpeed's files are pickles, and ``zero_to_fp32`` unpickles them.
+``--trust-unsigned`` exports a checkpoint the key did not sign (written before checkpoints were signed, or
+elsewhere: only one you trust).
 
 Both files load with ``DreamActor.load_state_dict(safetensors.torch.load_file(path))`` (strict).
 """
@@ -17,11 +22,14 @@ import sys
 from pathlib import Path
 
 import torch
+import yaml
 
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from models.redact import redacted
 from train import checkpoint as ckpt
+from train import manifest
 from train.ema import consolidate
 
 log = logging.getLogger(__name__)
@@ -35,15 +43,26 @@ def consolidated_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
     return {k: (v.float() if v.is_floating_point() else v).contiguous() for k, v in sd.items()}
 
 
-def export(tag_dir: Path, out_dir: Path) -> dict[str, Path]:
+def export(tag_dir: Path, out_dir: Path, *, key: bytes | None = None, key_from: str | None = None,
+           verify: str = "sha256", trust_unsigned: bool = False) -> dict[str, Path]:
     """Write ``model.safetensors``, ``ema.safetensors`` and ``config.yaml`` of ``tag_dir`` into ``out_dir``
-    (through a temporary directory renamed at the end, so a reader never sees half an export)."""
+    (through a temporary directory renamed at the end, so a reader never sees half an export). The checkpoint
+    must verify first (``verify``: size | sha256) under ``key`` (default: this machine's checkpoint key,
+    :func:`train.manifest.load_key`), else :class:`train.checkpoint.CheckpointError` names the bad file."""
     from safetensors.torch import save_file
 
     tag_dir, out_dir = Path(tag_dir), Path(out_dir)
     meta = ckpt.read_meta(tag_dir)
     if meta is None:
         raise FileNotFoundError(f"{tag_dir} is not a complete checkpoint")
+    if key is None and key_from is None:
+        key, key_from = manifest.load_key()
+    problems = manifest.verify(tag_dir, meta, key, key_from or "", verify, trust_unsigned)
+    if problems:
+        raise ckpt.CheckpointError(f"not exporting {tag_dir}: {'; '.join(map(str, problems))}. Nothing was loaded "
+                                   "(DeepSpeed's files are pickles); export a checkpoint that verifies, or, for a "
+                                   "checkpoint you trust that this key did not sign, pass --trust-unsigned "
+                                   "(train.checkpoint.trust_unsigned=true)")
     weights = consolidated_state_dict(tag_dir)
     ema = consolidate(ckpt.rank_entries(tag_dir, ckpt.EMA), {k: v.shape for k, v in weights.items()})
     ema_weights = dict(weights)
@@ -56,7 +75,8 @@ def export(tag_dir: Path, out_dir: Path) -> dict[str, Path]:
     tmp.mkdir(parents=True)
     save_file(weights, str(tmp / "model.safetensors"), metadata=info)
     save_file(ema_weights, str(tmp / "ema.safetensors"), metadata=dict(info, weights="ema"))
-    shutil.copy2(tag_dir / "config.yaml", tmp / "config.yaml")
+    run_config = yaml.safe_load((tag_dir / "config.yaml").read_text())  # older checkpoints kept secrets in it
+    (tmp / "config.yaml").write_text(yaml.safe_dump(redacted(run_config), sort_keys=False))
     (tmp / "export.json").write_text(json.dumps(info, indent=1))
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)
@@ -69,10 +89,17 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("checkpoint", type=Path, help="a checkpoint directory (…/checkpoints/step_XXXXXXXX)")
     ap.add_argument("--out", type=Path, default=None, help="default: <stage dir>/export")
+    ap.add_argument("--key-file", default=None, help=f"the checkpoint key (default: ${manifest.KEY_ENV}, else "
+                                                     f"{manifest.DEFAULT_KEY_FILE})")
+    ap.add_argument("--verify", choices=manifest.LEVELS, default="sha256", help="check sizes, or sizes and sha256")
+    ap.add_argument("--trust-unsigned", action="store_true",
+                    help="export a checkpoint this key did not sign (only one you trust: its files are pickles)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     out = args.out or args.checkpoint.parent.parent / "export"
-    paths = export(args.checkpoint, out)
+    key, key_from = manifest.load_key(args.key_file)
+    paths = export(args.checkpoint, out, key=key, key_from=key_from, verify=args.verify,
+                   trust_unsigned=args.trust_unsigned)
     print(json.dumps({k: str(v) for k, v in paths.items()}))
 
 

@@ -4,7 +4,8 @@ training with DeepSpeed ZeRO (conf/train.yaml; docs/training.md).
 With no argument: the tiny model on the shards of the no-argument preprocessing run, on this machine's CPUs.
 Any launcher that exports RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT works (torchrun, the
 ``deepspeed`` launcher, srun + torchrun, a Kubernetes job). Exit codes: 0 done (or checkpointed after
-SIGTERM), 2 configuration error.
+SIGTERM), 2 configuration error, 3 the checkpoint to resume cannot be used (the message names the file and
+what to do), 4 non-finite gradients.
 """
 from __future__ import annotations
 
@@ -27,10 +28,12 @@ log = logging.getLogger("train")
 
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")
 def main(dcfg: DictConfig) -> None:
+    from models.redact import install_log_redaction
     from train import distributed
     from train.config import TrainConfigError, to_job
     from train.data import DataConfigError
 
+    install_log_redaction()  # no credential of the config or a URL reaches a log line
     try:
         job = to_job(dcfg)
     except (TrainConfigError, DataConfigError) as e:
@@ -40,11 +43,16 @@ def main(dcfg: DictConfig) -> None:
     if not dist.is_main:
         logging.getLogger().setLevel(logging.WARNING)
     try:
+        from train.checkpoint import CheckpointError
         from train.guard import NonFiniteGradients
+        from train.manifest import KeyFileError
         from train.trainer import Trainer
 
         try:
             code = Trainer(job, dist).fit()
+        except (CheckpointError, KeyFileError) as e:
+            log.error("rank %d: %s", dist.rank, e)
+            code = 3
         except NonFiniteGradients as e:
             log.error("rank %d: %s", dist.rank, e)
             code = 4

@@ -17,10 +17,11 @@ import torch
 
 from . import checkpoint as ckpt
 from .config import TrainJob
-from .distributed import Dist, RNGStates, barrier
+from .distributed import Dist, RNGStates, all_gather, barrier
 from .ema import ShardedEMA
 from .engine import initialize, set_activation_budget
 from .guard import StepHealth, UpdateGuard
+from .manifest import load_key
 from .metrics import MetricLogger, StepStats, device_peak_tflops
 from .stages import build_model, describe, frozen_signature, trainable_names
 from .step import FlowMatchingStep, build_vae, counter_seed
@@ -41,10 +42,14 @@ class Trainer:
         self.sync_phases = False  # synchronize the device between the phases of a step (exact phase times)
         self.t_start = time.perf_counter()
         self.kept_batch = None
+        c = job.train.checkpoint
+        # rank 0 signs and checks COMPLETE: only its node needs the key (made by the first run if missing)
+        key, key_from = load_key(c.key_file, create=True) if dist.is_main else (None, "")
         self.checkpointer = ckpt.Checkpointer(
-            job.stage_dir / "checkpoints", dist, job.train.checkpoint.keep, config=job.resolved,
+            job.stage_dir / "checkpoints", dist, c.keep, config=job.resolved,
             meta={"stage": job.stage.id, "model": job.model.name, "zero_stage": job.zero.stage,
-                  "ema_decay": job.train.ema.decay, "precision": job.launch.precision})
+                  "ema_decay": job.train.ema.decay, "precision": job.launch.precision},
+            key=key, key_from=key_from, verify=c.verify, trust_unsigned=c.trust_unsigned)
         resume_dir = self.checkpointer.find(job.train.resume)
         universal = self.checkpointer.prepare(resume_dir)
 
@@ -141,8 +146,11 @@ class Trainer:
             if job.train.checkpoint.export and dist.is_main:
                 from .export import export
 
-                # the newest complete checkpoint: the last step may have applied no update and saved none
-                export(self.checkpointer.newest(), job.stage_dir / "export")
+                # the newest complete checkpoint: the last step may have applied no update and saved none; written
+                # or verified by this run, so its sizes are checked again, not its checksums
+                export(self.checkpointer.newest(), job.stage_dir / "export", key=self.checkpointer.key,
+                       key_from=self.checkpointer.key_from, verify="size",
+                       trust_unsigned=job.train.checkpoint.trust_unsigned)
             barrier()
             return 0
         finally:
@@ -235,24 +243,16 @@ class Trainer:
         }
         record["mfu"] = record["tflops"] / self.peak_tflops if self.peak_tflops else math.nan
         merged: dict[str, int] = {}
-        for part in self._gather(self.loader.skip_counts()):
+        for part in all_gather(self.loader.skip_counts()):
             for k, v in part.items():
                 merged[k] = merged.get(k, 0) + int(v)
         record["skipped"] = merged
         record.update({f"skipped/{k}": float(v) for k, v in merged.items()})
         if keys or self.job.train.log.sample_keys:
-            record["sample_keys"] = [k for part in self._gather(keys) for k in part]
+            record["sample_keys"] = [k for part in all_gather(keys) for k in part]
         if self.dist.device.type == "cuda":
             record["peak_mem_gib"] = torch.cuda.max_memory_allocated(self.dist.device) / 2**30
         logger.log(step, record, to_stdout=True)
-
-    def _gather(self, obj) -> list:
-        """``obj`` of every rank (rank order)."""
-        if self.dist.world_size == 1:
-            return [obj]
-        out = [None] * self.dist.world_size
-        torch.distributed.all_gather_object(out, obj)
-        return out
 
     def _sample(self, logger: MetricLogger, batch, step: int) -> None:
         """The periodic sample video (every rank runs the sampler; rank 0 writes it)."""

@@ -20,6 +20,13 @@ cd "${SLURM_SUBMIT_DIR:-$(dirname "$0")/../..}"
 : "${DREAMACTOR_INPUT:?set DREAMACTOR_INPUT to the raw videos (dir, glob, manifest or URI)}"
 : "${DREAMACTOR_OUTPUT:?set DREAMACTOR_OUTPUT to the shard output (dir or URI)}"
 
+# Ray's dashboard and job API run arbitrary code for whoever reaches them: every Ray process of this job uses
+# token authentication (srun passes this environment to every node), and the dashboard listens on the head's
+# localhost only (look at it with `ssh -L 8265:localhost:8265 <head node>`, token: `ray get-auth-token`).
+export RAY_AUTH_MODE=token
+RAY_AUTH_TOKEN=$(umask 077; ray get-auth-token --generate 2>/dev/null)  # ~/.ray/auth_token (mode 600), made once
+export RAY_AUTH_TOKEN
+
 nodes=($(scontrol show hostnames "$SLURM_JOB_NODELIST"))
 head=${nodes[0]}
 head_ip=$(srun --nodes=1 --ntasks=1 -w "$head" hostname --ip-address | awk '{print $1}')
@@ -27,7 +34,7 @@ port=6379
 export RAY_ADDRESS="$head_ip:$port"
 
 srun --nodes=1 --ntasks=1 -w "$head" \
-  ray start --head --node-ip-address="$head_ip" --port=$port \
+  ray start --head --node-ip-address="$head_ip" --port=$port --dashboard-host=127.0.0.1 \
   --num-cpus="$SLURM_CPUS_PER_TASK" --num-gpus="${SLURM_GPUS_PER_NODE:-0}" --block &
 sleep 20
 for node in "${nodes[@]:1}"; do
@@ -36,5 +43,5 @@ for node in "${nodes[@]:1}"; do
     --num-cpus="$SLURM_CPUS_PER_TASK" --num-gpus="${SLURM_GPUS_PER_NODE:-0}" --block &
 done
 sleep 20
-# `ray start` clusters use token auth: the driver reads ~/.ray/auth_token (shared home) or RAY_AUTH_TOKEN.
+# The driver authenticates with the same RAY_AUTH_MODE / RAY_AUTH_TOKEN.
 python preprocess/run.py +cluster=prod

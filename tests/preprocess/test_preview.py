@@ -60,3 +60,30 @@ def test_preview_draws_the_annotations_on_the_clip(dataset):
         assert np.mean(hits) > 0.9
     assert preview.main([f"output={out}", f"key={row['key']}", f"out={out}/p.mp4"]) == 0
     assert preview.main(["key=x"]) == 2
+
+
+@pytest.mark.parametrize("key", ["../../../escaped", "0123456789abcdef_0001/../../escaped", "/tmp/escaped",
+                                 "0123456789abcdef_0001\n"])
+def test_a_crafted_key_never_becomes_a_path(tmp_path, key):
+    """A dataset whose index lists a key made to climb out of previews/ (or given as key=) is refused before
+    anything is read or written."""
+    import pandas as pd
+
+    out = tmp_path / "crafted"
+    write_table(Storage(str(out)), INDEX_FILE, pd.DataFrame({"key": [key], "shard": ["x-w00-00000.tar"]}))
+    for given in (None, key):  # the first clip of the index, and key= on the command line
+        with pytest.raises(SystemExit, match="is not a clip key.*refusing it"):
+            preview.write_preview(str(out), given)
+    with pytest.raises(ValueError, match="is not a clip key"):
+        preview.preview_path(str(out), key)
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == [INDEX_FILE]
+
+
+def test_a_crafted_shard_name_is_not_read(tmp_path):
+    import pandas as pd
+
+    out = tmp_path / "crafted"
+    write_table(Storage(str(out)), INDEX_FILE, pd.DataFrame({"key": ["0123456789abcdef_0001"],
+                                                             "shard": ["../../outside"]}))
+    with pytest.raises(SystemExit, match="not a part name"):
+        preview.load_clip(str(out))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import re
 import shutil
@@ -17,12 +18,14 @@ import pytest
 import torch
 
 from train import checkpoint as ckpt
+from train import manifest
 from train.distributed import Dist, RNGStates
 from train.ema import ShardedEMA, consolidate
 from train.guard import UpdateGuard
 
 FIXTURE = Path(__file__).parent / "fixtures" / "checkpoint_before_consolidation"
 META = {"stage": 1, "model": "tiny", "zero_stage": 2, "ema_decay": 0.5, "precision": "fp32"}
+KEY = b"a test key of 32 bytes, not secret"
 
 
 def _fake(root, step, complete=True):
@@ -179,22 +182,25 @@ def _parts(rank: int, world: int, seed: int, universal: bool = False):
     return engine, ShardedEMA(named, 0.5, rank), UpdateGuard(engine, named, max_consecutive=3), _Loader()
 
 
-def _checkpointer(root: Path, rank: int, world: int, parts, signature: str = "f" * 64, **meta) -> ckpt.Checkpointer:
-    """A Checkpointer tracking ``parts`` the way the trainer does."""
+def _checkpointer(root: Path, rank: int, world: int, parts, signature: str = "f" * 64, trust_unsigned: bool = False,
+                  **meta) -> ckpt.Checkpointer:
+    """A Checkpointer tracking ``parts`` the way the trainer does (``trust_unsigned``: for the fixture's
+    checkpoints, written before checkpoints were signed)."""
     engine, ema, guard, loader = parts
     c = ckpt.Checkpointer(root, Dist(rank, world, rank, torch.device("cpu")), keep=3, meta=dict(META, **meta),
-                          config={"model": {"name": "tiny"}})
+                          config={"model": {"name": "tiny"}}, key=KEY, key_from="the test key",
+                          trust_unsigned=trust_unsigned)
     c.track(engine, per_rank={ckpt.RNG: RNGStates(), ckpt.GUARD: guard}, sharded={ckpt.EMA: ema},
             shared={ckpt.DATA: loader}, meta={"frozen_signature": signature, "trainable": 2})
     return c
 
 
-def _fake_universal(tag_dir: Path) -> Path:
+def _fake_universal(tag_dir: Path, key: bytes | None = None) -> Path:
     """ds_to_universal's output as the stand-in engine reads it: the model states under ``universal/``."""
     out = tag_dir / "universal"
     out.mkdir()
     shutil.copy(ckpt.model_state_files(tag_dir)[0], out / "mp_rank_00_model_states.pt")
-    ckpt.atomic_write_bytes(out / ckpt.COMPLETE, b"{}")
+    ckpt.atomic_write_bytes(out / ckpt.COMPLETE, json.dumps(manifest.sealed(out, {}, key)).encode())
     return out
 
 
@@ -217,7 +223,10 @@ def _shadow(ema: ShardedEMA) -> dict:
 def test_a_checkpoint_written_before_loads(tmp_path):
     root, want = _fixture(tmp_path, 1)
     engine, ema, guard, loader = parts = _parts(0, 1, seed=1)  # other weights than the saved ones
-    c = _checkpointer(root, 0, 1, parts)
+    with pytest.raises(ckpt.CheckpointError, match="lists no files and carries no signature.*Nothing of .* was "
+                                                   "loaded.*train.checkpoint.trust_unsigned=true"):
+        _checkpointer(root, 0, 1, parts).find("auto")  # unsigned: DeepSpeed's pickles are not loaded by default
+    c = _checkpointer(root, 0, 1, parts, trust_unsigned=True)
     tag_dir = c.find("auto")
     assert tag_dir == root / ckpt.tag_of(7) and c.prepare(tag_dir) is False
     assert c.load(tag_dir) == want["step"]
@@ -233,9 +242,9 @@ def test_a_checkpoint_written_before_loads(tmp_path):
 def test_a_two_rank_checkpoint_written_before_loads_on_one_rank(tmp_path, monkeypatch):
     root, want = _fixture(tmp_path, 2)
     converted = []
-    monkeypatch.setattr(ckpt, "to_universal", lambda d: converted.append(d) or _fake_universal(d))
+    monkeypatch.setattr(ckpt, "to_universal", lambda d, key: converted.append(d) or _fake_universal(d, key))
     _, ema, guard, loader = parts = _parts(0, 1, seed=1, universal=True)
-    c = _checkpointer(root, 0, 1, parts)
+    c = _checkpointer(root, 0, 1, parts, trust_unsigned=True)
     tag_dir = c.find("auto")
     assert c.prepare(tag_dir) is True and converted == [tag_dir]
     assert c.load(tag_dir) == want["step"] and converted == [tag_dir]  # converted once
@@ -287,11 +296,11 @@ def test_a_rank_file_without_guard_counters_starts_them_at_zero(tmp_path):
     root, want = _fixture(tmp_path, 1)
     tag_dir = root / ckpt.tag_of(7)
     f = ckpt.rank_file(tag_dir, 0)
-    saved = torch.load(f, weights_only=False)
+    saved = ckpt.read_state(f)
     del saved[ckpt.GUARD]  # written before the update guard existed
     torch.save(saved, f)
     _, ema, guard, _ = parts = _parts(0, 1, seed=1)
-    assert _checkpointer(root, 0, 1, parts).load(tag_dir) == 7
+    assert _checkpointer(root, 0, 1, parts, trust_unsigned=True).load(tag_dir) == 7
     assert guard.state_dict() == {"nonfinite_steps": 0, "skipped_steps": 0}
     assert _shadow(ema) == want["ranks"][0]["ema"]
 
@@ -313,14 +322,128 @@ def test_a_checkpoint_that_cannot_be_resumed_is_a_clear_error(tmp_path):
     torch.save({ckpt.DATA: {"version": 99}, "step": 7}, shared)
     with pytest.raises(ckpt.CheckpointError, match=f"{re.escape(str(shared))}: cannot restore the data state "
                                                    r"\(ValueError: data cursor version 99"):
-        _checkpointer(root, 0, 1, _parts(0, 1, seed=1)).load(tag_dir)
+        _checkpointer(root, 0, 1, _parts(0, 1, seed=1), trust_unsigned=True).load(tag_dir)
     shared.write_bytes(good)
 
     f = ckpt.rank_file(tag_dir, 0)
     f.write_bytes(f.read_bytes()[:200])  # a torn file (a checkpoint copied or edited by hand)
     with pytest.raises(ckpt.CheckpointError, match=f"{re.escape(str(f))} is missing or unreadable.*is broken"):
-        _checkpointer(root, 0, 1, _parts(0, 1, seed=1)).load(tag_dir)
+        _checkpointer(root, 0, 1, _parts(0, 1, seed=1), trust_unsigned=True).load(tag_dir)
 
     (tag_dir / ckpt.COMPLETE).unlink()
     with pytest.raises(ckpt.CheckpointError, match=f"{at} is not a complete checkpoint"):
-        _checkpointer(root, 0, 1, _parts(0, 1, seed=1)).load(tag_dir)
+        _checkpointer(root, 0, 1, _parts(0, 1, seed=1), trust_unsigned=True).load(tag_dir)
+
+
+# ---------------------------------------------------------------------- verification, quarantine, trust
+
+
+class _RunsCode:
+    """A pickle that, when loaded, makes a directory: stands in for a checkpoint file crafted to run code."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.makedirs, (self.marker,)
+
+
+def _saved(root: Path, steps: tuple[int, ...]) -> ckpt.Checkpointer:
+    """A Checkpointer (the test key, sha256 verification) that saved checkpoints of ``steps``."""
+    c = _checkpointer(root, 0, 1, _parts(0, 1, seed=0))
+    for step in steps:
+        c.engine.global_steps = step
+        c.save(step)
+    return c
+
+
+def test_our_states_load_with_weights_only(tmp_path):
+    tag_dir = _saved(tmp_path, (5,)).root / ckpt.tag_of(5)
+    ours = sorted((tag_dir / ckpt.TRAINER_DIR).glob("*.pt"))
+    assert [f.name for f in ours] == ["rank_00000.pt", "state.pt"]
+    for f in ours:  # tensors and plain data only: nothing to allow beyond torch's own types
+        assert torch.serialization.get_unsafe_globals_in_checkpoint(str(f)) == []
+        assert set(torch.load(f, weights_only=True)) >= ({ckpt.RNG, ckpt.GUARD, ckpt.EMA} if "rank" in f.name
+                                                         else {ckpt.DATA, "step"})
+    marker = tmp_path / "code_ran"
+    torch.save({ckpt.RNG: _RunsCode(marker)}, ours[0])
+    with pytest.raises(ckpt.CheckpointError, match=f"{re.escape(str(ours[0]))} is missing or unreadable"):
+        ckpt.read_state(ours[0])
+    assert not marker.exists()
+
+
+def test_auto_resume_quarantines_damaged_checkpoints_and_falls_back(tmp_path, caplog):
+    c = _saved(tmp_path, (3, 6, 9))
+    rank9 = ckpt.rank_file(tmp_path / ckpt.tag_of(9), 0)
+    data = bytearray(rank9.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, one byte changed: only the checksum sees it
+    rank9.write_bytes(bytes(data))
+    planted = tmp_path / ckpt.tag_of(6) / "zero_pp_rank_7_mp_rank_00_optim_states.pt"
+    planted.write_bytes(b"not written by the save")
+    sizes_only = ckpt.Checkpointer(tmp_path, c.dist, 3, key=KEY, verify="size")
+    assert sizes_only.verify(tmp_path / ckpt.tag_of(9)) == []  # the changed byte goes unseen
+
+    caplog.set_level("INFO")
+    resumed = _checkpointer(tmp_path, 0, 1, _parts(0, 1, seed=1))
+    assert resumed.find("auto") == tmp_path / ckpt.tag_of(3)
+    assert f"checkpoint step_00000009 is damaged: {rank9}: its sha256 differs" in caplog.text
+    assert f"checkpoint step_00000006 is damaged: {planted}: is not one of the files the save recorded" in caplog.text
+    assert "resuming from step_00000003: the newest checkpoint that verifies (quarantined: step_00000009, " \
+           "step_00000006)" in caplog.text
+    assert (tmp_path / "latest").read_text() == ckpt.tag_of(3)
+    assert ckpt.quarantined(tmp_path) == [ckpt.tag_of(6), ckpt.tag_of(9)]
+    reason = json.loads((tmp_path / ckpt.QUARANTINE_DIR / f"{ckpt.tag_of(9)}{ckpt.REASON_SUFFIX}").read_text())
+    assert reason["problems"][0]["file"] == str(rank9) and "sha256" in reason["problems"][0]["why"]
+    assert (tmp_path / ckpt.QUARANTINE_DIR / ckpt.tag_of(9) / ckpt.TRAINER_DIR / "rank_00000.pt").read_bytes() == data
+    assert resumed.load(tmp_path / ckpt.tag_of(3)) == 3
+    resumed.save(4)  # retention leaves quarantined checkpoints alone
+    assert ckpt.quarantined(tmp_path) == [ckpt.tag_of(6), ckpt.tag_of(9)]
+
+    for tag in (3, 4):  # nothing verifies: no silent start-over
+        (tmp_path / ckpt.tag_of(tag) / "config.yaml").unlink()
+    for _ in range(2):  # the run that quarantines the last ones, and any later run
+        with pytest.raises(ckpt.CheckpointError, match="no checkpoint in .* verifies .*does not start the stage over"):
+            _checkpointer(tmp_path, 0, 1, _parts(0, 1, seed=1)).find("auto")
+    explicit = tmp_path / ckpt.QUARANTINE_DIR / ckpt.tag_of(9)
+    with pytest.raises(ckpt.CheckpointError, match=f"{re.escape(str(explicit))} fails verification: "
+                                                   f"{re.escape(str(explicit / 'trainer' / 'rank_00000.pt'))}"):
+        _checkpointer(tmp_path, 0, 1, _parts(0, 1, seed=1)).find(str(explicit))
+
+
+def test_a_checkpoint_this_key_did_not_sign_is_never_loaded(tmp_path):
+    """Whoever can write the checkpoint directory swaps DeepSpeed's file for one that runs code when unpickled,
+    and rewrites COMPLETE's checksums to match: without the key the signature cannot follow."""
+    tag_dir = _saved(tmp_path, (5,)).root / ckpt.tag_of(5)
+    marker = tmp_path / "code_ran"
+    model_states = ckpt.model_state_files(tag_dir)[0]
+    torch.save(_RunsCode(marker), model_states)
+    record = ckpt.read_meta(tag_dir)
+    record["files"].update(manifest.describe(tag_dir, [model_states.name]))
+    forged = {"same key, changed record": record, "no signature": {k: v for k, v in record.items() if k != "signature"},
+              "signed with another key": manifest.sign(record, b"another key, 32 bytes long......")}
+    for case, rec in forged.items():
+        ckpt.atomic_write_bytes(tag_dir / ckpt.COMPLETE, json.dumps(rec).encode())
+        for resume in ("auto", str(tag_dir)):
+            with pytest.raises(ckpt.CheckpointError, match="COMPLETE: .*Nothing of .* was loaded: DeepSpeed's files "
+                                                           "are pickles"):
+                _checkpointer(tmp_path, 0, 1, _parts(0, 1, seed=1)).find(resume)
+        with pytest.raises(ckpt.CheckpointError, match=f"{re.escape(str(tag_dir / ckpt.COMPLETE))}: .*signature"):
+            _checkpointer(tmp_path, 0, 1, _parts(0, 1, seed=1)).load(tag_dir)
+        assert not marker.exists() and tag_dir.is_dir(), case  # nothing ran, nothing quarantined
+    no_key = ckpt.Checkpointer(tmp_path, Dist(0, 1, 0, torch.device("cpu")), keep=3, key=None,
+                               key_from="/nowhere/checkpoint.key")
+    ckpt.atomic_write_bytes(tag_dir / ckpt.COMPLETE, json.dumps(manifest.sign(record, KEY)).encode())
+    with pytest.raises(ckpt.CheckpointError, match="no checkpoint key to check it with .*/nowhere/checkpoint.key"):
+        no_key.find("auto")
+    assert not marker.exists()
+
+
+def test_the_saved_config_has_no_credentials(tmp_path):
+    c = _checkpointer(tmp_path, 0, 1, _parts(0, 1, seed=0))
+    c.config = ckpt.Checkpointer(tmp_path, c.dist, 3, config={"data": {"source": {
+        "dataset": "s3://AKIAEXAMPLE:wJalrEXAMPLE@bucket/ds", "storage_options": {
+            "key": "AKIAEXAMPLE", "secret": "wJalrEXAMPLE", "client_kwargs": {"endpoint_url": "http://minio:9000"}}}},
+        "train": {"log": {"sample_keys": True}}}).config
+    text = (c.save(1) / "config.yaml").read_text()
+    assert "AKIAEXAMPLE" not in text and "wJalrEXAMPLE" not in text
+    assert "http://minio:9000" in text and "sample_keys: true" in text and text.count("<redacted>") == 3
