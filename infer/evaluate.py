@@ -44,6 +44,7 @@ def evaluate_dataset(cfg: DictConfig) -> dict:
 
     from infer.animate import load_export
     from infer.metrics import MetricsConfig, VideoScorer
+    from models.redact import redact_url
     from models.vae import frames_uint8
     from train.data import build_loader, to_config
     from train.data.plan import video_key_of
@@ -99,8 +100,9 @@ def evaluate_dataset(cfg: DictConfig) -> dict:
     latent = scores.summary()
     rec = {
         "checkpoint": str(exp.weights_path), "weights_sha256": exp.weights_sha256, "preset": exp.cfg.name,
-        "dataset": data.source.dataset, "split": {"heldout_percent": data.split.heldout_percent,
-                                                  "role": data.split.role, "salt": data.split.salt},
+        "dataset": (redact_url(data.source.dataset) if data.source.dataset
+                    else [redact_url(u) for u in data.source.shards]),
+        "split": {"heldout_percent": data.split.heldout_percent, "role": data.split.role, "salt": data.split.salt},
         "clips": latent["clips"], "frames": int(batches[0].num_frames),
         "settings": {"steps": cfg.steps or exp.cfg.flow.sample_steps, "seed": int(cfg.seed),
                      "guidance_ref": exp.cfg.flow.guidance_ref if cfg.guidance_ref is None else cfg.guidance_ref,
@@ -212,8 +214,10 @@ def score_folders_job(cfg: DictConfig) -> dict:
 @hydra.main(config_path="../conf", config_name="evaluate", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     from infer.animate import InferError
+    from models.redact import install_log_redaction
     from models.typed_config import ConfigError
 
+    install_log_redaction()  # no credential of a dataset URL reaches a log line
     try:
         if cfg.generated is not None or cfg.ground_truth is not None:
             if cfg.generated is None or cfg.ground_truth is None:

@@ -129,8 +129,10 @@ def main(dcfg: DictConfig) -> None:
     from infer.animate import InferError
     from infer.annotate import AnnotationError
     from infer.config import to_config
+    from models.redact import install_log_redaction
     from models.typed_config import ConfigError
 
+    install_log_redaction()
     try:
         run(to_config(dcfg))
     except (ConfigError, InferError, AnnotationError) as e:
