@@ -42,6 +42,25 @@ def check_command_line(argv: list[str], config_name: str, build: Callable[[Any],
     return None
 
 
+def print_job_config(argv: list[str], config_name: str) -> bool:
+    """``--cfg job`` (alone among Hydra's options): print the composed config with every secret redacted
+    (``models.redact``; Hydra would print storage credentials as they are); True when printed."""
+    options = [a for a in argv if a.startswith("-")]
+    i = next((k for k, a in enumerate(argv) if a in PRINT_OPTIONS), None)
+    if i is None or len(options) != 1 or i + 1 >= len(argv) or argv[i + 1] != "job":
+        return False
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from .redact import redacted
+
+    overrides = [a for a in argv if "=" in a and not a.startswith("-")]
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name, overrides)
+    print(OmegaConf.to_yaml(OmegaConf.create(redacted(OmegaConf.to_container(cfg, resolve=False)))), end="")
+    return True
+
+
 def _build_for_print(cfg, build: Callable[[Any], Any]) -> str | None:
     """Build the config that ``--cfg`` prints. An environment variable it reads that is not set here (the prod
     profile's ``${oc.env:DREAMACTOR_INPUT}``, set on the cluster) stands in as ``<NAME>``: the print checks every
@@ -72,6 +91,8 @@ def exit_on_bad_command_line(config_name: str, build: Callable[[Any], Any] | Non
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         sys.exit(2)
+    if print_job_config(sys.argv[1:], config_name):
+        sys.exit(0)
 
 
 def _trace_file(config_name: str) -> str:

@@ -122,3 +122,17 @@ def test_the_command_line_is_checked_before_anything_starts(args, needle):
     r = subprocess.run([sys.executable, str(root / "train" / "run.py"), *args], capture_output=True, text=True,
                        timeout=120, cwd=root)
     assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+
+
+def test_a_printed_config_shows_no_credential():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    r = subprocess.run([sys.executable, str(root / "train" / "run.py"), "--cfg", "job",
+                        "+data.source.storage_options.secret=hunter2", "+data.source.storage_options.key=AKIA123"],
+                       capture_output=True, text=True, timeout=120, cwd=root)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "storage_options" in r.stdout and "hunter2" not in r.stdout and "AKIA123" not in r.stdout
+    assert "<redacted>" in r.stdout and "warmup_steps:" in r.stdout  # the rest as composed
