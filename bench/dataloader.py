@@ -91,17 +91,17 @@ class StageTimer:
         setattr(module, name, timed)
 
 
-def data_config(dataset: Path, frames: int, workers: int, decoder: str = "decord"):
+def data_config(dataset: Path, frames: int, workers: int, decoder: str = "decord", overrides=()):
     from train.data import to_config
 
     return to_config(compose("data/prod", [
         f"data.source.dataset={dataset}", f"data.frames.min={frames}", f"data.frames.max={frames}",
         f"data.workers.num_workers={workers}", "data.workers.pin_memory=false",
-        f"data.workers.decoder={decoder}"]).data)
+        f"data.workers.decoder={decoder}", *overrides]).data)
 
 
-def run_one_core(dataset: Path, frames: int, n_samples: int, model_cfg, decoder: str) -> dict:
-    """The loader in this process only: CPU seconds per sample, by stage."""
+def run_one_core(dataset: Path, frames: int, n_samples: int, model_cfg, decoder: str, overrides=()) -> dict:
+    """The loader in this process only: CPU seconds per sample, by stage (``overrides``: more data.* settings)."""
     import cv2
     import torch
 
@@ -121,7 +121,7 @@ def run_one_core(dataset: Path, frames: int, n_samples: int, model_cfg, decoder:
     timer.wrap(ds_mod, "collate", "collate")
     timer.wrap(ds_mod._WindowReader, "get", "tar read")
     timer.wrap(source_mod, "load_shard_meta", "shard stats")
-    loader = build_loader(data_config(dataset, frames, 0, decoder), model_cfg, seed=0)
+    loader = build_loader(data_config(dataset, frames, 0, decoder, overrides), model_cfg, seed=0)
     it = iter(loader)
     first = next(it)  # warm-up: imports, first shard open
     shape = dict(frames=first.num_frames, height=first.resolution[0], width=first.resolution[1], refs=first.num_refs)
@@ -194,14 +194,29 @@ def cores_per_gpu(cpu_s_per_sample: float, samples_per_step: float, step_time_s:
     return {"cpu_s_per_batch": per_batch, "step_time_s": step_time_s, "workers": workers, "cores": workers + 1}
 
 
-def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def add_dataset_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of the dataset a bench reads: ``--dataset``, or the one :func:`make_dataset` makes."""
     p.add_argument("--dataset", type=Path, help="a preprocess output to read; made there if it has no index "
                    "(default: made in a temporary directory)")
     p.add_argument("--videos", type=int, default=4)
     p.add_argument("--video-frames", type=int, default=100)
     p.add_argument("--size", default="1280x854", help="source video WxH (3:2 lands in the 960x640 bucket)")
     p.add_argument("--grain", type=float, default=3.0, help="std of the temporal grain added to the source")
+
+
+def dataset_of(args, min_frames: int, tmp_dir: Path) -> Path:
+    """``--dataset``, made first (there, or in ``tmp_dir``) when it has no index: clips of at least ``min_frames``."""
+    dataset = args.dataset or tmp_dir / "out"
+    if not (dataset / "index.parquet").exists():
+        w, h = (int(x) for x in args.size.split("x"))
+        make_dataset(dataset.with_name(dataset.name + "_in"), dataset, args.videos, args.video_frames, min_frames,
+                     (w, h), args.grain)
+    return dataset
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_dataset_arguments(p)
     p.add_argument("--frames", type=int, default=73, help="clip length of every batch")
     p.add_argument("--samples", type=int, default=24, help="samples timed per run")
     p.add_argument("--workers", type=int, nargs="*", default=[0, 2], help="0: the one-core run; n: n workers")
@@ -216,15 +231,8 @@ def main(argv=None) -> dict:
     from models.config import load_preset
 
     model_cfg = load_preset(args.model)
-    tmp = None
-    dataset = args.dataset
-    if dataset is None or not (dataset / "index.parquet").exists():
-        if dataset is None:
-            tmp = tempfile.TemporaryDirectory(prefix="bench_dataloader_")
-        out = Path(tmp.name) / "out" if tmp is not None else dataset
-        w, h = (int(x) for x in args.size.split("x"))
-        dataset = make_dataset(out.with_name(out.name + "_in"), out, args.videos, args.video_frames, args.frames,
-                               (w, h), args.grain)
+    tmp = tempfile.TemporaryDirectory(prefix="bench_dataloader_")
+    dataset = dataset_of(args, args.frames, Path(tmp.name))
     result = {"machine": os.uname().nodename, "cpu_count": os.cpu_count(), "date": time.strftime("%Y-%m-%d"),
               "frames": args.frames, "model": args.model, "stored": stored_bitrate(dataset), "runs": []}
     result["one_core"] = {}
@@ -251,8 +259,7 @@ def main(argv=None) -> dict:
     print(json.dumps(result["stored"]))
     if args.out:
         args.out.write_text(json.dumps(result, indent=2))
-    if tmp is not None:
-        tmp.cleanup()
+    tmp.cleanup()
     return result
 
 

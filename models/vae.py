@@ -13,6 +13,7 @@ with the clip length. Large frames can use diffusers' spatial tiling (``vae.tili
 """
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import torch
@@ -45,6 +46,27 @@ def build_autoencoder(cfg: VAEConfig, vae_dir: str | None):
     if vae.config.z_dim != cfg.latent_channels:
         raise ValueError(f"VAE has {vae.config.z_dim} latent channels, config says {cfg.latent_channels}")
     return vae
+
+
+def vae_identity(cfg: VAEConfig, vae_dir: str | None, seed: int) -> dict:
+    """What decides the latents a VAE computes, for a latent cache to be checked against: the sha256 of its weight
+    files (``vae_dir``), or for a randomly initialised one (the tiny preset) its architecture and the run seed it is
+    built from (``train.step.vae_seed``). The compute dtype is not part of it (a cache records it beside)."""
+    if vae_dir is None:
+        return {"random_init": {"arch": None if cfg.arch is None else dict(cfg.arch), "seed": int(seed)}}
+    files = sorted(p for p in Path(vae_dir).iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".pth"))
+    if not files:
+        raise FileNotFoundError(f"no weight files (*.safetensors, *.bin) in {vae_dir}")
+    h = hashlib.sha256()
+    for p in files:
+        with open(p, "rb") as f:
+            h.update(p.name.encode() + b"\0" + hashlib.file_digest(f, "sha256").digest())
+    return {"weights_sha256": h.hexdigest(), "files": [p.name for p in files]}
+
+
+def pixels_to_vae(pixels: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    """uint8 pixels -> the VAE's [-1, 1] input (a new tensor); :func:`frames_uint8` is the inverse."""
+    return pixels.to(dtype).div_(127.5).sub_(1.0)
 
 
 def frames_uint8(video: torch.Tensor):

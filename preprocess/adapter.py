@@ -22,6 +22,13 @@ if TYPE_CHECKING:
 SCALAR_COLUMNS = ("key", "video_key", "kind", "status")
 
 
+def pack_output(out):
+    """A stage's output for Ray Data: one packed batch, or, for a stage whose ``process_batch`` yields lists of rows
+    (one input, many outputs: the latent pass reads a whole part), a generator of packed batches that Ray Data
+    streams out as they come."""
+    return pack(out) if isinstance(out, list) else (pack(rows) for rows in out)
+
+
 def pack(rows: list[dict]) -> dict[str, np.ndarray]:
     """Rows → a Ray Data numpy batch."""
     batch = {c: np.array([r[c] for r in rows], dtype=object) for c in SCALAR_COLUMNS}
@@ -72,8 +79,8 @@ class StageActor:
         self.stage = stage
         self.stage.setup()
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return pack(self.stage.process_batch(unpack(batch)))
+    def __call__(self, batch: dict[str, np.ndarray]):
+        return pack_output(self.stage.process_batch(unpack(batch)))
 
 
 def actor_class(stage: Stage) -> type[StageActor]:
@@ -86,11 +93,11 @@ def actor_class(stage: Stage) -> type[StageActor]:
 _TASK_STAGES: dict[str, Stage] = {}
 
 
-def _run_task(batch: dict[str, np.ndarray], stage: Stage, token: str) -> dict[str, np.ndarray]:
+def _run_task(batch: dict[str, np.ndarray], stage: Stage, token: str):
     if token not in _TASK_STAGES:
         stage.setup()
         _TASK_STAGES[token] = stage
-    return pack(_TASK_STAGES[token].process_batch(unpack(batch)))
+    return pack_output(_TASK_STAGES[token].process_batch(unpack(batch)))
 
 
 def task_function(stage: Stage):
@@ -98,7 +105,7 @@ def task_function(stage: Stage):
     process shares the stage set up by the first."""
     token = f"{stage.name}-{uuid.uuid4().hex}"
 
-    def fn(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def fn(batch: dict[str, np.ndarray]):
         return _run_task(batch, stage, token)
 
     fn.__name__ = fn.__qualname__ = stage.name  # so Ray's plan and progress bars name the stage

@@ -133,6 +133,23 @@ FIELDS: tuple[Field, ...] = (
 FIELDS_BY_NAME = {f.name: f for f in FIELDS}
 GROUPS = tuple(dict.fromkeys(f.group for f in FIELDS))
 
+# The latent cache (``preprocess/latents.py``): sidecar shards beside a dataset, one per dataset part, whose samples
+# carry the dataset's keys and these members. Its own version: a dataset needs no rewrite to gain or lose a cache.
+# Shapes: C latent channels, t latent frames (1 + (frames - 1) / temporal compression), h x w the latent grid of the
+# clip's bucket, K primary-reference candidates, R stored references present.
+LATENTS_VERSION = 1
+LATENT_FIELDS: tuple[Field, ...] = (
+    Field("latent_meta", "json", "latents", doc="bucket [H, W], crop_box x0,y0,x1,y1 (stored-clip px), frames (the "
+          "stored-clip frames encoded, a prefix at the stride), primary_frames (the K candidates), ref_roles (R)"),
+    Field("video_latents", "npy", "latents", "float16", ("C", "t", "h", "w"),
+          doc="normalised VAE posterior mean of `frames`, cropped and resized to the bucket"),
+    Field("primary_latents", "npy", "latents", "float16", ("C", "K", "h", "w"),
+          doc="each primary-reference candidate frame encoded alone (a one-frame clip)"),
+    Field("ref_latents", "npy", "latents", "float16", ("C", "R", "h", "w"),
+          doc="each stored reference image of `ref_roles`, encoded alone, framed as the loader frames it"),
+)
+LATENT_FIELDS_BY_NAME = {f.name: f for f in LATENT_FIELDS}
+
 # Keys every meta.json carries (the engine's own); annotators may add more (documented in docs/data-format.md).
 META_KEYS = (
     "schema_version", "key", "video_key", "clip_index", "source", "shot_index",
@@ -155,6 +172,10 @@ WORK_COLUMNS = {
     "n_clips": "clips planned for the video (the writer waits for all of them)",
     "src_start_pts": "pts of the video stream's first frame (the clip decoder seeks by it)",
     "src_pts": "stream timestamps of the clip's frames (the clip decoder finds them by these; None: none)",
+    # the latent-cache pass (preprocess/latents.py): one row per dataset part, then per group of its clips
+    "part_keys": "the committed clip keys of a dataset part (the latent pass encodes them)",
+    "latent_group": "clips of one part at one shape (frames, bucket): pixels from the read stage, the sidecar "
+                    "members from the encode stage",
 }
 
 
@@ -181,9 +202,10 @@ def fields_of(groups) -> list[Field]:
     return [f for f in FIELDS if f.group in groups]
 
 
-def resolve_shape(f: Field, n_frames: int) -> tuple[int, ...]:
-    """The concrete shape of an npy field for a clip of ``n_frames`` frames."""
-    return tuple(n_frames if d == "T" else d for d in f.shape)
+def resolve_shape(f: Field, n_frames: int, dims: dict[str, int] | None = None) -> tuple[int, ...]:
+    """The concrete shape of an npy field for a clip of ``n_frames`` frames (``dims``: the other named sizes)."""
+    dims = {"T": n_frames, **(dims or {})}
+    return tuple(dims[d] if isinstance(d, str) else d for d in f.shape)
 
 
 def empty(f: Field, n_frames: int = 0):
@@ -218,12 +240,12 @@ def decode(f: Field, data: bytes):
     return data
 
 
-def check_value(f: Field, value, n_frames: int) -> str | None:
+def check_value(f: Field, value, n_frames: int, dims: dict[str, int] | None = None) -> str | None:
     """Why a decoded value does not match the schema, or None when it does."""
     if f.ext == "npy":
         if value.dtype != np.dtype(f.dtype):
             return f"{f.member}: dtype {value.dtype}, expected {f.dtype}"
-        want = resolve_shape(f, n_frames)
+        want = resolve_shape(f, n_frames, dims)
         if tuple(value.shape) != want:
             return f"{f.member}: shape {tuple(value.shape)}, expected {want}"
         return None
@@ -238,10 +260,10 @@ def check_value(f: Field, value, n_frames: int) -> str | None:
     return None
 
 
-def markdown_table() -> str:
+def markdown_table(fields: tuple[Field, ...] = FIELDS) -> str:
     """The field table of docs/data-format.md (``python -m preprocess.schema`` prints it)."""
     lines = ["| member | group | dtype | shape | required | meaning |", "|---|---|---|---|---|---|"]
-    for f in FIELDS:
+    for f in fields:
         shape = "(" + ", ".join(str(d) for d in f.shape) + ("," if len(f.shape) == 1 else "") + ")" if f.shape else ""
         lines.append(f"| `{{key}}.{f.member}` | {f.group} | {f.dtype or f.ext} | {shape} | "
                      f"{'optional' if f.optional else 'yes'} | {f.doc} |")
@@ -249,15 +271,16 @@ def markdown_table() -> str:
 
 
 def update_docs(path) -> None:
-    """Rewrite the field table between the markers of docs/data-format.md."""
+    """Rewrite the field tables (shards, latent cache) between the markers of docs/data-format.md."""
     import re
     from pathlib import Path
 
     p = Path(path)
     text = p.read_text()
-    new = re.sub(r"(<!-- fields:begin[^>]*-->\n).*?(\n<!-- fields:end -->)",
-                 lambda m: m.group(1) + markdown_table() + m.group(2), text, flags=re.S)
-    p.write_text(new)
+    for marker, fields in (("fields", FIELDS), ("latent-fields", LATENT_FIELDS)):
+        text = re.sub(rf"(<!-- {marker}:begin[^>]*-->\n).*?(\n<!-- {marker}:end -->)",
+                      lambda m, fields=fields: m.group(1) + markdown_table(fields) + m.group(2), text, flags=re.S)
+    p.write_text(text)
 
 
 if __name__ == "__main__":

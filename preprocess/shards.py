@@ -15,6 +15,9 @@ Layout of an output::
     _lock.json              the lease of the run writing the output now (``lock.py``), deleted when it ends
     _lock.guard             empty: local runs flock it to update the lease atomically
     _retired/{part}.*       the stats file of a part retired as damaged (its videos were redone), and why
+    latents/                the default latent cache (``preprocess/latents.py``), laid out like an output: its
+                            manifest ``latents.json`` (written first), ``shards/{part}.tar`` with the same keys as
+                            the dataset's part of that name and ``shards/{part}.parquet`` (its commit), ``_lock.json``
 """
 from __future__ import annotations
 
@@ -36,6 +39,8 @@ SUMMARY_FILE = "summary.json"
 SHARD_DIR = "shards"
 LOCK_FILE, LOCK_GUARD = "_lock.json", "_lock.guard"
 RETIRED_DIR = "_retired"
+LATENTS_DIR = "latents"  # a dataset's default latent cache
+LATENTS_FILE = "latents.json"  # a latent cache's manifest
 TAR_SUFFIX, STATS_SUFFIX = ".tar", ".parquet"
 
 # what a broken or truncated tar stream raises while it is read
@@ -54,6 +59,12 @@ def part_name(run_id: str, writer_id: int, seq: int) -> str:
 def run_of(part: str) -> str:
     """The run id of a part name (:func:`part_name`)."""
     return part.rsplit("-w", 1)[0]
+
+
+def part_of(shard_url: str) -> str:
+    """The part name of a shard's URL or path (``.../shards/{part}.tar``)."""
+    name = shard_url.rsplit("/", 1)[-1]
+    return name[:-len(TAR_SUFFIX)] if name.endswith(TAR_SUFFIX) else name
 
 
 def tar_path(part: str) -> str:

@@ -94,7 +94,8 @@ class Stage:
 
     def process_batch(self, rows: list[dict]) -> list[dict]:
         """The rows that follow from ``rows`` (the same rows updated, or more or fewer); never raises for bad
-        input: a row that cannot be processed is marked with ``fail`` and handed on."""
+        input: a row that cannot be processed is marked with ``fail`` and handed on. A stage with many outputs per
+        input may instead yield them as lists of rows, each streamed on as it comes (``adapter.pack_output``)."""
         raise NotImplementedError
 
 

@@ -1,11 +1,14 @@
-"""python preprocess/validate.py output=DIR_OR_URI [--deep]: check every shard of a dataset.
+"""python preprocess/validate.py output=DIR_OR_URI [latents=CACHE] [--deep]: check every shard of a dataset.
 
 Checks: each tar reads to its end; member names are ``{key}.{field}`` with well-formed keys; each
 sample's members are contiguous and keys are unique across shards; every required field of the
 dataset's groups is present with the schema's dtype and shape; the index and the shards' stats files
 agree with the tars; each tar has the size its stats file committed; no uncommitted tar is lying around.
 ``--deep`` also decodes every clip video and compares its frame count with ``meta.n_frames``, and each tar's
-sha256 with the committed one. Exits 1 and names every problem found.
+sha256 with the committed one. A latent cache (``preprocess/latents.py``; ``<output>/latents`` unless
+``latents=`` names another) is checked too: its manifest, each committed part whole, every part of the dataset
+covered, each sample a key of the dataset part of the same name (in its order) with the latent fields' dtypes and
+shapes. Exits 1 and names every problem found.
 """
 from __future__ import annotations
 
@@ -20,13 +23,17 @@ from preprocess import schema
 from preprocess.shards import (
     DATASET_FILE,
     INDEX_FILE,
+    LATENTS_DIR,
+    LATENTS_FILE,
     SHARD_DIR,
     STATS_SUFFIX,
     TAR_ERRORS,
     TAR_SUFFIX,
     decode_stats,
     iter_members,
+    iter_samples,
     stats_path,
+    tar_path,
 )
 from preprocess.state import check_part, read_json, read_table
 from preprocess.storage import Storage
@@ -113,8 +120,86 @@ def check_tar(storage: Storage, name: str, fields, seen: dict[str, str], deep: b
     return problems, keys
 
 
-def validate(output: str, deep: bool = False, log=print) -> list[str]:
-    """All problems of the dataset at ``output`` (empty when it is valid)."""
+def check_latent_sample(key: str, members: dict[str, bytes], manifest: dict) -> list[str]:
+    """Problems of one sample of a latent cache."""
+    want = {f.member for f in schema.LATENT_FIELDS}
+    problems = [f"{key}: unknown member {m}" for m in sorted(set(members) - want)]
+    problems += [f"{key}: missing field {m}" for m in sorted(want - set(members))]
+    if problems:
+        return problems
+    try:
+        meta = schema.decode(schema.LATENT_FIELDS_BY_NAME["latent_meta"], members["latent_meta.json"])
+        fr = manifest["framing"]
+        h, w = meta["bucket"]
+        if [h, w] not in fr["buckets"]:
+            return [f"{key}: bucket {meta['bucket']} is not one of the cache's {fr['buckets']}"]
+        dims = {"C": manifest["latent_channels"], "t": 1 + (len(meta["frames"]) - 1) // fr["temporal_compression"],
+                "K": len(meta["primary_frames"]), "R": len(meta["ref_roles"]), "h": h // fr["spatial_compression"],
+                "w": w // fr["spatial_compression"]}
+    except Exception as e:
+        return [f"{key}: latent_meta.json is unreadable ({type(e).__name__}: {e})"]
+    for f in schema.LATENT_FIELDS[1:]:
+        try:
+            why = schema.check_value(f, schema.decode(f, members[f.member]), len(meta["frames"]), dims)
+        except Exception as e:
+            why = f"{f.member} does not decode ({type(e).__name__}: {e})"
+        if why:
+            problems.append(f"{key}: {why}")
+    return problems
+
+
+def validate_latents(cache: Storage, tar_keys: dict[str, list[str]], deep: bool, log=print) -> list[str]:
+    """All problems of the latent cache ``cache`` of a dataset whose tars hold ``tar_keys`` (tar name -> keys)."""
+    where = cache.uri
+    if not cache.exists(LATENTS_FILE):
+        return [f"{where}: no {LATENTS_FILE}; not a latent cache written by preprocess/latents.py"]
+    manifest = read_json(cache, LATENTS_FILE)
+    if manifest.get("version") != schema.LATENTS_VERSION:
+        return [f"{where}/{LATENTS_FILE}: version {manifest.get('version')}, this code reads {schema.LATENTS_VERSION}"]
+    problems: list[str] = []
+    sizes = cache.sizes(SHARD_DIR)
+    committed = sorted(n[:-len(STATS_SUFFIX)] for n in sizes if n.endswith(STATS_SUFFIX))
+    problems += [f"{where}: {SHARD_DIR}/{n} is debris of an interrupted run (rerun preprocess/latents.py)"
+                 for n in sorted(sizes) if n.endswith(".tmp") or (n.endswith(TAR_SUFFIX)
+                                                                   and n[:-len(TAR_SUFFIX)] not in committed)]
+    uncovered = sorted(t for t, keys in tar_keys.items() if keys and t[:-len(TAR_SUFFIX)] not in committed)
+    if uncovered:
+        problems.append(f"{where}: no committed latents for {len(uncovered)} dataset parts (e.g. {uncovered[0]}): "
+                        "rerun preprocess/latents.py to finish the cache")
+    for i, part in enumerate(committed):
+        st, info = decode_stats(cache.read_bytes(stats_path(part)))
+        main = tar_keys.get(part + TAR_SUFFIX)
+        if main is None:
+            problems.append(f"{where}: part {part} is not a part of the dataset (rerun preprocess/latents.py to drop "
+                            "it)")
+            continue
+        why = check_part(cache, part, info, sizes.get(part + TAR_SUFFIX), set(), deep) if info else None
+        if why:
+            problems.append(f"{where}: {why}; rerun preprocess/latents.py to redo it")
+            continue
+        ok = list(st.loc[st["status"] == "ok", "key"]) if len(st) else []
+        position = {k: j for j, k in enumerate(main)}
+        keys, last = [], -1
+        if info.get("tar_bytes"):
+            try:
+                with cache.fs.open_input_stream(cache.path(tar_path(part))) as f:
+                    for key, members in iter_samples(f):
+                        keys.append(key)
+                        if position.get(key, -1) <= last:
+                            problems.append(f"{where}: {part}: {key} is not in the dataset part, or out of its order")
+                        last = max(last, position.get(key, -1))
+                        problems += [f"{where}: {part}: {p}" for p in check_latent_sample(key, members, manifest)]
+            except TAR_ERRORS as e:
+                problems.append(f"{where}: {part}.tar is unreadable or truncated ({type(e).__name__}: {e})")
+        if sorted(keys) != sorted(ok):
+            problems.append(f"{where}: {part}: the tar and its stats file disagree on {len(set(keys) ^ set(ok))} keys")
+        log(f"[validate] latents {i + 1}/{len(committed)} {part}: {len(keys)} samples")
+    return problems
+
+
+def validate(output: str, deep: bool = False, log=print, latents: str | None = None) -> list[str]:
+    """All problems of the dataset at ``output`` and of its latent cache (``latents``, else ``<output>/latents`` when
+    there is one); empty when both are valid."""
     storage = Storage(output, create=False)
     if not storage.root_exists():
         raise FileNotFoundError(f"output={output}: no such directory (give the output= of a preprocess/run.py run)")
@@ -169,14 +254,19 @@ def validate(output: str, deep: bool = False, log=print) -> list[str]:
             only_i, only_t = in_index - in_tars, in_tars - in_index
             problems.append(f"{INDEX_FILE} and the tars disagree: {len(only_i)} clips only in the index "
                             f"(e.g. {sorted(only_i)[:2]}), {len(only_t)} only in tars (e.g. {sorted(only_t)[:2]})")
+    cache = Storage(latents or f"{output.rstrip('/')}/{LATENTS_DIR}", create=False)
+    if latents or cache.root_exists():
+        problems += validate_latents(cache, tar_keys, deep, log)
     return problems
 
 
 def main(argv: list[str]) -> int:
-    output, deep = None, False
+    output, deep, latents = None, False, None
     for a in argv:
         if a.startswith("output="):
             output = a.split("=", 1)[1]
+        elif a.startswith("latents="):
+            latents = a.split("=", 1)[1]
         elif a == "--deep":
             deep = True
         elif a in ("-h", "--help"):
@@ -189,7 +279,7 @@ def main(argv: list[str]) -> int:
         print(f"error: output= is required\n{__doc__}", file=sys.stderr)
         return 2
     try:
-        problems = validate(output, deep=deep)
+        problems = validate(output, deep=deep, latents=latents)
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -54,6 +54,7 @@ class PeriodicEval:
         data.dropout.ref = data.dropout.motion = 0.0
         data.refs.primary_outside_window = True
         data.workers.num_workers = 0
+        data.latents = False  # pixels: the metrics compare decoded frames with the clip's (same plan either way)
         data.shuffle.buffer = 1
         loader = build_loader(data, self.job.model, rank=0, world_size=1, seed=self.job.train.seed)
         batches, n = [], 0

@@ -27,11 +27,15 @@ def sample_video(engine, vae, batch, frames: int, steps: int, use_face: bool, se
     n = min(frames, batch.num_frames)
     n = 1 + (n - 1) // tc * tc
     one = slice(0, 1)
-    x0_pix = batch.video_pixels()[one, :, :n]
-    ref = batch.refs_to_latent_layout(vae.encode(batch.ref_pixels()))
+    t, (h, w) = 1 + (n - 1) // tc, batch.resolution
+    if batch.video_latents is not None:  # a batch from the latent cache: the driving clip is decoded from its latents
+        x0_pix = vae.decode(batch.video_latents[one, :, :t].float())
+        ref = batch.ref_latents.float()
+    else:
+        x0_pix = batch.video_pixels()[one, :, :n]
+        ref = batch.refs_to_latent_layout(vae.encode(batch.ref_pixels()))
     cond = batch.conditions(ref, dtype, use_face).samples(one).pixel_frames(0, n)
     use_face = cond.face_crops is not None
-    t, (h, w) = 1 + (n - 1) // tc, batch.resolution
     sc = model.cfg.vae.spatial_compression
     g = torch.Generator(device=ref.device).manual_seed(seed)
     noise = torch.randn(1, ref.shape[1], t, h // sc, w // sc, generator=g, device=ref.device)

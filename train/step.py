@@ -96,10 +96,16 @@ class FlowMatchingStep:
         return MicroStep(loss, b, tokens, flops)
 
 
+def vae_seed(train_seed: int) -> int:
+    """The seed a randomly initialised VAE (presets without weights) is built with: every rank, every restart and the
+    latent-cache pass (``preprocess/latents.py seed=``) build the same one from the run's ``train.seed``."""
+    return counter_seed(train_seed, 0xAE)
+
+
 def build_vae(job: TrainJob, device: torch.device) -> VideoVAE:
     """The frozen VAE on ``device`` (a random init of the real architecture for presets without weights,
     seeded so that every rank and every restart gets the same one)."""
     from .distributed import seed_everything
 
-    seed_everything(counter_seed(job.train.seed, 0xAE))
+    seed_everything(vae_seed(job.train.seed))
     return VideoVAE.from_config(job.model.vae, job.model.weights.vae_dir).to(device)

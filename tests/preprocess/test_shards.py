@@ -39,7 +39,8 @@ def test_an_old_dataset_reads_the_same(tmp_path):
     assert sorted(index["key"]) == sorted(want)
     with open(tar, "rb") as f:
         assert dict(iter_samples(f)) == want
-    cfg = SourceConfig(dataset=str(out), shards=None, storage_options={}, require_groups=[], read_retries=0)
+    cfg = SourceConfig(dataset=str(out), shards=None, storage_options={}, require_groups=[], read_retries=0,
+                       latents=None)
     assert dict(loader_samples(str(tar), cfg)) == want
     key = sorted(want)[0]
     clip = load_clip(str(out), key)

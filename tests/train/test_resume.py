@@ -114,3 +114,38 @@ def test_resume_two_ranks_on_one_continues_the_epoch(tmp_path, base_overrides, r
     for e in partly:  # every epoch the 2-rank run had started is finished by the 1-rank run
         assert {k for ee, k in seen if ee == e} == clips, f"epoch {e} left incomplete after the resume"
     assert all(r["loss"] == r["loss"] and r["loss"] < 10 for s, r in got.items() if s > ckpt_step)
+
+
+@pytest.fixture(scope="module")
+def train_latents(train_dataset, tmp_path_factory):
+    """The latent cache of the trainer tests' dataset at their data settings (tiny preset, train.seed 0)."""
+    from tests.train.conftest import DATA
+    from tests.train.data.helpers import latent_pass
+
+    cache = tmp_path_factory.mktemp("train_latents") / "cache"
+    latent_pass(train_dataset, cache, *DATA, check=True)
+    return cache
+
+
+def test_kill9_then_resume_on_cached_latents_is_bitwise_exact(tmp_path, base_overrides, train_latents):
+    """``data.latents=true``: batches carry the cached latents and the trainer builds no VAE (none is needed without
+    sample videos or evaluation; an encode would fail). ``kill -9`` after a checkpoint, then ``train.resume=auto``:
+    the steps the killed run had taken after its last checkpoint are taken again, bitwise alike."""
+    steps = 8
+    overrides = [*base_overrides, "data.latents=true", f"data.source.latents={train_latents}", f"stage.steps={steps}"]
+    out = tmp_path / "run"
+    killed_at = _kill_at(out, overrides, 4)  # checkpoints every 3 steps: resumed from step 3
+    done = sorted(int(d.name[5:]) for d in (out / "stage1" / "checkpoints").glob("step_*")
+                  if (d / "COMPLETE").is_file())
+    first = {}
+    for line in (out / "stage1" / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        first.setdefault(r["step"], r)
+    assert done and killed_at > done[-1], f"killed at step {killed_at}, checkpoints {done}: no step to redo"
+    log = run(out, [*overrides, "train.resume=auto"], log_name="resume.log")
+    assert f"at step {done[-1]}" in log, log[-3000:]
+    got = metrics(out)
+    assert sorted(got) == list(range(1, steps + 1))
+    bad = same_training(got, first, range(done[-1] + 1, killed_at + 1))
+    assert not bad, "\n".join(bad)
+    assert all(r["loss"] == r["loss"] for r in got.values())

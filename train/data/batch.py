@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, fields, replace
 import torch
 
 from models.conditions import Conditions
+from models.vae import pixels_to_vae
 
 
 @dataclass
@@ -39,8 +40,9 @@ class DreamActorBatch:
     frame_index    (B, T)                     int64   frames of the stored clip that were sampled
     fps            (B,)                       float32 frame rate of the sampled frames
     crop_transform (B, 3, 3)                  float32 stored-clip pixels -> bucket pixels (models.render)
-    video_latents  (B, C, t, h, w)            float32 precomputed VAE latents (None when pixels are used)
-    ref_latents    (B, C, R, h, w)            float32 precomputed reference latents (None likewise)
+    video_latents  (B, C, t, h, w)            float16 VAE latents from the latent cache (None when pixels are used;
+                                                      then ``video`` and ``ref_images`` are None)
+    ref_latents    (B, C, R, h, w)            float16 cached reference latents (None likewise)
     ============== ========================== ======= =================================================
 
     ``video`` and the maps are stored channel-last (``torch.channels_last_3d``: each pixel's channels
@@ -137,13 +139,13 @@ class DreamActorBatch:
 
     def video_pixels(self, dtype=torch.float32) -> torch.Tensor:
         """(B, 3, T, H, W) in [-1, 1]: the VAE's input for the target latents."""
-        return self.video.to(dtype).div_(127.5).sub_(1.0)
+        return pixels_to_vae(self.video, dtype)
 
     def ref_pixels(self, dtype=torch.float32) -> torch.Tensor:
         """(B * R, 3, 1, H, W) in [-1, 1]: each reference as a one-frame clip for the VAE; the latents
         reshape to ``ref_latents`` (B, C, R, h, w) with :meth:`refs_to_latent_layout`."""
         b, r, c, h, w = self.ref_images.shape
-        return self.ref_images.reshape(b * r, c, 1, h, w).to(dtype).div_(127.5).sub_(1.0)
+        return pixels_to_vae(self.ref_images.reshape(b * r, c, 1, h, w), dtype)
 
     def refs_to_latent_layout(self, z: torch.Tensor) -> torch.Tensor:
         """(B * R, C, 1, h, w) latents of :meth:`ref_pixels` -> (B, C, R, h, w)."""

@@ -17,6 +17,7 @@ DataConfigError = ConfigError  # the one configuration error (models.typed_confi
 
 Decoder = Choice("Decoder", {"DECORD": "decord", "PYAV": "pyav"})
 StartMethod = Choice("StartMethod", {"FORK": "fork", "FORKSERVER": "forkserver", "SPAWN": "spawn"})
+Sampling = Choice("Sampling", {"AUTO": "auto", "WINDOW": "window", "PREFIX": "prefix"})
 
 
 @dataclass
@@ -28,6 +29,7 @@ class SourceConfig:
     storage_options: dict[str, Any]  # fsspec options (endpoint, credentials profile)
     require_groups: list[str]  # schema groups a sample must carry
     read_retries: int  # retries of a failed shard open/read before the shard counts as unreadable
+    latents: str | None  # the latent cache (preprocess/latents.py cache=); None: <dataset>/latents
 
 
 @dataclass
@@ -57,6 +59,7 @@ class RefsConfig:
     min: int  # references per batch, drawn per batch in [min, max]
     max: int
     primary_outside_window: bool  # take the primary reference from clip frames outside the window if any
+    primary_candidates: int  # prefix sampling: the primary is one of this many evenly spaced frames (cached)
 
 
 @dataclass
@@ -114,7 +117,8 @@ class DataConfig:
     shuffle: ShuffleConfig
     workers: WorkersConfig
     face_crops: bool  # decode face.mp4 (stage 1 trains without face motion tokens: false saves CPU)
-    latents: bool  # read precomputed VAE latents instead of pixels (needs a schema latent group)
+    latents: bool  # read VAE latents from the latent cache (preprocess/latents.py) instead of decoding pixels
+    sampling: Sampling  # window | prefix (what a latent cache serves) | auto: prefix exactly when latents
     log_skips: int  # skips logged at WARNING per reason and worker; the rest at DEBUG
     split: SplitConfig
 
@@ -138,6 +142,13 @@ def check(c: DataConfig, temporal_compression: int | None = None) -> None:
     unknown = set(c.source.require_groups) - set(schema.GROUPS)
     if unknown:
         raise ConfigError(f"data.source.require_groups: unknown groups {sorted(unknown)}; known {list(schema.GROUPS)}")
+    if c.sampling == "auto":  # resolved here, once: the typed config says which sampling runs
+        c.sampling = "prefix" if c.latents else "window"
+    if c.latents and c.sampling != "prefix":
+        raise ConfigError("data.latents=true draws every clip as a prefix of its cached latents: data.sampling must "
+                          "be prefix or auto, not window")
+    if c.refs.primary_candidates < 1:
+        raise ConfigError(f"data.refs.primary_candidates={c.refs.primary_candidates} must be >= 1")
     f = c.frames
     if not 1 <= f.min <= f.max or f.step < 1:
         raise ConfigError(f"data.frames: need 1 <= min <= max and step >= 1, got {f.min}/{f.max}/{f.step}")

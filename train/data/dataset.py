@@ -20,8 +20,8 @@ import torch
 from .batch import DreamActorBatch
 from .config import DataConfig
 from .plan import PlannedBatch, Planner, WindowPlan
-from .sample import Sample, SampleError, build_sample
-from .source import ShardError, iter_samples, load_shard_meta
+from .sample import PIXEL_MEMBERS, Sample, SampleError, build_sample
+from .source import ShardError, iter_samples, load_shard_meta, sidecar_url, with_sidecar
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +48,12 @@ class _Skips:
 
 
 class _WindowReader:
-    """Members of the samples a window still needs, read from its shards on demand, each shard once."""
+    """Members of the samples a window still needs, read from its shards on demand, each shard once (and its latent
+    cache sidecar beside it, when ``latents`` names the cache)."""
 
-    def __init__(self, plan: WindowPlan, batches: list[PlannedBatch], cfg: DataConfig, skips: _Skips):
-        self.cfg, self.skips = cfg, skips
+    def __init__(self, plan: WindowPlan, batches: list[PlannedBatch], cfg: DataConfig, skips: _Skips,
+                 latents: str | None = None):
+        self.cfg, self.skips, self.latents = cfg, skips, latents
         self.urls = plan.shard_urls
         self.needed: list[set[str]] = [set() for _ in self.urls]
         for b in batches:
@@ -64,7 +66,14 @@ class _WindowReader:
     def _stream(self, shard: int):
         if shard not in self.streams:
             keys = self.needed[shard]
-            self.streams[shard] = iter_samples(self.urls[shard], self.cfg.source, select=lambda k, m: k in keys)
+            if self.latents is None:
+                self.streams[shard] = iter_samples(self.urls[shard], self.cfg.source, select=lambda k, m: k in keys)
+            else:  # the pixels are not read: their latents come from the sidecar
+                main = iter_samples(self.urls[shard], self.cfg.source,
+                                    select=lambda k, m: k in keys and m not in PIXEL_MEMBERS)
+                side = iter_samples(sidecar_url(self.latents, self.urls[shard]), self.cfg.source,
+                                    select=lambda k, m: k in keys)
+                self.streams[shard] = with_sidecar(main, side)
         return self.streams[shard]
 
     def get(self, shard: int, key: str) -> dict | None:
@@ -98,8 +107,9 @@ class ShardStream(torch.utils.data.IterableDataset):
 
     def __init__(self, cfg: DataConfig, planner: Planner, render_cfg, groups: list[str], assignment,
                  consumers: list[int], positions: list[tuple[int, int]], first_role: int, *,
-                 quarantine: frozenset = frozenset(), inflight_dir: str | None = None):
+                 quarantine: frozenset = frozenset(), inflight_dir: str | None = None, latents: str | None = None):
         self.cfg, self.planner, self.render_cfg, self.groups = cfg, planner, render_cfg, list(groups)
+        self.latents = latents  # the latent cache's URL (data.latents=true), else None
         self.assignment, self.consumers, self.positions = assignment, list(consumers), list(positions)
         self.first_role = first_role
         self.quarantine = quarantine  # samples that killed a worker before: skipped
@@ -150,7 +160,7 @@ class ShardStream(torch.utils.data.IterableDataset):
                 for reason, count in plan.excluded.items():
                     skips.add(reason, count, f"window {window}: {count} clips shorter than data.frames.min")
             todo = list(plan.batches[b0:])
-            reader = _WindowReader(plan, todo, self.cfg, skips)
+            reader = _WindowReader(plan, todo, self.cfg, skips, self.latents)
             for pb in todo:
                 batch = self.make_batch(pb, plan, reader, skips)
                 if batch is None:
@@ -174,10 +184,13 @@ class ShardStream(torch.utils.data.IterableDataset):
                 skips.add(f"samples/{reason}", 1, f"{ps.key} ({plan.shard_urls[ps.shard]})")
                 continue
             self._note_inflight(ps.key)
+            g = self.planner.geometry
             try:
                 s = build_sample(members, ps, pb.height, pb.width, self.groups, self.render_cfg,
-                                 face_crops=self.cfg.face_crops, face_size=self.planner.geometry.face_crop_size,
-                                 decode_threads=self.cfg.workers.decode_threads, decoder=self.cfg.workers.decoder)
+                                 face_crops=self.cfg.face_crops, face_size=g.face_crop_size,
+                                 decode_threads=self.cfg.workers.decode_threads, decoder=self.cfg.workers.decoder,
+                                 prefix=self.planner.prefix, latents=self.latents is not None,
+                                 compression=(g.temporal_compression, g.spatial_compression))
             except SampleError as e:
                 skips.add(f"samples/{e.reason}", 1, f"{ps.key} ({plan.shard_urls[ps.shard]}): {e}")
                 continue
@@ -190,7 +203,8 @@ class ShardStream(torch.utils.data.IterableDataset):
 
 
 def collate(samples: list[tuple[object, Sample]], refs: int) -> DreamActorBatch:
-    """Stack samples of one bucket/length into a batch with ``refs`` references each."""
+    """Stack samples of one bucket/length into a batch with ``refs`` references each (images, or latents for
+    samples from the latent cache)."""
     ref_imgs, ref_valid = [], []
     for _, s in samples:
         have = s.refs[:refs]
@@ -206,12 +220,15 @@ def collate(samples: list[tuple[object, Sample]], refs: int) -> DreamActorBatch:
     ps = [p for p, _ in samples]
     ss = [s for _, s in samples]
     faces = None if ss[0].face_crops is None else t(np.stack([s.face_crops for s in ss])).permute(0, 1, 4, 2, 3)
+    cached = ss[0].video is None
     return DreamActorBatch(
         keys=[s.key for s in ss],
         epoch=torch.tensor([p.epoch for p in ps], dtype=torch.int64),
         # (B, T, H, W, C) in memory, viewed as (B, C, T, H, W): torch.channels_last_3d, no transposing copy
-        video=t(stack([s.video for s in ss])).permute(0, 4, 1, 2, 3),
-        ref_images=t(np.stack(ref_imgs)).permute(0, 1, 4, 2, 3).contiguous(),
+        video=None if cached else t(stack([s.video for s in ss])).permute(0, 4, 1, 2, 3),
+        ref_images=None if cached else t(np.stack(ref_imgs)).permute(0, 1, 4, 2, 3).contiguous(),
+        video_latents=t(np.stack([s.video_latents for s in ss])) if cached else None,
+        ref_latents=t(np.stack(ref_imgs)).permute(0, 2, 1, 3, 4).contiguous() if cached else None,  # (B, C, R, h, w)
         ref_valid=torch.tensor(ref_valid, dtype=torch.bool),
         skeleton_maps=t(stack([s.skeleton_maps for s in ss])).permute(0, 4, 1, 2, 3),
         head_sphere_maps=t(stack([s.head_sphere_maps for s in ss])).permute(0, 4, 1, 2, 3),

@@ -37,8 +37,8 @@ import torch
 
 from .config import DataConfig, DataConfigError, check
 from .dataset import ShardStream
-from .plan import Geometry, Planner
-from .source import resolve_source
+from .plan import Framing, Geometry, Planner
+from .source import latent_cache_url, resolve_source
 
 log = logging.getLogger(__name__)
 
@@ -127,10 +127,11 @@ class DreamActorLoader:
     """Endless, resumable stream of :class:`~train.data.batch.DreamActorBatch` for one rank."""
 
     def __init__(self, cfg: DataConfig, geometry: Geometry, render_cfg, *, rank: int, world_size: int, seed: int,
-                 shard_urls: list[str], groups: list[str]):
+                 shard_urls: list[str], groups: list[str], latents: str | None = None):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
         self.cfg, self.geometry, self.render_cfg = cfg, geometry, render_cfg
+        self.latents = latents  # the latent cache the samples' latents come from (None: pixels)
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.shard_urls, self.groups = list(shard_urls), list(groups)
         self.workers = max(1, cfg.workers.num_workers)
@@ -151,7 +152,7 @@ class DreamActorLoader:
     def _dataset(self, inflight_dir: str | None) -> ShardStream:
         return ShardStream(self.cfg, self.planner, self.render_cfg, self.groups, self.assignment,
                            [self.consumer(r) for r in range(self.workers)], list(self.positions), self.next_role,
-                           quarantine=frozenset(self.quarantine), inflight_dir=inflight_dir)
+                           quarantine=frozenset(self.quarantine), inflight_dir=inflight_dir, latents=self.latents)
 
     def __iter__(self):
         """Batches from the current cursor on, forever; the cursor advances as each batch is handed out.
@@ -309,7 +310,9 @@ def merge_states(parts: list[dict]) -> dict:
 
 def build_loader(cfg: DataConfig, model_cfg, *, rank: int = 0, world_size: int = 1, seed: int = 0) -> DreamActorLoader:
     """The loader of ``rank`` of ``world_size``; ``model_cfg`` (models.config.ModelConfig) supplies the
-    VAE compression, patch size, face-crop size and control-signal renderer the batches are made for."""
+    VAE compression, patch size, face-crop size and control-signal renderer the batches are made for, and with
+    ``data.latents=true`` the VAE the latent cache must have been made by (a random init's: seeded from ``seed``,
+    the run's ``train.seed``, as ``train.step.build_vae`` does)."""
     geometry = Geometry.of_model(model_cfg)
     check(cfg, geometry.temporal_compression)
     urls, groups = resolve_source(cfg.source)
@@ -325,8 +328,12 @@ def build_loader(cfg: DataConfig, model_cfg, *, rank: int = 0, world_size: int =
         import multiprocessing
 
         multiprocessing.set_forkserver_preload(["train.data"])  # imported once by the server, not per worker
-    if cfg.latents:
-        raise DataConfigError("data.latents=true: the shard schema (preprocess/schema.py) defines no VAE-latent "
-                              "group yet; the batch has video_latents/ref_latents slots for when it does")
+    latents = None
+    if cfg.latents:  # the cache must have been made by this model's VAE for this framing (seed: a random VAE's)
+        from preprocess.latents import check_cache, manifest
+
+        latents = latent_cache_url(cfg.source)
+        want = manifest(Framing.of(cfg, geometry), model_cfg, seed, cfg.frames.max)
+        check_cache(latents, cfg.source.storage_options, want, urls)
     return DreamActorLoader(cfg, geometry, model_cfg.render, rank=rank, world_size=world_size, seed=seed,
-                            shard_urls=urls, groups=groups or list(cfg.source.require_groups))
+                            shard_urls=urls, groups=groups or list(cfg.source.require_groups), latents=latents)

@@ -10,8 +10,9 @@ frame, and a resumed run (any number of ranks or workers) agrees with the origin
   shuffle buffer of ``buffer`` samples (seeded by ``(seed, g)``): what a WebDataset shuffle buffer does,
   made reproducible, and bounded in memory when the consumer streams the shards.
 - Per sample (seeded by ``(seed, epoch, key)``): the aspect-ratio bucket, the clip length T (1 + k tc),
-  the first frame, the primary reference frame, the order of the extra references, and the two CFG
-  dropout flags (reference; motion = pose + face), drawn independently.
+  the first frame (window sampling; prefix sampling, what a latent cache serves, starts at frame 0), the
+  primary reference frame, the order of the extra references, and the two CFG dropout flags (reference;
+  motion = pose + face), drawn independently.
 - Batches: samples join the pending batch of their (bucket, T); a batch is closed when it holds the
   bucket's batch size from the token budget; at the end of the window the pending batches are closed
   as they are (smaller). The reference count R is drawn per batch.
@@ -144,6 +145,75 @@ def rng(*parts) -> np.random.Generator:
     return np.random.Generator(np.random.PCG64(np.random.SeedSequence(_seed_words(*parts))))
 
 
+@dataclass(frozen=True)
+class Framing:
+    """How a stored clip becomes model frames, from the data config and the model geometry alone: its
+    aspect-ratio bucket, its frame stride, and for prefix sampling the frames and primary-reference candidates a
+    latent cache holds. The loader and the latent-cache pass (``preprocess/latents.py``) both use it, and a cache
+    records :meth:`rule`: one definition of what the cached latents were made for."""
+
+    area: int
+    aspect_ratios: tuple[float, ...]
+    buckets: tuple[tuple[int, int], ...]  # (height, width) of each aspect ratio
+    target_fps: float | None
+    temporal_compression: int
+    spatial_compression: int
+    patch_size: tuple[int, int, int]
+    primary_candidates: int
+
+    @classmethod
+    def of(cls, cfg: DataConfig, geometry: Geometry) -> Framing:
+        """Buckets at ``data.buckets.area`` with sides rounded to the geometry's ``size_multiple``."""
+        m, b = geometry.size_multiple, cfg.buckets
+        buckets = tuple((max(m, int(round(math.sqrt(b.area * r) / m)) * m),
+                         max(m, int(round(math.sqrt(b.area / r) / m)) * m)) for r in b.aspect_ratios)
+        return cls(b.area, tuple(b.aspect_ratios), buckets, cfg.frames.target_fps, geometry.temporal_compression,
+                   geometry.spatial_compression, tuple(geometry.patch_size), cfg.refs.primary_candidates)
+
+    def bucket_of(self, width: int, height: int) -> int:
+        """Index of the bucket whose aspect ratio is nearest (in log) to the clip's."""
+        log_ratios = np.log([h / w for h, w in self.buckets])
+        return int(np.argmin(np.abs(log_ratios - math.log(height / width))))
+
+    def stride(self, fps: float) -> float:
+        """Stored-clip frames per sampled frame (>= 1: never upsampled)."""
+        return 1.0 if self.target_fps is None or fps <= self.target_fps else fps / self.target_fps
+
+    def available(self, n_frames: int, fps: float) -> int:
+        """Frames the clip gives at the stride."""
+        return int(math.floor((n_frames - 1) / self.stride(fps) + 1e-9)) + 1
+
+    def prefix(self, length: int, fps: float) -> tuple[int, ...]:
+        """The stored-clip frames of the first ``length`` sampled frames."""
+        stride = self.stride(fps)
+        return tuple(int(round(i * stride)) for i in range(length))
+
+    def cached_frames(self, n_frames: int, fps: float, max_frames: int) -> tuple[int, ...]:
+        """The frames a latent cache encodes: the longest 1 + k * temporal_compression prefix at the stride, up to
+        ``max_frames``. The VAE is causal, so the latents of every shorter such prefix are the leading latent
+        frames of these (tests/train/data/test_latents.py)."""
+        tc = self.temporal_compression
+        n = min(self.available(n_frames, fps), max_frames)
+        return self.prefix(1 + (n - 1) // tc * tc, fps)
+
+    def candidates(self, n_frames: int) -> tuple[int, ...]:
+        """Prefix sampling: the frames the primary reference is drawn from, ``primary_candidates`` evenly spaced
+        over the clip, the first and the last included (their latents are cached)."""
+        k = min(self.primary_candidates, n_frames)
+        return tuple(int(x) for x in np.unique(np.round(np.linspace(0, n_frames - 1, k)).astype(np.int64)))
+
+    def rule(self) -> dict:
+        """What cached latents depend on besides the VAE (a cache made for another rule is refused)."""
+        return {"area": self.area, "aspect_ratios": list(self.aspect_ratios),
+                "buckets": [list(b) for b in self.buckets], "target_fps": self.target_fps,
+                "temporal_compression": self.temporal_compression, "spatial_compression": self.spatial_compression,
+                "patch_size": list(self.patch_size), "primary_candidates": self.primary_candidates, "crop": CROP_RULE}
+
+
+# how the crop box of prefix sampling (and of a latent cache) is placed; a new placement is a new value
+CROP_RULE = "subject union over every frame of the clip, bucket aspect, largest box (train.data.sample.crop_box)"
+
+
 class Planner:
     """Plans windows for a fixed shard list, configuration, model geometry and seed."""
 
@@ -154,27 +224,29 @@ class Planner:
         self.shard_urls = list(shard_urls)
         self.window_shards = cfg.shuffle.window_shards
         self.windows_per_epoch = math.ceil(len(self.shard_urls) / self.window_shards)
-        m = geometry.size_multiple
-        self.buckets: list[tuple[int, int]] = []
-        for r in cfg.buckets.aspect_ratios:
-            h = max(m, int(round(math.sqrt(cfg.buckets.area * r) / m)) * m)
-            w = max(m, int(round(math.sqrt(cfg.buckets.area / r) / m)) * m)
-            self.buckets.append((h, w))
-        self._log_ratios = np.log([h / w for h, w in self.buckets])
+        self.framing = Framing.of(cfg, geometry)
+        self.buckets: list[tuple[int, int]] = list(self.framing.buckets)
+        self.prefix = cfg.sampling == "prefix"
         f = cfg.frames
         self.lengths = np.arange(f.min, f.max + 1, f.step)
 
     def settings(self) -> dict:
-        """Everything the plan depends on besides the shard list and seed (for the cursor's fingerprint)."""
+        """Everything the plan depends on besides the shard list and seed (for the cursor's fingerprint). Window
+        sampling's settings are those of the loader before prefix sampling existed, so older cursors still load."""
         c = self.cfg
-        return {"buckets": asdict(c.buckets), "frames": asdict(c.frames), "refs": asdict(c.refs),
-                "dropout": asdict(c.dropout), "shuffle": asdict(c.shuffle), "geometry": asdict(self.geometry)}
+        refs = asdict(c.refs)
+        candidates = refs.pop("primary_candidates")
+        out = {"buckets": asdict(c.buckets), "frames": asdict(c.frames), "refs": refs,
+               "dropout": asdict(c.dropout), "shuffle": asdict(c.shuffle), "geometry": asdict(self.geometry)}
+        if self.prefix:
+            out.update(sampling="prefix", primary_candidates=candidates)
+        return out
 
     # ------------------------------------------------------------------ per-sample choices
 
     def bucket_of(self, width: int, height: int) -> int:
         """Index of the bucket whose aspect ratio is nearest (in log) to the clip's."""
-        return int(np.argmin(np.abs(self._log_ratios - math.log(height / width))))
+        return self.framing.bucket_of(width, height)
 
     def batch_size(self, bucket: int, frames: int) -> int:
         """Clips per batch in ``bucket`` at ``frames`` frames: the token budget over one clip's tokens
@@ -185,23 +257,28 @@ class Planner:
 
     def stride(self, fps: float) -> float:
         """Stored-clip frames per sampled frame (>= 1: never upsampled)."""
-        target = self.cfg.frames.target_fps
-        return 1.0 if target is None or fps <= target else fps / target
+        return self.framing.stride(fps)
 
     def plan_sample(self, key: str, shard: int, epoch: int, n_frames: int, fps: float) -> PlannedSample | None:
-        """The random choices of one sample; None when the clip is shorter than the shortest length."""
+        """The random choices of one sample; None when the clip is shorter than the shortest length.
+
+        Window sampling: a random window of the clip, the primary reference any frame outside it. Prefix sampling
+        (what a latent cache serves): the first frames of the clip, the primary reference one of the framing's
+        candidates outside them (any candidate when the window covers them all)."""
         stride = self.stride(fps)
-        n_avail = int(math.floor((n_frames - 1) / stride + 1e-9)) + 1
-        allowed = self.lengths[self.lengths <= n_avail]
+        allowed = self.lengths[self.lengths <= self.framing.available(n_frames, fps)]
         if not len(allowed):
             return None
         g = rng(self.seed, epoch, key)
         t = int(g.choice(allowed))
-        span = int(round((t - 1) * stride))
-        start = int(g.integers(0, n_frames - span))
-        idx = tuple(start + int(round(i * stride)) for i in range(t))
-        outside = [i for i in range(n_frames) if i < idx[0] or i > idx[-1]]
-        pool = outside if (self.cfg.refs.primary_outside_window and outside) else list(range(n_frames))
+        if self.prefix:
+            idx, frames = self.framing.prefix(t, fps), self.framing.candidates(n_frames)
+        else:
+            span = int(round((t - 1) * stride))
+            start = int(g.integers(0, n_frames - span))
+            idx, frames = tuple(start + int(round(i * stride)) for i in range(t)), range(n_frames)
+        outside = [i for i in frames if i < idx[0] or i > idx[-1]]
+        pool = outside if (self.cfg.refs.primary_outside_window and outside) else list(frames)
         primary = int(pool[int(g.integers(0, len(pool)))])
         order = tuple(int(x) for x in g.permutation(len(schema.REF_ROLES)))
         drop_ref = bool(g.random() < self.cfg.dropout.ref)

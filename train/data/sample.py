@@ -5,6 +5,11 @@ Frames are decoded with decord from the member bytes in memory (sorted indices, 
 transform is applied to the stored annotations when the skeleton and head-sphere maps are rendered
 (:mod:`models.render`), so maps and frames line up pixel for pixel. The head sphere takes the size of
 the primary reference's head (paper 3.2: "scaled to match the reference head's size").
+
+Prefix sampling crops every sample of a clip alike (around the subject over the whole clip), so a latent cache can
+hold the clip's frames once: :func:`cache_inputs` is what the cache pass (``preprocess/latents.py``) encodes, and
+with ``latents`` the sample takes its video and reference latents from the cache's members instead of decoding
+frames (the control maps and face crops are rendered and decoded as always).
 """
 from __future__ import annotations
 
@@ -31,6 +36,8 @@ for _names in NEEDED_NPY.values():
     for _n in _names:
         F(_n)
 REF_FIELDS = tuple(F(f"ref_{r}") for r in schema.REF_ROLES)
+LATENT = schema.LATENT_FIELDS_BY_NAME
+PIXEL_MEMBERS = frozenset([VIDEO.member, *(f.member for f in REF_FIELDS)])  # what a sample from latents never reads
 
 
 class SampleError(Exception):
@@ -43,10 +50,11 @@ class SampleError(Exception):
 
 @dataclass
 class Sample:
-    """Arrays of one sample, channel-last uint8 images (batched and transposed by the dataset)."""
+    """Arrays of one sample, channel-last uint8 images (batched and transposed by the dataset). From latents,
+    ``video`` is None and ``refs`` are (C, h, w) latents instead of images."""
 
     key: str
-    video: np.ndarray  # (T, H, W, 3) uint8
+    video: np.ndarray | None  # (T, H, W, 3) uint8
     refs: list[np.ndarray]  # primary first, then available extras in plan order; (H, W, 3) uint8 each
     skeleton_maps: np.ndarray  # (T, H, W, 3) uint8
     head_sphere_maps: np.ndarray  # (T, H, W, 3) uint8
@@ -55,11 +63,30 @@ class Sample:
     body_valid: np.ndarray
     head_valid: np.ndarray
     transform: np.ndarray  # (3, 3) stored-clip pixels -> bucket pixels
+    video_latents: np.ndarray | None = None  # (C, t, h, w) float16, from the latent cache
 
 
-def required_members(groups) -> list[schema.Field]:
-    """Non-optional fields of the clip group and ``groups``: a sample without one is skipped."""
-    return [f for f in schema.fields_of(["clip", *groups]) if not f.optional]
+@dataclass
+class CacheInputs:
+    """The pixels a latent cache encodes for one clip, framed as prefix sampling frames every sample of it."""
+
+    bucket: tuple[int, int]  # (H, W)
+    box: tuple[int, int, int, int]  # the crop, stored-clip pixels
+    frames: tuple[int, ...]  # stored-clip frames of ``video`` (Framing.cached_frames)
+    video: np.ndarray  # (T, H, W, 3) uint8
+    primary_frames: tuple[int, ...]  # Framing.candidates
+    primaries: np.ndarray  # (K, H, W, 3) uint8
+    ref_roles: tuple[str, ...]  # the stored references present, in schema.REF_ROLES order
+    refs: np.ndarray  # (R, H, W, 3) uint8
+
+
+def required_members(groups, latents: bool = False) -> list[schema.Field]:
+    """Non-optional fields of the clip group and ``groups`` (from latents: the cache's instead of the clip's
+    pixels): a sample without one is skipped."""
+    fields = [f for f in schema.fields_of(["clip", *groups]) if not f.optional]
+    if latents:
+        fields = [f for f in fields if f.member not in PIXEL_MEMBERS] + list(schema.LATENT_FIELDS)
+    return fields
 
 
 def decode_frames(data: bytes, indices, threads: int = 1, decoder: str = "decord") -> np.ndarray:
@@ -164,20 +191,27 @@ def _npy(members: dict, name: str, n_frames: int) -> np.ndarray:
 
 def build_sample(members: dict[str, bytes], ps: PlannedSample, height: int, width: int, groups, render_cfg, *,
                  face_crops: bool, face_size: int = schema.FACE_CROP_SIZE, decode_threads: int = 1,
-                 decoder: str = "decord") -> Sample:
+                 decoder: str = "decord", prefix: bool = False, latents: bool = False,
+                 compression: tuple[int, int] = (4, 8)) -> Sample:
     """Decode, crop and render one planned sample; raises :class:`SampleError` with a skip reason.
 
     1. check the members and read the clip's size from its meta; 2. load the annotation arrays;
-    3. crop box around the subject; 4. decode the sampled frames and the primary reference;
+    3. crop box around the subject (over the sampled frames; prefix sampling: over the whole clip; from latents:
+    the cache's); 4. decode the sampled frames and the primary reference (from latents: their cached latents);
     5. the other references; 6. the control maps (skeleton, head sphere); 7. the face crops."""
-    n, clip_w, clip_h = _clip_meta(members, ps, groups)
+    n, clip_w, clip_h, _ = _clip_meta(members, ps, groups, latents)
     arr = _annotations(members, groups, n)
     idx = np.asarray(ps.frame_index, dtype=np.int64)
-    box = _subject_box(arr, idx, clip_w, clip_h, height, width)
+    video_latents = video = None
+    if latents:
+        box, video_latents, refs = _cached(members, ps, (height, width), compression)
+    else:
+        box = _subject_box(arr, np.arange(n) if prefix else idx, clip_w, clip_h, height, width)
+        video, (primary,) = _frames(members, idx, [ps.primary_frame], box, (clip_w, clip_h), (height, width),
+                                    decode_threads, decoder)
+        extras = reference_images(members, ps.ref_order, box, (clip_w, clip_h), (height, width))
+        refs = [primary, *(img for _, img in extras)]
     transform = render.crop_resize_transform(box, (height, width))
-    video, primary = _frames(members, idx, ps.primary_frame, box, (clip_w, clip_h), (height, width),
-                             decode_threads, decoder)
-    refs = [primary, *_extra_references(members, ps.ref_order, box, (clip_w, clip_h), (height, width))]
     ones = np.ones(len(idx), bool)
     head_valid = arr["head_valid"][idx].astype(bool) if "head_valid" in arr else ~ones
     skeleton, sphere = _control_maps(arr, idx, ps.primary_frame, head_valid, transform, (height, width), render_cfg)
@@ -185,24 +219,78 @@ def build_sample(members: dict[str, bytes], ps: PlannedSample, height: int, widt
     return Sample(ps.key, video, refs, skeleton, sphere, faces,
                   arr["face_valid"][idx].astype(bool) if "face_valid" in arr else ~ones,
                   arr["subject_valid"][idx].astype(bool) if "subject_valid" in arr else ones,
-                  head_valid, transform)
+                  head_valid, transform, video_latents)
 
 
-def _clip_meta(members: dict[str, bytes], ps: PlannedSample, groups) -> tuple[int, int, int]:
-    """(frames, width, height) of the stored clip, after checking the members the groups need and the plan."""
-    missing = [f.member for f in required_members(groups) if not members.get(f.member)]
+def cache_inputs(members: dict[str, bytes], framing, max_frames: int, groups, decode_threads: int = 1,
+                 decoder: str = "decord") -> CacheInputs:
+    """What the latent cache encodes for one clip: its first frames (``framing.cached_frames``), the primary
+    candidates and the stored references, cropped and resized as a prefix-sampled sample of the clip is (the same
+    steps as :func:`build_sample`); raises :class:`SampleError`."""
+    n, clip_w, clip_h, fps = _clip_meta(members, None, groups)
+    arr = _annotations(members, groups, n)
+    size = framing.buckets[framing.bucket_of(clip_w, clip_h)]
+    box = _subject_box(arr, np.arange(n), clip_w, clip_h, *size)
+    frames, candidates = framing.cached_frames(n, fps, max_frames), framing.candidates(n)
+    video, primaries = _frames(members, np.asarray(frames), candidates, box, (clip_w, clip_h), size, decode_threads,
+                               decoder)
+    refs = reference_images(members, range(len(schema.REF_ROLES)), box, (clip_w, clip_h), size)
+    images = np.stack([img for _, img in refs]) if refs else np.zeros((0, *size, 3), np.uint8)
+    return CacheInputs(tuple(size), tuple(box), tuple(frames), video, tuple(candidates), np.stack(primaries),
+                       tuple(schema.REF_ROLES[r] for r, _ in refs), images)
+
+
+def _clip_meta(members: dict[str, bytes], ps: PlannedSample | None, groups,
+               latents: bool = False) -> tuple[int, int, int, float]:
+    """(frames, width, height, fps) of the stored clip, after checking the members the groups need and the plan."""
+    missing = [f.member for f in required_members(groups, latents) if not members.get(f.member)]
     if missing:
         raise SampleError("missing_field", f"missing {missing}")
     try:
         meta = schema.decode(F("meta"), members[F("meta").member])
         n = int(meta["n_frames"])
-        clip_w, clip_h = int(meta["width"]), int(meta["height"])
+        clip_w, clip_h, fps = int(meta["width"]), int(meta["height"]), float(meta["fps"])
     except Exception as e:
         raise SampleError("bad_field", f"meta.json: {type(e).__name__}: {e}") from None
-    if max(ps.frame_index) >= n or ps.primary_frame >= n:
+    if ps is not None and (max(ps.frame_index) >= n or ps.primary_frame >= n):
         raise SampleError("meta_mismatch", f"meta.json says {n} frames; the plan (from the stats) needs frame "
                           f"{max(ps.frame_index)}")
-    return n, clip_w, clip_h
+    return n, clip_w, clip_h, fps
+
+
+def _cached(members: dict[str, bytes], ps: PlannedSample, size, compression: tuple[int, int]):
+    """(crop box, video latents (C, t, h, w), [primary, extras in plan order] latents (C, h, w)) of a sample from
+    the latent cache's members; the cache must hold the sample's frames as a prefix, its primary among the
+    candidates, at the batch's bucket."""
+    try:
+        lm = schema.decode(LATENT["latent_meta"], members[LATENT["latent_meta"].member])
+        box, cached, candidates, roles = tuple(lm["crop_box"]), lm["frames"], lm["primary_frames"], lm["ref_roles"]
+        bucket = tuple(lm["bucket"])
+    except Exception as e:
+        raise SampleError("bad_field", f"latent_meta.json: {type(e).__name__}: {e}") from None
+    if bucket != tuple(size) or list(ps.frame_index) != cached[:len(ps.frame_index)] or \
+            ps.primary_frame not in candidates:
+        raise SampleError("latents_mismatch", f"the cache holds frames {cached[:3]}... of bucket {bucket} with "
+                          f"candidates {candidates}; the plan wants frames {list(ps.frame_index[:3])}... of {size}, "
+                          f"primary {ps.primary_frame}")
+    tc, sc = compression
+    dims = {"t": 1 + (len(cached) - 1) // tc, "K": len(candidates), "R": len(roles), "h": size[0] // sc,
+            "w": size[1] // sc}
+    z = {}
+    for name in ("video_latents", "primary_latents", "ref_latents"):
+        f = LATENT[name]
+        try:
+            value = schema.decode(f, members[f.member])
+        except Exception as e:
+            raise SampleError("bad_field", f"{f.member}: {type(e).__name__}: {e}") from None
+        why = schema.check_value(f, value, len(cached), {**dims, "C": (z.get("video_latents", value)).shape[0]})
+        if why:
+            raise SampleError("bad_field", why)
+        z[name] = value
+    refs = [z["primary_latents"][:, candidates.index(ps.primary_frame)]]
+    refs += [z["ref_latents"][:, roles.index(schema.REF_ROLES[r])] for r in ps.ref_order
+             if schema.REF_ROLES[r] in roles]
+    return box, z["video_latents"][:, :1 + (len(ps.frame_index) - 1) // compression[0]], refs
 
 
 def _annotations(members: dict[str, bytes], groups, n: int) -> dict[str, np.ndarray]:
@@ -223,10 +311,10 @@ def _subject_box(arr: dict, idx: np.ndarray, clip_w: int, clip_h: int, height: i
     return crop_box(clip_w, clip_h, height, width, center)
 
 
-def _frames(members, idx: np.ndarray, primary_frame: int, box, clip_size, size, decode_threads: int, decoder: str):
-    """(the sampled frames (T, H, W, 3), the primary reference (H, W, 3)), cropped and resized."""
+def _frames(members, idx: np.ndarray, extra, box, clip_size, size, decode_threads: int, decoder: str):
+    """(the frames ``idx`` (T, H, W, 3), [each frame of ``extra`` (H, W, 3)]), cropped and resized."""
     (clip_w, clip_h), (height, width) = clip_size, size
-    wanted = np.unique(np.append(idx, primary_frame))  # sorted, so decord only seeks forward
+    wanted = np.unique(np.concatenate([idx, np.asarray(extra, np.int64)]))  # sorted, so decord only seeks forward
     frames = decode_frames(members[VIDEO.member], wanted, decode_threads, decoder)
     if frames.shape[1:3] != (clip_h, clip_w):
         raise SampleError("meta_mismatch",
@@ -235,12 +323,12 @@ def _frames(members, idx: np.ndarray, primary_frame: int, box, clip_size, size, 
     video = np.empty((len(idx), height, width, 3), np.uint8)
     for i, f in enumerate(idx):
         resize_crop(frames[at[int(f)]], box, height, width, out=video[i])
-    return video, resize_crop(frames[at[primary_frame]], box, height, width)
+    return video, [resize_crop(frames[at[int(f)]], box, height, width) for f in extra]
 
 
-def _extra_references(members, ref_order, box, clip_size, size) -> list[np.ndarray]:
-    """The stored reference images in the planned order (absent ones skipped): a full frame of the clip's size
-    keeps the clip's framing; other crops (half body) are fitted whole."""
+def reference_images(members, ref_order, box, clip_size, size) -> list[tuple[int, np.ndarray]]:
+    """(role index, image) of the stored reference images in ``ref_order`` (absent ones skipped): a full frame of
+    the clip's size keeps the clip's framing; other crops (half body) are fitted whole."""
     import cv2
 
     (clip_w, clip_h), (height, width) = clip_size, size
@@ -254,8 +342,8 @@ def _extra_references(members, ref_order, box, clip_size, size) -> list[np.ndarr
         if img is None:
             raise SampleError("image_undecodable", f"{f.member} is not a decodable image")
         img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
-        refs.append(resize_crop(img, box, height, width) if img.shape[:2] == (clip_h, clip_w)
-                    else letterbox(img, height, width))
+        refs.append((int(r), resize_crop(img, box, height, width) if img.shape[:2] == (clip_h, clip_w)
+                     else letterbox(img, height, width)))
     return refs
 
 

@@ -15,10 +15,10 @@ import time
 import numpy as np
 
 from preprocess import schema
-from preprocess.shards import DATASET_FILE, INDEX_FILE, SHARD_DIR, TAR_ERRORS
+from preprocess.shards import DATASET_FILE, INDEX_FILE, LATENTS_DIR, SHARD_DIR, TAR_ERRORS
 from preprocess.shards import iter_samples as iter_tar_samples
 
-from .config import SourceConfig
+from .config import ConfigError, SourceConfig
 from .plan import ShardMeta
 
 log = logging.getLogger(__name__)
@@ -145,6 +145,40 @@ def load_shard_meta(url: str, cfg: SourceConfig) -> ShardMeta:
         h.append(int(meta["height"]))
     return ShardMeta(url, tuple(keys), np.array(n, np.int64), np.array(fps), np.array(w, np.int64),
                      np.array(h, np.int64))
+
+
+def latent_cache_url(cfg: SourceConfig) -> str:
+    """Where ``data.latents=true`` reads: ``data.source.latents``, else the dataset's ``latents/``."""
+    if cfg.latents:
+        return cfg.latents
+    if cfg.dataset:
+        return _join(cfg.dataset, LATENTS_DIR)
+    raise ConfigError("data.latents=true with data.source.shards: name the latent cache in data.source.latents")
+
+
+def sidecar_url(cache: str, shard_url: str) -> str:
+    """The latent cache's part of a dataset shard: the part of the same name in the cache's ``shards/``."""
+    return _join(cache, SHARD_DIR, shard_url.rsplit("/", 1)[-1])
+
+
+def with_sidecar(samples, sidecar):
+    """``(key, members)`` of a shard with the members of its sidecar added. Both streams are in the shard's tar
+    order and the sidecar holds a subset of its keys (a clip that failed to encode has none), so one look-ahead
+    pairs them. A sidecar that cannot be read raises :class:`ShardError` ``latents_<reason>``."""
+    pending = None
+    ended = False
+    for key, members in samples:
+        if pending is None and not ended:
+            try:
+                pending = next(sidecar)
+            except StopIteration:
+                ended = True
+            except ShardError as e:
+                raise ShardError(f"latents_{e.reason}", str(e)) from None
+        if pending is not None and pending[0] == key:
+            members.update(pending[1])
+            pending = None
+        yield key, members
 
 
 def iter_samples(url: str, cfg: SourceConfig, select=None):

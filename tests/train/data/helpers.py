@@ -84,3 +84,21 @@ def assert_epochs_covered(recs, n_epochs: int, every: set[str]) -> None:
         assert not twice, f"epoch {e}: delivered twice: {twice}"
         assert set(counts) == every, (f"epoch {e}: missing {sorted(every - set(counts))}, "
                                       f"extra {sorted(set(counts) - every)}")
+
+
+def latent_pass(dataset: Path, cache: Path, *overrides: str, timeout: float = 600, check: bool = False):
+    """``python preprocess/latents.py dataset=... cache=...`` in a child process (Ray's threads must not live in a
+    process whose DataLoader workers are forked); returns the CompletedProcess (``check``: after asserting that it
+    exited 0)."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[3]
+    cmd = [sys.executable, str(root / "preprocess" / "latents.py"), f"dataset={dataset}", f"cache={cache}",
+           "progress_interval_s=1000", *overrides]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    r = subprocess.run(cmd, cwd=root, env={**env, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"},
+                       capture_output=True, text=True, timeout=timeout)
+    assert not check or r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r

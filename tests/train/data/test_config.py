@@ -10,7 +10,9 @@ from train.data import DataConfigError
     (["data.frames.min=6"], "data.frames.min"),  # 6 frames is not 1 + 4k for the VAE
     (["data.source.require_groups=[subject,gaze]"], "unknown groups"),
     (["data.dropout.ref=1.5"], "data.dropout.ref"),
-    (["data.latents=true"], "no VAE-latent group"),
+    (["data.latents=true"], "no latent cache at"),
+    (["data.latents=true", "data.sampling=window"], "data.sampling must be prefix"),
+    (["data.refs.primary_candidates=0"], "data.refs.primary_candidates"),
     (["data.workers.decoder=opencv"], "data.workers.decoder"),
     (["data.source.dataset=null"], "exactly one of"),
 ])
