@@ -113,7 +113,7 @@ def load_export(checkpoint: str, weights: str, device: torch.device, dtype: torc
     from omegaconf import OmegaConf
     from safetensors.torch import load_file
 
-    from train.step import counter_seed
+    from train.step import vae_seed
 
     weights_path, config_path = find_weights(checkpoint, weights)
     if not config_path.is_file():
@@ -131,7 +131,7 @@ def load_export(checkpoint: str, weights: str, device: torch.device, dtype: torc
                          f"({str(e).splitlines()[0]})") from None
     model.to(device=device, dtype=dtype).eval()
     seed = int(run_cfg.get("train", {}).get("seed", 0))
-    torch.manual_seed(counter_seed(seed, 0xAE))  # the VAE the trainer built (a random init for test presets)
+    torch.manual_seed(vae_seed(seed))  # the VAE the trainer built (a random init for test presets)
     vae = VideoVAE.from_config(cfg.vae, cfg.weights.vae_dir).to(device)
     area = int(run_cfg.get("data", {}).get("buckets", {}).get("area", 0) or 0)
     return Export(model, vae, cfg, weights_path, sha256_file(weights_path), area)
