@@ -151,14 +151,17 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
 
-def load_preset(name: str, overrides: dict | None = None) -> ModelConfig:
-    """Read ``conf/model/<name>.yaml`` (or a yaml path) with PyYAML, apply nested ``overrides``."""
-    import yaml
-
+def preset_data(name: str) -> dict:
+    """The plain data of ``conf/model/<name>.yaml`` (or a yaml path) with its ``defaults`` applied."""
     path = Path(name) if name.endswith(".yaml") else CONF_DIR / f"{name}.yaml"
     if not path.is_file():
         raise FileNotFoundError(f"model preset {name!r} not found at {path}; presets: {', '.join(PRESETS)}")
-    data = _with_defaults(yaml.safe_load(path.read_text()), path.parent)
+    return _with_defaults(yaml_load(path), path.parent)
+
+
+def load_preset(name: str, overrides: dict | None = None) -> ModelConfig:
+    """Read ``conf/model/<name>.yaml`` (or a yaml path) with PyYAML, apply nested ``overrides``."""
+    data = preset_data(name)
     if overrides:
         data = _merge(data, overrides)
     return ModelConfig.from_dict(data)

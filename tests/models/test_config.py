@@ -3,9 +3,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-import yaml
 
-from models.config import CONF_DIR, PRESETS, ModelConfig, load_preset
+from models.config import CONF_DIR, PRESETS, ModelConfig, load_preset, preset_data
 from models.dreamactor import DreamActor
 
 
@@ -42,14 +41,14 @@ def test_parameter_counts_printed_and_plausible(name, backbone, capsys):
 
 
 def test_unknown_and_missing_keys_raise():
-    data = yaml.safe_load((CONF_DIR / "tiny.yaml").read_text())
+    data = preset_data("tiny")  # tiny.yaml with its base (conf/model/base/wan.yaml) merged in
     data["dit"]["num_layerz"] = 3
     with pytest.raises(KeyError, match="num_layerz"):
         ModelConfig.from_dict(data)
     del data["dit"]["num_layerz"], data["flow"]["shift"]
     with pytest.raises(KeyError, match="shift"):
         ModelConfig.from_dict(data)
-    data = yaml.safe_load((CONF_DIR / "tiny.yaml").read_text())
+    data = preset_data("tiny")
     data["dit"]["num_layers"] = "two"
     with pytest.raises(TypeError, match="num_layers"):
         ModelConfig.from_dict(data)

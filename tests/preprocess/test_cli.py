@@ -26,7 +26,7 @@ from tests.preprocess.helpers import ENGINE_OVERRIDES, index_keys, make_corpus, 
     (["writer.jpeg_quality=0"], "writer.jpeg_quality=0 is out of range"),
     (["nonsense_key=3"], "unknown config key 'nonsense_key'"),
     (["decode.crff=3"], "unknown config key 'decode.crff'"),
-    (["+cluster=nope"], "cluster has no option 'nope' (available: prod)"),
+    (["+cluster=nope"], "cluster has no option 'nope' (available: latents, prod)"),
     (["decode.crf=[1,"], "bad override decode.crf=[1,"),
     (["probe.list_timeout_s=0"], "probe.list_timeout_s=0.0 is out of range"),
 ])
