@@ -7,9 +7,10 @@
    ``--size`` px, shots of 10 s with hard cuts; cached under ``~/.cache/dreamactor/bench``; or ``--video``), runs the
    real job on it (``python preprocess/run.py``, local Ray, ``annotators=none``, clips stored at ``--size`` unless
    overridden) and samples every process of the job's tree every ``--every`` seconds: the kernel's high-water mark
-   of its resident memory (``VmHWM``: peak RSS, pages of the object store it wrote included) and its private memory
-   (``RssAnon``: heap, sampled peak). Processes are grouped by role: ``writer`` (``ray::ShardWriter``), the Ray Data
-   actor or tasks of each stage by name, the isolated decoder, the driver, Ray's own processes.
+   of its resident memory (``VmHWM``: peak RSS, pages of the object store it wrote included), its private memory
+   (``RssAnon``: heap, sampled peak) and its CPU seconds. Processes are grouped by role: ``writer``
+   (``ray::ShardWriter``), the Ray Data actor or tasks of each stage by name, the isolated decoder, the driver, Ray's
+   own processes.
 2. With ``--writer-clips``: the shard writer with the shipped references stage (dlib identity), in this process, on
    one video of that many annotated 121-frame clips (``tests.preprocess.helpers.annotated_rows``: two real faces,
    every annotation field), arriving one clip per call as from Ray; tracemalloc's peak. The pipeline above runs no
@@ -74,7 +75,7 @@ def status_kb(pid: int) -> dict[str, int]:
 
 
 def sample_tree(root: psutil.Process, seen: dict[int, dict]) -> None:
-    """Update ``seen`` {pid: {role, hwm_kb, anon_kb}} with every live process under ``root``."""
+    """Update ``seen`` {pid: {role, hwm_kb, anon_kb, cpu_s}} with every live process under ``root``."""
     try:
         procs = [root, *root.children(recursive=True)]
     except psutil.NoSuchProcess:
@@ -83,11 +84,13 @@ def sample_tree(root: psutil.Process, seen: dict[int, dict]) -> None:
         st = status_kb(p.pid)
         if not st:
             continue
-        rec = seen.setdefault(p.pid, {"role": WORKER, "hwm_kb": 0, "anon_kb": 0})
+        rec = seen.setdefault(p.pid, {"role": WORKER, "hwm_kb": 0, "anon_kb": 0, "cpu_s": 0.0})
         try:
             r = role(p.cmdline())
+            cpu = p.cpu_times()
         except psutil.Error:
             continue
+        rec["cpu_s"] = max(rec["cpu_s"], cpu.user + cpu.system)
         if rec["role"] in (WORKER, INTERNALS):  # a Ray worker takes its actor's name once the actor starts
             rec["role"] = r
         rec["hwm_kb"] = max(rec["hwm_kb"], st.get("VmHWM", 0))
@@ -145,19 +148,21 @@ def pipeline(args, overrides: list[str]) -> dict:
     seen, wall, code, summary = run_job(video, args.size, overrides, args.every)
     by_role: dict[str, dict] = {}
     for rec in seen.values():
-        r = by_role.setdefault(rec["role"], {"processes": 0, "peak_rss_mb": 0.0, "peak_anon_mb": 0.0})
+        r = by_role.setdefault(rec["role"], {"processes": 0, "peak_rss_mb": 0.0, "peak_anon_mb": 0.0, "cpu_s": 0.0})
         r["processes"] += 1
+        r["cpu_s"] = round(r["cpu_s"] + rec["cpu_s"], 1)
         r["peak_rss_mb"] = max(r["peak_rss_mb"], round(rec["hwm_kb"] / 1024, 1))
         r["peak_anon_mb"] = max(r["peak_anon_mb"], round(rec["anon_kb"] / 1024, 1))
     result = {"video": str(video), "video_bytes": video.stat().st_size,
               "source_seconds": round(summary.get("hours_in", 0) * 3600, 1), "clips": summary.get("clips_written"),
               "size": args.size, "overrides": overrides, "exit_code": code, "wall_s": round(wall, 1),
+              "stream_s": summary.get("stream_seconds"), "stage_seconds": summary.get("stage_seconds"),
               "roles": dict(sorted(by_role.items()))}
     print(f"\n{result['source_seconds']:.0f} s of video, {result['clips']} clips, {wall:.0f} s wall, exit {code}\n")
-    print("| process | peak RSS (MiB) | peak private (MiB) |\n|---|---:|---:|")
+    print("| process | peak RSS (MiB) | peak private (MiB) | CPU s |\n|---|---:|---:|---:|")
     for name, r in result["roles"].items():
         n = f" (x{r['processes']})" if r["processes"] > 1 else ""
-        print(f"| {name}{n} | {r['peak_rss_mb']:.0f} | {r['peak_anon_mb']:.0f} |")
+        print(f"| {name}{n} | {r['peak_rss_mb']:.0f} | {r['peak_anon_mb']:.0f} | {r['cpu_s']:.0f} |")
     return result
 
 
