@@ -1,6 +1,6 @@
 """Peak memory of every actor of the preprocessing pipeline on one long video (the memory bound of a clip).
 
-    python bench/memory.py [--minutes 60] [--size 96] [--video PATH] [--writer-clips 4,16] [--json out.json]
+    python bench/memory.py [--minutes 60] [--size 96] [--video PATH] [--writer-clips 4,16] [--out FILE.json]
                            [hydra overrides ...]
 
 1. The pipeline: generates a long driving video (``demo_media.write_long_video``: ``--minutes`` at 25 fps and
@@ -16,8 +16,8 @@
    every annotation field), arriving one clip per call as from Ray; tracemalloc's peak. The pipeline above runs no
    annotator (it would take hours on a CPU), so this is where the references stage's memory shows.
 
-Prints markdown tables and writes the JSON. Memory per actor is bounded by a clip when the figures of a short and a
-long video agree.
+Prints markdown tables and writes the JSON (default ``outputs/bench/memory-<minutes>min.json``). Memory per actor is
+bounded by a clip when the figures of a short and a long video agree.
 """
 from __future__ import annotations
 
@@ -174,7 +174,7 @@ def main(argv: list[str]) -> None:
     ap.add_argument("--every", type=float, default=0.2, help="sampling interval, s")
     ap.add_argument("--writer-clips", default="", help="comma-separated clip counts for the writer measurement")
     ap.add_argument("--frames", type=int, default=121, help="frames of a clip in the writer measurement")
-    ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--out", type=Path, default=None, help="the JSON (default outputs/bench/memory-<minutes>min.json)")
     args, overrides = ap.parse_known_args(argv)
     result = {"bench": "memory", "cores": os.cpu_count()}
     if args.minutes or args.video:
@@ -182,8 +182,10 @@ def main(argv: list[str]) -> None:
     if args.writer_clips:
         result["writer_with_refs"] = writer_with_refs([int(n) for n in args.writer_clips.split(",")], args.frames)
     print(json.dumps(result))
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    out = args.out or ROOT / "outputs" / "bench" / f"memory-{args.minutes:g}min.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"written: {out}", file=sys.stderr)
 
 
 if __name__ == "__main__":

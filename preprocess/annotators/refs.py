@@ -17,9 +17,9 @@ Runs in the shard writer once every clip of a video has been annotated. For each
 Each role's source frame index, yaw and similarity go to meta.json and the index as ``m_ref_*``.
 
 Memory is bounded by a clip, not by the video: the rows' heavy values may live on disk (the writer's
-``spill.SpilledRow``), so each clip's per-frame arrays are read once into a compact per-video table (yaw and
-validity per frame: ~10 bytes a frame), face crops are decoded one clip at a time, a few decoded frames are kept for
-references that several clips share, and only the identity embeddings (512 bytes a face) are kept for the video.
+``spill.SpilledRow``), so each clip's per-frame arrays are read once into a compact per-video table (yaw, validity
+and the candidate frames: ~30 bytes a frame), face crops are decoded one clip at a time, a few decoded frames are kept
+for references that several clips share, and only the identity embeddings (512 bytes a face) are kept for the video.
 """
 from __future__ import annotations
 
