@@ -49,6 +49,18 @@ def unpack(batch: dict[str, np.ndarray]) -> list[dict]:
     return rows
 
 
+def set_data_context(progress_bars: bool, block_bytes: int) -> None:
+    """Ray Data's settings for the pipeline: no ordering (rows stream as they are ready) and blocks of at most
+    ``block_bytes``. A stage's actor hands each output block on once it is that big, so with Ray's default (128 MiB)
+    the decode actor would hold up to 128 MiB of a long video's decoded clips; a block of ~1 MiB holds one clip."""
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = progress_bars
+    ctx.execution_options.preserve_order = False
+    ctx.target_max_block_size = block_bytes
+
+
 def from_rows(rows: list[dict], num_blocks: int) -> Dataset:
     """A Ray dataset of ``rows`` (one row per item), split into ``num_blocks`` blocks."""
     import ray

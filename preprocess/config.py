@@ -66,6 +66,7 @@ class RayConfig:
     num_cpus: int | None  # local Ray only
     namespace: str
     progress_bars: bool
+    block_bytes: int  # Ray Data's target block size (a block of one clip: an actor holds one clip at a time)
 
 
 @dataclass
@@ -185,6 +186,7 @@ def check(c: PreprocessConfig) -> None:
         "lock.heartbeat_s": (c.lock.heartbeat_s, 1e-2, None, "seconds between heartbeats of the output's lock"),
         "lock.stale_s": (c.lock.stale_s, 3 * c.lock.heartbeat_s, None, "seconds; at least 3 x lock.heartbeat_s"),
         "lock.settle_s": (c.lock.settle_s, 0, None, "seconds"),
+        "ray.block_bytes": (c.ray.block_bytes, 1, None, "bytes of a Ray Data block"),
     }
     for key, (value, low, high, meaning) in ranges.items():
         if value is not None and (value < low or (high is not None and value > high)):

@@ -91,6 +91,34 @@ def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float, *, crf:
     return path
 
 
+def write_long_video(path: str | os.PathLike, seconds: float, *, size: int = 96, fps: float = 25.0,
+                     shot_s: float = 10.0, crf: int = 28) -> Path:
+    """A long driving video (e.g. an hour, for memory bounds), streamed to disk one frame at a time: the shipped
+    photos in turn, one shot of ``shot_s`` seconds each under a slow motion, hard cuts between shots.
+
+    Rendered and encoded frame by frame (x264 ``veryfast``, one thread: the same file on every machine), so its
+    length costs disk, not memory: an hour at 96 px is ~90,000 frames and a few minutes on one core."""
+    from .video import write_mp4
+
+    photos = {name: load_photo(name) for name in ("astronaut", "grace_hopper", "camera")}
+    n_total, n_shot = int(round(seconds * fps)), max(1, int(round(shot_s * fps)))
+
+    def frames():
+        for k, start in enumerate(range(0, n_total, n_shot)):
+            photo = photos[("astronaut", "grace_hopper", "camera")[k % 3]]
+            m = Motion(shift=(0.1 * size * (k % 5 - 2), 0.05 * size * (k % 3 - 1)), scale=(1.0, 1.0 + 0.02 * (k % 4)))
+            for A in motion_affines(photo.shape[:2], (size, size), min(n_shot, n_total - start), m):
+                yield cv2.warpAffine(photo, A, (size, size), flags=cv2.INTER_LINEAR,
+                                     borderMode=cv2.BORDER_CONSTANT, borderValue=(40, 40, 40))
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    write_mp4(str(tmp), frames(), fps, crf=crf, preset="veryfast", threads=1)
+    os.replace(tmp, path)
+    return path
+
+
 # name → (photo, motion); sizes/frame counts come from the config.
 SAMPLE_MOTIONS: dict[str, tuple[str, Motion]] = {
     "astronaut_shift": ("astronaut", Motion(shift=(60.0, 30.0))),

@@ -28,7 +28,7 @@ from dataclasses import asdict
 from models.redact import redact_text, redact_url
 
 from . import schema
-from .adapter import from_rows, map_stage, unpack
+from .adapter import from_rows, map_stage, set_data_context, unpack
 from .config import ConfigError, PreprocessConfig
 from .engine import INPUT_COLUMNS, DecodeStage, ProbePlanStage, SinkStage, input_row
 from .lock import OutputLock
@@ -181,7 +181,6 @@ def run_locked(cfg: PreprocessConfig, inputs: list[InputFile], storage: Storage,
                lock: OutputLock, t_start: float) -> int:
     """The run, once it holds the output."""
     import ray
-    from ray.data import DataContext
 
     groups = written_groups(stages)
     check_dataset_file(storage, groups, cfg)
@@ -202,9 +201,7 @@ def run_locked(cfg: PreprocessConfig, inputs: list[InputFile], storage: Storage,
     if todo:
         init_ray(cfg)
         check_reservations(cfg, stages, float(ray.cluster_resources().get("CPU", 0.0)))
-        ctx = DataContext.get_current()
-        ctx.enable_progress_bars = cfg.ray.progress_bars
-        ctx.execution_options.preserve_order = False
+        set_data_context(cfg.ray.progress_bars, cfg.ray.block_bytes)
         writers = [ray.remote(ShardWriter).options(
             name=writer_name(run_id, i), namespace=cfg.ray.namespace, num_cpus=cfg.writer.num_cpus,
             max_concurrency=1).remote(cfg.output, i, run_id, cfg.writer.shard_bytes, groups, cfg.video_stages,

@@ -22,7 +22,7 @@ import dataclasses
 import importlib
 import time
 import traceback
-from collections.abc import Iterable
+from collections.abc import Iterable, MutableMapping
 from typing import Any, ClassVar
 
 from . import schema
@@ -111,9 +111,13 @@ class ClipStage(Stage):
 
 
 class VideoStage(Stage):
-    """Sees every clip row of one video (in clip order) before they are written; runs in the shard writer."""
+    """Sees every clip row of one video (in clip order) before they are written; runs in the shard writer.
 
-    def process_video(self, rows: list[dict]) -> None:
+    A row is a mutable mapping whose heavy values (MP4s, images, per-frame arrays) the writer keeps on disk
+    (``spill.SpilledRow``): each read of one is a file read, and nothing keeps it. A stage reads what it needs of a
+    clip once and keeps compact summaries, so that it holds one clip at a time, however long the video."""
+
+    def process_video(self, rows: list[MutableMapping]) -> None:
         """Update the rows in place (e.g. add reference images); raise to fail the whole video."""
         raise NotImplementedError
 

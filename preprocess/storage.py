@@ -7,6 +7,7 @@ import io
 import os
 import posixpath
 import queue
+import shutil
 import tempfile
 import threading
 import time
@@ -122,12 +123,30 @@ class Storage:
             pass
 
     def staging_dir(self) -> str:
-        """Where shards are built before they are published: beside them when local (rename is atomic)."""
+        """Where shards are built before they are published: beside them when local (rename is atomic; a rerun
+        deletes what a killed writer left there), else a directory of this process in the temp directory, named by
+        its pid (:func:`remove_dead_staging` deletes those of dead processes)."""
         if self.local:
             d = self.path("_staging")
             os.makedirs(d, exist_ok=True)
             return d
-        return tempfile.mkdtemp(prefix="dreamactor-staging-")
+        return tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-")
+
+
+STAGING_PREFIX = "dreamactor-staging-"
+
+
+def remove_dead_staging(alive, root: str | None = None) -> list[str]:
+    """Delete the staging directories in the temp directory (``root``) whose process is gone (``alive(pid)`` False):
+    the half-built tar and spill files of a writer killed while writing to an object store. Returns them."""
+    gone = []
+    root = root or tempfile.gettempdir()
+    for name in os.listdir(root):
+        pid = name[len(STAGING_PREFIX):].split("-", 1)[0]
+        if name.startswith(STAGING_PREFIX) and pid.isdigit() and not alive(int(pid)):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+            gone.append(name)
+    return gone
 
 
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv", ".ts", ".3gp")
@@ -139,7 +158,6 @@ def check_output(uri: str, min_free_bytes: int = 256 << 20) -> None:
     that cannot be created or written, or a disk with less than ``min_free_bytes`` free (ConfigError, one
     line naming the path and the fix). Object stores are checked by their first write."""
     import errno
-    import shutil
 
     fs, path = filesystem(uri)
     if not is_local(fs):

@@ -2,14 +2,16 @@
 
 A writer (a Ray actor; several run side by side, each video routed to one by its key) buffers the
 rows of a video until every planned clip has arrived, runs the per-video stages (references) on
-them, then appends the video's samples to its open tar. A video never spans two tars. At the first
+them, then appends the video's samples to its open tar, one clip at a time. A video never spans two
+tars. While a video waits, its rows' heavy values (MP4s, JPEGs, per-frame arrays) are in staging files
+(``spill.py``): a writer's memory is bounded by a clip, not by the length of a video. At the first
 video boundary after the tar reaches ``shard_bytes``, or after its oldest video has waited
 ``commit_every_s`` (checked by a background thread too, so no further video is needed), the tar is
 closed under a temporary name, published by rename, and then its stats file ``{part}.parquet`` (one
 row per clip and one per video, failures included; the tar's size and sha256 in its metadata) is
 written: that file, written last, is the commit. So kill -9 loses the videos in flight and at most
 ``commit_every_s`` of finished ones. On a rerun, videos listed in a stats file are finished; a tar
-with no stats file is debris of a killed run and is deleted (see ``state.py``).
+with no stats file is debris of a killed run and is deleted, and so are staging files (see ``state.py``).
 
 Before publishing, a writer asks whether its run still owns the output (``lock.driver_gone``: the
 driver's process, the lease's owner and heartbeat); once it does not, the writer discards its open
@@ -26,16 +28,18 @@ import threading
 import time
 import traceback
 from collections import Counter
+from collections.abc import Mapping
 
 import numpy as np
 import pandas as pd
 
 from . import schema
 from .config import StageSpec
-from .lock import DriverCheck
+from .lock import DriverCheck, pid_alive
 from .shards import SHARD_DIR, TAR_SUFFIX, digest, encode_stats, part_name, stats_path, tar_path
+from .spill import SPILL_SUFFIX, SpilledRow
 from .stage import FAILED, OK, SKIPPED, VideoStage, fail, load_stage
-from .storage import Storage
+from .storage import Storage, remove_dead_staging
 
 TICK_S = 1.0  # how often the background thread looks at the open part's age
 DRIVER_CHECK_S = 5.0  # and, at most this often, at the driver
@@ -51,27 +55,33 @@ def writer_name(run_id: str, i: int) -> str:
     return f"dreamactor-writer-{run_id}-{i}"
 
 
-def sample_members(row: dict, fields: list[schema.Field]) -> list[tuple[str, bytes]]:
-    """The tar members of one clip row, meta first, in schema order."""
+def sample_members(row: Mapping, fields: list[schema.Field]) -> list[tuple[str, bytes]]:
+    """The tar members of one clip row, meta first, in schema order (each value read once)."""
     members = []
     for f in fields:
-        if f.name not in row or row[f.name] is None:
+        value = row.get(f.name)
+        if value is None:
             if f.optional:
                 continue
             raise KeyError(f"field {f.member!r} was not produced for clip {row['key']}")
-        members.append((f"{row['key']}.{f.member}", schema.encode(f, row[f.name])))
+        members.append((f"{row['key']}.{f.member}", schema.encode(f, value)))
     return members
 
 
-def clip_meta(row: dict) -> dict:
+def clip_meta(row: Mapping) -> dict:
     """meta.json of a clip: the engine's keys plus every ``m_*`` scalar an annotator added."""
     meta = {"schema_version": schema.SCHEMA_VERSION}
     for k in schema.META_KEYS:
         if k in row:
             meta[k] = _plain(row[k])
     n = len(schema.ANNOTATOR_META_PREFIX)
-    meta.update({k[n:]: _plain(v) for k, v in row.items() if k.startswith(schema.ANNOTATOR_META_PREFIX)})
+    meta.update({k[n:]: _plain(row[k]) for k in annotator_meta(row)})
     return meta
+
+
+def annotator_meta(row: Mapping) -> list[str]:
+    """The row's ``m_*`` columns, in its order (names only: a value is read when it is used)."""
+    return [k for k in row if k.startswith(schema.ANNOTATOR_META_PREFIX)]
 
 
 def _plain(v):
@@ -92,6 +102,8 @@ class ShardWriter:
         outside a run, e.g. by tests)."""
         self.storage = Storage(output)
         self.storage.makedirs(SHARD_DIR)
+        if not self.storage.local:  # what writers killed on this host left (a local output's run deletes its own)
+            remove_dead_staging(pid_alive)
         self.staging = self.storage.staging_dir()
         self.writer_id, self.run_id, self.shard_bytes = writer_id, run_id, shard_bytes
         self.fields = schema.fields_of(["clip", *groups])
@@ -101,7 +113,8 @@ class ShardWriter:
                 st = load_stage(name, spec)
                 st.setup()
                 self.video_stages.append(st)
-        self.pending: dict[str, list[dict]] = {}  # video_key -> rows received so far
+        self.pending: dict[str, list[SpilledRow]] = {}  # video_key -> rows received so far (heavy values on disk)
+        self.n_held = 0  # rows taken so far (names their spill files)
         self.sources: dict[str, str] = {}  # video_key -> first source seen (duplicates dropped)
         self.seq = 0
         self.tar: tarfile.TarFile | None = None
@@ -148,16 +161,24 @@ class ShardWriter:
                 events.append(self._record_video(row, FAILED, "duplicate",
                                                  f"same content as {first}", n_clips=0, dup=True))
                 continue
-            self.pending.setdefault(vk, []).append(row)
+            self.pending.setdefault(vk, []).append(self._hold(row))
             if len(self.pending[vk]) >= max(1, int(row.get("n_clips", 1))) or row["kind"] == "video":
                 events.extend(self._finish_video(self.pending.pop(vk)))
 
-    def _record_video(self, row: dict, status: str, error_class: str, message: str, n_clips: int,
-                      dup: bool = False) -> dict:
+    def _hold(self, row: dict) -> SpilledRow:
+        """A received row as the writer keeps it until its video is complete: heavy values in a staging file."""
+        self.n_held += 1
+        name = f"{self.run_id}-w{self.writer_id:02d}-{self.n_held:08d}-{row['key'] or 'video'}{SPILL_SUFFIX}"
+        return SpilledRow(os.path.join(self.staging, name), row)
+
+    def _record_video(self, row: Mapping, status: str, error_class: str, message: str, n_clips: int,
+                      dup: bool = False, error_stage: str | None = None) -> dict:
+        """The stats row of a video (``error_stage``: instead of the row's own)."""
+        stage = row.get("error_stage", "") if error_stage is None else error_stage
         rec = {"kind": "video", "key": "", "video_key": row["video_key"], "source": row["source"],
                "source_size": int(row.get("source_size", -1)), "source_mtime": float(row.get("source_mtime", 0.0)),
                "source_seconds": float(row.get("source_seconds", 0.0)), "status": status,
-               "error_stage": row.get("error_stage", "") if status == FAILED else "",
+               "error_stage": stage if status == FAILED else "",
                "error_class": error_class, "error_message": message, "n_clips": n_clips,
                "clips_dropped": json.dumps(row.get("dropped", {}))}
         if not dup:  # a duplicate input is reported, not committed (its twin is)
@@ -168,7 +189,14 @@ class ShardWriter:
                                                           "source_seconds", "n_clips")},
                 "source_size": rec["source_size"], "dropped": row.get("dropped", {})}
 
-    def _finish_video(self, rows: list[dict]) -> list[dict]:
+    def _finish_video(self, rows: list[SpilledRow]) -> list[dict]:
+        try:
+            return self._finish_video_rows(rows)
+        finally:
+            for r in rows:  # also when a store error interrupts the video: its files are not left behind
+                r.release()
+
+    def _finish_video_rows(self, rows: list[SpilledRow]) -> list[dict]:
         rows.sort(key=lambda r: int(r.get("clip_index", 0)))
         head = rows[0]
         if head["kind"] == "video":  # failed before clips existed, or planned no clip
@@ -188,7 +216,7 @@ class ShardWriter:
                 finally:
                     self.stage_seconds[st.name] += time.perf_counter() - t0
                     self.stage_frames[st.name] += sum(len(r.get("frame_index", ())) for r in rows)
-        for r in rows:
+        for r in rows:  # one clip in memory at a time
             if r["status"] == OK:
                 try:
                     self._write_clip(r)
@@ -196,6 +224,7 @@ class ShardWriter:
                     fail(r, "writer", e)
             if r["status"] != OK:
                 self.records.append(self._clip_record(r, shard=""))
+            r.release()
         n_ok = sum(r["status"] == OK for r in rows)
         if n_ok:
             ev = self._record_video(head, OK, "", "", n_ok)
@@ -203,8 +232,7 @@ class ShardWriter:
             reasons = Counter((r["error_stage"], r["error_class"]) for r in rows)
             (stage, cls), _ = reasons.most_common(1)[0]
             msg = next(r["error_message"] for r in rows if r["error_class"] == cls)
-            head = dict(head, error_stage=stage)
-            ev = self._record_video(head, FAILED, cls, msg, 0)
+            ev = self._record_video(head, FAILED, cls, msg, 0, error_stage=stage)
         events = [ev]
         if self._due():
             events.append(self.commit())
@@ -247,6 +275,10 @@ class ShardWriter:
             self.storage.delete(tar_path(published))
         n_videos = sum(r["kind"] == "video" for r in self.records)
         self._discard()
+        for rows in self.pending.values():  # this writer takes no more rows: the videos it waits for are dropped
+            for r in rows:
+                r.release()
+        self.pending.clear()
         self.stopped = why
         print(f"[writer {self.writer_id}] {why}: its open part ({n_videos} finished videos) is discarded and "
               "nothing more is committed", file=sys.stderr, flush=True)
@@ -267,7 +299,7 @@ class ShardWriter:
         self.tar = tarfile.open(self.tar_path, "w", format=tarfile.USTAR_FORMAT)
         self.tar_bytes = 0
 
-    def _write_clip(self, row: dict) -> None:
+    def _write_clip(self, row: SpilledRow) -> None:
         row["meta"] = clip_meta(row)
         members = sample_members(row, self.fields)  # raises before anything is written
         if self.tar is None:
@@ -280,7 +312,7 @@ class ShardWriter:
         row["_bytes"] = sum(len(d) for _, d in members)
         self.records.append(self._clip_record(row, shard=part_name(self.run_id, self.writer_id, self.seq) + TAR_SUFFIX))
 
-    def _clip_record(self, row: dict, shard: str) -> dict:
+    def _clip_record(self, row: Mapping, shard: str) -> dict:
         fi = np.asarray(row.get("frame_index", []))
         rec = {"kind": "clip", "key": row["key"], "video_key": row["video_key"], "shard": shard,
                "source": row["source"], "status": row["status"], "error_stage": row["error_stage"],
@@ -292,8 +324,9 @@ class ShardWriter:
                "duration_s": float(len(fi) / row["fps"]) if row.get("fps") else 0.0,
                "bytes": int(row.get("_bytes", 0)),
                "timings": json.dumps({k: round(v, 4) for k, v in row.get("timings", {}).items()})}
-        for k, v in row.items():
-            if k.startswith(schema.ANNOTATOR_META_PREFIX) and np.ndim(v) == 0:
+        for k in annotator_meta(row):
+            v = row[k]
+            if np.ndim(v) == 0:
                 rec[k] = _plain(v)
         return rec
 
@@ -335,9 +368,10 @@ class ShardWriter:
             want = int(head.get("n_clips", len(rows)))
             for r in rows:
                 r["status"], r["error_stage"] = FAILED, "writer"
-            events.append(self._record_video(dict(head, error_stage="writer"), FAILED, "incomplete",
+                r.release()
+            events.append(self._record_video(head, FAILED, "incomplete",
                                              f"{len(rows)} of {want} clips arrived (a worker was lost); "
-                                             "rerun to redo this video", 0))
+                                             "rerun to redo this video", 0, error_stage="writer"))
         self.pending.clear()
         if self.tar is not None or self.records:
             events.append(self.commit())

@@ -15,11 +15,18 @@ Runs in the shard writer once every clip of a video has been annotated. For each
   cropped from the top of the head to the hips at a 3:4 portrait aspect.
 
 Each role's source frame index, yaw and similarity go to meta.json and the index as ``m_ref_*``.
+
+Memory is bounded by a clip, not by the video: the rows' heavy values may live on disk (the writer's
+``spill.SpilledRow``), so each clip's per-frame arrays are read once into a compact per-video table (yaw, validity
+and the candidate frames: ~30 bytes a frame), face crops are decoded one clip at a time, a few decoded frames are kept
+for references that several clips share, and only the identity embeddings (512 bytes a face) are kept for the video.
 """
 from __future__ import annotations
 
 import io
 import zlib
+from collections import OrderedDict
+from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +44,7 @@ _J = {n: i for i, n in enumerate(BODY_JOINT_NAMES)}
 _HEAD_PTS = [_J[n] for n in ("nose", "left_eye", "right_eye", "left_ear", "right_ear", "head")]
 _SHOULDERS = [_J["left_shoulder"], _J["right_shoulder"]]
 _HIPS = [_J["left_hip"], _J["right_hip"]]
+_FRAMES_KEPT = 8  # decoded reference frames kept per video (most clips of a video share their references)
 
 
 class NoPersonError(RuntimeError):
@@ -52,6 +60,22 @@ class Candidate:
     row: int  # index into the video's rows
     t: int  # frame of that clip
     yaw: float
+
+
+@dataclass
+class ClipFrames:
+    """The per-frame values of one clip that the references consult for every clip of the video, read once from
+    its row (a row's array may be a file read)."""
+
+    yaw: np.ndarray  # head yaw per frame, degrees (head_ypr[:, 0])
+    head_valid: np.ndarray
+    face_valid: np.ndarray
+    subject_valid: np.ndarray
+
+    @classmethod
+    def of(cls, row: Mapping) -> ClipFrames:
+        return cls(np.array(row["head_ypr"][:, 0]), np.array(row["head_valid"]), np.array(row["face_valid"]),
+                   np.array(row["subject_valid"]))
 
 
 class YawSortedRefsStage(VideoStage):
@@ -86,23 +110,34 @@ class YawSortedRefsStage(VideoStage):
     def setup(self) -> None:
         self.identity.setup()
 
-    # ---- per video ---------------------------------------------------------------------------
-    def process_video(self, rows: list[dict]) -> None:
-        rows = self._person_check(rows)
-        # per-video caches: decoded face crops per clip, embeddings and decoded frames per (clip, frame)
-        self._rows = rows
-        self._faces: dict[int, np.ndarray] = {}
-        self._emb: dict[tuple[int, int], np.ndarray | None] = {}
-        self._frames: dict[tuple[int, int], np.ndarray] = {}
-        self._ident_frame: dict[int, Candidate] = {}  # the most frontal face of each clip
+    # ---- per video ----------------------------------------------------------------------------
+    def process_video(self, rows: list[MutableMapping]) -> None:
+        self._begin(self._person_check(rows))
         try:
-            idents = [self._clip_identity(i) for i in range(len(rows))]
-            for i in range(len(rows)):
+            idents = [self._clip_identity(i) for i in range(len(self._rows))]
+            for i in range(len(self._rows)):
                 self._annotate(i, idents)
         finally:
-            self._rows, self._faces, self._emb, self._frames, self._ident_frame = [], {}, {}, {}, {}
+            self._begin([])
 
-    def _person_check(self, rows: list[dict]) -> list[dict]:
+    def _begin(self, rows: list[MutableMapping]) -> None:
+        """The per-video state: the rows, their per-frame table and caches (none for ``[]``)."""
+        self._rows = rows
+        self._clips = [ClipFrames.of(r) for r in rows]
+        # every frame with a head and a face, as candidates: clip, frame and yaw, in (clip, frame) order
+        valid = [np.flatnonzero(c.head_valid & c.face_valid) for c in self._clips]
+        none = np.zeros(0, np.int64)
+        self._cand_row = np.concatenate([none, *(np.full(len(v), j) for j, v in enumerate(valid))])
+        self._cand_t = np.concatenate([none, *valid])
+        self._cand_yaw = np.concatenate([np.zeros(0), *(c.yaw[v] for c, v in zip(self._clips, valid))])
+        self._half_body_ok: np.ndarray | None = None  # per candidate: a half-body crop exists (on first need)
+        # caches: embeddings per (clip, frame); the decoded face crops of one clip; a few decoded frames
+        self._emb: dict[tuple[int, int], np.ndarray | None] = {}
+        self._faces: tuple[int, np.ndarray] | None = None
+        self._frames: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+        self._ident_frame: dict[int, Candidate] = {}  # the most frontal face of each clip
+
+    def _person_check(self, rows: list[MutableMapping]) -> list[MutableMapping]:
         """Fail clips without enough person frames; raise when no clip is left."""
         kept, reasons = [], []
         for row in rows:
@@ -134,16 +169,15 @@ class YawSortedRefsStage(VideoStage):
                 if (self.params.scope == "video" or r.get("shot_index") == row.get("shot_index"))
                 and (j == i or ident is None or (idents[j] is not None
                                                  and float(idents[j] @ ident) >= self.params.min_similarity))]
-        pool = [Candidate(j, int(t), float(rows[j]["head_ypr"][t, 0]))
-                for j in same for t in np.flatnonzero(rows[j]["head_valid"] & rows[j]["face_valid"])]
-        own = [c for c in pool if c.row == i]
+        pool = np.flatnonzero(np.isin(self._cand_row, same))  # candidates, in (clip, frame) order
+        own = pool[self._cand_row[pool] == i]
         row["m_ref_pool"] = len(pool)
         fallbacks = 0
         for role in ROLES:
-            pick, sim = self._first_match(_yaw_order(pool, role), ident)
+            pick, sim = self._first_match(self._in_yaw_order(pool, role), ident)
             if pick is None:  # nothing of the video matched: the clip's own frames of that rank
                 fallbacks += 1
-                pick, sim = self._first_match(_yaw_order(own, role), ident)
+                pick, sim = self._first_match(self._in_yaw_order(own, role), ident)
                 if pick is None:
                     pick, sim = self._own_frame(i, role, ident)
             self._store(row, role, pick, sim)
@@ -152,6 +186,15 @@ class YawSortedRefsStage(VideoStage):
             row[f"m_ref_half_body_{k}"] = None
         if row.get("m_shot_scale") == "full_body":
             self._half_body(row, pool, ident)
+
+    def _candidates(self, idx: np.ndarray) -> list[Candidate]:
+        """Candidates ``idx`` of the video's table, the first ``max_candidates`` (all a role tries)."""
+        return [Candidate(int(self._cand_row[k]), int(self._cand_t[k]), float(self._cand_yaw[k]))
+                for k in idx[: self.params.max_candidates]]
+
+    def _in_yaw_order(self, idx: np.ndarray, role: str) -> list[Candidate]:
+        """The first candidates of ``idx`` in the order a role wants them."""
+        return self._candidates(idx[_yaw_order(self._cand_yaw[idx], role)])
 
     def _first_match(self, ordered: list[Candidate], ident: np.ndarray | None) -> tuple[Candidate | None, float | None]:
         """The first of the first ``max_candidates`` whose face matches ``ident`` (the first when no identity)."""
@@ -168,18 +211,19 @@ class YawSortedRefsStage(VideoStage):
     def _own_frame(self, i: int, role: str, ident: np.ndarray | None) -> tuple[Candidate, float | None]:
         """Last resort: the frame the clip's identity came from (its subject for sure), else the clip's
         own frame of that yaw rank, else a frame with the person by position."""
-        row = self._rows[i]
+        clip = self._clips[i]
         if ident is not None and i in self._ident_frame:
             c = self._ident_frame[i]
             return c, float(self._embedding(c) @ ident)
-        valid = np.flatnonzero(row["head_valid"])
+        valid = np.flatnonzero(clip.head_valid)
         if len(valid):
-            return _yaw_order([Candidate(i, int(t), float(row["head_ypr"][t, 0])) for t in valid], role)[0], None
-        valid = np.flatnonzero((np.asarray(row["subject_valid"]) > 0) | (np.asarray(row["face_valid"]) > 0))
+            t = int(valid[_yaw_order(clip.yaw[valid].astype(np.float64), role)[0]])
+            return Candidate(i, t, float(clip.yaw[t])), None
+        valid = np.flatnonzero((clip.subject_valid > 0) | (clip.face_valid > 0))
         t = valid[{"yaw_max": 0, "yaw_min": -1, "yaw_median": len(valid) // 2}[role]]
         return Candidate(i, int(t), float("nan")), None
 
-    def _store(self, row: dict, role: str, c: Candidate, sim: float | None) -> None:
+    def _store(self, row: MutableMapping, role: str, c: Candidate, sim: float | None) -> None:
         row[f"ref_{role}"] = self._jpeg(self._frame(c))
         row[f"m_ref_{role}_frame"] = int(self._rows[c.row]["frame_index"][c.t])
         row[f"m_ref_{role}_yaw"] = finite_or_none(c.yaw)
@@ -188,10 +232,10 @@ class YawSortedRefsStage(VideoStage):
     # ---- identity ----------------------------------------------------------------------------
     def _clip_identity(self, i: int) -> np.ndarray | None:
         """Mean unit embedding of the clip's most frontal faces; None when no face embeds."""
-        row = self._rows[i]
-        valid = np.flatnonzero(row["face_valid"])
-        order = valid[np.argsort(np.abs(row["head_ypr"][valid, 0]), kind="stable")]  # most frontal first
-        cands = [Candidate(i, int(t), float(row["head_ypr"][t, 0])) for t in order[: self.params.identity_frames * 2]]
+        clip = self._clips[i]
+        valid = np.flatnonzero(clip.face_valid)
+        order = valid[np.argsort(np.abs(clip.yaw[valid]), kind="stable")]  # most frontal first
+        cands = [Candidate(i, int(t), float(clip.yaw[t])) for t in order[: self.params.identity_frames * 2]]
         cands = [c for c in cands if self._embedding(c) is not None][: self.params.identity_frames]
         if not cands:
             return None
@@ -204,9 +248,10 @@ class YawSortedRefsStage(VideoStage):
         key = (c.row, c.t)
         if key not in self._emb:
             row = self._rows[c.row]
-            if c.row not in self._faces:
-                self._faces[c.row] = _decode(row["face"])
-            crop = self._faces[c.row][c.t]
+            if self._faces is None or self._faces[0] != c.row:  # one clip's crops at a time
+                self._faces = None
+                self._faces = (c.row, _decode(row["face"]))
+            crop = self._faces[1][c.t]
             n = crop.shape[0]
             inner = n / (1 + 2 * float(row.get("m_face_margin", 0.0)))  # the tight face box inside the crop
             box = np.array([n - inner, n - inner, n + inner, n + inner]) / 2
@@ -216,8 +261,12 @@ class YawSortedRefsStage(VideoStage):
     # ---- images ------------------------------------------------------------------------------
     def _frame(self, c: Candidate) -> np.ndarray:
         key = (c.row, c.t)
-        if key not in self._frames:
+        if key in self._frames:
+            self._frames.move_to_end(key)
+        else:
             self._frames[key] = _decode(self._rows[c.row]["video"], [c.t])[0]
+            if len(self._frames) > _FRAMES_KEPT:
+                self._frames.popitem(last=False)
         return self._frames[key]
 
     def _jpeg(self, rgb: np.ndarray) -> bytes:
@@ -227,15 +276,15 @@ class YawSortedRefsStage(VideoStage):
             raise RuntimeError("JPEG encoding of a reference failed")
         return buf.tobytes()
 
-    def _half_body(self, row: dict, pool: list[Candidate], ident: np.ndarray | None) -> None:
+    def _half_body(self, row: MutableMapping, pool: np.ndarray, ident: np.ndarray | None) -> None:
         """One random frame of the subject cropped to a half-body portrait (paper 3.3)."""
         rows = self._rows
         rng = np.random.default_rng(zlib.crc32(row["key"].encode()))
-        usable = [c for c in pool if self.half_body_box(rows[c.row], c.t) is not None]
-        pick, sim = self._first_match([usable[k] for k in rng.permutation(len(usable))], ident)
+        usable = pool[self._half_body_candidates()[pool]]
+        pick, sim = self._first_match(self._candidates(usable[rng.permutation(len(usable))]), ident)
         if pick is None:
             return  # optional field: left out rather than filled with another person or a bad crop
-        x0, y0, x1, y1 = self.half_body_box(rows[pick.row], pick.t)
+        x0, y0, x1, y1 = self.half_body_box(_body(rows[pick.row]), pick.t)
         frame = self._frame(pick)
         A = np.array([[1.0, 0.0, -x0], [0.0, 1.0, -y0]])
         img = cv2.warpAffine(frame, A, (int(round(x1 - x0)), int(round(y1 - y0))), borderMode=cv2.BORDER_CONSTANT)
@@ -244,7 +293,18 @@ class YawSortedRefsStage(VideoStage):
         row["m_ref_half_body_yaw"] = finite_or_none(pick.yaw)
         row["m_ref_half_body_sim"] = sim
 
-    def half_body_box(self, row: dict, t: int) -> tuple[float, float, float, float] | None:
+    def _half_body_candidates(self) -> np.ndarray:
+        """Per candidate of the video, whether its frame has a half-body crop (each clip's skeleton read once)."""
+        if self._half_body_ok is None:
+            ok = np.zeros(len(self._cand_row), bool)
+            for j, row in enumerate(self._rows):
+                body = _body(row)
+                for k in np.flatnonzero(self._cand_row == j):
+                    ok[k] = self.half_body_box(body, int(self._cand_t[k])) is not None
+            self._half_body_ok = ok
+        return self._half_body_ok
+
+    def half_body_box(self, row: Mapping, t: int) -> tuple[float, float, float, float] | None:
         """Top of the head to just below the hips, widened to the portrait aspect; None without hips/head."""
         j, c = row["body_joints2d"][t], row["body_conf"][t]
         ok = c >= self.params.min_joint_conf
@@ -267,13 +327,18 @@ class YawSortedRefsStage(VideoStage):
         return cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2
 
 
-def _yaw_order(cands: list[Candidate], role: str) -> list[Candidate]:
-    """Candidates in the order a role wants them: highest yaw first, lowest first, or nearest the median."""
-    if not cands:
-        return []
-    yaw = np.array([c.yaw for c in cands])
+def _yaw_order(yaw: np.ndarray, role: str) -> np.ndarray:
+    """The order (indices into ``yaw``) a role wants frames in: highest yaw first, lowest first, or nearest the
+    median."""
+    if not len(yaw):
+        return np.zeros(0, np.int64)
     key = {"yaw_max": -yaw, "yaw_min": yaw, "yaw_median": np.abs(yaw - np.median(yaw))}[role]
-    return [cands[k] for k in np.argsort(key, kind="stable")]
+    return np.argsort(key, kind="stable")
+
+
+def _body(row: Mapping) -> dict[str, np.ndarray]:
+    """The arrays :meth:`YawSortedRefsStage.half_body_box` reads, read from the row once."""
+    return {k: row[k] for k in ("body_joints2d", "body_conf", "subject_valid")}
 
 
 def _decode(mp4: bytes, indices=None) -> np.ndarray:
