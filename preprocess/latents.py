@@ -497,16 +497,13 @@ def encode_parts(job: LatentsJob, framing, todo: dict[str, list[str]], groups, w
     """Stream the parts through the read and encode stages on Ray Data; the writer commits each part as it
     completes. Returns the commit events."""
     import ray
-    from ray.data import DataContext
 
-    from preprocess.adapter import from_rows, map_stage, unpack
+    from preprocess.adapter import from_rows, map_stage, set_data_context, unpack
     from preprocess.pipeline import init_ray
 
     read, encode = build_stages(job, framing, groups)
     init_ray(job)
-    ctx = DataContext.get_current()
-    ctx.enable_progress_bars = job.ray.progress_bars
-    ctx.execution_options.preserve_order = False
+    set_data_context(job.ray.progress_bars, job.ray.block_bytes)  # a group of clips per block, not 128 MiB
     rows = [new_row(key=p, kind="part", part_keys=keys) for p, keys in sorted(todo.items())]
     ds = map_stage(map_stage(from_rows(rows, num_blocks=max(1, min(len(rows), 200))), read), encode)
     events, last, t0 = [], time.time(), time.time()
