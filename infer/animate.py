@@ -193,13 +193,14 @@ def read_video(path: str, fps: float | None, max_side: int, max_frames: int | No
         raise InferError(f"driving {path}: no such file")
     try:
         info = probe(path)
-        sc = scan(path, lambda a: a, rotation=info.rotation, size=scaled_size(info.width, info.height, max_side),
-                  fps=info.fps or 25.0)
+        frames: list[np.ndarray] = []  # in the order of the scan's times (skipped frames never reach it)
+        sc = scan(path, lambda a: frames.append(a) or 0.0, rotation=info.rotation,
+                  size=scaled_size(info.width, info.height, max_side), fps=info.fps or 25.0)
     except VideoError as e:
         raise InferError(f"driving {e}" if path in str(e) else f"driving {path}: {e}") from None
     except (av.error.FFmpegError, OSError) as e:
         raise InferError(f"driving {path}: not a readable video ({ffmpeg_words(e)})") from None
-    if not sc.values:
+    if not frames:
         raise InferError(f"driving {path}: no frame decodes")
     src_fps = sc.mean_fps or info.fps or 25.0
     out_fps = float(fps or src_fps)
@@ -212,7 +213,7 @@ def read_video(path: str, fps: float | None, max_side: int, max_frames: int | No
     idx = np.where(np.abs(sc.times[prev] - want) <= np.abs(sc.times[idx] - want), prev, idx)
     with av.open(path) as c:
         has_audio = bool(c.streams.audio)
-    return Driving(path, np.stack([sc.values[i] for i in idx]), out_fps, float(src_fps), has_audio, sc.damaged)
+    return Driving(path, np.stack([frames[i] for i in idx]), out_fps, float(src_fps), has_audio, sc.damaged)
 
 
 # ----------------------------------------------------------------------------- 4. geometry
