@@ -77,9 +77,7 @@ def evaluate_dataset(cfg: DictConfig) -> dict:
     nets = None
     pixel = {}
     if cfg.pixel_metrics:
-        wanted = [m for m, w in (("lpips", "lpips_" + mcfg.lpips_net), ("fid", "inception_fid"),
-                                 ("fvd", mcfg.fvd_network)) if _configured(mcfg, w, m)]
-        nets = mcfg.load_nets(wanted, device=device) if wanted else None
+        nets = _configured_nets(mcfg, device)
         pixel = {m: VideoScorer(mcfg.mode, nets, fid_every=mcfg.fid_every, fvd_stride=mcfg.fvd_stride,
                                 batch=mcfg.batch) for m in METHOD_NAMES}
 
@@ -122,6 +120,13 @@ def evaluate_dataset(cfg: DictConfig) -> dict:
     plots(out, rec)
     print(table(rec) + f"\n[evaluate] {out / 'metrics.json'}", flush=True)
     return rec
+
+
+def _configured_nets(mcfg, device):
+    """The networks of the learned metrics whose weight files are configured (None when there are none)."""
+    wanted = [m for m, w in (("lpips", "lpips_" + mcfg.lpips_net), ("fid", "inception_fid"),
+                             ("fvd", mcfg.fvd_network)) if _configured(mcfg, w, m)]
+    return mcfg.load_nets(wanted, device=device) if wanted else None
 
 
 def _configured(mcfg, weight: str, metric: str) -> bool:
@@ -199,9 +204,7 @@ def score_folders_job(cfg: DictConfig) -> dict:
     from infer.metrics import MetricsConfig, score_folders
 
     mcfg = MetricsConfig.from_cfg(cfg.metrics)
-    wanted = [m for m, w in (("lpips", "lpips_" + mcfg.lpips_net), ("fid", "inception_fid"),
-                             ("fvd", mcfg.fvd_network)) if _configured(mcfg, w, m)]
-    nets = mcfg.load_nets(wanted) if wanted else None
+    nets = _configured_nets(mcfg, "cpu")
     res = score_folders(cfg.generated, cfg.ground_truth, mcfg.mode, nets, fid_every=mcfg.fid_every,
                         fvd_stride=mcfg.fvd_stride, batch=mcfg.batch)
     out = Path(cfg.output)
