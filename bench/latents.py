@@ -18,6 +18,13 @@ start and the reading; the encode stage's busy seconds per clip (the VAE alone) 
 in the prod 960x640 bucket, prefix sampling from pixels, then from latents. Its cache is written by the pass's own
 read stage and writer with the VAE replaced by noise of the VAE's output shape: the loader's cost does not depend on
 the values, and any VAE at 960x640 takes hours on this CPU.
+
+**VAE** (``--vae``): the encode stage alone (``preprocess.latents.EncodeStage``, as one encode actor runs it, no Ray,
+no reading) on clips of random pixels at ``--vae-size`` with ``--vae-clips-per-call`` clips per call, 8 primary
+candidates and 4 references each: the pass's ceiling per GPU, for machines where Ray is not installed.
+
+    python bench/latents.py --vae --model wan1_3b --frames 121 --vae-size 640 960 --override model.vae.arch={} \
+        --device cuda --out vae_h200.json
 """
 from __future__ import annotations
 
@@ -62,6 +69,62 @@ def encode_bench(dataset: Path, cache: Path, model: str, data: str, frames: int,
           f"{out['clips_per_s']:.3f} clips/s, {out['video_hours_per_device_hour']:.4f} video-hours per {per}-hour "
           f"(VAE busy {out['encode_busy_s_per_clip']:.2f} s per clip, read {out['read_busy_s_per_clip']:.2f} s)",
           flush=True)
+    return out
+
+
+def vae_bench(model: str, frames: int, size: tuple[int, int], clips: int, per_call: int, overrides: list[str],
+              device: str) -> dict:
+    """Time ``EncodeStage.encode`` on ``clips`` clips of random pixels, ``per_call`` per call (first call untimed)."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    import torch
+
+    from preprocess.latents import EncodeStage, to_config
+
+    job = to_config(compose("latents", ["dataset=/nonexistent", "cache=/nonexistent", f"model={model}",
+                                        f"device={device}", *overrides]))
+    stage = EncodeStage({"model": job.model, "seed": job.seed, "device": device, "num_threads": os.cpu_count()})
+    stage.setup()
+    h, w = size
+    rng = np.random.default_rng(0)
+
+    def clip(i: int) -> dict:
+        x = SimpleNamespace(video=rng.integers(0, 256, (frames, h, w, 3), dtype=np.uint8),
+                            primaries=rng.integers(0, 256, (8, h, w, 3), dtype=np.uint8),
+                            refs=rng.integers(0, 256, (4, h, w, 3), dtype=np.uint8), bucket=(h, w), box=(0, 0, w, h),
+                            frames=list(range(frames)), primary_frames=list(range(8)),
+                            ref_roles=["yaw_min", "yaw_median", "yaw_max", "half_body"])
+        return {"key": f"bench{i:04d}", "inputs": x}
+
+    def sync() -> None:
+        if stage.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    stage.encode([clip(0) for _ in range(per_call)])  # warm-up (cuDNN autotuning, allocator)
+    sync()
+    if stage.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times, done = [], 0
+    while done < clips:
+        batch = [clip(done + i) for i in range(per_call)]
+        sync()
+        t0 = time.perf_counter()
+        stage.encode(batch)
+        sync()
+        times.append(time.perf_counter() - t0)
+        assert all("members" in c for c in batch), [c.get("error") for c in batch]
+        done += per_call
+    per_clip = sum(times) / done
+    fps = 25.0  # preprocessing resamples every clip to plan.target_fps (25)
+    out = {"model": model, "frames": frames, "size": [h, w], "clips": done, "clips_per_call": per_call,
+           "device": str(stage.device), "gpu": torch.cuda.get_device_name() if stage.device.type == "cuda" else None,
+           "s_per_clip": per_clip, "clips_per_s": 1 / per_clip,
+           "video_hours_per_device_hour": frames / fps / per_clip,
+           "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if stage.device.type == "cuda" else None}
+    print(f"[bench] VAE encode stage ({model}, {frames} x {h} x {w} + 12 single frames per clip, {per_call} per call, "
+          f"{stage.device}): {per_clip:.3f} s per clip, {out['video_hours_per_device_hour']:.2f} video-hours per "
+          f"device-hour at {fps:g} fps", flush=True)
     return out
 
 
@@ -153,10 +216,22 @@ def main(argv=None) -> dict:
     p.add_argument("--loader-frames", type=int, default=73)
     p.add_argument("--samples", type=int, default=12, help="samples timed per loader run")
     p.add_argument("--decoder", default="pyav")
+    p.add_argument("--vae", action="store_true", help="time the encode stage alone on random pixels (no Ray)")
+    p.add_argument("--vae-size", type=int, nargs=2, default=(640, 960), metavar=("H", "W"))
+    p.add_argument("--vae-clips", type=int, default=8)
+    p.add_argument("--vae-clips-per-call", type=int, default=1)
+    p.add_argument("--device", default="auto", help="--vae's device")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
-    if not (args.encode or args.loader):
-        p.error("give --encode and/or --loader")
+    if not (args.encode or args.loader or args.vae):
+        p.error("give --encode, --loader and/or --vae")
+    if args.vae and not (args.encode or args.loader):
+        result = {"machine": os.uname().nodename, "cpu_count": os.cpu_count(), "date": time.strftime("%Y-%m-%d"),
+                  "vae": vae_bench(args.model, args.frames, tuple(args.vae_size), args.vae_clips,
+                                   args.vae_clips_per_call, args.override, args.device)}
+        if args.out:
+            args.out.write_text(json.dumps(result, indent=2, default=str))
+        return result
     tmp = tempfile.TemporaryDirectory(prefix="bench_latents_")
     work = Path(tmp.name)
     dataset = dataset_of(args, max(args.frames, args.loader_frames), work)
