@@ -159,15 +159,21 @@ def checkpoint_plan(cfg: DiTConfig, batch: int, tokens: int, pixels: int, budget
     while one block is recomputed in backward its full activations live once more. Returns 0 when everything
     fits (the fastest: no recomputation) and every block when even that does not fit (the caller's memory
     will tell)."""
-    n = cfg.num_layers
+    for k in range(cfg.num_layers + 1):
+        if activation_bytes(cfg, batch, tokens, pixels, compiled, k, encoder_channels) <= budget_bytes:
+            return k
+    return cfg.num_layers
+
+
+def activation_bytes(cfg: DiTConfig, batch: int, tokens: int, pixels: int, compiled: bool, checkpointed: int,
+                     encoder_channels: int = 16) -> int:
+    """Estimated peak activation bytes of a batch with ``checkpointed`` of the blocks checkpointed (see
+    :func:`checkpoint_plan`)."""
     block = batch * block_activation_bytes(cfg, tokens, compiled)
     saved_inputs = batch * tokens * cfg.dim * 2 * 2
     encoders = batch * pixels * ENCODER_BYTES_PER_PIXEL_CHANNEL * encoder_channels
-    for k in range(n + 1):
-        need = encoders + (n - k) * block + k * saved_inputs + (block if k else 0)
-        if need <= budget_bytes:
-            return k
-    return n
+    k = checkpointed
+    return encoders + (cfg.num_layers - k) * block + k * saved_inputs + (block if k else 0)
 
 
 class DiT(nn.Module):
