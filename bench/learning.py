@@ -201,7 +201,7 @@ def evaluate(args, export: Path) -> dict:
             break
         batches.append(b)
     scores = evaluate_latents(model, vae, batches, steps=args.eval_steps, seed=args.seed, dtype=torch.float32,
-                              guidance_ref=args.guidance, guidance_motion=args.guidance)
+                              guidance_ref=args.guidance or None, guidance_motion=args.guidance or None)
     return scores.summary()
 
 
@@ -266,9 +266,11 @@ def main() -> int:
     ap.add_argument("--weights", default="model.safetensors", help="model.safetensors | ema.safetensors")
     ap.add_argument("--eval-clips", type=int, default=24)
     ap.add_argument("--eval-steps", type=int, default=20)
-    ap.add_argument("--guidance", type=float, default=None,
-                    help="classifier-free guidance of the sampler, reference and motion (default: the preset's, "
-                    "the paper's 2.5; 1 = no guidance)")
+    ap.add_argument("--guidance", type=float, default=1.0,
+                    help="classifier-free guidance of the sampler, reference and motion. Default 1 (no guidance): "
+                    "the conditional model itself; guidance trades fidelity, which PSNR measures, for sharpness "
+                    "(CPU-sized run, 2026-12-01: model - motion dropped +0.53 dB at 1, -0.65 dB at the paper's 2.5). "
+                    "0 = the preset's (2.5)")
     ap.add_argument("--eval-only", action="store_true",
                     help="score the stage-3 export of an earlier run under --out again (e.g. --weights "
                     "ema.safetensors or another --guidance); writes results-<weights>-g<guidance>.{json,md}")
