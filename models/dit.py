@@ -38,7 +38,7 @@ from .layers import (
     rope_cos_sin,
     timestep_features,
 )
-from .sequence_parallel import SequenceParallel, gather
+from .sequence_parallel import SequenceParallel, Shard, gather
 
 
 def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -98,8 +98,7 @@ class DiTBlock(nn.Module):
         frames = face_tokens.shape[0] // b
         if sp is None:
             return self.face_attn(h, face_tokens, backends=self.backends, query_groups=frames)
-        per_frame = n * sp.size // frames
-        start = sp.rank * n
+        per_frame, start = sp.total // frames, sp.start
         f0, f1 = start // per_frame, (start + n - 1) // per_frame + 1
         lead = start - f0 * per_frame
         padded = torch.nn.functional.pad(h, (0, 0, lead, f1 * per_frame - start - n))
@@ -120,7 +119,7 @@ class DiTBlock(nn.Module):
         return self.block(*args, ref_out=ref_out, sp=sp)
 
     def block(self, x_ref, x_vid, e_ref, e_vid, rope, context, image_context, face_tokens, motion_keep,
-              ref_out: bool = True, sp: SequenceParallel | None = None):
+              ref_out: bool = True, sp: Shard | None = None):
         """One block on the reference stream (B, Nr, D) and the video stream (B, Nv, D) (with ``sp``: this rank's
         Nv / N video tokens, see :mod:`models.sequence_parallel`).
 
@@ -331,13 +330,13 @@ class DiT(nn.Module):
             x_ref = x_vid[:, :0]
 
         positions = self.token_positions(n_ref, gt, gh, gw, latents.device)
-        sp = self.sequence_parallel
-        if sp is not None:  # this rank's video tokens, at their global positions
-            local = sp.shard(x_vid.shape[1], f"video tokens ({gt} x {gh} x {gw} patches of latents "
-                                             f"{tuple(latents.shape)}, patch {tuple(cfg.patch_size)})")
-            x_vid = x_vid[:, local]
+        shard = None
+        if self.sequence_parallel is not None:  # this rank's video tokens, at their global positions
+            shard = self.sequence_parallel.split(x_vid.shape[1], f"video tokens ({gt} x {gh} x {gw} patches of latents "
+                                                         f"{tuple(latents.shape)}, patch {tuple(cfg.patch_size)})")
+            x_vid = x_vid[:, shard.local]
             n_r = n_ref * gh * gw
-            positions = torch.cat([positions[:n_r], positions[n_r:][local]])
+            positions = torch.cat([positions[:n_r], positions[n_r:][shard.local]])
         rope = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
         temb, e_vid = self.timestep_embedding(sigma)
         e_ref = self.timestep_embedding(torch.zeros_like(sigma))[1] if n_ref else None
@@ -348,11 +347,11 @@ class DiT(nn.Module):
         n_ckpt = self.checkpointed_blocks(b, n_ref * gh * gw + x_vid.shape[1], t * h * w * self.pixels_per_latent_cell)
         for i, block in enumerate(self.blocks):
             args = (x_ref, x_vid, e_ref, e_vid, rope, context, image_context, face_tokens, keep)
-            x_ref, x_vid = block(*args, checkpointed=i < n_ckpt, ref_out=i < len(self.blocks) - 1, sp=sp)
+            x_ref, x_vid = block(*args, checkpointed=i < n_ckpt, ref_out=i < len(self.blocks) - 1, sp=shard)
 
         shift, scale = (self.head_modulation + temb[:, None]).chunk(2, dim=1)
         out = self.proj_out(_modulate(self.norm_out(x_vid), shift, scale).type_as(x_vid))
-        if sp is not None:  # every rank returns the whole velocity (the loss is computed as without SP)
-            out = gather(out, sp, dim=1)
+        if shard is not None:  # every rank returns the whole velocity (the loss is computed as without SP)
+            out = gather(out, shard, dim=1)
         out = out.reshape(b, gt, gh, gw, pt, ph, pw, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
         return out.reshape(b, -1, t, h, w)

@@ -152,9 +152,9 @@ class Attention(nn.Module):
 
         ``query_groups`` > 1 splits each sample's queries into that many equal groups, each attending to
         its own context row (context batch = B * groups): Face Attn's per-latent-frame attention.
-        ``sp`` (a :class:`models.sequence_parallel.SequenceParallel`, self-attention only): ``x`` is this rank's
-        part of a sequence-sharded sequence, its first ``replicated`` tokens the same on every rank of the group
-        (the Ulysses all-to-all attention of :mod:`models.sequence_parallel`).
+        ``sp`` (a :class:`models.sequence_parallel.Shard`, self-attention only): after its first ``replicated``
+        tokens (the same on every rank of the group) ``x`` holds this rank's part of the sharded sequence (the
+        Ulysses all-to-all attention of :mod:`models.sequence_parallel`).
         """
         ctx = x if context is None else context
         q = self.heads(self.norm_q(self.to_q(x)))
@@ -162,7 +162,7 @@ class Attention(nn.Module):
         v = self.heads(self.to_v(ctx))
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        if sp is not None and sp.size > 1:
+        if sp is not None:
             if context is not None or extra_context is not None or query_groups > 1:
                 raise ValueError("sequence-parallel attention is self-attention only")
             from .sequence_parallel import ulysses_attention
