@@ -17,6 +17,10 @@ tokens and are modulated with the timestep of a clean latent (sigma = 0). Per bl
 
 Ref Attn, Face Attn, the pose-feature projection and the conditioning channels missing from a T2V
 checkpoint start at zero, so a converted Wan checkpoint computes exactly what Wan computes.
+
+Sequence parallelism (``DiT.set_sequence_parallel``, ``train.sequence_parallel``): the video tokens are split
+over the ranks of a group and attention runs head-sharded between two all-to-alls (DeepSpeed-Ulysses); the
+reference and face tokens are replicated. Layout and gradient rule: :mod:`models.sequence_parallel`.
 """
 from __future__ import annotations
 
@@ -34,6 +38,7 @@ from .layers import (
     rope_cos_sin,
     timestep_features,
 )
+from .sequence_parallel import SequenceParallel, Shard, gather
 
 
 def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -75,15 +80,33 @@ class DiTBlock(nn.Module):
         self.ffn = MLP(d, cfg.ffn_dim, d, act="gelu_tanh")
         self.modulation = nn.Parameter(torch.randn(1, 6, d) / d**0.5)
 
-    def _self_attention(self, xs, es, rope):
-        """Modulated 3D self-attention over the concatenation of the streams, gated back per stream."""
+    def _self_attention(self, xs, es, rope, sp):
+        """Modulated 3D self-attention over the concatenation of the streams, gated back per stream (under
+        sequence parallelism the video stream is this rank's shard, the reference stream replicated)."""
         mods = [(self.modulation + e).chunk(6, dim=1) for e in es]
         h = torch.cat([_modulate(self.norm1(x), m[0], m[1]).type_as(x) for x, m in zip(xs, mods)], dim=1)
-        a = self.self_attn(h, rope=rope, backends=self.backends)
+        replicated = xs[0].shape[1] if len(xs) == 2 else 0
+        a = self.self_attn(h, rope=rope, backends=self.backends, sp=sp, replicated=replicated)
         parts = a.split([x.shape[1] for x in xs], dim=1)
         return [(x.float() + p * m[2]).type_as(x) for x, p, m in zip(xs, parts, mods)], mods
 
-    def forward(self, *args, checkpointed: bool = False, ref_out: bool = True):
+    def _face_attention(self, h: torch.Tensor, face_tokens: torch.Tensor, sp) -> torch.Tensor:
+        """Face Attn of the (normalised) video tokens ``h`` (B, n, D): each latent frame's tokens attend to that
+        frame's face motion tokens (B * T, G, D). A sequence-parallel shard may begin and end inside a frame: its
+        queries are padded to whole frames (the padding's outputs are dropped)."""
+        b, n = h.shape[:2]
+        frames = face_tokens.shape[0] // b
+        if sp is None:
+            return self.face_attn(h, face_tokens, backends=self.backends, query_groups=frames)
+        per_frame, start = sp.total // frames, sp.start
+        f0, f1 = start // per_frame, (start + n - 1) // per_frame + 1
+        lead = start - f0 * per_frame
+        padded = torch.nn.functional.pad(h, (0, 0, lead, f1 * per_frame - start - n))
+        ctx = face_tokens.unflatten(0, (b, frames))[:, f0:f1].flatten(0, 1)
+        out = self.face_attn(padded, ctx, backends=self.backends, query_groups=f1 - f0)
+        return out[:, lead:lead + n]
+
+    def forward(self, *args, checkpointed: bool = False, ref_out: bool = True, sp=None):
         """One block (see :meth:`block`), its activations recomputed in backward when ``checkpointed``.
 
         The checkpoint sits inside the block's forward so that ``torch.compile`` of the block traces it
@@ -92,12 +115,13 @@ class DiTBlock(nn.Module):
         outer ``torch.utils.checkpoint``.
         """
         if checkpointed and torch.is_grad_enabled():
-            return checkpoint(self.block, *args, ref_out=ref_out, use_reentrant=False)
-        return self.block(*args, ref_out=ref_out)
+            return checkpoint(self.block, *args, ref_out=ref_out, sp=sp, use_reentrant=False)
+        return self.block(*args, ref_out=ref_out, sp=sp)
 
     def block(self, x_ref, x_vid, e_ref, e_vid, rope, context, image_context, face_tokens, motion_keep,
-              ref_out: bool = True):
-        """One block on the reference stream (B, Nr, D) and the video stream (B, Nv, D).
+              ref_out: bool = True, sp: Shard | None = None):
+        """One block on the reference stream (B, Nr, D) and the video stream (B, Nv, D) (with ``sp``: this rank's
+        Nv / N video tokens, see :mod:`models.sequence_parallel`).
 
         ``ref_out=False`` (the last block) returns ``(None, x_vid)``: nothing reads the reference stream after
         the last block, so its modulated MLP is not run (the references' keys and values still serve this
@@ -105,7 +129,7 @@ class DiTBlock(nn.Module):
         xs = [x_ref, x_vid] if x_ref.shape[1] else [x_vid]
         es = [e_ref, e_vid] if x_ref.shape[1] else [e_vid]
         # 1. 3D self-attention over [ref ; video] tokens, adaLN-modulated per stream
-        xs, mods = self._self_attention(xs, es, rope)
+        xs, mods = self._self_attention(xs, es, rope, sp)
         # 2. Wan's text (+ image) cross-attention on the fixed context
         xs = [x + self.text_attn(self.norm_text(x).type_as(x), context, extra_context=image_context,
                                  backends=self.backends) for x in xs]
@@ -116,9 +140,7 @@ class DiTBlock(nn.Module):
             x_vid = x_vid + self.ref_attn(self.norm_ref(x_vid).type_as(x_vid), r, backends=self.backends)
         # 4. Face Attn: each latent frame's tokens attend to its face motion tokens (paper 3.2)
         if face_tokens is not None:
-            groups = face_tokens.shape[0] // x_vid.shape[0]
-            f = self.face_attn(self.norm_face(x_vid).type_as(x_vid), face_tokens, backends=self.backends,
-                               query_groups=groups)
+            f = self._face_attention(self.norm_face(x_vid).type_as(x_vid), face_tokens, sp)
             x_vid = x_vid + (f if motion_keep is None else f * motion_keep)
         xs[-1] = x_vid
         # 5. modulated MLP (not for the reference stream of the last block: nothing reads it)
@@ -210,7 +232,16 @@ class DiT(nn.Module):
         self.activation_budget_bytes: int | None = None
         self.pixels_per_latent_cell = 1
         self.compiled = False
+        self.sequence_parallel: SequenceParallel | None = None  # set_sequence_parallel
         self.reset_parameters()
+
+    def set_sequence_parallel(self, sp: SequenceParallel | None) -> None:
+        """Split the video tokens over ``sp``'s group from now on (None or a group of 1: no split). Every rank of
+        the group must then call forward with the same inputs (models.sequence_parallel)."""
+        if sp is not None and sp.size > 1 and self.cfg.num_heads % sp.size:
+            raise ValueError(f"sequence parallelism over {sp.size} ranks needs dit.num_heads ({self.cfg.num_heads}) "
+                             f"to be a multiple of {sp.size}")
+        self.sequence_parallel = sp if sp is not None and sp.size > 1 else None
 
     def reset_parameters(self) -> None:
         """Wan's initialisation for the backbone, zeros for every DreamActor branch."""
@@ -304,19 +335,29 @@ class DiT(nn.Module):
         else:
             x_ref = x_vid[:, :0]
 
-        rope = rope_cos_sin(self.token_positions(n_ref, gt, gh, gw, latents.device), cfg.head_dim, cfg.rope_theta)
+        positions = self.token_positions(n_ref, gt, gh, gw, latents.device)
+        shard = None
+        if self.sequence_parallel is not None:  # this rank's video tokens, at their global positions
+            shard = self.sequence_parallel.split(x_vid.shape[1], f"video tokens ({gt} x {gh} x {gw} patches of latents "
+                                                         f"{tuple(latents.shape)}, patch {tuple(cfg.patch_size)})")
+            x_vid = x_vid[:, shard.local]
+            n_r = n_ref * gh * gw
+            positions = torch.cat([positions[:n_r], positions[n_r:][shard.local]])
+        rope = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
         temb, e_vid = self.timestep_embedding(sigma)
         e_ref = self.timestep_embedding(torch.zeros_like(sigma))[1] if n_ref else None
         context, image_context = self.context(b, dtype)
         if face_tokens is not None:
             face_tokens = face_tokens.to(dtype)
 
-        n_ckpt = self.checkpointed_blocks(b, n_ref * gh * gw + gt * gh * gw, t * h * w * self.pixels_per_latent_cell)
+        n_ckpt = self.checkpointed_blocks(b, n_ref * gh * gw + x_vid.shape[1], t * h * w * self.pixels_per_latent_cell)
         for i, block in enumerate(self.blocks):
             args = (x_ref, x_vid, e_ref, e_vid, rope, context, image_context, face_tokens, keep)
-            x_ref, x_vid = block(*args, checkpointed=i < n_ckpt, ref_out=i < len(self.blocks) - 1)
+            x_ref, x_vid = block(*args, checkpointed=i < n_ckpt, ref_out=i < len(self.blocks) - 1, sp=shard)
 
         shift, scale = (self.head_modulation + temb[:, None]).chunk(2, dim=1)
         out = self.proj_out(_modulate(self.norm_out(x_vid), shift, scale).type_as(x_vid))
+        if shard is not None:  # every rank returns the whole velocity (the loss is computed as without SP)
+            out = gather(out, shard, dim=1)
         out = out.reshape(b, gt, gh, gw, pt, ph, pw, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
         return out.reshape(b, -1, t, h, w)

@@ -147,11 +147,14 @@ class Attention(nn.Module):
         return x.unflatten(-1, (self.num_heads, -1))
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, rope=None, extra_context=None,
-                backends: tuple[str, ...] = (), query_groups: int = 1) -> torch.Tensor:
+                backends: tuple[str, ...] = (), query_groups: int = 1, sp=None, replicated: int = 0) -> torch.Tensor:
         """Attend from ``x`` (B, N, D) to ``context`` (B', M, D) (``x`` itself when None).
 
         ``query_groups`` > 1 splits each sample's queries into that many equal groups, each attending to
         its own context row (context batch = B * groups): Face Attn's per-latent-frame attention.
+        ``sp`` (a :class:`models.sequence_parallel.Shard`, self-attention only): after its first ``replicated``
+        tokens (the same on every rank of the group) ``x`` holds this rank's part of the sharded sequence (the
+        Ulysses all-to-all attention of :mod:`models.sequence_parallel`).
         """
         ctx = x if context is None else context
         q = self.heads(self.norm_q(self.to_q(x)))
@@ -159,6 +162,13 @@ class Attention(nn.Module):
         v = self.heads(self.to_v(ctx))
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if sp is not None:
+            if context is not None or extra_context is not None or query_groups > 1:
+                raise ValueError("sequence-parallel attention is self-attention only")
+            from .sequence_parallel import ulysses_attention
+
+            out = ulysses_attention(q, k, v, sp, replicated, lambda *qkv: attention(*qkv, backends))
+            return self.to_out(out.type_as(x))
         if query_groups > 1:
             q = q.reshape(q.shape[0] * query_groups, q.shape[1] // query_groups, *q.shape[2:])
         out = attention(q, k, v, backends)

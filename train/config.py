@@ -95,7 +95,7 @@ class TrainSection:
     resume: str  # auto | none | a checkpoint directory
     grad_accum: int
     time_limit_min: float | None  # stop the stage (checkpoint + export) after this many minutes; null: no limit
-    compile_blocks: Any  # auto (on for CUDA + ZeRO-2) | true | false; a bool after to_job
+    compile_blocks: Any  # auto (on for CUDA + ZeRO-2 without SP) | true | false; a bool after to_job
     continuation_prob: float  # share of samples given their first latent frame as the I2V condition
     optimizer: OptimizerConfig
     ema: EMAConfig
@@ -104,6 +104,9 @@ class TrainSection:
     sample: SampleConfig
     guard: GuardConfig
     eval: EvalConfig
+    # ranks per sequence-parallel group (models/sequence_parallel.py): they share each batch, 1/N of its video
+    # tokens each; the data-parallel ranks are world / N; data.buckets.token_budget is per group
+    sequence_parallel: int = 1
 
 
 @dataclass
@@ -193,9 +196,25 @@ def to_job(cfg: DictConfig) -> TrainJob:
         resolved=resolved,
     )
     if job.train.compile_blocks == "auto":
-        job.train.compile_blocks = job.launch.device == "cuda" and job.zero.stage == 2
+        job.train.compile_blocks = (job.launch.device == "cuda" and job.zero.stage == 2
+                                    and job.train.sequence_parallel == 1)
     check(job)
     return job
+
+
+def check_sequence_parallel(job: TrainJob, world_size: int | None = None) -> None:
+    """``train.sequence_parallel`` must divide the attention heads and, once known, the number of ranks (a clip's
+    video tokens need not divide: shards differ by at most one token)."""
+    n = job.train.sequence_parallel
+    if n < 1:
+        raise ConfigError(f"train.sequence_parallel must be >= 1, got {n}")
+    if n == 1:
+        return
+    if job.model.dit.num_heads % n:
+        raise ConfigError(f"train.sequence_parallel={n} must divide the attention heads (model.dit.num_heads="
+                          f"{job.model.dit.num_heads})")
+    if world_size is not None and world_size % n:
+        raise ConfigError(f"train.sequence_parallel={n} must divide the number of ranks ({world_size})")
 
 
 def check(job: TrainJob) -> None:
@@ -231,6 +250,7 @@ def check(job: TrainJob) -> None:
         raise ConfigError(f"train.guard.poison_group must be one of {list(PARAM_GROUPS)}, got {t.guard.poison_group!r}")
     if t.compile_blocks and z.stage != 2:
         raise ConfigError("train.compile_blocks needs zero.stage=2 (ZeRO-3 fetches parameters in module hooks)")
+    check_sequence_parallel(job)
     if t.grad_accum < 1:
         raise ConfigError("train.grad_accum must be >= 1")
     if t.checkpoint.every < 1 or t.checkpoint.keep < 1:

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from models.sequence_parallel import SequenceParallel, new_groups
+
 from .config import LaunchConfig
 
 log = logging.getLogger(__name__)
@@ -27,11 +29,27 @@ class Dist:
     world_size: int
     local_rank: int
     device: torch.device
+    sp: SequenceParallel | None = None  # this rank's sequence-parallel group (train.sequence_parallel > 1)
 
     @property
     def is_main(self) -> bool:
         """Rank 0 writes the shared files (pointer, logs, exports)."""
         return self.rank == 0
+
+    @property
+    def sp_size(self) -> int:
+        """Ranks per sequence-parallel group (1: none)."""
+        return 1 if self.sp is None else self.sp.size
+
+    @property
+    def dp_rank(self) -> int:
+        """The data-parallel rank: the loader's rank and the noise stream's (every rank of an SP group shares it)."""
+        return self.rank // self.sp_size
+
+    @property
+    def dp_world_size(self) -> int:
+        """The data-parallel ranks: world size / ranks per SP group."""
+        return self.world_size // self.sp_size
 
 
 def strip_local_rank_arg(argv: list[str]) -> list[str]:
@@ -51,9 +69,10 @@ def strip_local_rank_arg(argv: list[str]) -> list[str]:
     return out
 
 
-def setup(cfg: LaunchConfig, seed: int) -> Dist:
+def setup(cfg: LaunchConfig, seed: int, sequence_parallel: int = 1) -> Dist:
     """Initialise torch.distributed through DeepSpeed (env rendezvous), pick the device, make kernels
-    deterministic if asked, seed every global generator."""
+    deterministic if asked, seed every global generator; with ``sequence_parallel`` N > 1, make the SP groups of N
+    consecutive ranks (N must divide the world size: a ConfigError otherwise)."""
     if cfg.torch_extensions_dir:  # DeepSpeed JIT-builds a comm op at first start: build it once, keep it
         os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser(cfg.torch_extensions_dir))
     os.environ.setdefault("RANK", "0")
@@ -79,7 +98,15 @@ def setup(cfg: LaunchConfig, seed: int) -> Dist:
                                timeout=datetime.timedelta(minutes=cfg.timeout_min))
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     seed_everything(seed)
-    return Dist(rank, world, local_rank, device)
+    sp = None
+    if sequence_parallel > 1:
+        from .config import ConfigError
+
+        if world % sequence_parallel:
+            raise ConfigError(f"train.sequence_parallel={sequence_parallel} must divide the number of ranks ({world})")
+        groups = new_groups(world, sequence_parallel)
+        sp = SequenceParallel(sequence_parallel, rank % sequence_parallel, groups[rank // sequence_parallel])
+    return Dist(rank, world, local_rank, device, sp)
 
 
 def seed_everything(seed: int) -> None:

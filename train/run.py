@@ -39,7 +39,12 @@ def main(dcfg: DictConfig) -> None:
     except (TrainConfigError, DataConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    dist = distributed.setup(job.launch, job.train.seed)
+    try:
+        dist = distributed.setup(job.launch, job.train.seed, job.train.sequence_parallel)
+    except TrainConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        distributed.shutdown()
+        sys.exit(2)
     if not dist.is_main:
         logging.getLogger().setLevel(logging.WARNING)
     try:

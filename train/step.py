@@ -28,19 +28,20 @@ class MicroStep:
     """What one micro-step did (for throughput accounting)."""
 
     loss: torch.Tensor  # scalar, fp32, with grad
-    samples: int
-    tokens: int  # DiT tokens (video + references) of the batch
-    flops: int  # model FLOPs of forward + backward (models.flops)
+    samples: float  # of this rank: 1/N of the batch's under N-way sequence parallelism
+    tokens: float  # DiT tokens (video + references) of the batch, likewise
+    flops: float  # model FLOPs of forward + backward (models.flops), likewise
 
 
 class FlowMatchingStep:
     """Batch -> loss through the DeepSpeed engine; holds the frozen VAE."""
 
-    def __init__(self, job: TrainJob, vae: VideoVAE, device: torch.device, rank: int):
+    def __init__(self, job: TrainJob, vae: VideoVAE, device: torch.device, rank: int, sequence_parallel: int = 1):
         self.job = job
         self.vae = vae
         self.device = device
-        self.rank = rank
+        self.rank = rank  # the data-parallel rank: the ranks of a sequence-parallel group draw the same noise
+        self.sp = sequence_parallel  # ranks sharing each batch: this rank's share of its samples, tokens, FLOPs
         self.dtype = torch.bfloat16 if job.launch.precision == "bf16" else torch.float32
         self.use_face = job.stage.use_face
 
@@ -93,7 +94,7 @@ class FlowMatchingStep:
         p = model.cfg.dit.patch_size
         tokens = b * (n_video + r * (x0.shape[3] // p[1]) * (x0.shape[4] // p[2]))
         flops = model.flops_per_step(b, t, h, w, r, use_face=self.use_face)
-        return MicroStep(loss, b, tokens, flops)
+        return MicroStep(loss, b / self.sp, tokens / self.sp, flops / self.sp)
 
 
 def vae_seed(train_seed: int) -> int:

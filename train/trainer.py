@@ -4,6 +4,13 @@ Step ``s`` (1-based, optimizer steps) consumes ``train.grad_accum`` loader batch
 from the checkpoint of step ``s`` the loop continues at ``s + 1`` with the restored module, optimizer,
 scheduler, EMA, data cursor and RNG states, so (same world size, deterministic kernels) every later loss
 is bitwise the one an uninterrupted run computes.
+
+Sequence parallelism (``train.sequence_parallel`` = N, :mod:`models.sequence_parallel`): the N ranks of a group
+get the same batches (the loader runs on data-parallel rank ``rank // N`` of ``world / N``) and the same noise,
+and the DiT splits each clip's video tokens over them. DeepSpeed sees a plain data-parallel job of ``world``
+ranks: the SP collectives' adjoints make its average over all ranks the mean over the groups, so checkpoints are
+those of a ``world``-rank job (an SP run resumes with SP or without it on as many ranks; the data cursor, kept per
+data-parallel rank, continues the epoch on the new number of data-parallel ranks).
 """
 from __future__ import annotations
 
@@ -48,7 +55,8 @@ class Trainer:
         self.checkpointer = ckpt.Checkpointer(
             job.stage_dir / "checkpoints", dist, c.keep, config=job.resolved,
             meta={"stage": job.stage.id, "model": job.model.name, "zero_stage": job.zero.stage,
-                  "ema_decay": job.train.ema.decay, "precision": job.launch.precision},
+                  "ema_decay": job.train.ema.decay, "precision": job.launch.precision,
+                  "sequence_parallel": dist.sp_size},
             key=key, key_from=key_from, verify=c.verify, trust_unsigned=c.trust_unsigned)
         resume_dir = self.checkpointer.find(job.train.resume)
         universal = self.checkpointer.prepare(resume_dir)
@@ -58,13 +66,14 @@ class Trainer:
             log.info(describe(model, job.stage.id))
         self.frozen_signature = frozen_signature(model)
         self.trainable = trainable_names(model)
+        model.dit.set_sequence_parallel(dist.sp)
         if job.train.compile_blocks:
             model.compile_blocks()
         self.engine = initialize(model, job, load_universal=universal)
         # the VAE encodes pixel batches and decodes the sample videos: precomputed latents without samples need none
         self.vae = build_vae(job, dist.device) if (not job.data.latents or job.train.sample.every
                                                     or job.train.eval.every) else None
-        self.step_fn = FlowMatchingStep(job, self.vae, dist.device, dist.rank)
+        self.step_fn = FlowMatchingStep(job, self.vae, dist.device, dist.dp_rank, dist.sp_size)
         self.loader = loader if loader is not None else self._build_loader()
         named = dict(self.engine.module.named_parameters())
         self.ema = ShardedEMA([(n, named[n]) for n in self.trainable], job.train.ema.decay, dist.rank)
@@ -91,8 +100,9 @@ class Trainer:
     def _build_loader(self):
         from train.data import build_loader
 
-        return build_loader(self.job.data, self.job.model, rank=self.dist.rank, world_size=self.dist.world_size,
-                            seed=self.job.train.seed)
+        # the ranks of a sequence-parallel group share their data-parallel rank's batches
+        return build_loader(self.job.data, self.job.model, rank=self.dist.dp_rank,
+                            world_size=self.dist.dp_world_size, seed=self.job.train.seed)
 
     # ------------------------------------------------------------------ loop
 
@@ -173,7 +183,7 @@ class Trainer:
             stats.add(data_s=t - td)
             if self.kept_batch is None and job.train.sample.every:
                 self.kept_batch = batch
-            if job.train.log.sample_keys:
+            if job.train.log.sample_keys and self.dist.rank % self.dist.sp_size == 0:  # once per SP group
                 keys += [[int(e), k] for e, k in zip(batch.epoch.tolist(), batch.keys)]
             out = self.step_fn(self.engine, batch, step, micro)
             t = self._phase_done(stats, "forward_s", t)
@@ -243,7 +253,7 @@ class Trainer:
         }
         record["mfu"] = record["tflops"] / self.peak_tflops if self.peak_tflops else math.nan
         merged: dict[str, int] = {}
-        for part in all_gather(self.loader.skip_counts()):
+        for part in all_gather(self.loader.skip_counts())[::self.dist.sp_size]:  # one loader per SP group
             for k, v in part.items():
                 merged[k] = merged.get(k, 0) + int(v)
         record["skipped"] = merged

@@ -30,6 +30,8 @@ def test_production_defaults_are_the_papers():
     assert [_job("launch=gpu", f"stage={s}").stage.steps for s in ("pose", "face", "full")] == [20000, 20000, 30000]
     assert job.launch.precision == "bf16" and job.model.dit.activation_checkpointing == "auto"
     assert job.train.compile_blocks is True  # CUDA + ZeRO-2
+    sp = _job("model=wan1_3b", "data=prod", "launch=gpu", "train.sequence_parallel=4")
+    assert sp.train.sequence_parallel == 4 and sp.train.compile_blocks is False  # auto: not with SP
 
 
 def test_deepspeed_config_zero2():
@@ -66,6 +68,8 @@ def test_deepspeed_config_zero3_offload_and_universal():
     (["train.optimizer.lr=fast"], "bad train config"),
     (["+train.optimizer.lr_scale.pose=10"], "unknown parameter group 'pose'"),
     (["train.optimizer.lr_scale.pose_encoder=0"], "lr_scale.pose_encoder must be > 0"),
+    (["train.sequence_parallel=0"], "train.sequence_parallel must be >= 1"),
+    (["train.sequence_parallel=4"], r"sequence_parallel=4 must divide the attention heads \(model.dit.num_heads=2\)"),
 ])
 def test_config_errors_name_the_key(overrides, match):
     with pytest.raises(TrainConfigError, match=match):
