@@ -66,14 +66,15 @@ def comm_bytes(params: int, zero: int, ranks: int) -> float:
     return ops * params * 2 * (ranks - 1) / ranks
 
 
-def sp_bytes(cfg, tokens: int, sp: int, recompute: float) -> float:
-    """Bytes each GPU sends per step for Ulysses all-to-alls: per block, q, k, v and the attention output are
-    exchanged in forward (4 x tokens/sp x dim bf16 values, (sp-1)/sp of them leave the GPU) and their gradients in
-    backward; a checkpointed block repeats its forward exchanges (``recompute`` = checkpointed fraction)."""
+def sp_bytes(cfg, video_tokens: int, ref_tokens: int, sp: int, recompute: float) -> float:
+    """Bytes each GPU sends per step for the Ulysses exchanges (models/sequence_parallel.py): per block, forward
+    + backward, ``2 s D (N-1)/N (4 Nv/N + Nr)`` (q, k, v and the attention output of the sharded video tokens, the
+    replicated references' head outputs gathered, and their adjoints); a checkpointed block repeats its forward
+    exchanges (``recompute`` = the checkpointed fraction: 3/2 of that)."""
     if sp == 1:
         return 0.0
-    per_pass = 4 * tokens / sp * cfg.dit.dim * 2 * (sp - 1) / sp * cfg.dit.num_layers
-    return per_pass * (2 + recompute)
+    per_block = 2 * 2 * cfg.dit.dim * (sp - 1) / sp * (4 * video_tokens / sp + ref_tokens)
+    return per_block * cfg.dit.num_layers * (1 + recompute / 2)
 
 
 def plan_rows(args) -> dict:
@@ -85,7 +86,7 @@ def plan_rows(args) -> dict:
         facts = model_facts(preset)
         cfg, params = facts["cfg"], facts["params"]
         mean_flops = sum(flops_per_step(cfg, 1, f, *PAPER_SIZE, 3) for f in PAPER_FRAMES) / len(PAPER_FRAMES)
-        longest = tokens_of(cfg, PAPER_FRAMES[-1], PAPER_SIZE) + 3 * tokens_of(cfg, 1, PAPER_SIZE)
+        video, refs = tokens_of(cfg, PAPER_FRAMES[-1], PAPER_SIZE), 3 * tokens_of(cfg, 1, PAPER_SIZE)
         for zero in (2, 3):
             for ranks in args.gpus:
                 st = static_bytes(params, zero, ranks)
@@ -93,8 +94,8 @@ def plan_rows(args) -> dict:
                 for sp in args.sp:
                     if ranks % sp or cfg.dit.num_heads % sp:
                         continue
-                    tok = longest // sp
-                    pixels = PAPER_SIZE[0] * PAPER_SIZE[1] * PAPER_FRAMES[-1] // sp
+                    tok = video // sp + refs  # the references are replicated on every rank of a group
+                    pixels = PAPER_SIZE[0] * PAPER_SIZE[1] * PAPER_FRAMES[-1]  # the pose encoder: whole clip
                     k = checkpoint_plan(cfg.dit, 1, tok, pixels, max(budget, 0), compiled=True)
                     need = activation_bytes(cfg.dit, 1, tok, pixels, True, k)
                     fits = budget > 0 and need <= budget
@@ -103,7 +104,7 @@ def plan_rows(args) -> dict:
                     compute = mean_flops / sp / (mfu * args.peak_tflops * 1e12)
                     bw = args.intra_node_gbs if ranks <= args.gpus_per_node else args.inter_node_gbs
                     zero_s = comm_bytes(params, zero, ranks) / (bw * 1e9)
-                    sp_s = sp_bytes(cfg, longest, sp, k / cfg.dit.num_layers) / (args.intra_node_gbs * 1e9)
+                    sp_s = sp_bytes(cfg, video, refs, sp, k / cfg.dit.num_layers) / (args.intra_node_gbs * 1e9)
                     step = compute + zero_s * (1 - args.overlap) + sp_s
                     out["memory"].append({
                         "preset": preset, "params_b": params / 1e9, "zero": zero, "gpus": ranks, "sp": sp,
@@ -116,7 +117,8 @@ def plan_rows(args) -> dict:
                     out["time"].append({
                         "preset": preset, "zero": zero, "gpus": ranks, "sp": sp, "compute_s": compute,
                         "zero_comm_gb": comm_bytes(params, zero, ranks) / 1e9, "zero_comm_s": zero_s,
-                        "sp_comm_gb": sp_bytes(cfg, longest, sp, k / cfg.dit.num_layers) / 1e9, "sp_comm_s": sp_s,
+                        "sp_comm_gb": sp_bytes(cfg, video, refs, sp, k / cfg.dit.num_layers) / 1e9,
+                        "sp_comm_s": sp_s,
                         "step_s": step, "clips_per_s": dp / step})
                     out["days"].append({
                         "preset": preset, "zero": zero, "gpus": ranks, "sp": sp, "steps": steps,
