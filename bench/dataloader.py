@@ -30,18 +30,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from models.command_line import compose  # noqa: E402
+
 # (photo, motion) of the source videos; all 3:2 so that every clip lands in the 960x640 bucket
 SOURCES = (("astronaut", dict(shift=(80.0, 20.0))), ("grace_hopper", dict(scale=(1.0, 1.15))),
            ("camera", dict(shift=(-60.0, 0.0), rotate=(0.0, 6.0))), ("astronaut", dict(flip=True, shift=(-50.0, 0.0))))
-
-
-def compose(config_name: str, overrides: list[str]):
-    """The Hydra config a command line would produce."""
-    from hydra import compose as hcompose
-    from hydra import initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return hcompose(config_name=config_name, overrides=overrides)
 
 
 def make_dataset(inputs: Path, out: Path, n_videos: int, n_frames: int, min_frames: int, size: tuple[int, int],

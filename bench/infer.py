@@ -32,9 +32,9 @@ def prepare(args) -> dict:
 
     from infer import animate as A
     from infer.annotate import Annotator
+    from models.command_line import compose
     from models.config import load_preset
     from preprocess import demo_media
-    from tests.conftest import compose
 
     tmp = Path(args.out).with_suffix("")
     tmp.mkdir(parents=True, exist_ok=True)

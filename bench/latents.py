@@ -39,7 +39,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.dataloader import add_dataset_arguments, compose, dataset_of, run_one_core  # noqa: E402
+from bench.dataloader import add_dataset_arguments, dataset_of, run_one_core  # noqa: E402
+from models.command_line import compose  # noqa: E402
 
 
 def encode_bench(dataset: Path, cache: Path, model: str, data: str, frames: int, overrides: list[str]) -> dict:

@@ -1,10 +1,10 @@
 """Preprocessing throughput: every stage alone vs the whole Ray Data pipeline, in one run.
 
-    python bench/preprocess.py [videos=N] [hydra overrides, e.g. demo_media.n_frames=100 input=/data/videos]
+    python bench/preprocess.py [--videos N] [hydra overrides, e.g. demo_media.n_frames=100 input=/data/videos]
 
-``videos=N`` (default 24) makes N distinct driving videos from the shipped photos (varied shift, zoom
+``--videos N`` (default 24) makes N distinct driving videos from the shipped photos (varied shift, zoom
 and rotation; demo_media.n_frames frames at demo_media.size) so that pipeline fill and drain are amortised;
-``videos=0`` uses the built-in samples as they are.
+``--videos 0`` uses the built-in samples as they are.
 
 1. Each stage alone, in this process, on the same clips, one after the other: plan (probe + shot
    detection), decode, encode, every enabled annotator, every per-video stage. For each: frames/s
@@ -159,17 +159,27 @@ def make_corpus(directory: str, n: int, size: int, n_frames: int, fps: float) ->
     return paths
 
 
+def parse_args(argv: list[str]) -> tuple[int, list[str]]:
+    """``[--videos N | videos=N] [overrides...]`` (``--help`` prints the module doc)."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="bench/preprocess.py", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--videos", type=int, default=24, help="generated driving videos (0: the built-in samples)")
+    ap.add_argument("overrides", nargs="*", help="conf/preprocess.yaml overrides, e.g. demo_media.n_frames=100")
+    args = ap.parse_args(argv)
+    videos = [a for a in args.overrides if a.startswith("videos=")]  # the older spelling
+    n = int(videos[-1].split("=", 1)[1]) if videos else args.videos
+    return n, [a for a in args.overrides if not a.startswith("videos=")]
+
+
 def main(overrides: list[str]) -> None:
+    from models.command_line import compose
     from preprocess import demo_media
     from preprocess.config import to_config
     from preprocess.storage import list_inputs
-    from tests.conftest import compose
 
-    n_videos = 24
-    for a in list(overrides):
-        if a.startswith("videos="):
-            n_videos = int(a.split("=", 1)[1])
-            overrides.remove(a)
+    n_videos, overrides = parse_args(overrides)
     cfg = to_config(compose("preprocess", [*DEFAULT_OVERRIDES, *overrides]))
     corpus = tempfile.mkdtemp(prefix="bench-preprocess-")
     if cfg.input is None and n_videos:

@@ -23,6 +23,16 @@ OTHER_OPTIONS = ("--help", "-h", "--hydra-help", "--info", "-i", "--multirun", "
                  "--run", "-r", "--version")
 
 
+def compose(config_name: str, overrides: list[str] | None = None):
+    """The config ``conf/<config_name>.yaml`` with ``overrides``, as the job's command line would compose it (for
+    benchmarks, tests and tools that build a job's config without running Hydra's main)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return hydra_compose(config_name=config_name, overrides=list(overrides or []))
+
+
 def check_command_line(argv: list[str], config_name: str, build: Callable[[Any], Any] | None = None) -> str | None:
     """None when ``argv`` composes (and, with ``--cfg``, builds with ``build``); else one line saying what is wrong,
     with the full trace in a log file."""

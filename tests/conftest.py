@@ -18,12 +18,10 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 
 def compose(config_name: str = "preprocess", overrides: list[str] | None = None):
-    """The Hydra config a command line would produce."""
-    from hydra import compose as hcompose
-    from hydra import initialize_config_dir
+    """The Hydra config a command line would produce (``models.command_line.compose``)."""
+    from models.command_line import compose as compose_config
 
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return hcompose(config_name=config_name, overrides=overrides or [])
+    return compose_config(config_name, overrides)
 
 
 @pytest.fixture(scope="session")
