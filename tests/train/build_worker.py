@@ -4,7 +4,9 @@ torchrun (CPU, gloo): ``python -m torch.distributed.run --nproc_per_node N tests
 
 Each rank writes ``OUT/rank_<r>.json``: the peak of its heap while the model is built and its weights are loaded
 (glibc's ``mallinfo2``: every tensor's storage is there, so the figure is the bytes of weights the rank
-held, plus interpreter noise), the bytes of parameter storage it holds afterwards, and the model's size.
+held, plus interpreter noise), the growth of its resident set over the same time (which also counts the pages of
+a weights file it read through ``mmap``), the bytes of parameter storage it holds afterwards, and the model's
+size.
 Rank 0 writes ``OUT/weights.safetensors``: the whole weights, gathered one module at a time.
 """
 from __future__ import annotations
@@ -92,7 +94,8 @@ def main(out: Path, overrides: list[str]) -> None:
     try:
         torch.distributed.barrier()
         time.sleep(0.2)
-        base = heap_bytes()
+        base, rss = heap_bytes(), _status("VmRSS")
+        Path("/proc/self/clear_refs").write_text("5")  # VmHWM restarts from here
         with PeakHeap() as peak:
             model = build_model(job)
         torch.distributed.barrier()
@@ -102,7 +105,8 @@ def main(out: Path, overrides: list[str]) -> None:
                   "model_bytes": sum(numel(p) * p.element_size() for p in model.parameters()),
                   "largest_module_bytes": max(sum(numel(p) * p.element_size() for p in m.parameters(recurse=False))
                                               for m in model.modules()),
-                  "vm_hwm_kib": _status("VmHWM")}
+                  "buffer_bytes": sum(b.numel() * b.element_size() for b in model.buffers()),
+                  "rss_growth_bytes": (_status("VmHWM") - rss) * 1024}
         (out / f"rank_{dist.rank}.json").write_text(json.dumps(record))
         weights = {}
         for name, p in model.named_parameters():
