@@ -38,6 +38,7 @@ from .layers import (
     rope_cos_sin,
     timestep_features,
 )
+from .partitioned import gathered
 from .sequence_parallel import SequenceParallel, Shard, gather
 
 
@@ -243,30 +244,36 @@ class DiT(nn.Module):
                              f"to be a multiple of {sp.size}")
         self.sequence_parallel = sp if sp is not None and sp.size > 1 else None
 
+    @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Wan's initialisation for the backbone, zeros for every DreamActor branch."""
+        """Wan's initialisation for the backbone, zeros for every DreamActor branch. Each module is gathered while
+        it is initialised: under ``deepspeed.zero.Init`` its children are already partitioned (same draws, same
+        order, so the same values as an ordinary build on the CPU)."""
         for m in self.modules():
             if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
-        nn.init.xavier_uniform_(self.patch_embed.weight.flatten(1))
-        nn.init.zeros_(self.patch_embed.bias)
+                with gathered(m.parameters(recurse=False), modify=True):
+                    nn.init.xavier_uniform_(m.weight)
+                    nn.init.zeros_(m.bias)
+        with gathered(self.patch_embed.parameters(), modify=True):
+            nn.init.xavier_uniform_(self.patch_embed.weight.flatten(1))
+            nn.init.zeros_(self.patch_embed.bias)
         for mlp in (self.time_embed, self.text_embed):
-            nn.init.normal_(mlp.fc1.weight, std=0.02)
-            nn.init.normal_(mlp.fc2.weight, std=0.02)
-        nn.init.zeros_(self.proj_out.weight)
+            with gathered([mlp.fc1.weight, mlp.fc2.weight], modify=True):
+                nn.init.normal_(mlp.fc1.weight, std=0.02)
+                nn.init.normal_(mlp.fc2.weight, std=0.02)
+        with gathered([self.proj_out.weight], modify=True):
+            nn.init.zeros_(self.proj_out.weight)
         self.zero_dreamactor_branches()
 
     @torch.no_grad()
     def zero_dreamactor_branches(self) -> None:
         """Zero the outputs of the new branches (Ref Attn, Face Attn, pose projection, cond channels are not
         touched: a checkpoint may carry them)."""
-        nn.init.zeros_(self.pose_embed.weight)
-        nn.init.zeros_(self.pose_embed.bias)
-        for b in self.blocks:
-            for attn in (b.ref_attn, b.face_attn):
-                nn.init.zeros_(attn.to_out.weight)
-                nn.init.zeros_(attn.to_out.bias)
+        branches = [self.pose_embed] + [attn.to_out for b in self.blocks for attn in (b.ref_attn, b.face_attn)]
+        for m in branches:
+            with gathered(m.parameters(), modify=True):
+                nn.init.zeros_(m.weight)
+                nn.init.zeros_(m.bias)
 
     def checkpointed_blocks(self, batch: int, tokens: int, pixels: int) -> int:
         """How many blocks (from the first) run under activation checkpointing for this batch."""

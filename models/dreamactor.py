@@ -23,6 +23,7 @@ from .config import ModelConfig
 from .dit import DiT
 from .face_encoder import FaceMotionEncoder, load_pdfgc_weights
 from .flops import flops_per_step
+from .partitioned import numel
 from .pose_encoder import PoseEncoder
 
 log = logging.getLogger(__name__)
@@ -179,8 +180,8 @@ class DreamActor(nn.Module):
     def num_parameters(self, group: str | None = None) -> int:
         """Parameter count, of one group or of all."""
         if group is None:
-            return sum(p.numel() for p in self.parameters())
-        return sum(p.numel() for _, p in self.named_param_groups()[group])
+            return sum(numel(p) for p in self.parameters())
+        return sum(numel(p) for _, p in self.named_param_groups()[group])
 
     def flops_per_step(self, batch: int, frames: int, height: int, width: int, num_refs: int, *,
                        use_face: bool = True, backward: bool = True) -> int:

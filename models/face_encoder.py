@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import FaceEncoderConfig
+from .partitioned import assign, state_shapes
 
 EYE_DIM, EMO_DIM = 6, 30
 _PDFGC_PREFIXES = ("model.", "to_mouth.", "to_eye.", "eye_embed.", "to_emo.", "emo_embed.")
@@ -190,14 +191,14 @@ def load_pdfgc_weights(encoder: FaceMotionEncoder, path: str | Path) -> None:
             k = k.removeprefix(prefix)
         if k.startswith(_PDFGC_PREFIXES):
             clean[k] = v
-    own = {k: v for k, v in encoder.state_dict().items()
+    own = {k: v for k, v in state_shapes(encoder).items()
            if k.startswith(_PDFGC_PREFIXES) and not k.endswith("num_batches_tracked")}
     missing = sorted(set(own) - set(clean))
     if missing:
         raise KeyError(f"{path}: not a PD-FGC motion encoder state dict, missing {len(missing)} keys, "
                        f"e.g. {missing[:5]}")
-    bad = [k for k in own if tuple(clean[k].shape) != tuple(own[k].shape)]
+    bad = [k for k in own if tuple(clean[k].shape) != own[k]]
     if bad:
         raise ValueError(f"{path}: shape mismatch for {bad[:5]} (face_encoder.width must be 1.0 and crop_size 224 "
                          "to load PD-FGC weights)")
-    encoder.load_state_dict({k: clean[k] for k in own}, strict=False)
+    assign(encoder, clean, own)  # one module at a time: the encoder may be partitioned by ZeRO-3

@@ -5,7 +5,8 @@ Input: a directory with ``config.json`` and ``diffusion_pytorch_model.safetensor
 ``*.safetensors`` + ``diffusion_pytorch_model.safetensors.index.json``), in diffusers'
 ``WanTransformer3DModel`` format (e.g. ``Wan-AI/Wan2.1-I2V-14B-480P-Diffusers/transformer``) or in the
 original Wan release format (``Wan-AI/Wan2.1-T2V-1.3B``; its keys are renamed with diffusers' own
-converter). Shards are read one at a time, so peak host memory is one shard.
+converter). Tensors are read one at a time (``safe_open``), so peak host memory is one module, also when
+ZeRO-3 partitioned the model as it was built (models/partitioned.py).
 
 What maps to what (diffusers name -> ours): see ``WAN_TO_DREAMACTOR``. Wan's text/image
 cross-attention is kept as ``text_attn`` and fed a fixed context (the ``text_context`` /
@@ -25,6 +26,7 @@ from pathlib import Path
 import torch
 
 from .dit import DiT
+from .partitioned import SafetensorsReader, assign, gathered, shape
 
 WAN_TO_DREAMACTOR: tuple[tuple[str, str], ...] = (
     (r"^patch_embedding\.", "patch_embed."),
@@ -106,60 +108,87 @@ def _shards(path: Path) -> list[Path]:
     return found
 
 
-def _to_diffusers_names(sd: dict) -> dict:
-    """Rename an original-format Wan shard with diffusers' converter (diffusers-format shards pass through)."""
-    if any(k.startswith(("blocks.0.self_attn.", "head.head.")) or ".self_attn.q." in k for k in sd):
-        from diffusers.loaders.single_file_utils import (
-            convert_wan_transformer_to_diffusers,
-        )
+def _diffusers_names(keys: list[str], shard: Path) -> dict[str, str]:
+    """{diffusers name: name in the file} of one shard's keys. Original-format Wan keys are renamed by diffusers'
+    own converter, given the names alone (for Wan 2.1 it only renames: no tensor needs to be read for it)."""
+    if not any(k.startswith(("blocks.0.self_attn.", "head.head.")) or ".self_attn.q." in k for k in keys):
+        return {k: k for k in keys}
+    from diffusers.loaders.single_file_utils import (
+        convert_wan_transformer_to_diffusers,
+    )
 
-        return convert_wan_transformer_to_diffusers(sd)
-    return sd
+    try:
+        return convert_wan_transformer_to_diffusers({k: k for k in keys})
+    except (AttributeError, TypeError, IndexError) as e:  # a conversion that reshapes tensors
+        raise ValueError(f"{shard}: this original-format Wan checkpoint needs more than a renaming ({e}); convert "
+                         "it to diffusers' format first (WanTransformer3DModel.save_pretrained)") from e
+
+
+def _sources(dit: DiT, path: Path) -> dict[str, tuple[SafetensorsReader, str]]:
+    """Where each of our parameters is in the checkpoint (file, key), from the names and shapes alone."""
+    params = {n: shape(p) for n, p in dit.named_parameters()}
+    found, unexpected = {}, []
+    for shard in _shards(path):
+        reader = SafetensorsReader(shard)
+        for key, stored in _diffusers_names(list(reader), shard).items():
+            ours = rename_wan_key(key)
+            if ours is None or ours not in params:
+                if not _IGNORED.search(key):
+                    unexpected.append(key)
+                continue
+            have, want = reader.shape(stored), params[ours]
+            if ours == "patch_embed.weight" and len(have) > 1 and have[1] < want[1]:
+                want = want[:1] + have[1:2] + want[2:]  # conditioning channels a T2V checkpoint lacks: zeros
+            if have != want:
+                raise ValueError(f"{key} -> {ours}: checkpoint shape {have}, model {want}")
+            found[ours] = (reader, stored)
+    if unexpected:
+        raise ValueError(f"{path}: keys with no place in the DreamActor DiT: {unexpected[:8]}"
+                         f"{' ...' if len(unexpected) > 8 else ''}")
+    missing = sorted(k for k in params if k not in found and not DREAMACTOR_ONLY.search(k))
+    if missing:
+        raise ValueError(f"{path}: checkpoint lacks {len(missing)} backbone parameters, e.g. {missing[:8]}")
+    return found
 
 
 @torch.no_grad()
 def load_wan_transformer(dit: DiT, path: str | Path, ref_attn_init: str = "self_attn") -> dict:
-    """Copy Wan transformer weights from ``path`` into ``dit``; returns a report of what was loaded."""
-    from safetensors.torch import load_file
+    """Copy Wan transformer weights from ``path`` into ``dit``; returns a report of what was loaded.
 
+    Tensors are read one at a time into one gathered module at a time (models/partitioned.py): peak memory is
+    one module, whether ``dit`` is whole or partitioned by ZeRO-3."""
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(
             f"no Wan transformer at {path} (expected config.json + *.safetensors). Point "
             "model.weights.wan_transformer_dir at the 'transformer' folder of a Wan 2.1 diffusers checkpoint, "
             "e.g. Wan-AI/Wan2.1-I2V-14B-480P-Diffusers/transformer or Wan-AI/Wan2.1-T2V-1.3B-Diffusers/transformer.")
+    if ref_attn_init not in ("self_attn", "random"):
+        raise ValueError(f"ref_attn_init must be 'self_attn' or 'random', got {ref_attn_init!r}")
     check_config(dit, json.loads((path / "config.json").read_text()))
-    params = dict(dit.named_parameters())
-    loaded, unexpected = set(), []
-    for shard in _shards(path):
-        for key, value in _to_diffusers_names(load_file(str(shard))).items():
-            ours = rename_wan_key(key)
-            if ours is None or ours not in params:
-                if not _IGNORED.search(key):
-                    unexpected.append(key)
-                continue
-            target = params[ours]
-            if ours == "patch_embed.weight" and value.shape[1] != target.shape[1]:
-                target[:, value.shape[1]:].zero_()  # conditioning channels a T2V checkpoint lacks
-                target = target[:, :value.shape[1]]
-            if tuple(value.shape) != tuple(target.shape):
-                raise ValueError(f"{key} -> {ours}: checkpoint shape {tuple(value.shape)}, model {tuple(target.shape)}")
-            target.copy_(value.to(target.dtype))
-            loaded.add(ours)
-    if unexpected:
-        raise ValueError(f"{path}: keys with no place in the DreamActor DiT: {unexpected[:8]}"
-                         f"{' ...' if len(unexpected) > 8 else ''}")
-    missing = sorted(k for k in params if k not in loaded and not DREAMACTOR_ONLY.search(k))
-    if missing:
-        raise ValueError(f"{path}: checkpoint lacks {len(missing)} backbone parameters, e.g. {missing[:8]}")
+    sources = _sources(dit, path)
+    cond_channels = shape(dit.patch_embed.weight)[1]
+
+    def read(name: str) -> torch.Tensor:
+        reader, key = sources[name]
+        value = reader[key]
+        if name == "patch_embed.weight" and value.shape[1] < cond_channels:
+            pad = value.new_zeros(value.shape[0], cond_channels - value.shape[1], *value.shape[2:])
+            value = torch.cat([value, pad], dim=1)
+        return value
+
+    assign(dit, read, sources)
     dit.zero_dreamactor_branches()
     if ref_attn_init == "self_attn":
         for block in dit.blocks:
-            for name in ("to_q", "to_k", "to_v", "norm_q", "norm_k"):
-                getattr(block.ref_attn, name).load_state_dict(getattr(block.self_attn, name).state_dict())
-    elif ref_attn_init != "random":
-        raise ValueError(f"ref_attn_init must be 'self_attn' or 'random', got {ref_attn_init!r}")
-    return {"loaded": len(loaded), "new": sorted(k for k in params if k not in loaded)}
+            names = ("to_q", "to_k", "to_v", "norm_q", "norm_k")
+            src = [p for n in names for p in getattr(block.self_attn, n).parameters()]
+            dst = [p for n in names for p in getattr(block.ref_attn, n).parameters()]
+            with gathered(src), gathered(dst, modify=True):
+                for d, s in zip(dst, src):
+                    d.copy_(s)
+    params = [n for n, _ in dit.named_parameters()]
+    return {"loaded": len(sources), "new": sorted(k for k in params if k not in sources)}
 
 
 def load_context(buffer: torch.Tensor, path: str | Path, what: str) -> None:

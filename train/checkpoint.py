@@ -110,25 +110,26 @@ def _legacy_numpy_globals() -> list:
     return [core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
 
 
-def read_state(path: Path) -> dict:
+def read_state(path: Path, mmap: bool = False) -> dict:
     """A trainer file of a checkpoint, loaded with ``weights_only=True`` (no code in it can run); a missing or
-    unreadable one is a :class:`CheckpointError`."""
+    unreadable one is a :class:`CheckpointError`. With ``mmap`` its tensors stay in the file until read."""
     try:
         with torch.serialization.safe_globals(_legacy_numpy_globals()):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # truncated zip, refused pickle, missing file: all mean a broken checkpoint
         raise CheckpointError(f"{path} is missing or unreadable ({type(e).__name__}: {e}): the checkpoint "
                               f"{path.parent.parent} is broken; resume another one (train.resume=<checkpoint dir>), "
                               "or delete it and let train.resume=auto take the previous one") from e
 
 
-def rank_entries(tag_dir: Path, name: str) -> Iterator[Any]:
-    """State ``name`` of every rank's trainer file, by rank, one file in memory at a time."""
+def rank_entries(tag_dir: Path, name: str, mmap: bool = False) -> Iterator[Any]:
+    """State ``name`` of every rank's trainer file, by rank, one file in memory at a time (with ``mmap``, none:
+    their tensors are read from the files when used)."""
     files = rank_files(tag_dir)
     if not files:
         raise CheckpointError(f"{Path(tag_dir) / TRAINER_DIR} holds no rank files: the checkpoint is broken")
     for f in files:
-        yield read_state(f)[name]
+        yield read_state(f, mmap)[name]
 
 
 def _fsync_dir(path: Path) -> None:

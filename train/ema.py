@@ -89,18 +89,31 @@ class ShardedEMA:
         return int(getattr(p, "ds_numel", p.numel()))
 
 
-def consolidate(shards: Iterable[dict], shapes: dict[str, torch.Size]) -> dict[str, torch.Tensor]:
-    """Full fp32 EMA tensors from the saved shards of every rank (for the export)."""
-    full: dict[str, torch.Tensor] = {}
-    seen: dict[str, int] = {}
+class _Assembled:
+    """One full EMA tensor, assembled from its shards when ``.contiguous()`` is called (the export writes it)."""
+
+    def __init__(self, numel: int, pieces: list[tuple[int, torch.Tensor]], shape: torch.Size):
+        self.numel, self.pieces, self.shape = numel, pieces, torch.Size(shape)
+        self.dtype = torch.float32
+
+    def contiguous(self) -> torch.Tensor:
+        full = torch.empty(self.numel, dtype=torch.float32)
+        for start, t in self.pieces:
+            full[start:start + t.numel()] = t
+        return full.view(self.shape)
+
+
+def consolidate(shards: Iterable[dict], shapes: dict[str, torch.Size], lazy: bool = False) -> dict:
+    """Full fp32 EMA tensors from the saved shards of every rank (for the export). With ``lazy`` each value is
+    assembled only by its ``.contiguous()`` (from memory-mapped shards: one full tensor in memory at a time)."""
+    numel: dict[str, int] = {}
+    pieces: dict[str, list[tuple[int, torch.Tensor]]] = {}
     for part in shards:
         for name, (start, t) in part["shards"].items():
-            if name not in full:
-                full[name] = torch.empty(part["numel"][name], dtype=torch.float32)
-                seen[name] = 0
-            full[name][start:start + t.numel()] = t
-            seen[name] += t.numel()
-    bad = [n for n in full if seen[n] != full[n].numel()]
+            numel.setdefault(name, part["numel"][name])
+            pieces.setdefault(name, []).append((start, t))
+    bad = [n for n in numel if sum(t.numel() for _, t in pieces[n]) != numel[n]]
     if bad:
         raise RuntimeError(f"EMA shards do not cover {bad[:3]} completely")
-    return {n: t.view(shapes[n]) for n, t in full.items()}
+    full = {n: _Assembled(numel[n], pieces[n], shapes[n]) for n in numel}
+    return full if lazy else {n: a.contiguous() for n, a in full.items()}

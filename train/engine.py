@@ -7,9 +7,12 @@ host-side Adam.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
+
+from models.partitioned import numel
 
 from .config import TrainJob
 
@@ -100,11 +103,27 @@ def aligned_order(params: list[torch.nn.Parameter], multiple: int = 8) -> list[t
     its slice: after one odd-sized tensor (a 3x3 conv to 1 channel in the face encoder, say) every later
     weight starts off a 16-byte boundary and cuBLAS falls back to slow pre-Hopper kernels (measured on an
     H100: the DiT's matmuls ran on sm75 CUTLASS kernels and the step took 2x as long)."""
-    return sorted(params, key=lambda p: p.numel() % multiple != 0)
+    return sorted(params, key=lambda p: numel(p) % multiple != 0)
+
+
+def construction(job: TrainJob):
+    """The context the model is built in. Under ZeRO-3 it is ``deepspeed.zero.Init``: each module's parameters
+    are partitioned over the ranks as soon as its ``__init__`` returns (rank 0's values, in the training
+    precision, on the training device), so a rank never holds more than its shard of the model plus the
+    module being built (wan14b would need 92 GiB of fp32 per rank otherwise; docs/zero3_init_notes.md).
+    ``torch.nn.functional.linear`` is left alone (``mem_efficient_linear=False``): DeepSpeed would replace it
+    for the whole process."""
+    if job.zero.stage != 3:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.Init(config_dict_or_path=deepspeed_config(job, num_trainable=0),
+                               mem_efficient_linear=False)
 
 
 def initialize(model: torch.nn.Module, job: TrainJob, load_universal: bool = False):
-    """``deepspeed.initialize`` on ``model`` (its trainable set already chosen): returns the engine."""
+    """``deepspeed.initialize`` on ``model`` (its trainable set already chosen; under ZeRO-3 built in
+    :func:`construction`): returns the engine."""
     import deepspeed
     from deepspeed.checkpoint import constants as ck
 
@@ -112,7 +131,7 @@ def initialize(model: torch.nn.Module, job: TrainJob, load_universal: bool = Fal
     params = [p for _, p in named]
     optimizer = build_optimizer(named, job)
     scheduler = warmup_schedule(optimizer, job.train.optimizer.warmup_steps)
-    config = deepspeed_config(job, sum(p.numel() for p in params), load_universal)
+    config = deepspeed_config(job, sum(numel(p) for p in params), load_universal)
     # ds_to_universal needs this marker in the model-states file to convert a ZeRO-1/2 checkpoint.
     setattr(model, ck.UNIVERSAL_CHECKPOINT_INFO,
             {ck.UNIVERSAL_CHECKPOINT_VERSION_KEY: ck.UNIVERSAL_CHECKPOINT_VERSION_VALUE})
@@ -150,7 +169,7 @@ def set_activation_budget(engine, job: TrainJob, dist) -> int | None:
     if job.model.dit.activation_checkpointing != "auto" or dist.device.type != "cuda":
         return None
     total = torch.cuda.get_device_properties(dist.device).total_memory
-    trainable = sum(p.numel() for p in engine.module.parameters() if p.requires_grad)
+    trainable = sum(numel(p) for p in engine.module.parameters() if p.requires_grad)
     grad_bytes = trainable * (2 if job.launch.precision == "bf16" else 4)
     state = getattr(engine.optimizer, "optimizer", engine.optimizer)
     pending = 0 if getattr(state, "state", None) else 8 * trainable // dist.world_size

@@ -16,8 +16,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import shutil
+import struct
 import sys
 from pathlib import Path
 
@@ -35,12 +37,51 @@ from train.ema import consolidate
 log = logging.getLogger(__name__)
 
 
-def consolidated_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
-    """Full fp32 model state (parameters and persistent buffers) of a DeepSpeed ZeRO-2/3 checkpoint."""
+def consolidated_state_dict(tag_dir: Path) -> dict:
+    """Full fp32 model state (parameters and persistent buffers) of a DeepSpeed ZeRO-2/3 checkpoint, lazily:
+    each value has ``shape`` and ``dtype`` and is made a tensor by ``.contiguous()`` (ZeRO-3's trainable
+    parameters are then concatenated from the memory-mapped partitions of every rank, one tensor at a time;
+    frozen ones and ZeRO-2's are read whole by DeepSpeed)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    sd = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
-    return {k: (v.float() if v.is_floating_point() else v).contiguous() for k, v in sd.items()}
+    return dict(get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name, lazy_mode=True))
+
+
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float64: "F64", torch.float16: "F16", torch.bfloat16: "BF16",
+                       torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+                       torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+def _fp32(value) -> torch.Tensor:
+    """A lazy state value as a contiguous tensor, floating ones in fp32 (the export's precision)."""
+    t = value.contiguous()
+    return (t.float() if t.is_floating_point() else t).contiguous()
+
+
+def write_safetensors(path: Path, tensors: dict, metadata: dict[str, str]) -> None:
+    """Write a ``.safetensors`` file one tensor at a time: ``tensors`` maps names to lazy values (``shape``,
+    ``dtype``, ``.contiguous()``), each materialised, written and dropped in turn, so the file may be larger
+    than the memory of the host that writes it. Floating tensors are written in fp32; the layout is the one
+    ``safetensors.torch.save_file`` reads (header, then the tensors back to back in name order)."""
+    names = sorted(tensors)
+    header: dict = {"__metadata__": metadata}
+    offset = 0
+    for name in names:
+        v = tensors[name]
+        dtype = torch.float32 if v.dtype.is_floating_point else v.dtype
+        n = math.prod(v.shape) * torch.empty((), dtype=dtype).element_size()
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(v.shape),
+                        "data_offsets": [offset, offset + n]}
+        offset += n
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(head)) + head)
+        for name in names:
+            t = _fp32(tensors[name])
+            if tuple(t.shape) != tuple(header[name]["shape"]):
+                raise RuntimeError(f"{name}: the checkpoint gave shape {tuple(t.shape)}, not {header[name]['shape']}")
+            f.write(t.reshape(-1).view(torch.uint8).numpy().tobytes())
 
 
 def export(tag_dir: Path, out_dir: Path, *, key: bytes | None = None, key_from: str | None = None,
@@ -49,8 +90,6 @@ def export(tag_dir: Path, out_dir: Path, *, key: bytes | None = None, key_from: 
     (through a temporary directory renamed at the end, so a reader never sees half an export). The checkpoint
     must verify first (``verify``: size | sha256) under ``key`` (default: this machine's checkpoint key,
     :func:`train.manifest.load_key`), else :class:`train.checkpoint.CheckpointError` names the bad file."""
-    from safetensors.torch import save_file
-
     tag_dir, out_dir = Path(tag_dir), Path(out_dir)
     meta = ckpt.read_meta(tag_dir)
     if meta is None:
@@ -64,17 +103,19 @@ def export(tag_dir: Path, out_dir: Path, *, key: bytes | None = None, key_from: 
                                    "checkpoint you trust that this key did not sign, pass --trust-unsigned "
                                    "(train.checkpoint.trust_unsigned=true)")
     weights = consolidated_state_dict(tag_dir)
-    ema = consolidate(ckpt.rank_entries(tag_dir, ckpt.EMA), {k: v.shape for k, v in weights.items()})
+    # the rank files are memory-mapped: an EMA tensor is assembled from their shards when it is written
+    ema = consolidate(ckpt.rank_entries(tag_dir, ckpt.EMA, mmap=True), {k: v.shape for k, v in weights.items()},
+                      lazy=True)
     ema_weights = dict(weights)
-    ema_weights.update({k: v.contiguous() for k, v in ema.items()})
+    ema_weights.update(ema)
     info = {"checkpoint": str(tag_dir), "step": str(meta["step"]), "stage": str(meta["stage"]),
             "model": str(meta["model"]), "ema_decay": str(meta.get("ema_decay")),
             "ema_params": str(len(ema))}
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file(weights, str(tmp / "model.safetensors"), metadata=info)
-    save_file(ema_weights, str(tmp / "ema.safetensors"), metadata=dict(info, weights="ema"))
+    write_safetensors(tmp / "model.safetensors", weights, info)
+    write_safetensors(tmp / "ema.safetensors", ema_weights, dict(info, weights="ema"))
     run_config = yaml.safe_load((tag_dir / "config.yaml").read_text())  # older checkpoints kept secrets in it
     (tmp / "config.yaml").write_text(yaml.safe_dump(redacted(run_config), sort_keys=False))
     (tmp / "export.json").write_text(json.dumps(info, indent=1))

@@ -19,9 +19,11 @@ from pathlib import Path
 import torch
 
 from models.dreamactor import STAGE_GROUPS, DreamActor
+from models.partitioned import gathered, load_safetensors, numel, shape
 
 from .config import TrainJob
 from .distributed import seed_everything
+from .engine import construction
 
 log = logging.getLogger(__name__)
 
@@ -45,15 +47,17 @@ def init_weights_path(job: TrainJob) -> Path | None:
 
 
 def build_model(job: TrainJob) -> DreamActor:
-    """The model of this stage on the CPU in fp32, identical on every rank, with its trainable set chosen."""
-    seed_everything(job.train.seed)
-    model = DreamActor.from_config(job.model, load_weights=job.stage.id == 1)
+    """The model of this stage with its trainable set chosen, identical on every rank: on the CPU in fp32, or
+    under ZeRO-3 already partitioned over the ranks (each rank allocates its shard and one module at a time;
+    see :func:`train.engine.construction`). Starting weights are streamed in, one tensor at a time."""
     path = init_weights_path(job)
+    seed_everything(job.train.seed)
+    with construction(job):
+        model = DreamActor(job.model)
+    if job.stage.id == 1:
+        model.load_pretrained()
     if path is not None:
-        from safetensors.torch import load_file
-
-        state = load_file(str(path))
-        model.load_state_dict(state, strict=True)
+        load_safetensors(model, path)
         log.info("stage %d starts from %s", job.stage.id, path)
     model.set_stage(job.stage.id)
     return model
@@ -73,9 +77,10 @@ def frozen_signature(model: DreamActor) -> str:
     h = hashlib.sha256()
     for name, p in model.named_parameters():
         if not p.requires_grad:
-            flat = p.detach().reshape(-1).to(torch.float32).cpu()
+            with gathered([p]):  # ZeRO-3 partitions: one parameter whole at a time (collective)
+                flat = p.detach().reshape(-1).to(torch.float32).cpu()
             stride = max(1, flat.numel() // 1_000_000)  # a strided sample bounds the cost on 14B models
-            h.update(f"{name}:{tuple(p.shape)}".encode())
+            h.update(f"{name}:{shape(p)}".encode())
             h.update(flat[::stride].contiguous().numpy().tobytes())
     return h.hexdigest()
 
@@ -84,5 +89,5 @@ def describe(model: DreamActor, stage: int) -> str:
     """One line: trainable / frozen parameter counts by group."""
     groups = model.named_param_groups()
     train = set(STAGE_GROUPS[stage])
-    parts = [f"{g} {sum(p.numel() for _, p in groups[g]):,} ({'train' if g in train else 'frozen'})" for g in groups]
+    parts = [f"{g} {sum(numel(p) for _, p in groups[g]):,} ({'train' if g in train else 'frozen'})" for g in groups]
     return f"stage {stage}: " + ", ".join(parts)

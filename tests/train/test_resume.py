@@ -4,8 +4,8 @@
   norm, lr and samples equal (bitwise) those of an uninterrupted run, under ZeRO-2 and ZeRO-3; a
   half-written newer checkpoint (and a ``latest`` pointing at it) is ignored.
 - SIGTERM (preemption): a complete checkpoint of the current step, exit 0; resuming it is exact too.
-- 2 ranks -> 1 rank: DeepSpeed universal conversion happens by itself and the data cursor continues the
-  epochs: no (epoch, clip) delivered twice, every partly read epoch completed.
+- 2 ranks -> 1 rank (ZeRO-2 and ZeRO-3): DeepSpeed universal conversion happens by itself and the data cursor
+  continues the epochs: no (epoch, clip) delivered twice, every partly read epoch completed.
 """
 from __future__ import annotations
 
@@ -94,13 +94,16 @@ def test_sigterm_checkpoints_the_current_step(tmp_path, base_overrides, referenc
     assert not bad, "\n".join(bad)
 
 
-def test_resume_two_ranks_on_one_continues_the_epoch(tmp_path, base_overrides, reference_zero2):
-    """A 2-rank checkpoint resumed by 1 rank: universal conversion, then the epoch goes on."""
+@pytest.mark.parametrize("zero", ["zero2", "zero3"])
+def test_resume_two_ranks_on_one_continues_the_epoch(zero, request, tmp_path, base_overrides):
+    """A 2-rank checkpoint resumed by 1 rank: universal conversion, then the epoch goes on (under ZeRO-3 into a
+    model built partitioned, inside deepspeed.zero.Init)."""
+    reference = request.getfixturevalue(f"reference_{zero}")
     ckpt_step = 6
-    out = copy_run(reference_zero2, tmp_path / "run", ckpt_step)
-    before = [tuple(k) for s in range(1, ckpt_step + 1) for k in metrics(reference_zero2)[s]["sample_keys"]]
+    out = copy_run(reference, tmp_path / "run", ckpt_step)
+    before = [tuple(k) for s in range(1, ckpt_step + 1) for k in metrics(reference)[s]["sample_keys"]]
     steps = ckpt_step + 8
-    log = run(out, [*base_overrides, f"stage.steps={steps}"], nproc=1)
+    log = run(out, [*base_overrides, f"zero={zero}", f"stage.steps={steps}"], nproc=1)
     assert "universal checkpoint: 2 -> 1 ranks" in log, log[-3000:]
     assert "to a DeepSpeed universal checkpoint" in log and "/universal written in" in log
     got = metrics(out)
