@@ -110,7 +110,7 @@ def construction(job: TrainJob):
     """The context the model is built in. Under ZeRO-3 it is ``deepspeed.zero.Init``: each module's parameters
     are partitioned over the ranks as soon as its ``__init__`` returns (rank 0's values, in the training
     precision, on the training device), so a rank never holds more than its shard of the model plus the
-    module being built (wan14b would need 92 GiB of fp32 per rank otherwise; docs/zero3_init_notes.md).
+    module being built (wan14b would need 92 GiB of fp32 per rank otherwise; docs/scaling.md).
     ``torch.nn.functional.linear`` is left alone (``mem_efficient_linear=False``): DeepSpeed would replace it
     for the whole process."""
     if job.zero.stage != 3:
