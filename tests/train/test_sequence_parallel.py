@@ -5,8 +5,9 @@
   tolerance (DeepSpeed's average over the ranks is the group's gradient; measured: the losses bitwise equal, the
   norms to 2e-7). The SP run makes a sample video on the way (every rank of the group samples together).
 - An SP run resumed from its checkpoint is bitwise the uninterrupted run.
-- An SP-2 checkpoint resumed by 2 ranks of plain data parallelism (same world size: no universal conversion)
-  continues the epoch: the data cursor was kept for 1 data-parallel rank and is dealt to 2, no clip twice.
+- An SP-2 checkpoint resumed by 2 ranks of plain data parallelism (same world size: no universal conversion), or
+  by 4 (a universal checkpoint), continues the epoch: the data cursor was kept for 1 data-parallel rank and is
+  dealt to 2 or 4, no clip twice.
 """
 from __future__ import annotations
 
@@ -64,15 +65,18 @@ def test_sp_resume_is_bitwise_exact(tmp_path, base_overrides, sp_run):
     assert not bad, "\n".join(bad)
 
 
-def test_sp_checkpoint_resumed_as_data_parallel_continues_the_epoch(tmp_path, base_overrides, sp_run):
+@pytest.mark.parametrize("ranks", [2, pytest.param(4, marks=pytest.mark.slow)])
+def test_sp_checkpoint_resumed_as_data_parallel_continues_the_epoch(tmp_path, base_overrides, sp_run, ranks):
+    """2 ranks: the same world size, no conversion; 4 ranks (the issue's case): a universal checkpoint."""
     ckpt_step = 6
     out = copy_run(sp_run, tmp_path / "run", ckpt_step)
     _truncate_metrics(out, ckpt_step)
     before = [tuple(k) for s in range(1, ckpt_step + 1) for k in metrics(sp_run)[s]["sample_keys"]]
     steps = ckpt_step + 5
-    log = run(out, [*base_overrides, "train.sequence_parallel=1", f"stage.steps={steps}"], log_name="dp.log")
-    assert f"at step {ckpt_step}" in log and "universal checkpoint:" not in log, log[-3000:]
-    assert "data cursor from 1 ranks x" in log and "resumed on 2 x" in log, log[-3000:]
+    log = run(out, [*base_overrides, "train.sequence_parallel=1", f"stage.steps={steps}"], nproc=ranks,
+              log_name="dp.log")
+    assert f"at step {ckpt_step}" in log and ("universal checkpoint:" in log) == (ranks != 2), log[-3000:]
+    assert "data cursor from 1 ranks x" in log and f"resumed on {ranks} x" in log, log[-3000:]
     got = metrics(out)
     after = [tuple(k) for s in range(ckpt_step + 1, steps + 1) for k in got[s]["sample_keys"]]
     seen = before + after
