@@ -345,7 +345,8 @@ class SMPLXFitter:
             hand_pose = self.model.hand_pose(hands * _PRECOND)
         J, R, uv = J.cpu().numpy().astype(np.float64), R.cpu().numpy(), uv.cpu().numpy().astype(np.float64)
         out = FitResult(
-            betas=(betas * _PRECOND).detach().cpu().numpy()[0], global_orient=np.zeros((T, 3)), body_pose=np.zeros((T, 21, 3)),
+            betas=(betas * _PRECOND).detach().cpu().numpy()[0], global_orient=np.zeros((T, 3)),
+            body_pose=np.zeros((T, 21, 3)),
             hand_pose=np.zeros((T, 2, 15, 3)), jaw_pose=np.zeros((T, 3)), transl=np.zeros((T, 3)),
             joints3d=np.zeros((T, N_SMPLX_JOINTS, 3)), joints2d=np.zeros((T, N_SMPLX_JOINTS, 2)),
             fit_px=np.full((T, len(FIT_GROUPS)), np.nan), valid=np.zeros(T, bool))

@@ -130,9 +130,8 @@ class SMPLXJoints(torch.nn.Module):
         one batched product per depth of the kinematic tree (12) instead of one per joint (55): 20x faster."""
         B = rot.shape[0]
         rel = J - torch.cat([torch.zeros_like(J[:, :1]), J[:, self.parents[1:]]], 1)
-        local = torch.cat([torch.cat([rot, rel[..., None]], -1),
-                           torch.tensor([0.0, 0, 0, 1], dtype=rot.dtype, device=rot.device).expand(B, N_KINEMATIC, 1, 4)],
-                          -2)
+        bottom = torch.tensor([0.0, 0, 0, 1], dtype=rot.dtype, device=rot.device).expand(B, N_KINEMATIC, 1, 4)
+        local = torch.cat([torch.cat([rot, rel[..., None]], -1), bottom], -2)
         world = local[:, self._levels[0]]
         for idx, ppos in zip(self._levels[1:], self._parent_pos[1:]):
             world = torch.cat([world, world[:, ppos] @ local[:, idx]], 1)
