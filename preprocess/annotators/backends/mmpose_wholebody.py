@@ -5,7 +5,8 @@ Built and run by mmpose's own API: ``mmpose.apis.init_model`` builds the network
 ``model.test_step``) over all boxes of a clip in batches of ``batch_size`` instead of one frame at a time. The boxes
 are the body stage's tracked subject boxes. The 133 points map onto the SMPL-X joints they locate
 (:data:`WHOLEBODY_TO_SMPLX`): 17 body, 6 feet, the 51 inner face points (68-point layout less the jaw contour, which
-SMPL-X's static landmarks are), 2 x 21 hand points; that is 116 of the 127 fitted joints' targets.
+SMPL-X's static landmarks are), 2 x 20 hand points (the hand's wrist point
+duplicates the body's wrist, which is kept); that is 114 of the 127 fitted joints' targets.
 
 Files (local paths, nothing downloaded): ``config`` (e.g. mmpose's
 ``projects/rtmpose/rtmpose/wholebody_2d_keypoint/rtmw-x_8xb320-270e_cocktail14-384x288.py``) and ``checkpoint``
@@ -40,8 +41,7 @@ def _wholebody_to_smplx() -> tuple[tuple[int, int], ...]:
     feet = ["left_big_toe", "left_small_toe", "left_heel", "right_big_toe", "right_small_toe", "right_heel"]
     pairs = [(k, idx[n]) for k, n in enumerate(body)] + [(17 + k, idx[n]) for k, n in enumerate(feet)]
     pairs += [(23 + 17 + k, 76 + k) for k in range(51)]  # face points 17..67 of 68 = SMPL-X's 51 landmarks
-    for side, base in (("left", 91), ("right", 112)):  # hand: wrist, then 4 points per finger (thumb..pinky)
-        pairs.append((base, idx[f"{side}_wrist"]))
+    for side, base in (("left", 91), ("right", 112)):  # hand: wrist (the body's wrist is used), 4 points per finger
         for f, finger in enumerate(("thumb", "index", "middle", "ring", "pinky")):
             for k in range(3):
                 pairs.append((base + 1 + 4 * f + k, idx[f"{side}_{finger}{k + 1}"]))
@@ -89,7 +89,8 @@ class MMPoseWholeBody(KeypointsBackend):
         cfg = Path(p.config).expanduser()
         if not p.config or not cfg.is_file():
             raise ModelFileError(f"mmpose config {p.config or '(unset)'} is missing: take it from mmpose's sources "
-                                 f"({RTMW_DOCS}) and set {_KEY}.config=/path/to/rtmw-x_8xb320-270e_cocktail14-384x288.py")
+                                 f"({RTMW_DOCS}) and set {_KEY}.config=/path/to/"
+                                 "rtmw-x_8xb320-270e_cocktail14-384x288.py")
         ckpt = Path(p.checkpoint).expanduser() if p.checkpoint else None
         if p.checkpoint is not None and (ckpt is None or not ckpt.is_file()):
             raise ModelFileError(f"mmpose checkpoint {p.checkpoint or '(unset)'} is missing: download the model's "
@@ -99,7 +100,8 @@ class MMPoseWholeBody(KeypointsBackend):
             from mmpose.apis import init_model
         except ImportError as e:
             raise ModelFileError(f"mmpose is not installed ({e}): pip install mmcv==2.1.0 (built from source) and "
-                                 "pip install --no-deps mmpose==1.3.2 (docs/annotators.md, 'Production backends')") from None
+                                 "pip install --no-deps mmpose==1.3.2 (docs/annotators.md, 'Production backends')"
+                                 ) from None
         device = p.device if p.device != "auto" else ("cuda:0" if torch.cuda.is_available() else "cpu")
         self.model = init_model(str(cfg), None, device=device)  # mmpose builds the network from its config
         if ckpt is not None:

@@ -66,7 +66,8 @@ def test_mmpose_wholebody_random_weights_on_a_real_frame():
     from tests.preprocess.annotators.conftest import opencv_image
 
     spec = importlib.util.find_spec("mmpose")
-    cfgs = sorted(Path(next(iter(spec.submodule_search_locations))).rglob("rtmpose-m_8xb64-270e_coco-wholebody-256x192.py"))
+    root = Path(next(iter(spec.submodule_search_locations)))
+    cfgs = sorted(root.rglob("rtmpose-m_8xb64-270e_coco-wholebody-256x192.py"))
     if not cfgs:
         pytest.skip("mmpose's packaged configs (.mim) are not installed")
     be = MMPoseWholeBody({"config": str(cfgs[0]), "checkpoint": None, "device": "cpu", "batch_size": 2})
@@ -76,20 +77,20 @@ def test_mmpose_wholebody_random_weights_on_a_real_frame():
     boxes = np.array([[0, 0, img.shape[1], img.shape[0]]] * 3, np.float32)
     res = be.estimate(frames, boxes, np.array([True, False, True]))
     assert res.joints2d.shape == (3, 127, 2) and res.conf.shape == (3, 127)
-    assert (res.conf[1] == 0).all() and (res.conf[0] > 0).sum() > 100  # 116 of 133 points map onto SMPL-X joints
+    assert (res.conf[1] == 0).all() and (res.conf[0] > 0).sum() > 100  # 114 of 133 points map onto SMPL-X joints
     np.testing.assert_allclose(res.joints2d[0], res.joints2d[2], atol=1e-3)
 
 
 def test_wholebody_map_is_one_to_one_and_sided():
-    """The 133 -> 127 map (runs without mmpose): 116 distinct targets, left points on left joints, hands complete."""
+    """The 133 -> 127 map (runs without mmpose): 114 distinct targets, left points on left joints, hands complete."""
     from preprocess.annotators.backends.mmpose_wholebody import _wholebody_to_smplx, wholebody_to_smplx
     from preprocess.annotators.smplx_model import smplx_joint_names
 
     pairs = _wholebody_to_smplx()
     names = smplx_joint_names()
-    assert len(pairs) == 116 and len({s for _, s in pairs}) == 116 and len({w for w, _ in pairs}) == 116
-    assert names[dict(pairs)[9]] == "left_wrist" and names[dict(pairs)[91]] == "left_wrist"
+    assert len(pairs) == 114 and len({s for _, s in pairs}) == 114 and len({w for w, _ in pairs}) == 114
+    assert names[dict(pairs)[9]] == "left_wrist" and 91 not in dict(pairs)  # the body's wrist, not the hand's
     assert names[dict(pairs)[95]] == "left_thumb" and names[dict(pairs)[132]] == "right_pinky"
     kp = np.random.default_rng(0).random((2, 133, 2))
     j2, conf = wholebody_to_smplx(kp, np.ones((2, 133)))
-    assert (conf.sum(1) == 116).all() and np.allclose(j2[:, dict(pairs)[0]], kp[:, 0])
+    assert (conf.sum(1) == 114).all() and np.allclose(j2[:, dict(pairs)[0]], kp[:, 0])
