@@ -405,9 +405,9 @@ def committed_parts(dataset_storage) -> tuple[dict[str, list[str]], dict[str, fl
         raise ConfigError(f"dataset={dataset_storage.uri}: no {DATASET_FILE}; give the output= of a preprocess/run.py "
                           "run")
     info = read_json(dataset_storage, DATASET_FILE)
-    if info.get("schema_version") != schema.SCHEMA_VERSION:
-        raise ConfigError(f"dataset={dataset_storage.uri}: schema_version {info.get('schema_version')}, this code "
-                          f"reads {schema.SCHEMA_VERSION}")
+    why = schema.version_problem(info.get("schema_version"))
+    if why:
+        raise ConfigError(f"dataset={dataset_storage.uri}: {why}")
     st = load_committed(dataset_storage, cleanup=False).stats
     if st.empty:
         return {}, {}, info

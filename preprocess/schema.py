@@ -16,7 +16,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# Versions readers accept: 2 added optional fields only (the SMPL-X fit, body group), so a version-1 dataset reads
+# as a version-2 one without them. A rerun still refuses to add to an output of another version (pipeline.py).
+READABLE_VERSIONS = (1, 2)
+
+
+def version_problem(version) -> str | None:
+    """Why a dataset of schema ``version`` cannot be read by this code, or None."""
+    if version in READABLE_VERSIONS:
+        return None
+    return f"schema_version {version}, this code reads {list(READABLE_VERSIONS)} (preprocess/schema.py)"
 
 KEY_RE = re.compile(r"^[0-9a-f]{16}_[0-9]{4}$")
 
@@ -58,6 +68,13 @@ HAND_JOINT_NAMES = (
     "pinky1", "pinky2", "pinky3", "pinky_tip",
 )
 N_HAND = len(HAND_JOINT_NAMES)
+
+# SMPL-X fit (annotators=full, body stage): the 127 joints smplx.SMPLX(use_face_contour=False) returns
+# (smplx.joint_names.JOINT_NAMES[:127]: 55 kinematic joints, 21 vertex keypoints, 51 face landmarks), its
+# parameters, and the per-frame 2D reprojection error of each joint group.
+N_SMPLX_JOINTS = 127
+N_SMPLX_BETAS = 10
+SMPLX_FIT_GROUPS = ("body", "feet", "left_hand", "right_hand", "face")
 
 FACE_CROP_SIZE = 224
 REF_ROLES = ("yaw_max", "yaw_min", "yaw_median", "half_body")
@@ -102,6 +119,24 @@ FIELDS: tuple[Field, ...] = (
           doc="1 for the SMPL-X joints the body backend fills at all"),
     Field("body_fit_px", "npy", "body", "float32", ("T",), optional=True,
           doc="mean px error of the rigid 3D->2D placement before joints are put on their rays"),
+    # --- body: SMPL-X fit (schema 2; absent when the body backend does not fit, e.g. annotators=embedded) ---
+    Field("smplx_valid", "npy", "body", "uint8", ("T",), optional=True,
+          doc="1 where the SMPL-X fit is used (then body_* are its joints); 0: no subject, or the fit failed there"),
+    Field("smplx_betas", "npy", "body", "float32", (N_SMPLX_BETAS,), optional=True,
+          doc="shape, one per clip (smplx.SMPLX num_betas=10)"),
+    Field("smplx_global_orient", "npy", "body", "float32", ("T", 3), optional=True,
+          doc="axis-angle, SMPL-X body frame -> camera frame (smplx's global_orient)"),
+    Field("smplx_body_pose", "npy", "body", "float32", ("T", 21, 3), optional=True, doc="axis-angle, joints 1-21"),
+    Field("smplx_hand_pose", "npy", "body", "float32", ("T", 2, 15, 3), optional=True,
+          doc="axis-angle of the 15 finger joints, left then right, hand mean included (use_pca=False, "
+              "flat_hand_mean=True)"),
+    Field("smplx_jaw_pose", "npy", "body", "float32", ("T", 3), optional=True, doc="axis-angle"),
+    Field("smplx_transl", "npy", "body", "float32", ("T", 3), optional=True,
+          doc="smplx's transl, camera frame, metres (expression 0, eye poses 0)"),
+    Field("smplx_joints3d", "npy", "body", "float32", ("T", N_SMPLX_JOINTS, 3), optional=True,
+          doc="the fitted body's 127 smplx joints (JOINT_NAMES[:127]), camera frame, metres"),
+    Field("smplx_fit_px", "npy", "body", "float32", ("T", len(SMPLX_FIT_GROUPS)), optional=True,
+          doc="mean 2D reprojection error per joint group (SMPLX_FIT_GROUPS), px; NaN: no keypoint or not fitted"),
     # --- hands ---
     Field("hand_joints3d", "npy", "hands", "float32", ("T", 2, N_HAND, 3), doc="camera frame, metres"),
     Field("hand_joints2d", "npy", "hands", "float32", ("T", 2, N_HAND, 2), doc="pixels"),

@@ -206,8 +206,9 @@ def validate(output: str, deep: bool = False, log=print, latents: str | None = N
     if not storage.exists(DATASET_FILE):
         return [f"{output}: no {DATASET_FILE}; not a dataset written by preprocess/run.py"]
     ds = read_json(storage, DATASET_FILE)
-    if ds.get("schema_version") != schema.SCHEMA_VERSION:
-        return [f"{DATASET_FILE}: schema_version {ds.get('schema_version')}, this code reads {schema.SCHEMA_VERSION}"]
+    why = schema.version_problem(ds.get("schema_version"))
+    if why:
+        return [f"{DATASET_FILE}: {why}"]
     fields = schema.fields_of(ds.get("groups", ["clip"]))
     problems: list[str] = []
     sizes = storage.sizes(SHARD_DIR)

@@ -15,10 +15,10 @@ from typing import Any
 
 import numpy as np
 
-from ..schema import BODY_JOINT_NAMES, N_BODY, SHOT_SCALES
-from .backends import BodyBackend, BodyFrame
+from ..schema import BODY_JOINT_NAMES, BODY_SMPLX_INDEX, N_BODY, N_SMPLX_JOINTS, SHOT_SCALES, SMPLX_FIT_GROUPS
+from .backends import BodyBackend, BodyFrame, KeypointsBackend, load_backend
 from .common import BackendClipStage, finite_or_none, frac, timestamps_ms
-from .geometry import intrinsics, lift_to_rays, place_on_image, smooth_series
+from .geometry import intrinsics, lift_to_rays, place_on_image, project, smooth_series
 from .tracking import distinct_people, main_subject
 
 _J = {n: i for i, n in enumerate(BODY_JOINT_NAMES)}
@@ -52,7 +52,11 @@ class BodyStage(BackendClipStage):
     reads = ("frames", "timestamps", "frame_index", "video_key", "width", "height")
     writes = ("subject_box", "subject_valid", "person_count", "camera_K", "body_joints3d", "body_joints2d",
               "body_conf", "body_filled", "body_fit_px",
-              "m_shot_scale", "m_person_count_max", "m_subject_valid_frac", "m_body_fit_px")
+              "m_shot_scale", "m_person_count_max", "m_subject_valid_frac", "m_body_fit_px",
+              # the SMPL-X fit (params.fit set: annotators=full); absent otherwise
+              "smplx_valid", "smplx_betas", "smplx_global_orient", "smplx_body_pose", "smplx_hand_pose",
+              "smplx_jaw_pose", "smplx_transl", "smplx_joints3d", "smplx_fit_px", "m_smplx_valid_frac",
+              "m_smplx_fit_s", *(f"m_smplx_fit_px_{g}" for g in SMPLX_FIT_GROUPS))
 
     backend_kind = BodyBackend
 
@@ -66,10 +70,47 @@ class BodyStage(BackendClipStage):
         track_max_gap: int = 5  # frames a track may miss before it ends
         same_person_dist: float = 0.15  # detections this close (tracking.distinct_people) are one person
         smooth_sigma: float = 1.0  # temporal Gaussian (frames) on 2D joints and depths; 0: off
+        # SMPL-X fit (smplx_fit.FitParams as a dict; null: no fit, body joints are the backend's)
+        fit: dict[str, Any] | None = None
+        # 2D keypoints the fit uses: a KeypointsBackend run top-down on the tracked subject's boxes
+        # ({target, params}); null: the body backend's own joints
+        keypoints: dict[str, Any] | None = None
+        fitted_conf: float = 0.5  # confidence of a fitted joint that has no keypoint of its own
+
+    def __init__(self, params: dict | None = None):
+        super().__init__(params)
+        self.keypoints = (None if not self.params.keypoints else
+                          load_backend(self.params.keypoints, KeypointsBackend, "annotators.body.params.keypoints"))
+        self.fitter = None
 
     def setup(self) -> None:
         super().setup()
         self.filled = np.array([n in self.backend.filled for n in BODY_JOINT_NAMES])
+        if self.keypoints is not None:
+            self.keypoints.setup()
+        if self.params.fit is not None:
+            from .smplx_fit import FitParams, SMPLXFitter
+
+            self.fitter = SMPLXFitter(FitParams(**self.params.fit))
+
+    def fit_clip(self, frames: np.ndarray, people: list[BodyFrame], main: np.ndarray, box: np.ndarray,
+                 K: np.ndarray):
+        """SMPL-X fit of the subject (smplx_fit.py) to its keypoints; raises smplx_fit.FitError with the reason."""
+        T = len(frames)
+        valid = main >= 0
+        kp, kconf = np.zeros((T, N_SMPLX_JOINTS, 2)), np.zeros((T, N_SMPLX_JOINTS))
+        init3d, init_conf = np.zeros((T, N_SMPLX_JOINTS, 3)), np.zeros((T, N_SMPLX_JOINTS))
+        for t in np.flatnonzero(valid):
+            fr, i = people[t], main[t]
+            kp[t, BODY_SMPLX_INDEX] = fr.joints2d[i]
+            kconf[t, BODY_SMPLX_INDEX] = fr.conf[i] * self.filled
+            init3d[t, BODY_SMPLX_INDEX] = fr.joints3d[i]  # metric, camera-aligned: the initial orientation
+            init_conf[t, BODY_SMPLX_INDEX] = fr.conf[i] * self.filled
+        if self.keypoints is not None:
+            kc = self.keypoints.estimate(frames, box, valid)
+            kp, kconf = kc.joints2d, kc.conf * valid[:, None]
+        res = self.fitter.fit(kp, kconf, K, valid, init3d, init_conf, subject_height_px=box[:, 3] - box[:, 1])
+        return res, kconf
 
     def person_boxes(self, fr: BodyFrame, width: int, height: int) -> np.ndarray:
         """(P, 4) boxes: the backend's, or the padded box of each person's visible joints."""
@@ -130,14 +171,34 @@ class BodyStage(BackendClipStage):
         j3 = np.zeros((T, N_BODY, 3), np.float32)
         for t in np.flatnonzero(valid):
             j3[t] = np.where(self.filled[:, None], lift_to_rays(depth[t], uv[t], K), 0.0)
+        extra = {}
+        filled = self.filled
+        if self.fitter is not None:
+            res, kconf = self.fit_clip(frames, people, main, box, K)
+            ok = res.valid
+            # fitted frames: every skeleton joint from the fitted body (bone lengths are the body's); a joint
+            # with a keypoint keeps its confidence, one without gets fitted_conf
+            j3[ok] = res.joints3d[ok][:, BODY_SMPLX_INDEX]
+            j2[ok] = project(j3[ok].astype(np.float64), K)
+            conf[ok] = np.maximum(kconf[ok][:, BODY_SMPLX_INDEX], self.params.fitted_conf)
+            filled = np.ones(N_BODY, bool) if ok.any() else filled
+            fit_px = res.fit_px[ok]
+            extra = {
+                "smplx_valid": ok.astype(np.uint8), "smplx_betas": res.betas, "smplx_global_orient": res.global_orient,
+                "smplx_body_pose": res.body_pose, "smplx_hand_pose": res.hand_pose, "smplx_jaw_pose": res.jaw_pose,
+                "smplx_transl": res.transl, "smplx_joints3d": res.joints3d, "smplx_fit_px": res.fit_px,
+                "m_smplx_valid_frac": frac(ok), "m_smplx_fit_s": round(res.seconds, 3),
+                **{f"m_smplx_fit_px_{g}": finite_or_none(np.nanmedian(fit_px[:, k]) if np.isfinite(fit_px[:, k]).any()
+                                                        else np.nan) for k, g in enumerate(SMPLX_FIT_GROUPS)},
+            }
         inside = (j2[..., 0] >= 0) & (j2[..., 0] < W) & (j2[..., 1] >= 0) & (j2[..., 1] < H)
         count = np.array([len(fr.conf) for fr in people])
-        return {
+        return {**extra,
             "subject_box": box, "subject_valid": valid.astype(np.uint8),
             "person_count": np.minimum(count, 255).astype(np.uint8),
             "camera_K": np.repeat(K[None].astype(np.float32), T, axis=0),
             "body_joints3d": j3, "body_joints2d": j2, "body_conf": conf,
-            "body_filled": self.filled.astype(np.uint8), "body_fit_px": fit,
+            "body_filled": filled.astype(np.uint8), "body_fit_px": fit,
             "m_shot_scale": shot_scale(conf, inside, valid, self.params.min_conf),
             "m_person_count_max": int(count.max(initial=0)),
             "m_subject_valid_frac": frac(valid),

@@ -30,3 +30,21 @@ def test_keys_are_dot_free_and_unknown_fields_are_named():
         schema.field("skeleton")
     assert len({f.member for f in schema.FIELDS}) == len(schema.FIELDS)
     assert all("." not in f.name for f in schema.FIELDS)
+
+
+def test_version_1_datasets_still_read_and_the_fit_fields_are_optional(tmp_path):
+    """Schema 2 only added optional SMPL-X fields: a version-1 dataset (the committed fixture, made before) validates;
+    an unknown version is named."""
+    import shutil
+    from pathlib import Path
+
+    from preprocess import schema
+    from preprocess.validate import validate
+
+    assert schema.version_problem(1) is None and schema.version_problem(schema.SCHEMA_VERSION) is None
+    assert "schema_version 99" in schema.version_problem(99)
+    assert all(f.optional for f in schema.FIELDS if f.name.startswith("smplx_"))
+    src = Path(__file__).parent / "fixtures" / "dataset_before_consolidation"
+    shutil.copytree(src, tmp_path / "ds")
+    assert '"schema_version": 1' in (tmp_path / "ds" / "dataset.json").read_text()
+    assert validate(str(tmp_path / "ds"), log=lambda *a: None) == []

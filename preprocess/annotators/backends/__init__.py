@@ -8,6 +8,7 @@ A backend only runs a model and returns its raw estimate in the form its kind's 
 kind        interface                                   embedded backend (this package)
 ==========  ==========================================  =========================================
 body        :class:`BodyBackend` → :class:`BodyFrame`   ``mediapipe_pose.MediaPipePose``
+keypoints   :class:`KeypointsBackend` → KeypointsClip   (full: ``mmpose_wholebody.MMPoseWholeBody``)
 hands       :class:`HandsBackend` → :class:`HandsClip`   ``mediapipe_hands.MediaPipeHands``
 head, face  :class:`HeadBackend` → :class:`HeadClip`     ``mediapipe_face.MediaPipeFace``
 identity    :class:`IdentityBackend`                    ``dlib_identity.DlibIdentity``
@@ -87,6 +88,26 @@ class BodyBackend(Backend):
 
     def estimate(self, frames: np.ndarray, timestamps_ms: np.ndarray, new_sequence: bool) -> list[BodyFrame]:
         """One :class:`BodyFrame` per frame. ``new_sequence`` is False when the clip continues the last one."""
+        raise NotImplementedError
+
+
+# ---- keypoints (2D, for the SMPL-X fit) ------------------------------------------------------------
+
+@dataclass
+class KeypointsClip:
+    """2D keypoints of the main subject per frame, in SMPL-X joint order (``schema.N_SMPLX_JOINTS``: the joints
+    smplx.SMPLX returns; a keypoint the model has no counterpart for stays at confidence 0)."""
+
+    joints2d: np.ndarray  # (T, N_SMPLX_JOINTS, 2) pixels
+    conf: np.ndarray  # (T, N_SMPLX_JOINTS) in [0, 1]
+
+
+class KeypointsBackend(Backend):
+    """Top-down 2D keypoints (body, feet, hands, face) of the subject inside its box in each frame."""
+
+    def estimate(self, frames: np.ndarray, boxes: np.ndarray, valid: np.ndarray) -> KeypointsClip:
+        """``boxes`` (T, 4) x0,y0,x1,y1 of the subject (the body stage's tracker); frames where ``valid`` is False
+        are skipped (confidence 0)."""
         raise NotImplementedError
 
 

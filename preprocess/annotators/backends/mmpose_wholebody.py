@@ -1,0 +1,158 @@
+"""Keypoints backend: a COCO-WholeBody (133 points) top-down model of mmpose (RTMW, DWPose / RTMPose-wholebody).
+
+Built and run by mmpose's own API: ``mmpose.apis.init_model`` builds the network from its config; inference is
+``mmpose.apis.inference_topdown``'s steps (the model's test pipeline on each box, ``pseudo_collate``,
+``model.test_step``) over all boxes of a clip in batches of ``batch_size`` instead of one frame at a time. The boxes
+are the body stage's tracked subject boxes. The 133 points map onto the SMPL-X joints they locate
+(:data:`WHOLEBODY_TO_SMPLX`): 17 body, 6 feet, the 51 inner face points (68-point layout less the jaw contour, which
+SMPL-X's static landmarks are), 2 x 20 hand points (the hand's wrist point
+duplicates the body's wrist, which is kept); that is 114 of the 127 fitted joints' targets.
+
+Files (local paths, nothing downloaded): ``config`` (e.g. mmpose's
+``projects/rtmpose/rtmpose/wholebody_2d_keypoint/rtmw-x_8xb320-270e_cocktail14-384x288.py``) and ``checkpoint``
+(Apache-2.0 weights from the mmpose model zoo; a plain state dict, or a released file converted with
+``python -m preprocess.annotators.backends.mmpose_wholebody --convert IN.pth OUT.pth``: torch >= 2.6 loads only
+weights, and released OpenMMLab checkpoints carry pickled metadata). docs/annotators.md says where to get them.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ...schema import N_SMPLX_JOINTS
+from ..assets import ModelFileError
+from . import KeypointsBackend, KeypointsClip
+
+RTMW_DOCS = "https://github.com/open-mmlab/mmpose/tree/main/projects/rtmw (configs and checkpoint links)"
+_KEY = "annotators.body.params.keypoints.params"
+
+
+def _wholebody_to_smplx() -> tuple[tuple[int, int], ...]:
+    """(COCO-WholeBody index, SMPL-X joint index) pairs."""
+    from ..smplx_model import smplx_joint_names
+
+    idx = {n: i for i, n in enumerate(smplx_joint_names())}
+    body = ["nose", "left_eye", "right_eye", "left_ear", "right_ear", "left_shoulder", "right_shoulder", "left_elbow",
+            "right_elbow", "left_wrist", "right_wrist", "left_hip", "right_hip", "left_knee", "right_knee",
+            "left_ankle", "right_ankle"]
+    feet = ["left_big_toe", "left_small_toe", "left_heel", "right_big_toe", "right_small_toe", "right_heel"]
+    pairs = [(k, idx[n]) for k, n in enumerate(body)] + [(17 + k, idx[n]) for k, n in enumerate(feet)]
+    pairs += [(23 + 17 + k, 76 + k) for k in range(51)]  # face points 17..67 of 68 = SMPL-X's 51 landmarks
+    for side, base in (("left", 91), ("right", 112)):  # hand: wrist (the body's wrist is used), 4 points per finger
+        for f, finger in enumerate(("thumb", "index", "middle", "ring", "pinky")):
+            for k in range(3):
+                pairs.append((base + 1 + 4 * f + k, idx[f"{side}_{finger}{k + 1}"]))
+            pairs.append((base + 4 + 4 * f, idx[f"{side}_{finger}"]))  # tip
+    return tuple(pairs)
+
+
+def wholebody_to_smplx(kp: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(…, 133, 2) points and (…, 133) scores → (…, 127, 2) and (…, 127) in SMPL-X joint order (0 elsewhere)."""
+    pairs = np.array(_wholebody_to_smplx())
+    out = np.zeros((*kp.shape[:-2], N_SMPLX_JOINTS, 2))
+    conf = np.zeros((*kp.shape[:-2], N_SMPLX_JOINTS))
+    out[..., pairs[:, 1], :] = kp[..., pairs[:, 0], :]
+    conf[..., pairs[:, 1]] = np.clip(score[..., pairs[:, 0]], 0.0, 1.0)
+    return out, conf
+
+
+def load_state_dict(path: Path):
+    """The weights of a checkpoint file, loaded with ``weights_only`` (a pickle of anything else is refused)."""
+    import torch
+
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises UnpicklingError / RuntimeError with the offending type
+        raise ModelFileError(
+            f"checkpoint {path} is not a plain state dict ({type(e).__name__}: {str(e)[:200]}); released OpenMMLab "
+            "checkpoints carry pickled metadata: convert the trusted file once with `python -m "
+            f"preprocess.annotators.backends.mmpose_wholebody --convert {path} {path.with_suffix('.weights.pth')}`"
+        ) from None
+    return ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else ckpt
+
+
+class MMPoseWholeBody(KeypointsBackend):
+    """133-point whole-body keypoints, top-down on the subject's boxes, through ``mmpose.apis``."""
+
+    @dataclass
+    class Params:
+        config: str = ""  # mmpose config file of a COCO-WholeBody model (RTMW-x/l, DWPose-l, RTMPose-wholebody)
+        checkpoint: str | None = ""  # its weights; null: random weights (tests and benchmarks only)
+        device: str = "auto"  # auto: cuda:0 when available, else cpu
+        batch_size: int = 32  # boxes per forward pass
+
+    def setup(self) -> None:
+        p = self.params
+        cfg = Path(p.config).expanduser()
+        if not p.config or not cfg.is_file():
+            raise ModelFileError(f"mmpose config {p.config or '(unset)'} is missing: take it from mmpose's sources "
+                                 f"({RTMW_DOCS}) and set {_KEY}.config=/path/to/"
+                                 "rtmw-x_8xb320-270e_cocktail14-384x288.py")
+        ckpt = Path(p.checkpoint).expanduser() if p.checkpoint else None
+        if p.checkpoint is not None and (ckpt is None or not ckpt.is_file()):
+            raise ModelFileError(f"mmpose checkpoint {p.checkpoint or '(unset)'} is missing: download the model's "
+                                 f"weights (Apache-2.0, {RTMW_DOCS}) and set {_KEY}.checkpoint=/path/to/file.pth")
+        try:
+            import torch
+            from mmpose.apis import init_model
+        except ImportError as e:
+            raise ModelFileError(f"mmpose is not installed ({e}): pip install mmcv==2.1.0 (built from source) and "
+                                 "pip install --no-deps mmpose==1.3.2 (docs/annotators.md, 'Production backends')"
+                                 ) from None
+        device = p.device if p.device != "auto" else ("cuda:0" if torch.cuda.is_available() else "cpu")
+        self.model = init_model(str(cfg), None, device=device)  # mmpose builds the network from its config
+        if ckpt is not None:
+            missing, unexpected = self.model.load_state_dict(load_state_dict(ckpt), strict=False)
+            if missing:
+                raise ModelFileError(f"checkpoint {ckpt} does not fit config {cfg}: {len(missing)} weights missing, "
+                                     f"e.g. {missing[:3]}")
+        n = self.model.dataset_meta.get("num_keypoints") if self.model.dataset_meta else None
+        if n != 133:
+            raise ValueError(f"{cfg}: a {n}-keypoint model; this backend maps COCO-WholeBody's 133 points")
+        from mmengine.dataset import Compose
+
+        self.pipeline = Compose(self.model.cfg.test_dataloader.dataset.pipeline)
+
+    def estimate(self, frames: np.ndarray, boxes: np.ndarray, valid: np.ndarray) -> KeypointsClip:
+        import torch
+        from mmengine.dataset import pseudo_collate
+        from mmengine.registry import init_default_scope
+
+        init_default_scope(self.model.cfg.get("default_scope", "mmpose"))
+        T = len(frames)
+        kp, score = np.zeros((T, 133, 2)), np.zeros((T, 133))
+        todo = [t for t in np.flatnonzero(valid) if np.isfinite(boxes[t]).all() and boxes[t][2] > boxes[t][0]]
+        for s in range(0, len(todo), self.params.batch_size):
+            chunk = todo[s: s + self.params.batch_size]
+            data = []
+            for t in chunk:  # inference_topdown's per-box input, for boxes of several frames
+                info = dict(img=np.ascontiguousarray(frames[t][..., ::-1]),  # mmpose reads BGR
+                            bbox=np.asarray(boxes[t], np.float32)[None], bbox_score=np.ones(1, np.float32))
+                info.update(self.model.dataset_meta)
+                data.append(self.pipeline(info))
+            with torch.no_grad():
+                results = self.model.test_step(pseudo_collate(data))
+            for t, r in zip(chunk, results):
+                kp[t] = r.pred_instances.keypoints[0]
+                score[t] = r.pred_instances.keypoint_scores[0]
+        j2, conf = wholebody_to_smplx(kp, score)
+        return KeypointsClip(joints2d=j2, conf=conf)
+
+
+def convert(src: str, dst: str) -> None:
+    """Save the state dict of a released (trusted) OpenMMLab checkpoint as a plain weights file."""
+    import torch
+
+    ckpt = torch.load(src, map_location="cpu", weights_only=False)  # noqa: S614 - the user's own trusted download
+    torch.save(ckpt.get("state_dict", ckpt), dst)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 4 and sys.argv[1] == "--convert":
+        convert(sys.argv[2], sys.argv[3])
+    else:
+        print(__doc__)
+        sys.exit(2)
