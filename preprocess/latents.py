@@ -405,9 +405,10 @@ def committed_parts(dataset_storage) -> tuple[dict[str, list[str]], dict[str, fl
         raise ConfigError(f"dataset={dataset_storage.uri}: no {DATASET_FILE}; give the output= of a preprocess/run.py "
                           "run")
     info = read_json(dataset_storage, DATASET_FILE)
-    if info.get("schema_version") != schema.SCHEMA_VERSION:
-        raise ConfigError(f"dataset={dataset_storage.uri}: schema_version {info.get('schema_version')}, this code "
-                          f"reads {schema.SCHEMA_VERSION}")
+    try:
+        schema.check_version(info, f"dataset={dataset_storage.uri}")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     st = load_committed(dataset_storage, cleanup=False).stats
     if st.empty:
         return {}, {}, info

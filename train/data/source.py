@@ -74,9 +74,7 @@ def resolve_source(cfg: SourceConfig) -> tuple[list[str], list[str] | None]:
     ds_file = _join(path, DATASET_FILE)
     if fs.exists(ds_file):
         info = json.loads(fs.cat_file(ds_file))
-        if info.get("schema_version") != schema.SCHEMA_VERSION:
-            raise ValueError(f"{root}: schema_version {info.get('schema_version')} but this code reads "
-                             f"{schema.SCHEMA_VERSION} (preprocess/schema.py)")
+        schema.check_version(info, root)
         groups = list(info.get("groups", []))
     index_file = _join(path, INDEX_FILE)
     if fs.exists(index_file):
