@@ -1,7 +1,9 @@
-"""Body annotators of ``annotators=full`` on whatever device is present: person detection, whole-body keypoints and
-the SMPL-X fit, milliseconds per frame.
+"""The production annotators of ``annotators=full`` on whatever device is present, milliseconds per frame, and the
+whole stack's source-video-hours per device-hour (25 fps): body (person detection, whole-body keypoints, SMPL-X fit)
+here, face/head (SCRFD detection, landmarks, ArcFace, 3DMM fit) from ``bench/annotators_gpu_face.py``.
 
-    python bench/annotators_gpu.py [--frames 121] [--size 512] [--iters 300] [--mmpose-config PATH] [--json OUT]
+    python bench/annotators_gpu.py [--frames 121] [--size 512] [--iters 300] [--mmpose-config PATH] \
+        [--face-size full|tiny] [--json OUT]
 
 * detection: the body backend (MediaPipe Pose, the embedded default; it gives the subject boxes), on the CPU;
 * keypoints: mmpose's COCO-WholeBody model from ``--mmpose-config`` (RTMW-x for the real size) with random weights
@@ -66,12 +68,11 @@ def bench_keypoints(frames: np.ndarray, config: str | None) -> float | str:
 def bench_fit(n_frames: int, size: int, iters: int) -> dict:
     from preprocess.annotators.geometry import intrinsics, project
     from preprocess.annotators.smplx_fit import FitParams, SMPLXFitter
-    from preprocess.annotators.smplx_model import write_synthetic_model
+    from preprocess.annotators.smplx_model import known_clip, write_synthetic_model
 
     with tempfile.TemporaryDirectory() as d:
         path = write_synthetic_model(Path(d) / "SMPLX_NEUTRAL.npz")
         fitter = SMPLXFitter(FitParams(model_path=str(path), iters=iters))
-    from tests.preprocess.annotators.test_smplx_fit import known_clip
 
     K = intrinsics(size, size, 1.0)
     J = known_clip(fitter.model, T=n_frames)
@@ -91,6 +92,8 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--iters", type=int, default=300)
     ap.add_argument("--mmpose-config", default=os.environ.get("DREAMACTOR_RTMW_CONFIG"))
+    ap.add_argument("--face-size", default="full", choices=["full", "tiny", "none"],
+                    help="the face/head part's network widths (tiny: a CPU smoke run; none: body only)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     from preprocess import demo_media
@@ -108,6 +111,19 @@ def main() -> None:
     print(f"| keypoints (mmpose wholebody, random weights) | {k if isinstance(k, str) else f'{k:.1f}'} |")
     f = out["fit"]
     print(f"| SMPL-X fit ({f['device']}, {a.iters} iters; {f['mean_px']:.2f} px mean) | {f['ms_per_frame']:.1f} |")
+    if a.face_size != "none":
+        from bench import annotators_gpu_face as face
+
+        out["face"] = face.measure(min(a.frames, 32), a.face_size)
+        for step in ("detection_ms", "landmarks_ms", "identity_ms", "fit_ms"):
+            print(f"| face {step[:-3]} ({out['face']['device']}) | {out['face'][step]:.1f} |")
+    total = out["detection_ms_per_frame"] + f["ms_per_frame"] + (k if not isinstance(k, str) else 0.0)
+    total += sum(out["face"][step] for step in ("detection_ms", "landmarks_ms", "identity_ms", "fit_ms")) \
+        if "face" in out else 0.0
+    out["total_ms_per_frame"] = total
+    out["video_hours_per_device_hour"] = 1000 / (25 * total)  # one device, stages run one after the other
+    print(f"| **all steps** | **{total:.1f}** ({out['video_hours_per_device_hour']:.2f} source-video-hours per "
+          f"device-hour at 25 fps{'' if isinstance(k, float) else ', keypoints not counted'}) |")
     print(json.dumps(out))
     if a.json:
         Path(a.json).write_text(json.dumps(out, indent=1))

@@ -405,9 +405,10 @@ def committed_parts(dataset_storage) -> tuple[dict[str, list[str]], dict[str, fl
         raise ConfigError(f"dataset={dataset_storage.uri}: no {DATASET_FILE}; give the output= of a preprocess/run.py "
                           "run")
     info = read_json(dataset_storage, DATASET_FILE)
-    why = schema.version_problem(info.get("schema_version"))
-    if why:
-        raise ConfigError(f"dataset={dataset_storage.uri}: {why}")
+    try:
+        schema.check_version(info, f"dataset={dataset_storage.uri}")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     st = load_committed(dataset_storage, cleanup=False).stats
     if st.empty:
         return {}, {}, info

@@ -101,13 +101,15 @@ def _hms(s: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m{s % 60:02d}s" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
-def check_dataset_file(storage: Storage, groups: list[str], cfg: PreprocessConfig) -> dict:
-    """The output's dataset.json must agree with this run (same schema version and field groups)."""
+def check_dataset_file(storage: Storage, groups: list[str], cfg: PreprocessConfig,
+                       dims: dict[str, int] | None = None) -> dict:
+    """The output's dataset.json must agree with this run (same schema version, field groups and named sizes, e.g.
+    the identity backend's embedding length)."""
     want = {"schema_version": schema.SCHEMA_VERSION, "groups": ["clip", *groups],
-            "plan": asdict(cfg.plan), "decode": {"max_side": cfg.decode.max_side}}
+            "plan": asdict(cfg.plan), "decode": {"max_side": cfg.decode.max_side}, "dims": dict(dims or {})}
     if storage.exists(DATASET_FILE):
         have = read_json(storage, DATASET_FILE)
-        for k in ("schema_version", "groups", "plan", "decode"):
+        for k in ("schema_version", "groups", "plan", "decode", "dims"):
             if have.get(k) != want[k]:
                 raise ConfigError(
                     f"output={cfg.output!r} holds a dataset written with {k}={have.get(k)!r}, but this run "
@@ -115,6 +117,11 @@ def check_dataset_file(storage: Storage, groups: list[str], cfg: PreprocessConfi
         return have
     write_json(storage, DATASET_FILE, {**want, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     return want
+
+
+def stage_dims(stages: list[Stage]) -> dict[str, int]:
+    """The named sizes the stages fix for the dataset (schema.DEFAULT_DIMS names them), e.g. ``identity_dim``."""
+    return {k: v for st in stages for k, v in st.dims().items()}
 
 
 def init_ray(cfg: PreprocessConfig):
@@ -183,7 +190,7 @@ def run_locked(cfg: PreprocessConfig, inputs: list[InputFile], storage: Storage,
     import ray
 
     groups = written_groups(stages)
-    check_dataset_file(storage, groups, cfg)
+    check_dataset_file(storage, groups, cfg, stage_dims(stages))
     inputs, listed_twice = unique_inputs(inputs)
     unlisted = [v for v in inputs if v.problem]  # manifest lines that name no readable file: recorded, skipped
     inputs = [v for v in inputs if not v.problem]

@@ -17,16 +17,13 @@ from dataclasses import dataclass
 import numpy as np
 
 SCHEMA_VERSION = 2
-# Versions readers accept: 2 added optional fields only (the SMPL-X fit, body group), so a version-1 dataset reads
-# as a version-2 one without them. A rerun still refuses to add to an output of another version (pipeline.py).
-READABLE_VERSIONS = (1, 2)
-
-
-def version_problem(version) -> str | None:
-    """Why a dataset of schema ``version`` cannot be read by this code, or None."""
-    if version in READABLE_VERSIONS:
-        return None
-    return f"schema_version {version}, this code reads {list(READABLE_VERSIONS)} (preprocess/schema.py)"
+# Versions this code reads. 2 added, next to optional fields only (a version-1 dataset reads as a version-2 one
+# without them: the SMPL-X fit in the body group, ``head_fit_px``), one size a dataset now fixes: the ``identity``
+# embedding's length is a property of the identity backend, recorded in dataset.json ``dims`` (``identity_dim``); a
+# version-1 dataset has none and means 128 (dlib). A rerun still refuses to add to an output of another version.
+READABLE_SCHEMA_VERSIONS = (1, 2)
+# Named sizes a dataset fixes once (dataset.json ``dims``), with what a dataset that records none means.
+DEFAULT_DIMS = {"identity_dim": 128}
 
 KEY_RE = re.compile(r"^[0-9a-f]{16}_[0-9]{4}$")
 
@@ -153,6 +150,8 @@ FIELDS: tuple[Field, ...] = (
     Field("head_scale", "npy", "head", "float32", ("T",),
           doc="weak-perspective scale at the head: pixels per metre (head_radius = scale * radius_m)"),
     Field("head_valid", "npy", "head", "uint8", ("T",)),
+    Field("head_fit_px", "npy", "head", "float32", ("T",), optional=True,
+          doc="mean px error of the head model fit to the face landmarks (3DMM backends; 0 where no head)"),
     # --- face crops (input of the face motion encoder) ---
     Field("face", "mp4", "face", doc=f"{FACE_CROP_SIZE}x{FACE_CROP_SIZE} face crops, one per frame"),
     Field("face_box", "npy", "face", "float32", ("T", 4),
@@ -163,7 +162,8 @@ FIELDS: tuple[Field, ...] = (
     # --- references and identity ---
     *(Field(f"ref_{r}", "jpg", "refs", optional=(r == "half_body"), doc=f"reference image, role {r}")
       for r in REF_ROLES),
-    Field("identity", "npy", "refs", "float32", (128,), doc="face-identity embedding of the clip's subject"),
+    Field("identity", "npy", "refs", "float32", ("identity_dim",),
+          doc="face-identity embedding of the clip's subject, unit norm; length: dataset.json dims.identity_dim"),
 )
 FIELDS_BY_NAME = {f.name: f for f in FIELDS}
 GROUPS = tuple(dict.fromkeys(f.group for f in FIELDS))
@@ -214,6 +214,19 @@ WORK_COLUMNS = {
 }
 
 
+def check_version(info: dict, where: str) -> None:
+    """Raise ValueError unless a dataset.json ``info`` has a schema version this code reads."""
+    if info.get("schema_version") not in READABLE_SCHEMA_VERSIONS:
+        raise ValueError(f"{where}: schema_version {info.get('schema_version')}, this code reads "
+                         f"{list(READABLE_SCHEMA_VERSIONS)} (preprocess/schema.py)")
+
+
+def dataset_dims(info: dict) -> dict[str, int]:
+    """The named sizes of a dataset (e.g. ``identity_dim``) from its dataset.json ``info``; older datasets that record
+    none get :data:`DEFAULT_DIMS`."""
+    return {**DEFAULT_DIMS, **{k: int(v) for k, v in (info.get("dims") or {}).items()}}
+
+
 def is_column(name: str) -> bool:
     """Whether ``name`` is a row column the schema defines: a shard field, a meta key or a work column."""
     return (name in FIELDS_BY_NAME or name in META_KEYS or name in WORK_COLUMNS
@@ -243,10 +256,10 @@ def resolve_shape(f: Field, n_frames: int, dims: dict[str, int] | None = None) -
     return tuple(dims[d] if isinstance(d, str) else d for d in f.shape)
 
 
-def empty(f: Field, n_frames: int = 0):
+def empty(f: Field, n_frames: int = 0, dims: dict[str, int] | None = None):
     """A placeholder value of the right type (for rows that failed before this field was written)."""
     if f.ext == "npy":
-        return np.zeros(resolve_shape(f, n_frames), dtype=f.dtype)
+        return np.zeros(resolve_shape(f, n_frames, {**DEFAULT_DIMS, **(dims or {})}), dtype=f.dtype)
     return b""
 
 

@@ -92,6 +92,11 @@ class Stage:
     def setup(self) -> None:
         """Load models; called once per worker before the first batch."""
 
+    def dims(self) -> dict[str, int]:
+        """Named sizes of the fields this stage writes that its config fixes (``schema.DEFAULT_DIMS``), known before
+        ``setup``: recorded in dataset.json ``dims``."""
+        return {}
+
     def process_batch(self, rows: list[dict]) -> list[dict]:
         """The rows that follow from ``rows`` (the same rows updated, or more or fewer); never raises for bad
         input: a row that cannot be processed is marked with ``fail`` and handed on. A stage with many outputs per

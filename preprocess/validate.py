@@ -39,8 +39,9 @@ from preprocess.state import check_part, read_json, read_table
 from preprocess.storage import Storage
 
 
-def check_sample(key: str, members: dict[str, bytes], fields: list[schema.Field], deep: bool) -> list[str]:
-    """Problems of one sample (members: field member name → bytes)."""
+def check_sample(key: str, members: dict[str, bytes], fields: list[schema.Field], deep: bool,
+                 dims: dict[str, int] | None = None) -> list[str]:
+    """Problems of one sample (members: field member name → bytes; ``dims``: the dataset's named sizes)."""
     problems = []
     if "meta.json" not in members:
         return [f"{key}: no meta.json"]
@@ -62,7 +63,7 @@ def check_sample(key: str, members: dict[str, bytes], fields: list[schema.Field]
         except Exception as e:
             problems.append(f"{key}: {f.member} does not decode ({type(e).__name__}: {e})")
             continue
-        why = schema.check_value(f, value, n)
+        why = schema.check_value(f, value, n, {**schema.DEFAULT_DIMS, **(dims or {})})
         if why:
             problems.append(f"{key}: {why}")
     known = {f.member for f in schema.FIELDS}
@@ -80,7 +81,8 @@ def check_sample(key: str, members: dict[str, bytes], fields: list[schema.Field]
     return problems
 
 
-def check_tar(storage: Storage, name: str, fields, seen: dict[str, str], deep: bool) -> tuple[list[str], list[str]]:
+def check_tar(storage: Storage, name: str, fields, seen: dict[str, str], deep: bool,
+              dims: dict[str, int] | None = None) -> tuple[list[str], list[str]]:
     """(problems, keys in order) of one shard, read as a stream to its end."""
     problems, keys = [], []
     closed: set[str] = set()
@@ -88,7 +90,7 @@ def check_tar(storage: Storage, name: str, fields, seen: dict[str, str], deep: b
 
     def flush():
         if cur is not None:
-            problems.extend(check_sample(cur, members, fields, deep))
+            problems.extend(check_sample(cur, members, fields, deep, dims))
 
     try:
         with storage.fs.open_input_stream(storage.path(f"{SHARD_DIR}/{name}")) as raw:
@@ -206,10 +208,12 @@ def validate(output: str, deep: bool = False, log=print, latents: str | None = N
     if not storage.exists(DATASET_FILE):
         return [f"{output}: no {DATASET_FILE}; not a dataset written by preprocess/run.py"]
     ds = read_json(storage, DATASET_FILE)
-    why = schema.version_problem(ds.get("schema_version"))
-    if why:
-        return [f"{DATASET_FILE}: {why}"]
+    try:
+        schema.check_version(ds, DATASET_FILE)
+    except ValueError as e:
+        return [str(e)]
     fields = schema.fields_of(ds.get("groups", ["clip"]))
+    dims = schema.dataset_dims(ds)
     problems: list[str] = []
     sizes = storage.sizes(SHARD_DIR)
     names = sorted(sizes)
@@ -223,7 +227,7 @@ def validate(output: str, deep: bool = False, log=print, latents: str | None = N
     for i, t in enumerate(tars):
         if t[:-len(TAR_SUFFIX)] not in committed:
             problems.append(f"{SHARD_DIR}/{t}: no stats file, so it was never committed (rerun preprocess to clean up)")
-        p, keys = check_tar(storage, t, fields, seen, deep)
+        p, keys = check_tar(storage, t, fields, seen, deep, dims)
         problems.extend(p)
         tar_keys[t] = keys
         log(f"[validate] {i + 1}/{len(tars)} {t}: {len(keys)} samples, {len(p)} problems")

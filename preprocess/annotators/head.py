@@ -33,8 +33,8 @@ class HeadStage(BackendClipStage):
     reads = ("frames", "fps", "timestamps", "frame_index", "video_key", "camera_K", "body_joints2d",
              "body_joints3d", "body_conf", "subject_valid")
     writes = ("head_rotation", "head_ypr", "head_center", "head_radius", "head_translation", "head_scale",
-              "head_valid", "face", "face_box", "face_valid", "face_landmarks", "face_blendshapes",
-              "m_yaw_mean", "m_yaw_min", "m_yaw_max", "m_head_valid_frac", "m_face_margin")
+              "head_valid", "head_fit_px", "face", "face_box", "face_valid", "face_landmarks", "face_blendshapes",
+              "m_yaw_mean", "m_yaw_min", "m_yaw_max", "m_head_valid_frac", "m_face_margin", "m_head_fit_px")
 
     backend_kind = HeadBackend
 
@@ -84,7 +84,8 @@ class HeadStage(BackendClipStage):
         K = row["camera_K"]
         rois, search = self.rois(row)
         idx = np.flatnonzero(search)
-        part = self.backend.estimate(frames[idx], rois[idx], timestamps_ms(row)[idx], self.continuity.new_sequence(row))
+        part = self.backend.estimate(frames[idx], rois[idx], timestamps_ms(row)[idx], self.continuity.new_sequence(row),
+                                     camera_K=np.asarray(K, np.float64)[idx])
         head = _scatter(part, idx, T)
         valid = head.valid
 
@@ -118,6 +119,10 @@ class HeadStage(BackendClipStage):
             out["face_landmarks"] = (head.landmarks * valid[:, None, None]).astype(np.float16)
         if self.params.landmarks and head.blendshapes is not None:
             out["face_blendshapes"] = (head.blendshapes * valid[:, None]).astype(np.float16)
+        if head.fit_px is not None:  # a backend that fits a head model: its per-frame error, and the clip's median
+            fit = np.where(valid, head.fit_px, 0.0)
+            out["head_fit_px"] = fit.astype(np.float32)
+            out["m_head_fit_px"] = finite_or_none(np.median(fit[valid]) if valid.any() else np.nan)
         return out
 
 
@@ -131,4 +136,4 @@ def _scatter(part: HeadClip, idx: np.ndarray, T: int) -> HeadClip:
         return out
     return HeadClip(valid=full(part.valid), rotation=full(part.rotation), center=full(part.center),
                     px_per_m=full(part.px_per_m), face_box=full(part.face_box), landmarks=full(part.landmarks),
-                    blendshapes=full(part.blendshapes))
+                    blendshapes=full(part.blendshapes), fit_px=full(part.fit_px))

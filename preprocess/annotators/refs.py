@@ -5,7 +5,8 @@ Runs in the shard writer once every clip of a video has been annotated. For each
 * person check: a clip where neither the body nor the face found anyone fails with ``NoPersonError``,
   one with a person in fewer than ``min_person_frac`` of its frames with ``SubjectLostError``; when
   no clip of the video is left, the whole video fails with that reason;
-* ``identity``: the mean (unit-norm) identity embedding of the clip's most frontal faces;
+* ``identity``: the mean (unit-norm) identity embedding of the clip's most frontal faces (its length is the identity
+  backend's, recorded in dataset.json ``dims.identity_dim``);
 * references: the yaw of every annotated frame of the video (``scope: video``; or of the clip's shot)
   is sorted, and the frames at maximum, minimum and median yaw become ``ref_yaw_max/min/median``
   (full frames, JPEG). Walking each role's order, a candidate whose face is less similar than
@@ -109,6 +110,9 @@ class YawSortedRefsStage(VideoStage):
 
     def setup(self) -> None:
         self.identity.setup()
+
+    def dims(self) -> dict[str, int]:
+        return {"identity_dim": int(self.identity.dim)}  # the backend's embedding length (dataset.json dims)
 
     # ---- per video ----------------------------------------------------------------------------
     def process_video(self, rows: list[MutableMapping]) -> None:

@@ -282,3 +282,26 @@ def write_synthetic_model(path: str | Path, seed: int = 0, n_vertices: int = 104
         hands_meanl=rng.normal(0, 0.1, 45).astype(np.float32), hands_meanr=rng.normal(0, 0.1, 45).astype(np.float32),
         lmk_faces_idx=np.arange(51, dtype=np.int64), lmk_bary_coords=np.full((51, 3), 1 / 3, np.float32))
     return path
+
+
+def known_clip(model: SMPLXJoints, T: int = 8, seed: int = 1):
+    """Joints (T, 127, 3) of a known moving body (turning, arms and knees bending, hands in the model's space):
+    the ground truth of the fit's tests and of bench/annotators_gpu.py."""
+    from scipy.spatial.transform import Rotation as _Rotation
+
+    rng = np.random.default_rng(seed)
+    t = np.linspace(0, 1, T)
+    pose = np.zeros((T, 55, 3))
+    facing = np.diag([1.0, -1.0, -1.0])
+    pose[:, 0] = matrix_to_axis_angle(np.stack([facing @ _Rotation.from_euler("y", 0.3 * np.sin(2 * np.pi * x))
+                                                .as_matrix() for x in t]))
+    pose[:, 16, 2], pose[:, 17, 2] = -0.6, 0.6  # arms lowered
+    pose[:, 18, 1], pose[:, 19, 1] = -0.5 - 0.2 * t, 0.4 + 0.2 * t  # elbows bending the way they can
+    pose[:, 4, 0], pose[:, 5, 0], pose[:, 1, 0] = 0.5 * t, 0.3, -0.3 * t
+    pose[:, 25:55] = model.hand_pose(torch.tensor(rng.normal(0, 1.0, (T, 2, 12)), dtype=torch.float32)) \
+        .reshape(T, 30, 3).numpy()
+    betas = torch.tensor(rng.normal(0, 0.8, (1, 10)), dtype=torch.float32)
+    transl = np.stack([0.1 * t, 0.2 + 0 * t, 3.0 + 0.3 * t], 1)
+    with torch.no_grad():
+        J = model(betas, torch.tensor(pose, dtype=torch.float32), torch.tensor(transl, dtype=torch.float32))
+    return J.numpy().astype(np.float64)

@@ -41,8 +41,10 @@ def test_version_1_datasets_still_read_and_the_fit_fields_are_optional(tmp_path)
     from preprocess import schema
     from preprocess.validate import validate
 
-    assert schema.version_problem(1) is None and schema.version_problem(schema.SCHEMA_VERSION) is None
-    assert "schema_version 99" in schema.version_problem(99)
+    schema.check_version({"schema_version": 1}, "old")
+    schema.check_version({"schema_version": schema.SCHEMA_VERSION}, "new")
+    with pytest.raises(ValueError, match="schema_version 99"):
+        schema.check_version({"schema_version": 99}, "future")
     assert all(f.optional for f in schema.FIELDS if f.name.startswith("smplx_"))
     src = Path(__file__).parent / "fixtures" / "dataset_before_consolidation"
     shutil.copytree(src, tmp_path / "ds")

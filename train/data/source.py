@@ -74,9 +74,7 @@ def resolve_source(cfg: SourceConfig) -> tuple[list[str], list[str] | None]:
     ds_file = _join(path, DATASET_FILE)
     if fs.exists(ds_file):
         info = json.loads(fs.cat_file(ds_file))
-        why = schema.version_problem(info.get("schema_version"))
-        if why:
-            raise ValueError(f"{root}: {why}")
+        schema.check_version(info, root)
         groups = list(info.get("groups", []))
     index_file = _join(path, INDEX_FILE)
     if fs.exists(index_file):

@@ -14,9 +14,12 @@ head, face  :class:`HeadBackend` → :class:`HeadClip`     ``mediapipe_face.Medi
 identity    :class:`IdentityBackend`                    ``dlib_identity.DlibIdentity``
 ==========  ==========================================  =========================================
 
-Adding a backend (e.g. 4DHumans for body, HaMeR for hands, FaceVerse fitting for the head,
-insightface for identity) is one file with a subclass of the kind's interface and one config entry
-``backend: {target: preprocess.annotators.backends.<file>.<Class>, params: {...}}`` in
+Production head and identity backends (``conf/annotators/full.yaml``): ``insightface_head.InsightFaceHead`` (SCRFD
+detection + landmarks + a FaceVerse-style 3DMM fit, ``../morphable.py``) and ``insightface_identity.ArcFaceIdentity``
+(512-D ArcFace).
+
+Adding a backend (e.g. 4DHumans for body, HaMeR for hands) is one file with a subclass of the kind's
+interface and one config entry ``backend: {target: preprocess.annotators.backends.<file>.<Class>, params: {...}}`` in
 ``conf/annotators/<name>.yaml``.
 """
 from __future__ import annotations
@@ -143,25 +146,32 @@ class HeadClip:
     center: np.ndarray  # (T, 2) pixels of the head centre (centre of the head sphere)
     px_per_m: np.ndarray  # (T,) image scale at the head centre's depth, pixels per metre
     face_box: np.ndarray  # (T, 4) tight face box x0,y0,x1,y1 pixels
-    landmarks: np.ndarray | None = None  # (T, L, 3) pixels x, y and relative depth (pixel scale)
+    landmarks: np.ndarray | None = None  # (T, 478, 3) pixels x, y and relative depth (pixel scale)
     blendshapes: np.ndarray | None = None  # (T, 52)
+    fit_px: np.ndarray | None = None  # (T,) mean px error of a head-model fit to the landmarks (model-fitting backends)
 
 
 class HeadBackend(Backend):
     """Finds the face inside each region of interest and estimates the head's 3D pose."""
 
     def estimate(self, frames: np.ndarray, rois: np.ndarray, timestamps_ms: np.ndarray,
-                 new_sequence: bool) -> HeadClip:
-        """``rois`` (T, 4): square x0,y0,x1,y1 boxes around the head (NaN: search the whole frame)."""
+                 new_sequence: bool, camera_K: np.ndarray | None = None) -> HeadClip:
+        """``rois`` (T, 4): square x0,y0,x1,y1 boxes around the head (NaN: search the whole frame); ``camera_K``
+        (T, 3, 3): the clip's intrinsics (geometry.py), for backends that fit a metric head model."""
         raise NotImplementedError
 
 
 # ---- identity ------------------------------------------------------------------------------------
 
 class IdentityBackend(Backend):
-    """A face-identity embedding (unit norm): cosine similarity compares two faces."""
+    """A face-identity embedding (unit norm): cosine similarity compares two faces.
 
-    dim: ClassVar[int] = 0
+    ``dim``, the embedding's length, must be known from the config alone (before ``setup``): the pipeline records it
+    in dataset.json (``dims.identity_dim``) before any model loads. A backend whose length depends on its model file
+    makes it a param and checks the model against it in ``setup``.
+    """
+
+    dim: int = 0
 
     def embed(self, image: np.ndarray, face_box: np.ndarray) -> np.ndarray | None:
         """Embedding of the face in ``face_box`` (tight x0,y0,x1,y1 pixels) of an RGB image, or None."""

@@ -100,7 +100,7 @@ class MediaPipeFace(HeadBackend):
         self.task.start(True)
 
     def estimate(self, frames: np.ndarray, rois: np.ndarray, timestamps_ms: np.ndarray,
-                 new_sequence: bool) -> HeadClip:
+                 new_sequence: bool, camera_K: np.ndarray | None = None) -> HeadClip:
         T, H, W = frames.shape[:3]
         out = HeadClip(valid=np.zeros(T, bool), rotation=np.tile(np.eye(3), (T, 1, 1)), center=np.zeros((T, 2)),
                        px_per_m=np.zeros(T), face_box=np.zeros((T, 4)),

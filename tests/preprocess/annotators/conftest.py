@@ -97,3 +97,35 @@ def megamind(start: int, stop: int, width: int = 512) -> np.ndarray:
         out.append(cv2.cvtColor(cv2.resize(f, (width, h), interpolation=cv2.INTER_AREA), cv2.COLOR_BGR2RGB))
     cap.release()
     return np.stack(out)
+
+
+@pytest.fixture(scope="session")
+def full_stack_files(tmp_path_factory) -> dict[str, str]:
+    """Stand-ins for every model file ``annotators=full`` needs, of the real structures: a synthetic SMPL-X model, an
+    insightface pack of tiny ONNX models with the real signatures, a synthetic FaceVerse-layout 3DMM."""
+    pytest.importorskip("insightface")
+    pytest.importorskip("onnxruntime")
+    from preprocess.annotators.smplx_model import write_synthetic_model
+
+    from .face_models import write_faceverse, write_model_pack
+
+    d = tmp_path_factory.mktemp("full_stack_models")
+    return {"smplx": str(write_synthetic_model(d / "SMPLX_NEUTRAL.npz")),
+            "pack": str(write_model_pack(d / "buffalo_tiny")), "faceverse": str(write_faceverse(d / "fv.npy"))}
+
+
+def full_stack_overrides(files: dict[str, str], det_size: int = 160, fit_iters: int = 80) -> list[str]:
+    """Command-line overrides pointing ``annotators=full`` at :func:`full_stack_files`. Where mmpose is not installed
+    (the default install) the fit's keypoints are the body backend's own (MediaPipe Pose:
+    ``annotators.body.params.keypoints=null``) instead of the 133-point RTMW model."""
+    import importlib.util
+
+    head, refs, fit = ("annotators.head.params.backend.params", "video_stages.refs.params.identity.params",
+                       "annotators.body.params.fit")
+    out = [f"{fit}.model_path={files['smplx']}", f"{fit}.iters={fit_iters}", f"{fit}.max_body_px=0.5",
+           f"{head}.model_dir={files['pack']}", f"{head}.faceverse_path={files['faceverse']}",
+           f"{head}.det_size={det_size}",
+           f"{refs}.model_dir={files['pack']}", f"{refs}.det_size={det_size}"]
+    if importlib.util.find_spec("mmpose") is None:
+        out.append("annotators.body.params.keypoints=null")
+    return out

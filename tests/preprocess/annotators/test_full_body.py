@@ -1,7 +1,7 @@
 """``annotators=full`` (body + hands part) end to end on sample media, with a synthetic SMPL-X model file of the real
 structure. Substitution, documented: where mmpose is not installed (the default install) the fit's keypoints are the
 body backend's own (MediaPipe Pose, 26 SMPL-X joints: ``annotators.body.params.keypoints=null``) instead of the
-133-point RTMW model; everything else is what ``annotators=full`` runs.
+133-point RTMW model (``full_stack_overrides``); the head/refs part runs insightface's router on tiny stand-in models.
 """
 from __future__ import annotations
 
@@ -18,10 +18,12 @@ from preprocess.annotators.smplx_model import write_synthetic_model
 from preprocess.validate import validate
 from tests.preprocess.helpers import failures, make_video, run_cli
 
+from .conftest import full_stack_overrides
+
 HAS_MMPOSE = importlib.util.find_spec("mmpose") is not None
 
 
-def test_full_annotators_fit_smplx_and_record_why_a_fit_failed(tmp_path):
+def test_full_annotators_fit_smplx_and_record_why_a_fit_failed(tmp_path, full_stack_files):
     model = write_synthetic_model(tmp_path / "SMPLX_NEUTRAL.npz")
     media = tmp_path / "in"
     make_video(media / "person.mp4", "astronaut", n=20, size=256)
@@ -30,11 +32,8 @@ def test_full_annotators_fit_smplx_and_record_why_a_fit_failed(tmp_path):
     demo_media.write_video(media / "nobody.mp4", blank, 25.0)
     out = tmp_path / "out"
     args = [f"input={media}", f"output={out}", "annotators=full", "plan.min_frames=8", "plan.max_frames=16",
-            "ray.progress_bars=false", f"annotators.body.params.fit.model_path={model}",
-            "annotators.body.params.fit.iters=80", "annotators.body.params.fit.max_body_px=0.5",
+            "ray.progress_bars=false", *full_stack_overrides({**full_stack_files, "smplx": str(model)}),
             "video_stages.refs.enabled=false"]
-    if not HAS_MMPOSE:
-        args.append("annotators.body.params.keypoints=null")
     r = run_cli(args, timeout=600)
     assert r.returncode in (0, 3), r.stderr[-3000:]
     assert validate(str(out), log=lambda *a: None) == []

@@ -7,12 +7,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from scipy.spatial.transform import Rotation
 
 from preprocess.annotators.assets import ModelFileError
 from preprocess.annotators.geometry import intrinsics, project
 from preprocess.annotators.smplx_fit import FitError, FitParams, SMPLXFitter, joint_groups, mirror_permutation
-from preprocess.annotators.smplx_model import SMPLXJoints, matrix_to_axis_angle, write_synthetic_model
+from preprocess.annotators.smplx_model import SMPLXJoints, known_clip, write_synthetic_model
 
 W = H = 512
 
@@ -25,26 +24,6 @@ def model_file(tmp_path_factory):
 @pytest.fixture(scope="session")
 def fitter(model_file):
     return SMPLXFitter(FitParams(model_path=str(model_file), iters=300, device="cpu"))
-
-
-def known_clip(model: SMPLXJoints, T: int = 8, seed: int = 1):
-    """Joints (T, 127, 3) of a known moving body (turning, arms and knees bending, hands in the model's space)."""
-    rng = np.random.default_rng(seed)
-    t = np.linspace(0, 1, T)
-    pose = np.zeros((T, 55, 3))
-    facing = np.diag([1.0, -1.0, -1.0])
-    pose[:, 0] = matrix_to_axis_angle(np.stack([facing @ Rotation.from_euler("y", 0.3 * np.sin(2 * np.pi * x))
-                                                .as_matrix() for x in t]))
-    pose[:, 16, 2], pose[:, 17, 2] = -0.6, 0.6  # arms lowered
-    pose[:, 18, 1], pose[:, 19, 1] = -0.5 - 0.2 * t, 0.4 + 0.2 * t  # elbows bending the way they can
-    pose[:, 4, 0], pose[:, 5, 0], pose[:, 1, 0] = 0.5 * t, 0.3, -0.3 * t
-    pose[:, 25:55] = model.hand_pose(torch.tensor(rng.normal(0, 1.0, (T, 2, 12)), dtype=torch.float32)) \
-        .reshape(T, 30, 3).numpy()
-    betas = torch.tensor(rng.normal(0, 0.8, (1, 10)), dtype=torch.float32)
-    transl = np.stack([0.1 * t, 0.2 + 0 * t, 3.0 + 0.3 * t], 1)
-    with torch.no_grad():
-        J = model(betas, torch.tensor(pose, dtype=torch.float32), torch.tensor(transl, dtype=torch.float32))
-    return J.numpy().astype(np.float64)
 
 
 def observe(J, K, seed=2, noise_px=1.0, drop=0.1):

@@ -1,0 +1,174 @@
+"""Face/head annotator hot paths per frame on whatever device is present (CUDA when onnxruntime / torch have it).
+
+    python bench/annotators_gpu_face.py [frames=32] [size=full|tiny]
+
+Models with random weights of the real sizes, so no model file is needed: the detector is an SCRFD-shaped network
+(640² input, 9 outputs at strides 8/16/32; ~det_10g's convolution widths), the landmark model a ResNet-ish 192²
+network with 212 outputs, ArcFace an R50-sized 112² -> 512 network (``size=tiny`` shrinks the widths for a CPU
+smoke run; the shapes stay). They are exported to ONNX and run by onnxruntime (CUDA provider when present), one
+frame at a time for detection (as the backend does) and one batch per clip for landmarks and identity. The 3DMM fit
+(``morphable.fit_clip``) runs on FaceVerse-sized random bases (~28k vertices, 150 identity, 52 expression bases, 68
+keypoints) over a clip of ``frames`` frames. Prints ms per frame per step and JSON.
+
+``bench/annotators_gpu.py`` runs this part (``measure``) after the body part and adds up the whole stack.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+WIDTHS = {"full": (64, 128, 256, 512), "tiny": (8, 16, 32, 64)}
+
+
+def _device_providers():
+    import onnxruntime
+
+    cuda = "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+    return ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda else ["CPUExecutionProvider"]
+
+
+def _export(net, shape, path, dynamic_batch=True):
+    import torch
+
+    x = torch.zeros(*shape)
+    torch.onnx.export(net.eval(), (x,), path, input_names=["input.1"], opset_version=17, dynamo=False,
+                      dynamic_axes={"input.1": {0: "batch"}} if dynamic_batch else None)
+    return path
+
+
+def _backbone(widths, strides_out=False):
+    import torch.nn as nn
+
+    layers, c = [], 3
+    for w in widths:
+        layers += [nn.Conv2d(c, w, 3, 2, 1), nn.BatchNorm2d(w), nn.ReLU(), nn.Conv2d(w, w, 3, 1, 1), nn.ReLU()]
+        c = w
+    return nn.Sequential(*layers), c
+
+
+class _SCRFDLike:
+    """torch module factory: 9 SCRFD outputs (score/bbox/kps x strides 8, 16, 32, 2 anchors each)."""
+
+    @staticmethod
+    def make(widths):
+        import torch
+        import torch.nn as nn
+
+        class Net(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.stem = nn.Sequential(nn.Conv2d(3, widths[0], 3, 2, 1), nn.ReLU(),
+                                          nn.Conv2d(widths[0], widths[0], 3, 2, 1), nn.ReLU())  # /4
+                self.s8 = nn.Sequential(nn.Conv2d(widths[0], widths[1], 3, 2, 1), nn.ReLU())
+                self.s16 = nn.Sequential(nn.Conv2d(widths[1], widths[2], 3, 2, 1), nn.ReLU())
+                self.s32 = nn.Sequential(nn.Conv2d(widths[2], widths[2], 3, 2, 1), nn.ReLU())
+                self.heads = nn.ModuleList([nn.Conv2d(c, 2 * k, 1) for k in (1, 4, 10)
+                                            for c in (widths[1], widths[2], widths[2])])
+
+            def forward(self, x):
+                f8 = self.s8(self.stem(x))
+                f16 = self.s16(f8)
+                f32 = self.s32(f16)
+                outs = []
+                for i, k in enumerate((1, 4, 10)):
+                    for j, f in enumerate((f8, f16, f32)):
+                        o = self.heads[i * 3 + j](f).permute(0, 2, 3, 1).reshape(-1, k)
+                        outs.append(torch.sigmoid(o) if k == 1 else o)
+                return tuple(outs)
+
+        return Net()
+
+
+def _regressor(widths, in_size, out_dim):
+    import torch.nn as nn
+
+    body, c = _backbone(widths)
+    return nn.Sequential(body, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, out_dim))
+
+
+def _time(fn, n):
+    fn()  # warm-up (session set-up, CUDA kernels)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    return (time.perf_counter() - t0) / n
+
+
+def bench_detection(d, widths, frames, providers):
+    import onnxruntime as ort
+
+    path = _export(_SCRFDLike.make(widths), (1, 3, 640, 640), os.path.join(d, "det.onnx"), dynamic_batch=False)
+    s = ort.InferenceSession(path, providers=providers)
+    x = np.random.rand(1, 3, 640, 640).astype(np.float32)
+    return _time(lambda: s.run(None, {"input.1": x}), frames) * 1000  # one frame per call
+
+
+def bench_landmarks(d, widths, frames, providers):
+    import onnxruntime as ort
+
+    path = _export(_regressor(widths, 192, 212), (1, 3, 192, 192), os.path.join(d, "lmk.onnx"))
+    s = ort.InferenceSession(path, providers=providers)
+    x = np.random.rand(frames, 3, 192, 192).astype(np.float32)
+    return _time(lambda: s.run(None, {"input.1": x}), 3) * 1000 / frames  # one batch per clip
+
+
+def bench_identity(d, widths, frames, providers):
+    import onnxruntime as ort
+
+    path = _export(_regressor(widths, 112, 512), (1, 3, 112, 112), os.path.join(d, "arcface.onnx"))
+    s = ort.InferenceSession(path, providers=providers)
+    x = np.random.rand(frames, 3, 112, 112).astype(np.float32)
+    return _time(lambda: s.run(None, {"input.1": x}), 3) * 1000 / frames
+
+
+def bench_fit(frames, n_vertices, seed=0):
+    from preprocess.annotators.geometry import intrinsics
+    from preprocess.annotators.morphable import MorphableModel, fit_clip
+
+    rng = np.random.default_rng(seed)
+    face = np.stack([np.linspace(-0.07, 0.07, 68), rng.normal(0, 0.04, 68), rng.normal(-0.08, 0.01, 68)], 1)
+    mean = np.concatenate([rng.normal(0, 0.05, (n_vertices - 68, 3)), face])
+    model = MorphableModel(mean, rng.normal(0, 1e-3, (n_vertices, 3, 150)), rng.normal(0, 1e-3, (n_vertices, 3, 52)),
+                           np.arange(n_vertices - 68, n_vertices))
+    K = intrinsics(512, 512, 1.0)
+    P = model.landmarks()[0] + [0, 0, 0.7]
+    uv = P @ K.T
+    uv = np.tile((uv[:, :2] / uv[:, 2:]), (frames, 1, 1)) + rng.normal(0, 0.5, (frames, 68, 2))
+    t0 = time.perf_counter()
+    fit_clip(model, uv, np.ones((frames, 68)), K)
+    return (time.perf_counter() - t0) * 1000 / frames
+
+
+def measure(frames: int, size: str) -> dict:
+    """ms per frame of each face/head step (see the module doc)."""
+    widths, providers = WIDTHS[size], _device_providers()
+    import torch
+
+    with tempfile.TemporaryDirectory() as d:
+        res = {"device": providers[0], "torch_device": "cuda" if torch.cuda.is_available() else "cpu",
+               "size": size, "frames": frames,
+               "detection_ms": bench_detection(d, widths, frames, providers),
+               "landmarks_ms": bench_landmarks(d, widths, frames, providers),
+               "identity_ms": bench_identity(d, widths, frames, providers),
+               "fit_ms": bench_fit(frames, 28000 if size == "full" else 2000)}
+    return res
+
+
+def main(argv):
+    args = dict(a.split("=", 1) for a in argv)
+    res = measure(int(args.get("frames", 32)), args.get("size", "full"))
+    print("| step | ms / frame |\n|---|---|")
+    for k in ("detection_ms", "landmarks_ms", "identity_ms", "fit_ms"):
+        print(f"| {k[:-3]} | {res[k]:.2f} |")
+    print(json.dumps(res))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
