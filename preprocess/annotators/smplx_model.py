@@ -290,6 +290,7 @@ def known_clip(model: SMPLXJoints, T: int = 8, seed: int = 1):
     from scipy.spatial.transform import Rotation as _Rotation
 
     rng = np.random.default_rng(seed)
+    dev = next(iter(model.buffers())).device  # the model's device (the fitter's: CUDA when present)
     t = np.linspace(0, 1, T)
     pose = np.zeros((T, 55, 3))
     facing = np.diag([1.0, -1.0, -1.0])
@@ -298,10 +299,11 @@ def known_clip(model: SMPLXJoints, T: int = 8, seed: int = 1):
     pose[:, 16, 2], pose[:, 17, 2] = -0.6, 0.6  # arms lowered
     pose[:, 18, 1], pose[:, 19, 1] = -0.5 - 0.2 * t, 0.4 + 0.2 * t  # elbows bending the way they can
     pose[:, 4, 0], pose[:, 5, 0], pose[:, 1, 0] = 0.5 * t, 0.3, -0.3 * t
-    pose[:, 25:55] = model.hand_pose(torch.tensor(rng.normal(0, 1.0, (T, 2, 12)), dtype=torch.float32)) \
-        .reshape(T, 30, 3).numpy()
-    betas = torch.tensor(rng.normal(0, 0.8, (1, 10)), dtype=torch.float32)
+    pose[:, 25:55] = model.hand_pose(torch.tensor(rng.normal(0, 1.0, (T, 2, 12)), dtype=torch.float32, device=dev)) \
+        .reshape(T, 30, 3).cpu().numpy()
+    betas = torch.tensor(rng.normal(0, 0.8, (1, 10)), dtype=torch.float32, device=dev)
     transl = np.stack([0.1 * t, 0.2 + 0 * t, 3.0 + 0.3 * t], 1)
     with torch.no_grad():
-        J = model(betas, torch.tensor(pose, dtype=torch.float32), torch.tensor(transl, dtype=torch.float32))
-    return J.numpy().astype(np.float64)
+        J = model(betas, torch.tensor(pose, dtype=torch.float32, device=dev),
+                  torch.tensor(transl, dtype=torch.float32, device=dev))
+    return J.cpu().numpy().astype(np.float64)
