@@ -121,7 +121,7 @@ def writer_with_refs(clip_counts: list[int], n_frames: int) -> dict:
     from omegaconf import OmegaConf
 
     from preprocess.config import StageSpec
-    from tests.preprocess.helpers import writer_peak
+    from preprocess.synthetic import writer_peak
 
     d = OmegaConf.load(ROOT / "conf" / "annotators" / "embedded.yaml")["video_stages"]["refs"]
     refs = StageSpec(target=d.target, enabled=True, params=OmegaConf.to_container(d.params, resolve=True))
