@@ -1,9 +1,9 @@
 """Preprocessing throughput: every stage alone vs the whole Ray Data pipeline, in one run.
 
-    python bench/preprocess.py [--videos N] [hydra overrides, e.g. demo_media.n_frames=100 input=/data/videos]
+    python bench/preprocess.py [--videos N] [hydra overrides, e.g. samples.n_frames=100 input=/data/videos]
 
 ``--videos N`` (default 24) makes N distinct driving videos from the shipped photos (varied shift, zoom
-and rotation; demo_media.n_frames frames at demo_media.size) so that pipeline fill and drain are amortised;
+and rotation; samples.n_frames frames at samples.size) so that pipeline fill and drain are amortised;
 ``--videos 0`` uses the built-in samples as they are.
 
 1. Each stage alone, in this process, on the same clips, one after the other: plan (probe + shot
@@ -31,7 +31,7 @@ from collections import defaultdict
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-DEFAULT_OVERRIDES = ["demo_media.n_frames=100", "ray.progress_bars=false", "progress_interval_s=1000"]
+DEFAULT_OVERRIDES = ["samples.n_frames=100", "ray.progress_bars=false", "progress_interval_s=1000"]
 
 
 class Clock:
@@ -166,7 +166,7 @@ def parse_args(argv: list[str]) -> tuple[int, list[str]]:
     ap = argparse.ArgumentParser(prog="bench/preprocess.py", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--videos", type=int, default=24, help="generated driving videos (0: the built-in samples)")
-    ap.add_argument("overrides", nargs="*", help="conf/preprocess.yaml overrides, e.g. demo_media.n_frames=100")
+    ap.add_argument("overrides", nargs="*", help="conf/preprocess.yaml overrides, e.g. samples.n_frames=100")
     args = ap.parse_args(argv)
     videos = [a for a in args.overrides if a.startswith("videos=")]  # the older spelling
     n = int(videos[-1].split("=", 1)[1]) if videos else args.videos
