@@ -168,3 +168,15 @@ def copy_run(src: Path, dst: Path, keep_steps_upto: int) -> Path:
             shutil.rmtree(d)
     shutil.rmtree(dst / "stage1" / "export", ignore_errors=True)
     return dst
+
+
+def assert_epochs_continue(before: list[tuple], after: list[tuple], change: str) -> None:
+    """(epoch, key) samples delivered before and after a resume that changed how ranks read (``change``): none twice,
+    and every epoch started before the change is finished after it."""
+    seen = before + after
+    assert len(seen) == len(set(seen)), f"a sample was delivered twice across the {change}"
+    clips = {k for _, k in seen}
+    partly = {e for e, _ in before}
+    partly = {e for e in partly if {k for ee, k in before if ee == e} != clips}
+    for e in partly:
+        assert {k for ee, k in seen if ee == e} == clips, f"epoch {e} left incomplete after the resume"

@@ -16,7 +16,7 @@ import math
 
 import pytest
 
-from tests.train.conftest import copy_run, metrics, run, same_training
+from tests.train.conftest import assert_epochs_continue, copy_run, metrics, run, same_training
 
 SP = ["train.sequence_parallel=2"]
 STEPS = 7  # checkpoints at 3, 6 and 7
@@ -79,10 +79,4 @@ def test_sp_checkpoint_resumed_as_data_parallel_continues_the_epoch(tmp_path, ba
     assert "data cursor from 1 ranks x" in log and f"resumed on {ranks} x" in log, log[-3000:]
     got = metrics(out)
     after = [tuple(k) for s in range(ckpt_step + 1, steps + 1) for k in got[s]["sample_keys"]]
-    seen = before + after
-    assert len(seen) == len(set(seen)), "a sample was delivered twice across the SP -> DP change"
-    clips = {k for _, k in seen}
-    partly = {e for e, _ in before}
-    partly = {e for e in partly if {k for ee, k in before if ee == e} != clips}
-    for e in partly:  # every epoch the SP run had started is finished after the change
-        assert {k for ee, k in seen if ee == e} == clips, f"epoch {e} left incomplete after the resume"
+    assert_epochs_continue(before, after, "SP -> DP change")
