@@ -41,6 +41,7 @@ class Motion:
     """A motion applied over a clip, interpolated linearly from the first to the last frame."""
 
     shift: tuple[float, float] = (0.0, 0.0)  # total (dx, dy) in output pixels
+    start: tuple[float, float] = (0.0, 0.0)  # (dx, dy) of the photo centre from the frame centre at the first frame
     scale: tuple[float, float] = (1.0, 1.0)  # first, last
     rotate: tuple[float, float] = (0.0, 0.0)  # degrees, counter-clockwise in the image, first, last
     flip: bool = False  # mirror the photo horizontally first
@@ -58,7 +59,8 @@ def motion_affines(photo_hw: tuple[int, int], size: tuple[int, int], n: int, m: 
         deg = m.rotate[0] + a * (m.rotate[1] - m.rotate[0])
         # rotate+scale about the photo centre, which lands at the frame centre plus the shift
         R = cv2.getRotationMatrix2D((pw / 2, ph / 2), deg, s)
-        R[:, 2] += np.array([w / 2 - pw / 2 + a * m.shift[0], h / 2 - ph / 2 + a * m.shift[1]])
+        R[:, 2] += np.array([w / 2 - pw / 2 + m.start[0] + a * m.shift[0],
+                             h / 2 - ph / 2 + m.start[1] + a * m.shift[1]])
         if m.flip:  # x' = pw - 1 - x applied to the photo before everything else
             F = np.array([[-1, 0, pw - 1], [0, 1, 0], [0, 0, 1]], np.float64)
             R = R @ F

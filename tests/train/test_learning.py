@@ -1,4 +1,4 @@
-"""The learning test at CPU size (bench/learning.py): our preprocessing of the shipped photos in known motions,
+"""The learning test at CPU size (bench/learning.py): our preprocessing of the shipped photos in random motions,
 split by source video, stages 1 then 3 under the real trainer (tiny preset, 1 CPU process), evaluation on the
 held-out clips. A tiny model in a few hundred CPU steps does not beat copy-the-reference (the GPU run is the
 goal test: docs/performance.md), but its motion conditioning must already help on clips it never saw: with the
@@ -19,7 +19,8 @@ def test_motion_conditioning_helps_on_held_out_clips(tmp_path):
     out = tmp_path / "learn"
     cmd = [sys.executable, str(ROOT / "bench" / "learning.py"), "--out", str(out), "--launch", "local",
            "--preset", "tiny", "--size", "64", "--video-frames", "34", "--clip-frames", "17", "--frames", "9",
-           "--batch", "4", "--refs", "1", "3", "--token-budget", "4000", "--workers", "1", "--steps", "300", "150",
+           "--motions", "9", "2", "--batch", "4", "--refs", "1", "3", "--token-budget", "4000", "--workers", "1",
+           "--steps", "300", "150",
            "--lr", "5e-4",
            "--eval-clips", "6", "--eval-steps", "8", "--margin", "-100", "--no-megamind"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1500, check=False,

@@ -63,6 +63,15 @@ class RefsConfig:
 
 
 @dataclass
+class AugmentConfig:
+    """Random changes of a training sample that keep it true (the controls move with the frames)."""
+
+    shift: float  # driving frames + their control maps translated against the references by up to this fraction
+    #               of the bucket side per axis (uniform per sample; 0: off). The references keep their framing, so
+    #               where the person is in a reference no longer says where they are in the clip: only the pose does
+
+
+@dataclass
 class DropoutConfig:
     """Classifier-free-guidance condition dropout, drawn per sample and independently (dual CFG)."""
 
@@ -114,6 +123,7 @@ class DataConfig:
     frames: FramesConfig
     refs: RefsConfig
     dropout: DropoutConfig
+    augment: AugmentConfig
     shuffle: ShuffleConfig
     workers: WorkersConfig
     face_crops: bool  # decode face.mp4 (stage 1 trains without face motion tokens: false saves CPU)
@@ -147,6 +157,11 @@ def check(c: DataConfig, temporal_compression: int | None = None) -> None:
     if c.latents and c.sampling != "prefix":
         raise ConfigError("data.latents=true draws every clip as a prefix of its cached latents: data.sampling must "
                           "be prefix or auto, not window")
+    if not 0.0 <= c.augment.shift < 0.5:
+        raise ConfigError(f"data.augment.shift={c.augment.shift} must be in [0, 0.5) (a fraction of the bucket side)")
+    if c.augment.shift and c.latents:
+        raise ConfigError("data.augment.shift translates decoded frames; a latent cache (data.latents=true) holds them "
+                          "encoded unshifted: set data.augment.shift=0 or data.latents=false")
     if c.refs.primary_candidates < 1:
         raise ConfigError(f"data.refs.primary_candidates={c.refs.primary_candidates} must be >= 1")
     f = c.frames

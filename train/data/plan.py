@@ -85,6 +85,7 @@ class PlannedSample:
     ref_order: tuple[int, ...]  # permutation of schema.REF_ROLES: extra references are tried in this order
     drop_ref: bool
     drop_motion: bool
+    shift: tuple[float, float] = (0.0, 0.0)  # (dx, dy) of the driving frames against the references, bucket sides
 
 
 @dataclass(frozen=True)
@@ -283,7 +284,9 @@ class Planner:
         order = tuple(int(x) for x in g.permutation(len(schema.REF_ROLES)))
         drop_ref = bool(g.random() < self.cfg.dropout.ref)
         drop_motion = bool(g.random() < self.cfg.dropout.motion)
-        return PlannedSample(key, shard, epoch, idx, float(fps) / stride, primary, order, drop_ref, drop_motion)
+        a = self.cfg.augment.shift  # drawn last and only when on: every other choice stays what it was without it
+        shift = (float(g.uniform(-a, a)), float(g.uniform(-a, a))) if a else (0.0, 0.0)
+        return PlannedSample(key, shard, epoch, idx, float(fps) / stride, primary, order, drop_ref, drop_motion, shift)
 
     # ------------------------------------------------------------------ windows
 

@@ -164,6 +164,19 @@ def resize_crop(img: np.ndarray, box, out_h: int, out_w: int, out: np.ndarray | 
     return cv2.resize(crop, (out_w, out_h), dst=out, interpolation=interp)
 
 
+def shift_frames(video: np.ndarray, transform: np.ndarray, shift) -> tuple[np.ndarray, np.ndarray]:
+    """(transform, video) with the frames (T, H, W, 3) translated by ``shift`` = (dx, dy) in fractions of the side
+    (whole pixels, black where nothing was) and the stored-clip -> bucket ``transform`` moved alike, so that the
+    control maps rendered through it and ``crop_transform`` stay on the moved person."""
+    h, w = video.shape[1:3]
+    dx, dy = int(round(shift[0] * w)), int(round(shift[1] * h))
+    out = np.zeros_like(video)
+    out[:, max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = \
+        video[:, max(-dy, 0):h + min(-dy, 0), max(-dx, 0):w + min(-dx, 0)]
+    moved = np.array([[1.0, 0.0, dx], [0.0, 1.0, dy], [0.0, 0.0, 1.0]]) @ np.asarray(transform, np.float64)
+    return moved.astype(np.asarray(transform).dtype), out
+
+
 def letterbox(img: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
     """Fit ``img`` inside (out_h, out_w) keeping its aspect ratio, centred on black."""
     import cv2
@@ -212,6 +225,8 @@ def build_sample(members: dict[str, bytes], ps: PlannedSample, height: int, widt
         extras = reference_images(members, ps.ref_order, box, (clip_w, clip_h), (height, width))
         refs = [primary, *(img for _, img in extras)]
     transform = render.crop_resize_transform(box, (height, width))
+    if any(ps.shift) and video is not None:
+        transform, video = shift_frames(video, transform, ps.shift)
     ones = np.ones(len(idx), bool)
     head_valid = arr["head_valid"][idx].astype(bool) if "head_valid" in arr else ~ones
     skeleton, sphere = _control_maps(arr, idx, ps.primary_frame, head_valid, transform, (height, width), render_cfg)
