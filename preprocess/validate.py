@@ -52,6 +52,11 @@ def check_sample(key: str, members: dict[str, bytes], fields: list[schema.Field]
     n = meta.get("n_frames")
     if meta.get("key") != key:
         problems.append(f"{key}: meta.key is {meta.get('key')!r}")
+    dims = {**schema.DEFAULT_DIMS, **(dims or {}), **_audio_dims(members, meta)}
+    status = meta.get("audio_status")
+    if status is not None and (status == schema.AUDIO_OK) != (schema.field("audio").member in members):
+        problems.append(f"{key}: meta.audio_status is {status!r} but the sample "
+                        f"{'has no' if status == schema.AUDIO_OK else 'has an'} audio member")
     for f in fields:
         data = members.get(f.member)
         if data is None:
@@ -63,7 +68,9 @@ def check_sample(key: str, members: dict[str, bytes], fields: list[schema.Field]
         except Exception as e:
             problems.append(f"{key}: {f.member} does not decode ({type(e).__name__}: {e})")
             continue
-        why = schema.check_value(f, value, n, {**schema.DEFAULT_DIMS, **(dims or {})})
+        if "S" in f.shape and "S" not in dims:
+            continue  # no length to check it against: timestamps.npy or meta.fps is unusable (reported as such)
+        why = schema.check_value(f, value, n, dims)
         if why:
             problems.append(f"{key}: {why}")
     known = {f.member for f in schema.FIELDS}
@@ -79,6 +86,17 @@ def check_sample(key: str, members: dict[str, bytes], fields: list[schema.Field]
         except Exception as e:
             problems.append(f"{key}: video.mp4 does not decode ({e})")
     return problems
+
+
+def _audio_dims(members: dict[str, bytes], meta: dict) -> dict[str, int]:
+    """``{"S": samples}`` the sample's ``audio`` must have (``schema.audio_length`` of its timestamps and fps), or
+    {} when those cannot be read."""
+    try:
+        f = schema.field("timestamps")
+        ts = schema.decode(f, members[f.member])
+        return {"S": schema.audio_length(ts, float(meta["fps"]))}
+    except Exception:  # noqa: BLE001 - a broken timestamps.npy or meta.fps is a problem of its own
+        return {}
 
 
 def check_tar(storage: Storage, name: str, fields, seen: dict[str, str], deep: bool,
