@@ -5,7 +5,7 @@ detection; :func:`video.scan` hands every packet of the first audio stream to an
 read once. The track keeps the resampled audio as int16 PCM (32 kB per second: ~115 MB for an hour) with the time of
 its first sample on the container's clock, the clock the video frames' timestamps are on too; a clip is then cut by
 its own time span (:meth:`AudioTrack.cut`), which keeps audio and frames aligned whatever the two streams' start
-times, frame rates or time bases.
+times, frame rates or time bases, and stored as FLAC (:func:`encode_flac`: lossless, ~16 kB per second).
 
 What is not audio is said so, never stored as silence: a video without an audio stream, a stream that does not
 decode, a clip the track does not cover, or one that overlaps a damaged stretch (packets that failed to decode, or a
@@ -15,6 +15,7 @@ early) are filled with zeros.
 """
 from __future__ import annotations
 
+import io
 import logging
 import math
 from dataclasses import dataclass, field
@@ -81,8 +82,10 @@ class AudioTrack:
             self._broken = True
             self._errors += 1
             if not self._first_error:
+                from .video import ffmpeg_words  # (video imports this module)
+
                 t = packet.pts * packet.time_base if packet.pts is not None and packet.time_base else None
-                self._first_error = f"{'' if t is None else f'at {float(t):.3f} s: '}{_words(e)}"
+                self._first_error = f"{'' if t is None else f'at {float(t):.3f} s: '}{ffmpeg_words(e)}"
             return
         for frame in frames:
             self._frame(frame)
@@ -187,11 +190,6 @@ def _resampler():
     return av.AudioResampler(format="s16", layout="mono", rate=AUDIO_RATE)
 
 
-def _words(e: Exception) -> str:
-    msg = getattr(e, "strerror", None) or str(e)
-    return msg.split("] ", 1)[-1].strip()
-
-
 def _holes_text(holes: list[tuple[float, float]]) -> str:
     return ", ".join(f"{a:.3f}-{'end' if math.isinf(b) else f'{b:.3f}'} s" for a, b in holes)
 
@@ -219,3 +217,28 @@ def resample(wave: np.ndarray, rate: int) -> np.ndarray:
     r = av.AudioResampler(format="flt", layout="mono", rate=AUDIO_RATE)
     out = [o.to_ndarray().reshape(-1) for o in [*r.resample(frame), *r.resample(None)]]
     return np.concatenate(out) if out else np.zeros(0, np.float32)
+
+
+def encode_flac(samples: np.ndarray) -> bytes:
+    """int16 mono samples at ``AUDIO_RATE`` as an in-memory FLAC stream (a clip's ``audio`` member): lossless, about
+    half the bytes of the PCM (measured: 0.49 on espeak-ng speech, 0.53 on Megamind.avi's soundtrack)."""
+    x = np.ascontiguousarray(np.asarray(samples, dtype=np.int16).reshape(1, -1))
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="flac") as c:
+        s = c.add_stream("flac", rate=AUDIO_RATE)
+        s.layout, s.format = "mono", "s16"
+        if x.size:
+            frame = av.AudioFrame.from_ndarray(x, format="s16", layout="mono")
+            frame.sample_rate, frame.pts = AUDIO_RATE, 0
+            for packet in s.encode(frame):
+                c.mux(packet)
+        for packet in s.encode():
+            c.mux(packet)
+    return buf.getvalue()
+
+
+def decode_flac(data: bytes) -> np.ndarray:
+    """The int16 samples of a FLAC stream written by :func:`encode_flac`."""
+    with av.open(io.BytesIO(data), format="flac") as c:
+        out = [f.to_ndarray().reshape(-1) for f in c.decode(audio=0)]
+    return np.concatenate(out).astype(np.int16, copy=False) if out else np.zeros(0, np.int16)

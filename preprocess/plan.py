@@ -20,6 +20,7 @@ import av
 import cv2
 import numpy as np
 
+from .audio import encode_flac
 from .schema import AUDIO_RATE, audio_length
 from .video import ProbeInfo, Scan, VideoError, ffmpeg_words, probe, scan
 
@@ -31,7 +32,7 @@ class ClipPlan:
     frame_index: np.ndarray  # source frames (presentation order among the decodable frames), sorted
     timestamps: np.ndarray | None = None  # seconds from the first frame: the instant each clip frame stands for
     pts: np.ndarray | None = None  # stream timestamps of the frames (None: the stream has none)
-    audio: np.ndarray | None = None  # int16 at schema.AUDIO_RATE over the clip's span (None: see audio_status)
+    audio: bytes | None = None  # FLAC of the clip's span at schema.AUDIO_RATE (None: see audio_status)
     audio_status: str = ""  # schema.AUDIO_STATES
 
 
@@ -171,9 +172,10 @@ def plan_video(path: str, *, analysis_width: int, threshold: float, min_shot_fra
         for c in clips:
             c.pts = sc.pts[c.frame_index]
     for c in clips:  # the clip's span on the container clock: its first frame's time to its last frame's end
-        t0 = sc.start_s + float(c.timestamps[0])
-        c.audio, c.audio_status = sc.audio.cut(t0, t0 + audio_length(c.timestamps, fps) / AUDIO_RATE) \
-            if sc.audio is not None else (None, "")
+        if sc.audio is not None:
+            t0 = sc.start_s + float(c.timestamps[0])
+            samples, c.audio_status = sc.audio.cut(t0, t0 + audio_length(c.timestamps, fps) / AUDIO_RATE)
+            c.audio = None if samples is None else encode_flac(samples)
     if sc.skipped:
         dropped["frames_with_repeated_timestamps"] = sc.skipped
     duration = float(sc.times[-1]) + 1.0 / src_fps

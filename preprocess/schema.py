@@ -110,10 +110,10 @@ class Field:
     """One tar member of a sample."""
 
     name: str  # member suffix after the key, without the file extension
-    ext: str  # npy | json | mp4 | jpg
+    ext: str  # npy | json | mp4 | jpg | flac
     group: str  # which stage writes it
-    dtype: str | None = None  # npy only
-    shape: tuple[int | str, ...] = ()  # npy only; "T" = frames of the clip
+    dtype: str | None = None  # npy; flac: of its samples
+    shape: tuple[int | str, ...] = ()  # npy; flac: (samples,); "T" = frames of the clip
     optional: bool = False  # may be absent even when its group is present
     doc: str = ""
 
@@ -130,10 +130,10 @@ FIELDS: tuple[Field, ...] = (
     Field("frame_index", "npy", "clip", "int32", ("T",), doc="source-video frame index of each frame"),
     Field("timestamps", "npy", "clip", "float64", ("T",),
           doc="source-video time each frame stands for, s (evenly spaced at the clip's fps)"),
-    Field("audio", "npy", "clip", "int16", ("S",), optional=True,
-          doc="the source's audio over the clip's span, mono PCM at AUDIO_RATE (16 kHz): sample k = source time "
-              "timestamps[0] + k / 16000, S = audio_length(timestamps, fps); absent when meta audio_status is not ok "
-              "(schema 3)"),
+    Field("audio", "flac", "clip", "int16", ("S",), optional=True,
+          doc="the source's audio over the clip's span: FLAC of S int16 samples, mono, AUDIO_RATE (16 kHz); sample k "
+              "= source time timestamps[0] + k / 16000, S = audio_length(timestamps, fps); absent when meta "
+              "audio_status is not ok (schema 3)"),
     # --- subject tracking ---
     Field("subject_box", "npy", "subject", "float32", ("T", 4), doc="main subject box x0,y0,x1,y1 px"),
     Field("subject_valid", "npy", "subject", "uint8", ("T",), doc="1 where the main subject was found"),
@@ -336,6 +336,16 @@ def check_value(f: Field, value, n_frames: int, dims: dict[str, int] | None = No
         if tuple(value.shape) != want:
             return f"{f.member}: shape {tuple(value.shape)}, expected {want}"
         return None
+    if f.ext == "flac":
+        try:
+            info = flac_info(value)
+        except ValueError as e:
+            return f"{f.member}: {e}"
+        want = (AUDIO_RATE, 1, np.dtype(f.dtype).itemsize * 8, *resolve_shape(f, n_frames, dims))
+        have = (info["rate"], info["channels"], info["bits"], info["samples"])
+        if have != want:
+            return f"{f.member}: rate, channels, bits, samples {have}, expected {want}"
+        return None
     if f.ext == "json":
         if f.name == "meta":
             version = value.get("schema_version", 1) if isinstance(value, dict) else 1
@@ -350,12 +360,24 @@ def check_value(f: Field, value, n_frames: int, dims: dict[str, int] | None = No
     return None
 
 
+def flac_info(data: bytes) -> dict[str, int]:
+    """rate, channels, bits (per sample) and samples of a FLAC stream, from its STREAMINFO header (nothing decoded);
+    ValueError when ``data`` does not start like a FLAC stream."""
+    data = bytes(data[:42])
+    if len(data) < 42 or data[:4] != b"fLaC" or data[4] & 0x7F != 0:
+        raise ValueError("not a FLAC stream (no fLaC marker and STREAMINFO block)")
+    v = int.from_bytes(data[18:26], "big")  # rate (20 bits), channels - 1 (3), bits - 1 (5), samples (36)
+    return {"rate": v >> 44, "channels": ((v >> 41) & 7) + 1, "bits": ((v >> 36) & 31) + 1,
+            "samples": v & ((1 << 36) - 1)}
+
+
 def markdown_table(fields: tuple[Field, ...] = FIELDS) -> str:
     """The field table of docs/data-format.md (``python -m preprocess.schema`` prints it)."""
     lines = ["| member | group | dtype | shape | required | meaning |", "|---|---|---|---|---|---|"]
     for f in fields:
         shape = "(" + ", ".join(str(d) for d in f.shape) + ("," if len(f.shape) == 1 else "") + ")" if f.shape else ""
-        lines.append(f"| `{{key}}.{f.member}` | {f.group} | {f.dtype or f.ext} | {shape} | "
+        dtype = f.ext if f.ext != "npy" else f.dtype
+        lines.append(f"| `{{key}}.{f.member}` | {f.group} | {dtype} | {shape} | "
                      f"{'optional' if f.optional else 'yes'} | {f.doc} |")
     return "\n".join(lines)
 

@@ -4,11 +4,11 @@ Checks: each tar reads to its end; member names are ``{key}.{field}`` with well-
 sample's members are contiguous and keys are unique across shards; every required field of the
 dataset's groups is present with the schema's dtype and shape; the index and the shards' stats files
 agree with the tars; each tar has the size its stats file committed; no uncommitted tar is lying around.
-``--deep`` also decodes every clip video and compares its frame count with ``meta.n_frames``, and each tar's
-sha256 with the committed one. A latent cache (``preprocess/latents.py``; ``<output>/latents`` unless
-``latents=`` names another) is checked too: its manifest, each committed part whole, every part of the dataset
-covered, each sample a key of the dataset part of the same name (in its order) with the latent fields' dtypes and
-shapes. Exits 1 and names every problem found.
+``--deep`` also decodes every clip video and compares its frame count with ``meta.n_frames`` (and every clip's audio
+with its span), and each tar's sha256 with the committed one. A latent cache (``preprocess/latents.py``;
+``<output>/latents`` unless ``latents=`` names another) is checked too: its manifest, each committed part whole, every
+part of the dataset covered, each sample a key of the dataset part of the same name (in its order) with the latent
+fields' dtypes and shapes. Exits 1 and names every problem found.
 """
 from __future__ import annotations
 
@@ -53,8 +53,8 @@ def check_sample(key: str, members: dict[str, bytes], fields: list[schema.Field]
     if meta.get("key") != key:
         problems.append(f"{key}: meta.key is {meta.get('key')!r}")
     dims = {**schema.DEFAULT_DIMS, **(dims or {}), **_audio_dims(members, meta)}
-    status = meta.get("audio_status")
-    if status is not None and (status == schema.AUDIO_OK) != (schema.field("audio").member in members):
+    audio, status = schema.field("audio"), meta.get("audio_status")
+    if status is not None and (status == schema.AUDIO_OK) != (audio.member in members):
         problems.append(f"{key}: meta.audio_status is {status!r} but the sample "
                         f"{'has no' if status == schema.AUDIO_OK else 'has an'} audio member")
     for f in fields:
@@ -77,6 +77,15 @@ def check_sample(key: str, members: dict[str, bytes], fields: list[schema.Field]
     for m in members:
         if m not in known:
             problems.append(f"{key}: unknown member {m}")
+    if deep and audio.member in members and "S" in dims:
+        from preprocess.audio import decode_flac
+        from preprocess.video import ffmpeg_words
+        try:
+            got = len(decode_flac(members[audio.member]))
+            if got != dims["S"]:
+                problems.append(f"{key}: {audio.member} decodes to {got} samples, its span has {dims['S']}")
+        except Exception as e:
+            problems.append(f"{key}: {audio.member} does not decode ({ffmpeg_words(e)})")
     if deep and "video.mp4" in members and isinstance(n, int):
         from preprocess.video import decode_mp4
         try:

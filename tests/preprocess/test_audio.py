@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from preprocess import demo_media, schema
-from preprocess.audio import MAX_FILL_S, AudioTrack, read_audio
+from preprocess.audio import MAX_FILL_S, AudioTrack, decode_flac, encode_flac, read_audio
 from preprocess.validate import check_sample, validate
 from tests.preprocess.helpers import AUDIO_BEEPS_S, AUDIO_CORPUS, beep_onsets
 from tests.train.data.helpers import meta, npy, read_dataset
@@ -32,9 +32,9 @@ def test_beeps_land_on_their_frames_in_the_shards(audio_dataset):
         want = AUDIO_CORPUS[name][2][me["clip_index"]]
         assert (me["audio_status"], index.loc[key, "audio_status"]) == (want, want), (name, me["clip_index"])
         if want != schema.AUDIO_OK:
-            assert "audio.npy" not in m
+            assert "audio.flac" not in m
             continue
-        ts, audio = npy(m, "timestamps"), npy(m, "audio")
+        ts, audio = npy(m, "timestamps"), decode_flac(m["audio.flac"])
         assert audio.dtype == np.int16 and len(audio) == schema.audio_length(ts, me["fps"]) == me["n_frames"] * R // 25
         expected = [round((s - ts[0]) * R) for s in AUDIO_BEEPS_S if 0 <= s - ts[0] < len(audio) / R]
         got = beep_onsets(audio / 32768.0)
@@ -56,11 +56,15 @@ def test_the_validator_checks_the_audio_and_its_status(audio_dataset):
     fields = schema.fields_of(["clip"])
     key, m = next((k, m) for k, m in clips.items() if meta(m)["audio_status"] == "ok")
     assert check_sample(key, m, fields, deep=False) == []
-    short = dict(m, **{"audio.npy": schema.encode(schema.field("audio"), npy(m, "audio")[:-5])})
-    assert check_sample(key, short, fields, deep=False) == [f"{key}: audio.npy: shape (15995,), expected (16000,)"]
-    gone = {k: v for k, v in m.items() if k != "audio.npy"}
-    assert check_sample(key, gone, fields, deep=False) == [f"{key}: meta.audio_status is 'ok' but the sample has no "
-                                                           "audio member"]
+    short = dict(m, **{"audio.flac": encode_flac(decode_flac(m["audio.flac"])[:-5])})
+    assert check_sample(key, short, fields, deep=False) == [f"{key}: audio.flac: rate, channels, bits, samples "
+                                                            f"({R}, 1, 16, 15995), expected ({R}, 1, 16, 16000)"]
+    assert check_sample(key, dict(m, **{"audio.flac": b"RIFF" + bytes(60)}), fields, deep=False) == \
+        [f"{key}: audio.flac: not a FLAC stream (no fLaC marker and STREAMINFO block)"]
+    cut = dict(m, **{"audio.flac": m["audio.flac"][:len(m["audio.flac"]) // 2]})  # the header still says 16000
+    assert check_sample(key, cut, fields, deep=False) == []
+    assert [p for p in check_sample(key, cut, fields, deep=True) if "audio.flac does not decode (End of file" in p]
+    gone = {k: v for k, v in m.items() if k != "audio.flac"}
     for status, problem in (("loud", "audio_status 'loud', expected one of"), ("no_audio_stream", "has an audio")):
         bad = dict(m, **{"meta.json": json.dumps({**meta(m), "audio_status": status}).encode()})
         assert [p for p in check_sample(key, bad, fields, deep=False) if problem in p], status

@@ -427,12 +427,18 @@ def clip_audio(members: dict[str, bytes], idx: np.ndarray, fps: float, n_frames:
     start_s = float(ts[idx[0]] - ts[0])
     if not members.get(AUDIO.member):
         return audio_window(np.zeros(0, np.float32), schema.AUDIO_RATE, start_s, len(idx), fps), 0
-    try:
-        stored = schema.decode(AUDIO, members[AUDIO.member])
-    except Exception as e:
-        raise SampleError("bad_field", f"{AUDIO.member}: {type(e).__name__}: {e}") from None
-    why = schema.check_value(AUDIO, stored, n_frames, {"S": schema.audio_length(ts, clip_fps)})
+    from preprocess.audio import decode_flac
+
+    data = members[AUDIO.member]
+    why = schema.check_value(AUDIO, data, n_frames, {"S": schema.audio_length(ts, clip_fps)})
     if why:
         raise SampleError("bad_field", why)
+    try:
+        stored = decode_flac(data)
+    except Exception as e:
+        raise SampleError("bad_field", f"{AUDIO.member}: {type(e).__name__}: {e}") from None
+    if len(stored) != schema.audio_length(ts, clip_fps):
+        raise SampleError("bad_field", f"{AUDIO.member}: {len(stored)} samples decoded, its header says "
+                          f"{schema.audio_length(ts, clip_fps)}")
     row = audio_window(stored, schema.AUDIO_RATE, start_s, len(idx), fps)
     return row, max(0, min(len(row), len(stored) - int(round(start_s * schema.AUDIO_RATE))))
