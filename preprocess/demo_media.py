@@ -3,7 +3,9 @@
 Photos become short driving videos with known motion (shift, scale, in-plane rotation, horizontal
 flip); the per-frame 2×3 affine that maps photo pixels to frame pixels is returned too, so tests
 know the exact expected change of every annotation. ``Megamind.avi`` from Debian's ``opencv-doc`` is
-the one real moving-people clip and is added when installed.
+the one real moving-people clip and is added when installed. Talking videos (:func:`talking_video`): a photo saying
+one of :data:`SENTENCES` (Debian's ``espeak-ng`` speaks them) with its mouth opened by the speech's loudness, for
+audio-driven face motion.
 """
 from __future__ import annotations
 
