@@ -49,6 +49,8 @@ def test_beeps_land_on_their_frames_in_the_shards(audio_dataset):
         videos["damaged"]["audio"]
     assert all("audio" not in d for name, d in videos.items() if name != "damaged")
     assert validate(str(audio_dataset), log=lambda *a: None) == []
+    summary = json.loads((audio_dataset / "summary.json").read_text())
+    assert summary["dataset_clips_by_audio"] == {"ok": 6, "no_audio_stream": 2, "not_covered": 1, "damaged": 1}
 
 
 def test_the_validator_checks_the_audio_and_its_status(audio_dataset):
