@@ -123,8 +123,13 @@ class AudioTrack:
             self._truncate(max(at, 0))
 
     def _truncate(self, n: int) -> None:
-        whole = np.concatenate(self._chunks) if self._chunks else np.zeros(0, np.int16)
-        self._chunks, self._n = [whole[:n]], n
+        """Keep the first ``n`` samples (only the chunks at the end are touched: a stream whose timestamps drift
+        behind its sample count is cut back every few ms)."""
+        while self._chunks and self._n - len(self._chunks[-1]) >= n:
+            self._n -= len(self._chunks.pop())
+        if self._chunks:
+            self._chunks[-1] = self._chunks[-1][:len(self._chunks[-1]) - (self._n - n)]
+            self._n = n
 
     def _drain(self) -> None:
         if self._resampler is not None:
@@ -149,11 +154,12 @@ class AudioTrack:
                 if self._broken:  # packets after the last good frame failed
                     self.holes.append((self._next_s, math.inf))
                 self.samples = np.concatenate(self._chunks) if self._chunks else np.zeros(0, np.int16)
-                if self.holes or self._errors:
-                    self.message = (f"{self._errors} audio packets did not decode"
-                                    + (f" (the first {self._first_error})" if self._first_error else "")
-                                    + f"; the track starts at {self.start_s:.3f} s"
-                                    + (f"; holes in it: {_holes_text(self.holes)}" if self.holes else ""))
+                parts = [f"{self._errors} audio packets did not decode (the first {self._first_error})"] \
+                    if self._errors else []
+                if self.holes:
+                    parts.append(f"holes in the track (lost packets or timestamp jumps): {_holes_text(self.holes)}")
+                if parts:
+                    self.message = "; ".join([*parts, f"the track starts at {self.start_s:.3f} s"])
         self._chunks = []
         self._resampler = None
         self.stream = None  # not picklable; the track travels to the planner's caller
@@ -190,8 +196,9 @@ def _resampler():
     return av.AudioResampler(format="s16", layout="mono", rate=AUDIO_RATE)
 
 
-def _holes_text(holes: list[tuple[float, float]]) -> str:
-    return ", ".join(f"{a:.3f}-{'end' if math.isinf(b) else f'{b:.3f}'} s" for a, b in holes)
+def _holes_text(holes: list[tuple[float, float]], most: int = 5) -> str:
+    text = ", ".join(f"{a:.3f}-{'end' if math.isinf(b) else f'{b:.3f}'} s" for a, b in holes[:most])
+    return text + (f" and {len(holes) - most} more" if len(holes) > most else "")
 
 
 def read_audio(path: str, fileobj=None) -> AudioTrack:

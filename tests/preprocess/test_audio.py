@@ -3,8 +3,10 @@ land on the right sample; what has no audio says why; the validator checks both.
 from __future__ import annotations
 
 import json
+from fractions import Fraction
 from pathlib import Path
 
+import av
 import numpy as np
 import pandas as pd
 import pytest
@@ -12,7 +14,7 @@ import pytest
 from preprocess import demo_media, schema
 from preprocess.audio import MAX_FILL_S, AudioTrack, decode_flac, encode_flac, read_audio
 from preprocess.validate import check_sample, validate
-from tests.preprocess.helpers import AUDIO_BEEPS_S, AUDIO_CORPUS, beep_onsets
+from tests.preprocess.helpers import AUDIO_BEEPS_S, AUDIO_CORPUS, beep_onsets, beep_wave
 from tests.train.data.helpers import meta, npy, read_dataset
 
 ALIGN = 48  # samples: 3 ms at 16 kHz
@@ -91,6 +93,45 @@ def test_a_track_fills_short_holes_and_refuses_long_ones():
     assert track.cut(0.0, 1.0) == (None, "not_covered")
     assert track.cut(3.0, 3.5 + MAX_FILL_S * 1.5) == (None, "not_covered")
     assert AudioTrack(problem="no_audio_stream").cut(0.0, 1.0) == (None, "no_audio_stream")
+
+
+class _Packet:
+    """A demuxed packet as AudioTrack.add sees it: its frames, or the decoder's error."""
+
+    def __init__(self, frames=(), error=None, pts=None):
+        self.frames, self.error, self.pts, self.time_base = list(frames), error, pts, Fraction(1, R)
+
+    def decode(self):
+        if self.error:
+            raise self.error
+        return self.frames
+
+
+def _frame(wave: np.ndarray, k: int, n: int = 320):
+    frame = av.AudioFrame.from_ndarray((wave[k:k + n] * 32767).astype(np.int16)[None], format="s16", layout="mono")
+    frame.sample_rate, frame.pts, frame.time_base = R, k, Fraction(1, R)
+    return frame
+
+
+def test_a_track_is_placed_by_its_timestamps():
+    """Frames go where their timestamps say: after a packet that did not decode, a 60 ms jump ahead and a 30 ms jump
+    back, the beep at 1.2 s is still on its sample; the holes are recorded and say which clips have no audio."""
+    wave = beep_wave(AUDIO_BEEPS_S, 2.0, R)
+    starts = [k for k in range(0, R, 320) if not 0.2 * R <= k < 0.26 * R]  # 60 ms left out
+    starts += range(R - 480, 2 * R, 320)  # from 0.97 s on: 30 ms sent twice
+    bad = av.error.InvalidDataError(1094995529, "Invalid data")
+    packets = [_Packet(error=bad, pts=k) if 1.6 * R <= k < 1.8 * R else _Packet([_frame(wave, k)]) for k in starts]
+    track = AudioTrack(stream=object())
+    for p in packets:
+        track.add(p)
+    track.finish()
+    assert track.start_s == 0.0 and len(track.samples) == 2 * R
+    assert [abs(o - round(s * R)) <= 2 for o, s in zip(beep_onsets(track.samples / 32768), AUDIO_BEEPS_S)] == [True] * 2
+    assert [(round(a, 3), round(b, 3)) for a, b in track.holes] == [(0.2, 0.26), (0.97, 1.0), (1.61, 1.81)]
+    assert track.message == ("10 audio packets did not decode (the first at 1.610 s: Invalid data); holes in the "
+                             "track (lost packets or timestamp jumps): 0.200-0.260 s, 0.970-1.000 s, 1.610-1.810 s; "
+                             "the track starts at 0.000 s")
+    assert [track.cut(t, t + 0.5)[1] for t in (0.0, 0.5, 1.0, 1.5)] == ["ok", "ok", "ok", "damaged"]
 
 
 @pytest.mark.skipif(not demo_media.MEGAMIND.exists(), reason="opencv-doc's Megamind.avi is not installed")
