@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 import logging
 import math
+from array import array
 from dataclasses import dataclass, field
 
 import av
@@ -46,8 +47,7 @@ class AudioTrack:
     start_s: float | None = None  # container time of sample 0 (None: no frame decoded)
     holes: list[tuple[float, float]] = field(default_factory=list)  # container times without decoded audio
     samples: np.ndarray | None = None  # int16, after finish()
-    _chunks: list[np.ndarray] = field(default_factory=list)
-    _n: int = 0  # samples so far
+    _pcm: array = field(default_factory=lambda: array("h"))  # the samples so far (grows in place: no copy at the end)
     _next_s: float | None = None  # where the next frame is expected (container time)
     _broken: bool = False  # packets failed to decode since the last good frame
     _errors: int = 0
@@ -115,21 +115,11 @@ class AudioTrack:
         self._drain()
         self._resampler = _resampler()
         self.holes.append((min(self._next_s, t), max(self._next_s, t)))
-        at = int(round((t - self.start_s) * AUDIO_RATE))
-        if at > self._n:
-            self._chunks.append(np.zeros(at - self._n, np.int16))
-            self._n = at
-        elif at < self._n:
-            self._truncate(max(at, 0))
-
-    def _truncate(self, n: int) -> None:
-        """Keep the first ``n`` samples (only the chunks at the end are touched: a stream whose timestamps drift
-        behind its sample count is cut back every few ms)."""
-        while self._chunks and self._n - len(self._chunks[-1]) >= n:
-            self._n -= len(self._chunks.pop())
-        if self._chunks:
-            self._chunks[-1] = self._chunks[-1][:len(self._chunks[-1]) - (self._n - n)]
-            self._n = n
+        at = max(int(round((t - self.start_s) * AUDIO_RATE)), 0)
+        if at > len(self._pcm):
+            self._pcm.frombytes(bytes(2 * (at - len(self._pcm))))
+        else:
+            del self._pcm[at:]
 
     def _drain(self) -> None:
         if self._resampler is not None:
@@ -138,9 +128,7 @@ class AudioTrack:
 
     def _append(self, frames) -> None:
         for o in frames:
-            x = o.to_ndarray().reshape(-1)
-            self._chunks.append(x)
-            self._n += len(x)
+            self._pcm.frombytes(o.to_ndarray().astype(np.int16, copy=False).tobytes())
 
     def finish(self) -> AudioTrack:
         """Flush the resampler; record a trailing damaged stretch; set ``samples``, ``problem`` and ``message``."""
@@ -153,16 +141,15 @@ class AudioTrack:
             else:
                 if self._broken:  # packets after the last good frame failed
                     self.holes.append((self._next_s, math.inf))
-                self.samples = np.concatenate(self._chunks) if self._chunks else np.zeros(0, np.int16)
+                self.samples = np.frombuffer(self._pcm, np.int16) if len(self._pcm) else np.zeros(0, np.int16)
                 parts = [f"{self._errors} audio packets did not decode (the first {self._first_error})"] \
                     if self._errors else []
                 if self.holes:
                     parts.append(f"holes in the track (lost packets or timestamp jumps): {_holes_text(self.holes)}")
                 if parts:
                     self.message = "; ".join([*parts, f"the track starts at {self.start_s:.3f} s"])
-        self._chunks = []
         self._resampler = None
-        self.stream = None  # not picklable; the track travels to the planner's caller
+        self.stream = None  # its container closes; the finished track keeps nothing of it
         if self.message:
             log.warning("audio: %s", self.message)
         return self
