@@ -3,7 +3,9 @@
 Photos become short driving videos with known motion (shift, scale, in-plane rotation, horizontal
 flip); the per-frame 2×3 affine that maps photo pixels to frame pixels is returned too, so tests
 know the exact expected change of every annotation. ``Megamind.avi`` from Debian's ``opencv-doc`` is
-the one real moving-people clip and is added when installed.
+the one real moving-people clip and is added when installed. Talking videos (:func:`talking_video`): a photo saying
+one of :data:`SENTENCES` (Debian's ``espeak-ng`` speaks them) with its mouth opened by the speech's loudness, for
+audio-driven face motion.
 """
 from __future__ import annotations
 
@@ -146,3 +148,149 @@ def ensure_samples(directory: str | os.PathLike | None, *, size: int, n_frames: 
     if megamind and MEGAMIND.exists():
         paths.append(str(MEGAMIND))
     return paths
+
+
+# ---------------------------------------------------------------- talking videos (audio-driven face motion)
+# Sentences for talking videos: different lengths and sounds (open vowels, closures, sibilants), so that the mouth
+# motion they drive differs from clip to clip.
+SENTENCES = (
+    "The quick brown fox jumps over the lazy dog.",
+    "Pack my box with five dozen liquor jugs, then hop on the bus.",
+    "Hello! My name is Grace, and I like to talk about computers.",
+    "Open your mouth wide and say ah, then close it for a moment.",
+    "Seven silver swans swam silently seaward, singing softly.",
+    "Bob bought a big blue balloon, but it popped by the pool.",
+)
+# The mouth of each photo that can talk, in photo pixels: centre x, centre y, width (the lips' corners).
+MOUTHS: dict[str, tuple[float, float, float]] = {
+    "grace_hopper": (265.0, 274.0, 80.0),
+    "astronaut": (224.0, 145.0, 46.0),
+}
+
+
+class SpeechUnavailable(RuntimeError):
+    """espeak-ng, which speaks the sentences, is not installed."""
+
+
+def speak(text: str, *, voice: str = "en-us", words_per_minute: int = 150, pitch: int = 50) -> tuple[np.ndarray, int]:
+    """``text`` spoken by espeak-ng (Debian's ``espeak-ng``; scripts/install.sh installs it): a mono waveform in
+    [-1, 1] (float32) and its sample rate. The same text and settings give the same samples on one espeak-ng
+    version."""
+    import shutil
+    import subprocess
+    import tempfile
+    import wave
+
+    exe = shutil.which("espeak-ng")
+    if exe is None:
+        raise SpeechUnavailable("espeak-ng is not installed: apt-get install espeak-ng (scripts/install.sh does)")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "speech.wav")
+        subprocess.run([exe, "-v", voice, "-s", str(words_per_minute), "-p", str(pitch), "-w", out, text],
+                       check=True, capture_output=True, timeout=60)
+        with wave.open(out, "rb") as w:
+            if w.getsampwidth() != 2:
+                raise RuntimeError(f"espeak-ng wrote {8 * w.getsampwidth()}-bit audio; expected 16-bit")
+            rate, ch = w.getframerate(), w.getnchannels()
+            x = np.frombuffer(w.readframes(w.getnframes()), np.int16).reshape(-1, ch).mean(axis=1)
+    return (x / 32768.0).astype(np.float32), rate
+
+
+def speech_features(wave: np.ndarray, rate: int, fps: float, n_frames: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per video frame of ``1 / fps`` s: the loudness (RMS, scaled so that the loudest frame is 1) and the
+    brightness of the sound (spectral centroid, 0 dark (oo, mm) .. 1 bright (ee, ss)), both float32 (n_frames,)."""
+    hop = rate / fps
+    loud = np.zeros(n_frames, np.float32)
+    bright = np.zeros(n_frames, np.float32)
+    freqs = None
+    for i in range(n_frames):
+        seg = wave[int(round(i * hop)):int(round((i + 1) * hop))]
+        if len(seg) < 8:
+            continue
+        loud[i] = float(np.sqrt(np.mean(seg.astype(np.float64) ** 2)))
+        spec = np.abs(np.fft.rfft(seg * np.hanning(len(seg))))
+        freqs = np.fft.rfftfreq(len(seg), 1.0 / rate)
+        if spec.sum() > 0:
+            bright[i] = float((spec * freqs).sum() / spec.sum())
+    if loud.max() > 0:
+        loud /= loud.max()
+    if freqs is not None:
+        bright = np.clip(bright / 3000.0, 0.0, 1.0)  # ~3 kHz and above: the brightest sounds
+    return loud, bright
+
+
+def talking_photo(photo: np.ndarray, mouth: tuple[float, float, float], openness: float, spread: float
+                  ) -> np.ndarray:
+    """``photo`` with its mouth opened by ``openness`` (0 closed .. 1 wide open: the lower face drops and a dark gap
+    shows between the lips) and widened by ``spread`` (0 rounded .. 1 spread)."""
+    cx, cy, mw = mouth
+    out = photo.copy()
+    h, w = photo.shape[:2]
+    drop = openness * 0.45 * mw  # how far the lower lip and jaw move down, px
+    if drop >= 0.5:
+        # the jaw: rows from the mouth's centre down to about a mouth width below stretch by `drop` px, columns
+        # fading out at the sides of the face
+        y0, y1 = int(cy), min(h, int(cy + 1.4 * mw))
+        x0, x1 = max(0, int(cx - 1.1 * mw)), min(w, int(cx + 1.1 * mw))
+        ys, xs = np.mgrid[y0:y1, x0:x1].astype(np.float32)
+        fade = np.clip(1.0 - np.abs(xs - cx) / (1.1 * mw), 0.0, 1.0) ** 0.5
+        t = (ys - y0) / max(y1 - y0, 1)
+        shift = drop * fade * np.clip(1.0 - t, 0.0, 1.0) ** 0.7 * np.minimum(1.0, t * (y1 - y0) / max(drop, 1.0))
+        region = cv2.remap(photo, xs, ys - shift, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
+        out[y0:y1, x0:x1] = region
+        # the open mouth: a dark ellipse between the lips, as wide as the spread says
+        axes = (max(1, int(round(mw * (0.32 + 0.16 * spread)))), max(1, int(round(drop * 0.55))))
+        cv2.ellipse(out, (int(round(cx)), int(round(cy + drop * 0.45))), axes, 0, 0, 360, (45, 18, 22), -1,
+                    lineType=cv2.LINE_AA)
+    return out
+
+
+@dataclass(frozen=True)
+class TalkingVideo:
+    """What :func:`talking_video` wrote."""
+
+    path: Path
+    n_frames: int
+    fps: float
+    text: str
+    openness: np.ndarray  # (n_frames,) the mouth opening of each frame, 0..1 (the speech's loudness)
+    spread: np.ndarray  # (n_frames,) the mouth's spread, 0..1 (the speech's brightness)
+    audio_rate: int  # of the muxed track (espeak-ng's)
+    audio_samples: int
+
+
+def talking_video(path: str | os.PathLike, photo: str = "grace_hopper", text: str = SENTENCES[0], *,
+                  fps: float = 25.0, size: tuple[int, int] = (128, 128), voice: str = "en-us",
+                  words_per_minute: int = 150, lead_s: float = 0.2, crf: int = 18) -> TalkingVideo:
+    """A talking head: ``photo`` (fitted into ``size`` = (w, h)) saying ``text`` (espeak-ng), the speech muxed as an
+    AAC track, the mouth of every frame opened by the speech's loudness over that frame and spread by its
+    brightness, so that frames and sound go together (an audio-driven face-motion model can learn the mapping).
+    ``lead_s`` of silence, mouth closed, before and after. Deterministic for one espeak-ng version.
+    Raises :class:`SpeechUnavailable` without espeak-ng."""
+    if photo not in MOUTHS:
+        raise KeyError(f"photo {photo!r} has no known mouth; talking photos: {sorted(MOUTHS)}")
+    speech, rate = speak(text, voice=voice, words_per_minute=words_per_minute)
+    lead = np.zeros(int(round(lead_s * rate)), np.float32)
+    wave = np.concatenate([lead, speech, lead])
+    n = int(np.ceil(len(wave) / rate * fps))
+    wave = np.concatenate([wave, np.zeros(int(round(n / fps * rate)) - len(wave), np.float32)])
+    loud, bright = speech_features(wave, rate, fps, n)
+    openness = np.clip(loud * 1.25, 0.0, 1.0).astype(np.float32)
+    img = load_photo(photo)
+    affine = motion_affines(img.shape[:2], size, 1, Motion())[0]
+    w, h = size
+
+    def frames():
+        for o, sp in zip(openness, bright):
+            face = talking_photo(img, MOUTHS[photo], float(o), float(sp))
+            yield cv2.warpAffine(face, affine, (w, h), flags=cv2.INTER_AREA, borderMode=cv2.BORDER_CONSTANT,
+                                 borderValue=(40, 40, 40))
+
+    from .video import write_mp4
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    write_mp4(str(tmp), frames(), fps, crf=crf, preset="medium", threads=1, audio=wave, audio_rate=rate)
+    os.replace(tmp, path)
+    return TalkingVideo(path, n, fps, text, openness, bright.astype(np.float32), rate, len(wave))

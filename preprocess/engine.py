@@ -1,6 +1,7 @@
 """The engine's own stages, around the annotators:
 
-    input rows → ProbePlanStage (per video: content key, probe, shots, clip windows; in an isolated decoder)
+    input rows → ProbePlanStage (per video: content key, probe, shots, clip windows, each clip's audio; in an
+                 isolated decoder)
       → DecodeStage (per clip: frames once for every annotator, the stored MP4) → [annotators]
       → SinkStage (rows to the shard writer of their video; events for the driver)
 
@@ -50,7 +51,7 @@ class ProbePlanStage(Stage):
     reads = INPUT_COLUMNS
     writes = ("key", "video_key", "source_seconds", "dropped", "n_clips", "clip_index", "shot_index", "frame_index",
               "timestamps", "fps", "start_frame", "end_frame", "n_frames", "src_fps", "src_width", "src_height",
-              "src_codec", "src_rotation", "src_start_pts", "src_pts")
+              "src_codec", "src_rotation", "src_start_pts", "src_pts", "audio", "audio_status")
 
     @dataclass
     class Params:
@@ -104,6 +105,8 @@ class ProbePlanStage(Stage):
             dropped["damaged_stretches"] = [[None if math.isinf(a) else round(a, 3),
                                              None if math.isinf(b) else round(b, 3)]
                                             for a, b in plan.damaged]
+        if plan.audio_problem:  # the audio track's holes or decode errors, in words (the clips say which it cost)
+            dropped["audio"] = plan.audio_problem
         vrow.update(source_seconds=plan.duration_s, dropped=dropped)
         if not plan.clips:
             return [fail(vrow, "plan", f"{uri}: no shot has {pl.min_frames} frames at "
@@ -118,6 +121,7 @@ class ProbePlanStage(Stage):
             start_frame=int(c.frame_index[0]), end_frame=int(c.frame_index[-1]), n_frames=len(c.frame_index),
             src_fps=info.fps, src_width=info.width, src_height=info.height, src_codec=info.codec,
             src_rotation=info.rotation, src_start_pts=info.start_pts, src_pts=c.pts,
+            audio=c.audio, audio_status=c.audio_status,
             timings={"plan": seconds} if c.clip_index == 0 else {},
             stage_frames={"plan": plan.n_frames} if c.clip_index == 0 else {})
             for c in plan.clips]

@@ -287,6 +287,7 @@ def run_locked(cfg: PreprocessConfig, inputs: list[InputFile], storage: Storage,
         "hours_out": round(float(index.loc[index["shard"].str.startswith(run_id), "duration_s"].sum()) / 3600, 6)
         if len(index) else 0.0,
         "dataset_clips": len(index), "dataset_shards": int(index["shard"].nunique()) if len(index) else 0,
+        "dataset_clips_by_audio": index["audio_status"].value_counts().to_dict() if len(index) else {},
         "dataset_bytes": int(sum(e["bytes"] for e in events if e["event"] == "commit")),
         "parts_committed_this_run": sum(e["event"] == "commit" for e in events),
         "parts_retired": retired,  # {part: why}: damaged parts whose videos this run redid

@@ -20,6 +20,8 @@ import av
 import cv2
 import numpy as np
 
+from .audio import encode_flac
+from .schema import AUDIO_RATE, audio_length
 from .video import ProbeInfo, Scan, VideoError, ffmpeg_words, probe, scan
 
 
@@ -30,6 +32,8 @@ class ClipPlan:
     frame_index: np.ndarray  # source frames (presentation order among the decodable frames), sorted
     timestamps: np.ndarray | None = None  # seconds from the first frame: the instant each clip frame stands for
     pts: np.ndarray | None = None  # stream timestamps of the frames (None: the stream has none)
+    audio: bytes | None = None  # FLAC of the clip's span at schema.AUDIO_RATE (None: see audio_status)
+    audio_status: str = ""  # schema.AUDIO_STATES
 
 
 @dataclass
@@ -43,6 +47,7 @@ class VideoPlan:
     duration_s: float = 0.0  # presentation time from the first to past the last decoded frame
     # (last good, next good frame) seconds around each stretch that did not decode or that the container lost
     damaged: list[tuple[float, float]] = field(default_factory=list)
+    audio_problem: str = ""  # what went wrong with the audio track, in words ("" when nothing did)
 
 
 def content_key(size: int, head: bytes, tail: bytes) -> str:
@@ -54,9 +59,10 @@ def content_key(size: int, head: bytes, tail: bytes) -> str:
     return h.hexdigest()
 
 
-def shot_scan(path: str, rotation: int, analysis_width: int, fps: float, fileobj=None, src_size=None) -> Scan:
+def shot_scan(path: str, rotation: int, analysis_width: int, fps: float, fileobj=None, src_size=None,
+              audio: bool = False) -> Scan:
     """The decode of the whole video: per displayable frame its timestamp and the mean |ΔHSV| from the
-    previous frame (``values``; first = 0)."""
+    previous frame (``values``; first = 0); with ``audio``, the audio track too (one pass over the file)."""
     w, h = src_size if src_size else (analysis_width, analysis_width)
     aw = analysis_width
     ah = max(2, int(round(h * aw / w / 2)) * 2)
@@ -67,7 +73,7 @@ def shot_scan(path: str, rotation: int, analysis_width: int, fps: float, fileobj
         prev, hsv[0] = hsv[0], cur
         return 0.0 if prev is None else float(np.abs(cur - prev).mean())
 
-    return scan(path, score, rotation=rotation, size=(aw, ah), fps=fps, fileobj=fileobj)
+    return scan(path, score, rotation=rotation, size=(aw, ah), fps=fps, fileobj=fileobj, audio=audio)
 
 
 def find_shots(scores: np.ndarray, threshold: float, min_shot_frames: int) -> list[tuple[int, int]]:
@@ -139,8 +145,9 @@ def split_at_damage(shots: list[tuple[int, int]], times: np.ndarray, damaged: li
 
 def plan_video(path: str, *, analysis_width: int, threshold: float, min_shot_frames: int,
                target_fps: float | None, min_frames: int, max_frames: int, min_seconds: float,
-               open_fn=None) -> VideoPlan:
-    """Probe, detect shots and plan clips (runs in the isolated decoder process)."""
+               open_fn=None, audio: bool = True) -> VideoPlan:
+    """Probe, detect shots and plan clips, and cut each clip's audio (``audio``; runs in the isolated decoder
+    process)."""
     fileobj = open_fn() if open_fn else None
     info = probe(path, fileobj=fileobj)
     if info.duration < min_seconds:
@@ -149,7 +156,7 @@ def plan_video(path: str, *, analysis_width: int, threshold: float, min_shot_fra
         fileobj.seek(0)
     try:
         sc = shot_scan(path, info.rotation, analysis_width, info.fps, fileobj=fileobj,
-                       src_size=(info.width, info.height))
+                       src_size=(info.width, info.height), audio=audio)
     except av.error.FFmpegError as e:
         raise VideoError("undecodable", f"{path}: decoding failed: {ffmpeg_words(e)}") from None
     scores = np.asarray(sc.values, dtype=np.float64)
@@ -164,11 +171,16 @@ def plan_video(path: str, *, analysis_width: int, threshold: float, min_shot_fra
     if sc.pts is not None:
         for c in clips:
             c.pts = sc.pts[c.frame_index]
+    for c in clips:  # the clip's span on the container clock: its first frame's time to its last frame's end
+        if sc.audio is not None:
+            t0 = sc.start_s + float(c.timestamps[0])
+            samples, c.audio_status = sc.audio.cut(t0, t0 + audio_length(c.timestamps, fps) / AUDIO_RATE)
+            c.audio = None if samples is None else encode_flac(samples)
     if sc.skipped:
         dropped["frames_with_repeated_timestamps"] = sc.skipped
     duration = float(sc.times[-1]) + 1.0 / src_fps
     return VideoPlan(info=info, n_frames=len(scores), shots=shots, fps=fps, clips=clips, dropped=dropped,
-                     duration_s=duration, damaged=damaged)
+                     duration_s=duration, damaged=damaged, audio_problem=sc.audio.message if sc.audio else "")
 
 
 def _damage_text(damaged: list[tuple[float, float]]) -> str:

@@ -16,12 +16,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # Versions this code reads. 2 added, next to optional fields only (a version-1 dataset reads as a version-2 one
 # without them: the SMPL-X fit in the body group, ``head_fit_px``), one size a dataset now fixes: the ``identity``
 # embedding's length is a property of the identity backend, recorded in dataset.json ``dims`` (``identity_dim``); a
-# version-1 dataset has none and means 128 (dlib). A rerun still refuses to add to an output of another version.
-READABLE_SCHEMA_VERSIONS = (1, 2)
+# version-1 dataset has none and means 128 (dlib). 3 added each clip's audio (the optional ``audio`` field and the
+# meta key ``audio_status``); a version-1 or 2 dataset reads as one whose clips have no audio. A rerun still refuses
+# to add to an output of another version.
+READABLE_SCHEMA_VERSIONS = (1, 2, 3)
 # Named sizes a dataset fixes once (dataset.json ``dims``), with what a dataset that records none means.
 DEFAULT_DIMS = {"identity_dim": 128}
 
@@ -74,6 +76,31 @@ N_SMPLX_BETAS = 10
 SMPLX_FIT_GROUPS = ("body", "feet", "left_hand", "right_hand", "face")
 
 FACE_CROP_SIZE = 224
+
+# Audio (schema 3): a clip's audio is the source's first audio stream over the clip's time span, resampled to this
+# rate, mono, int16 PCM. The one place the rate is set: preprocessing, the loader and inference import it.
+AUDIO_RATE = 16000
+# meta.json ``audio_status``: "ok" (the clip has its ``audio`` member) or why it has none (preprocess/audio.py)
+AUDIO_OK = "ok"
+AUDIO_STATES = {
+    AUDIO_OK: "the clip's audio is stored",
+    "no_audio_stream": "the source has no audio stream",
+    "undecodable": "the source's audio stream does not decode (no decoder, or no packet decoded)",
+    "damaged": "the clip overlaps a stretch of the audio longer than preprocess.audio.MAX_FILL_S that did not decode "
+               "(or a timestamp jump)",
+    "not_covered": "the audio track starts after the clip or ends before it, by more than preprocess.audio.MAX_FILL_S",
+}
+
+
+def audio_length(timestamps: np.ndarray, fps: float) -> int:
+    """Samples of a clip's ``audio``: its time span, from its first frame's time to its last frame's end
+    (``timestamps[-1] + 1 / fps``), at :data:`AUDIO_RATE`; ``round(T * AUDIO_RATE / fps)`` for evenly spaced frames.
+    Sample k stands for source time ``timestamps[0] + k / AUDIO_RATE``."""
+    ts = np.asarray(timestamps, dtype=np.float64)
+    if not len(ts):
+        return 0
+    return int(round((float(ts[-1] - ts[0]) + 1.0 / float(fps)) * AUDIO_RATE))
+
 REF_ROLES = ("yaw_max", "yaw_min", "yaw_median", "half_body")
 SHOT_SCALES = ("portrait", "upper_body", "full_body")
 
@@ -83,10 +110,10 @@ class Field:
     """One tar member of a sample."""
 
     name: str  # member suffix after the key, without the file extension
-    ext: str  # npy | json | mp4 | jpg
+    ext: str  # npy | json | mp4 | jpg | flac
     group: str  # which stage writes it
-    dtype: str | None = None  # npy only
-    shape: tuple[int | str, ...] = ()  # npy only; "T" = frames of the clip
+    dtype: str | None = None  # npy; flac: of its samples
+    shape: tuple[int | str, ...] = ()  # npy; flac: (samples,); "T" = frames of the clip
     optional: bool = False  # may be absent even when its group is present
     doc: str = ""
 
@@ -103,6 +130,10 @@ FIELDS: tuple[Field, ...] = (
     Field("frame_index", "npy", "clip", "int32", ("T",), doc="source-video frame index of each frame"),
     Field("timestamps", "npy", "clip", "float64", ("T",),
           doc="source-video time each frame stands for, s (evenly spaced at the clip's fps)"),
+    Field("audio", "flac", "clip", "int16", ("S",), optional=True,
+          doc="the source's audio over the clip's span: FLAC of S int16 samples, mono, AUDIO_RATE (16 kHz); sample k "
+              "= source time timestamps[0] + k / 16000, S = audio_length(timestamps, fps); absent when meta "
+              "audio_status is not ok (schema 3)"),
     # --- subject tracking ---
     Field("subject_box", "npy", "subject", "float32", ("T", 4), doc="main subject box x0,y0,x1,y1 px"),
     Field("subject_valid", "npy", "subject", "uint8", ("T",), doc="1 where the main subject was found"),
@@ -189,8 +220,16 @@ LATENT_FIELDS_BY_NAME = {f.name: f for f in LATENT_FIELDS}
 META_KEYS = (
     "schema_version", "key", "video_key", "clip_index", "source", "shot_index",
     "start_frame", "end_frame", "n_frames", "fps", "width", "height",
-    "src_fps", "src_width", "src_height", "src_codec", "src_rotation",
+    "src_fps", "src_width", "src_height", "src_codec", "src_rotation", "audio_status",
 )
+# Meta keys added after version 1, with the version that added them: a clip's meta.json carries them from its
+# ``schema_version`` on.
+META_KEYS_SINCE = {"audio_status": 3}
+
+
+def meta_keys(version: int) -> tuple[str, ...]:
+    """The keys a meta.json of schema ``version`` carries."""
+    return tuple(k for k in META_KEYS if META_KEYS_SINCE.get(k, 1) <= version)
 # An annotator's own meta key is a row column ``m_<name>``: stored as meta.json ``<name>``, and as an index column
 # when it is a scalar.
 ANNOTATOR_META_PREFIX = "m_"
@@ -203,7 +242,7 @@ WORK_COLUMNS = {
     "source_mtime": "modification time of the input file (with source and size: an earlier run finished it)",
     "source_seconds": "duration of the input video, s",
     "dropped": "shots of the video too short to make a clip, by reason; damaged_stretches: [last good, next good "
-               "frame] s around what did not decode",
+               "frame] s around what did not decode; audio: what went wrong with the audio track, in words",
     "n_clips": "clips planned for the video (the writer waits for all of them)",
     "src_start_pts": "pts of the video stream's first frame (the clip decoder seeks by it)",
     "src_pts": "stream timestamps of the clip's frames (the clip decoder finds them by these; None: none)",
@@ -297,15 +336,39 @@ def check_value(f: Field, value, n_frames: int, dims: dict[str, int] | None = No
         if tuple(value.shape) != want:
             return f"{f.member}: shape {tuple(value.shape)}, expected {want}"
         return None
+    if f.ext == "flac":
+        try:
+            info = flac_info(value)
+        except ValueError as e:
+            return f"{f.member}: {e}"
+        want = (AUDIO_RATE, 1, np.dtype(f.dtype).itemsize * 8, *resolve_shape(f, n_frames, dims))
+        have = (info["rate"], info["channels"], info["bits"], info["samples"])
+        if have != want:
+            return f"{f.member}: rate, channels, bits, samples {have}, expected {want}"
+        return None
     if f.ext == "json":
         if f.name == "meta":
-            missing = [k for k in META_KEYS if k not in value]
+            version = value.get("schema_version", 1) if isinstance(value, dict) else 1
+            missing = [k for k in meta_keys(version if isinstance(version, int) else 1) if k not in value]
             if missing:
                 return f"{f.member}: missing keys {missing}"
+            if "audio_status" in value and value["audio_status"] not in AUDIO_STATES:
+                return f"{f.member}: audio_status {value['audio_status']!r}, expected one of {list(AUDIO_STATES)}"
         return None
     if len(value) == 0:
         return f"{f.member}: empty"
     return None
+
+
+def flac_info(data: bytes) -> dict[str, int]:
+    """rate, channels, bits (per sample) and samples of a FLAC stream, from its STREAMINFO header (nothing decoded);
+    ValueError when ``data`` does not start like a FLAC stream."""
+    data = bytes(data[:42])
+    if len(data) < 42 or data[:4] != b"fLaC" or data[4] & 0x7F != 0:
+        raise ValueError("not a FLAC stream (no fLaC marker and STREAMINFO block)")
+    v = int.from_bytes(data[18:26], "big")  # rate (20 bits), channels - 1 (3), bits - 1 (5), samples (36)
+    return {"rate": v >> 44, "channels": ((v >> 41) & 7) + 1, "bits": ((v >> 36) & 31) + 1,
+            "samples": v & ((1 << 36) - 1)}
 
 
 def markdown_table(fields: tuple[Field, ...] = FIELDS) -> str:
@@ -313,7 +376,8 @@ def markdown_table(fields: tuple[Field, ...] = FIELDS) -> str:
     lines = ["| member | group | dtype | shape | required | meaning |", "|---|---|---|---|---|---|"]
     for f in fields:
         shape = "(" + ", ".join(str(d) for d in f.shape) + ("," if len(f.shape) == 1 else "") + ")" if f.shape else ""
-        lines.append(f"| `{{key}}.{f.member}` | {f.group} | {f.dtype or f.ext} | {shape} | "
+        dtype = f.ext if f.ext != "npy" else f.dtype
+        lines.append(f"| `{{key}}.{f.member}` | {f.group} | {dtype} | {shape} | "
                      f"{'optional' if f.optional else 'yes'} | {f.doc} |")
     return "\n".join(lines)
 

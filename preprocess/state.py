@@ -32,7 +32,7 @@ from .storage import Storage
 log = logging.getLogger("preprocess")
 
 INDEX_COLUMNS = ["key", "shard", "video_key", "clip_index", "shot_index", "source", "n_frames", "start_frame",
-                 "end_frame", "fps", "width", "height", "duration_s", "bytes"]
+                 "end_frame", "fps", "width", "height", "duration_s", "bytes", "audio_status"]
 FAILURE_COLUMNS = ["kind", "video_key", "key", "source", "stage", "error_class", "error_message", "run_id", "latest"]
 
 

@@ -4,11 +4,11 @@ Checks: each tar reads to its end; member names are ``{key}.{field}`` with well-
 sample's members are contiguous and keys are unique across shards; every required field of the
 dataset's groups is present with the schema's dtype and shape; the index and the shards' stats files
 agree with the tars; each tar has the size its stats file committed; no uncommitted tar is lying around.
-``--deep`` also decodes every clip video and compares its frame count with ``meta.n_frames``, and each tar's
-sha256 with the committed one. A latent cache (``preprocess/latents.py``; ``<output>/latents`` unless
-``latents=`` names another) is checked too: its manifest, each committed part whole, every part of the dataset
-covered, each sample a key of the dataset part of the same name (in its order) with the latent fields' dtypes and
-shapes. Exits 1 and names every problem found.
+``--deep`` also decodes every clip video and compares its frame count with ``meta.n_frames`` (and every clip's audio
+with its span), and each tar's sha256 with the committed one. A latent cache (``preprocess/latents.py``;
+``<output>/latents`` unless ``latents=`` names another) is checked too: its manifest, each committed part whole, every
+part of the dataset covered, each sample a key of the dataset part of the same name (in its order) with the latent
+fields' dtypes and shapes. Exits 1 and names every problem found.
 """
 from __future__ import annotations
 
@@ -52,6 +52,11 @@ def check_sample(key: str, members: dict[str, bytes], fields: list[schema.Field]
     n = meta.get("n_frames")
     if meta.get("key") != key:
         problems.append(f"{key}: meta.key is {meta.get('key')!r}")
+    dims = {**schema.DEFAULT_DIMS, **(dims or {}), **_audio_dims(members, meta)}
+    audio, status = schema.field("audio"), meta.get("audio_status")
+    if status is not None and (status == schema.AUDIO_OK) != (audio.member in members):
+        problems.append(f"{key}: meta.audio_status is {status!r} but the sample "
+                        f"{'has no' if status == schema.AUDIO_OK else 'has an'} audio member")
     for f in fields:
         data = members.get(f.member)
         if data is None:
@@ -63,13 +68,24 @@ def check_sample(key: str, members: dict[str, bytes], fields: list[schema.Field]
         except Exception as e:
             problems.append(f"{key}: {f.member} does not decode ({type(e).__name__}: {e})")
             continue
-        why = schema.check_value(f, value, n, {**schema.DEFAULT_DIMS, **(dims or {})})
+        if "S" in f.shape and "S" not in dims:
+            continue  # no length to check it against: timestamps.npy or meta.fps is unusable (reported as such)
+        why = schema.check_value(f, value, n, dims)
         if why:
             problems.append(f"{key}: {why}")
     known = {f.member for f in schema.FIELDS}
     for m in members:
         if m not in known:
             problems.append(f"{key}: unknown member {m}")
+    if deep and audio.member in members and "S" in dims:
+        from preprocess.audio import decode_flac
+        from preprocess.video import ffmpeg_words
+        try:
+            got = len(decode_flac(members[audio.member]))
+            if got != dims["S"]:
+                problems.append(f"{key}: {audio.member} decodes to {got} samples, its span has {dims['S']}")
+        except Exception as e:
+            problems.append(f"{key}: {audio.member} does not decode ({ffmpeg_words(e)})")
     if deep and "video.mp4" in members and isinstance(n, int):
         from preprocess.video import decode_mp4
         try:
@@ -79,6 +95,17 @@ def check_sample(key: str, members: dict[str, bytes], fields: list[schema.Field]
         except Exception as e:
             problems.append(f"{key}: video.mp4 does not decode ({e})")
     return problems
+
+
+def _audio_dims(members: dict[str, bytes], meta: dict) -> dict[str, int]:
+    """``{"S": samples}`` the sample's ``audio`` must have (``schema.audio_length`` of its timestamps and fps), or
+    {} when those cannot be read."""
+    try:
+        f = schema.field("timestamps")
+        ts = schema.decode(f, members[f.member])
+        return {"S": schema.audio_length(ts, float(meta["fps"]))}
+    except Exception:  # noqa: BLE001 - a broken timestamps.npy or meta.fps is a problem of its own
+        return {}
 
 
 def check_tar(storage: Storage, name: str, fields, seen: dict[str, str], deep: bool,

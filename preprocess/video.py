@@ -25,6 +25,8 @@ from fractions import Fraction
 import av
 import numpy as np
 
+from .audio import AudioTrack
+
 
 class VideoError(RuntimeError):
     """An input that cannot be read as a video; the message says why."""
@@ -156,6 +158,8 @@ class Scan:
     times: np.ndarray  # seconds from the first frame
     damaged: list[tuple[float, float]]  # (last good, next good frame) seconds around undecodable stretches
     skipped: int  # frames dropped for a timestamp not after the previous one (not displayable)
+    start_s: float = 0.0  # container time of the first frame: ``times`` + start_s is on the audio's clock
+    audio: AudioTrack | None = None  # the first audio stream, decoded in the same pass (``scan(audio=True)``)
 
     @property
     def mean_fps(self) -> float:
@@ -171,22 +175,30 @@ def ffmpeg_words(e: Exception) -> str:
 
 
 def scan(path: str, fn, *, rotation: int = 0, size: tuple[int, int] | None = None, fps: float,
-         fileobj=None) -> Scan:
+         fileobj=None, audio: bool = False) -> Scan:
     """Decode every packet of the first video stream in order and apply ``fn(rgb) -> float`` to each displayable
     frame (resized to ``size`` (w, h), rotated for display). A packet that fails to decode is skipped and
     its stretch (until the next frame that decodes) recorded as damaged; frames whose timestamp is not
     after the previous one are dropped (counted in ``skipped``). ``fps`` numbers frames of a stream
-    without timestamps."""
+    without timestamps. ``audio``: the first audio stream is decoded in the same pass (``Scan.audio``)."""
     values, keys, broken_after, skipped = array("d"), array("q"), [], 0
     broken = False
     last = None
+    track = None
     with av.open(fileobj if fileobj is not None else path) as c:
         s = c.streams.video[0]
         s.thread_type = "AUTO"
         tb = s.time_base
         has_pts = True
         seq = 0
-        for packet in c.demux(s):
+        streams = [s]
+        if audio:
+            track = AudioTrack.of(c)
+            streams += [track.stream] if track.stream is not None else []
+        for packet in c.demux(*streams):
+            if packet.stream.type == "audio":
+                track.add(packet)
+                continue
             try:
                 got = packet.decode()
             except av.error.FFmpegError:
@@ -214,16 +226,18 @@ def scan(path: str, fn, *, rotation: int = 0, size: tuple[int, int] | None = Non
         if broken:
             broken_after.append(len(values) - 1)
     values = np.frombuffer(values, np.float64) if values else np.zeros(0)
+    start_s = 0.0
     if has_pts and tb is not None and keys:
         pts = np.frombuffer(keys, np.int64)
         times = (pts - pts[0]).astype(np.float64) * float(tb)
+        start_s = float(pts[0] * tb)
     else:
         pts = None
         times = np.arange(len(values), dtype=np.float64) / fps
     # a stretch that did not decode, as (last good frame, next good frame) times; open ends at the edges
     damaged = [(float(times[i]) if i >= 0 else -math.inf, float(times[i + 1]) if i + 1 < len(times) else math.inf)
                for i in broken_after]
-    return Scan(values, pts, times, damaged, skipped)
+    return Scan(values, pts, times, damaged, skipped, start_s, track.finish() if track else None)
 
 
 def scaled_size(width: int, height: int, max_side: int) -> tuple[int, int]:
@@ -375,9 +389,13 @@ def encode_mp4(frames: np.ndarray, fps: float, *, crf: int = 20, preset: str = "
     return buf.getvalue()
 
 
-def write_mp4(dst, frames, fps: float, *, crf: int = 20, preset: str = "veryfast", threads: int = 0) -> None:
+def write_mp4(dst, frames, fps: float, *, crf: int = 20, preset: str = "veryfast", threads: int = 0,
+              audio: np.ndarray | None = None, audio_rate: int = 0, audio_start_s: float = 0.0) -> None:
     """:func:`encode_mp4` into ``dst`` (a path or a binary file) from any iterable of H×W×3 RGB frames, one at a
-    time: a long video is written without ever being in memory whole."""
+    time: a long video is written without ever being in memory whole.
+
+    ``audio``: a mono waveform in [-1, 1] at ``audio_rate`` to mux as an AAC track whose first sample is at
+    ``audio_start_s`` (sample media and tests with sound; the stored clips have none)."""
     frames = iter(frames)
     first = next(frames, None)
     if first is None:
@@ -390,11 +408,45 @@ def write_mp4(dst, frames, fps: float, *, crf: int = 20, preset: str = "veryfast
         s = c.add_stream("libx264", rate=rate)
         s.width, s.height, s.pix_fmt = w, h, "yuv420p"
         s.options = {"crf": str(crf), "preset": preset, "threads": str(threads), "x264-params": "mbtree=0"}
-        for f in itertools.chain([first], frames):
+        sound = _AacTrack(c, audio, audio_rate, audio_start_s) if audio is not None else None
+        for i, f in enumerate(itertools.chain([first], frames)):
             for packet in s.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24")):
                 c.mux(packet)
+            if sound is not None:  # interleaved: the audio up to the end of this frame
+                sound.write_until((i + 1) / float(rate))
         for packet in s.encode():
             c.mux(packet)
+        if sound is not None:
+            sound.write_until(None)
+
+
+class _AacTrack:
+    """An AAC audio stream of a container being written, fed from a waveform in encoder-sized frames."""
+
+    def __init__(self, container, wave: np.ndarray, rate: int, start_s: float):
+        if rate <= 0:
+            raise ValueError("audio_rate must be > 0 with audio")
+        self.c, self.rate = container, int(rate)
+        self.wave = np.clip(np.asarray(wave, dtype=np.float32).reshape(-1), -1.0, 1.0)
+        self.s = container.add_stream("aac", rate=self.rate)
+        self.s.layout, self.s.format = "mono", "fltp"
+        self.offset = int(round(start_s * self.rate))  # pts of the first sample, in 1 / rate
+        self.done = 0
+
+    def write_until(self, t: float | None) -> None:
+        """Encode the samples before time ``t`` (None: all, then flush the encoder)."""
+        end = len(self.wave) if t is None else min(len(self.wave), max(0, int(t * self.rate) - self.offset))
+        step = 1024  # the AAC frame
+        while self.done + step <= end or (t is None and self.done < end):
+            chunk = self.wave[self.done:self.done + step]
+            frame = av.AudioFrame.from_ndarray(chunk[None], format="fltp", layout="mono")
+            frame.sample_rate, frame.pts, frame.time_base = self.rate, self.offset + self.done, Fraction(1, self.rate)
+            for packet in self.s.encode(frame):
+                self.c.mux(packet)
+            self.done += len(chunk)
+        if t is None:
+            for packet in self.s.encode():
+                self.c.mux(packet)
 
 
 def decode_mp4(data: bytes, indices=None) -> np.ndarray:

@@ -322,7 +322,7 @@ class ShardWriter:
                "end_frame": int(fi[-1]) if len(fi) else -1, "fps": float(row.get("fps", 0.0)),
                "width": int(row.get("width", 0)), "height": int(row.get("height", 0)),
                "duration_s": float(len(fi) / row["fps"]) if row.get("fps") else 0.0,
-               "bytes": int(row.get("_bytes", 0)),
+               "bytes": int(row.get("_bytes", 0)), "audio_status": str(row.get("audio_status", "")),
                "timings": json.dumps({k: round(v, 4) for k, v in row.get("timings", {}).items()})}
         for k in annotator_meta(row):
             v = row[k]

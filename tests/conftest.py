@@ -51,3 +51,18 @@ def train_dataset(tmp_path_factory) -> Path:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert json.loads((out / "summary.json").read_text())["dataset_clips"] >= 4
     return out
+
+
+@pytest.fixture(scope="session")
+def audio_dataset(tmp_path_factory) -> Path:
+    """A preprocess output (engine fields only) of the small videos with sound of
+    ``tests.preprocess.helpers.AUDIO_CORPUS``: beeps at known frames, a video without sound, a track that starts
+    late, one with undecodable packets. Made in a child process (the loader tests fork DataLoader workers)."""
+    from tests.preprocess.helpers import AUDIO_PREPROCESS, make_audio_corpus, run_cli
+
+    root = tmp_path_factory.mktemp("audio_data")
+    inputs = make_audio_corpus(root / "in")
+    out = root / "out"
+    r = run_cli([f"input={inputs}", f"output={out}", *AUDIO_PREPROCESS], env=dict(os.environ, RAY_AUTH_MODE="disabled"))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return out

@@ -129,3 +129,84 @@ class ThumbnailIdentity(IdentityBackend):
         v = cv2.resize(grey, (8, 16), interpolation=cv2.INTER_AREA).astype(np.float32).ravel()
         v -= v.mean()
         return v / np.linalg.norm(v)
+
+
+# ---------------------------------------------------------------- videos with sound
+BEEP_HZ, BEEP_S = 1000.0, 0.1  # a beep: a 1 kHz sine of 0.1 s starting at phase 0
+
+
+def beep_wave(beeps_s, seconds: float, rate: int, start_s: float = 0.0) -> np.ndarray:
+    """A track of ``seconds`` starting at source time ``start_s`` with a beep starting at each time of ``beeps_s``."""
+    t = start_s + np.arange(int(round(seconds * rate))) / rate
+    x = np.zeros_like(t)
+    for b in beeps_s:
+        on = (t >= b) & (t < b + BEEP_S)
+        x[on] = 0.5 * np.sin(2 * np.pi * BEEP_HZ * (t[on] - b))
+    return x.astype(np.float32)
+
+
+def make_beep_video(path, n: int = 50, fps: float = 25.0, beep_frames=(10, 30), *, audio: bool = True,
+                    audio_start_s: float = 0.0, rate: int = 44100, size: int = 64) -> Path:
+    """A small video whose AAC track beeps at the start of frames ``beep_frames`` (source frame numbers); the track
+    starts at ``audio_start_s`` and ends with the video."""
+    from preprocess.video import write_mp4
+
+    frames, _ = demo_media.render_motion(demo_media.load_photo("astronaut"), (size, size), n,
+                                      demo_media.Motion(shift=(4.0, 0.0)))
+    wave = beep_wave([f / fps for f in beep_frames], n / fps - audio_start_s, rate, audio_start_s) if audio else None
+    write_mp4(str(path), frames, fps, crf=20, threads=1, audio=wave, audio_rate=rate, audio_start_s=audio_start_s)
+    return Path(path)
+
+
+def corrupt_audio(src, dst, t0: float, t1: float) -> Path:
+    """A copy of ``src`` whose audio packets starting in [t0, t1) s are noise (they fail to decode)."""
+    import av
+
+    rng = np.random.default_rng(0)
+    with av.open(str(src)) as i, av.open(str(dst), "w", format="mp4") as o:
+        out = {s.index: o.add_stream_from_template(s) for s in i.streams}
+        for p in i.demux():
+            if p.dts is None:  # the demuxer's flush packets
+                continue
+            stream = out[p.stream.index]
+            if p.stream.type == "audio" and t0 <= float(p.pts * p.time_base) < t1:
+                q = av.Packet(rng.integers(0, 256, p.size, dtype=np.uint8).tobytes())
+                q.pts, q.dts, q.time_base, q.duration = p.pts, p.dts, p.time_base, p.duration
+                p = q
+            p.stream = stream
+            o.mux(p)
+    return Path(dst)
+
+
+def beep_onsets(x: np.ndarray, level: float = 0.1, quiet: int = 160) -> list[int]:
+    """The first sample of each beep in a waveform in [-1, 1]: above ``level`` after ``quiet`` samples below it."""
+    loud = np.flatnonzero(np.abs(np.asarray(x, np.float32)) > level)
+    return [int(i) for k, i in enumerate(loud) if k == 0 or i - loud[k - 1] > quiet]
+
+
+# name -> (make_beep_video kwargs, corrupt (t0, t1) or None, meta audio_status of each clip); 50 frames at 25 fps
+# (the 50 fps one: 100) make two clips of 25 frames at plan.max_frames=25. Beeps at 0.4 s and 1.2 s everywhere.
+AUDIO_CORPUS = {
+    "beep25": ({}, None, ("ok", "ok")),
+    "beep50": ({"n": 100, "fps": 50.0, "beep_frames": (20, 60), "audio_start_s": 0.04, "rate": 22050}, None,
+               ("ok", "ok")),  # subsampled to 25 fps; the track starts 40 ms late (zeros there)
+    "silent": ({"audio": False}, None, ("no_audio_stream", "no_audio_stream")),
+    "late": ({"audio_start_s": 0.6}, None, ("not_covered", "ok")),
+    "damaged": ({}, (1.3, 1.6), ("ok", "damaged")),
+}
+AUDIO_BEEPS_S = (0.4, 1.2)
+AUDIO_PREPROCESS = ["annotators=none", "plan.min_frames=8", "plan.max_frames=25", "decode.max_side=64",
+                    "ray.progress_bars=false", "progress_interval_s=1000"]
+
+
+def make_audio_corpus(directory) -> Path:
+    """The videos of :data:`AUDIO_CORPUS` in ``directory``."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    for name, (kw, corrupt, _) in AUDIO_CORPUS.items():
+        if corrupt is None:
+            make_beep_video(d / f"{name}.mp4", **kw)
+        else:
+            corrupt_audio(make_beep_video(d / f"{name}.src.mp4", **kw), d / f"{name}.mp4", *corrupt)
+            (d / f"{name}.src.mp4").unlink()
+    return d

@@ -43,6 +43,14 @@ class DreamActorBatch:
     video_latents  (B, C, t, h, w)            float16 VAE latents from the latent cache (None when pixels are used;
                                                       then ``video`` and ``ref_images`` are None)
     ref_latents    (B, C, R, h, w)            float16 cached reference latents (None likewise)
+    audio          (B, S)                     float32 mono audio at ``preprocess.schema.AUDIO_RATE`` (16 kHz) in
+                                                      [-1, 1] of the T sampled frames: sample 0 is the start of frame
+                                                      ``frame_index[b, 0]``, a row covers T / fps[b] seconds; S = the
+                                                      max over the batch of round(T * 16000 / fps[b]), rows zero-padded
+                                                      at the end. None when the dataset has no audio or ``data.audio``
+                                                      is false
+    audio_samples  (B,)                       int64   valid samples of each ``audio`` row (0: the clip has no audio;
+                                                      fewer than the row when the frames run past the clip's end)
     ============== ========================== ======= =================================================
 
     ``video`` and the maps are stored channel-last (``torch.channels_last_3d``: each pixel's channels
@@ -72,6 +80,8 @@ class DreamActorBatch:
     pose_maps: torch.Tensor | None = None
     video_latents: torch.Tensor | None = None
     ref_latents: torch.Tensor | None = None
+    audio: torch.Tensor | None = None
+    audio_samples: torch.Tensor | None = None
     cursor: dict = field(default_factory=dict)
     skips: dict = field(default_factory=dict)
 

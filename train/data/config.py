@@ -18,6 +18,7 @@ DataConfigError = ConfigError  # the one configuration error (models.typed_confi
 Decoder = Choice("Decoder", {"DECORD": "decord", "PYAV": "pyav"})
 StartMethod = Choice("StartMethod", {"FORK": "fork", "FORKSERVER": "forkserver", "SPAWN": "spawn"})
 Sampling = Choice("Sampling", {"AUTO": "auto", "WINDOW": "window", "PREFIX": "prefix"})
+Auto = Choice("Auto", {"AUTO": "auto"})
 
 
 @dataclass
@@ -129,6 +130,7 @@ class DataConfig:
     face_crops: bool  # decode face.mp4 (stage 1 trains without face motion tokens: false saves CPU)
     latents: bool  # read VAE latents from the latent cache (preprocess/latents.py) instead of decoding pixels
     sampling: Sampling  # window | prefix (what a latent cache serves) | auto: prefix exactly when latents
+    audio: bool | Auto  # the sampled frames' audio in each batch: true | false | auto (when the dataset has audio)
     log_skips: int  # skips logged at WARNING per reason and worker; the rest at DEBUG
     split: SplitConfig
 

@@ -20,7 +20,7 @@ import torch
 from .batch import DreamActorBatch
 from .config import DataConfig
 from .plan import PlannedBatch, Planner, WindowPlan
-from .sample import PIXEL_MEMBERS, Sample, SampleError, build_sample
+from .sample import AUDIO, PIXEL_MEMBERS, Sample, SampleError, build_sample
 from .source import ShardError, iter_samples, load_shard_meta, sidecar_url, with_sidecar
 
 log = logging.getLogger(__name__)
@@ -52,8 +52,10 @@ class _WindowReader:
     cache sidecar beside it, when ``latents`` names the cache)."""
 
     def __init__(self, plan: WindowPlan, batches: list[PlannedBatch], cfg: DataConfig, skips: _Skips,
-                 latents: str | None = None):
+                 latents: str | None = None, audio: bool = True):
         self.cfg, self.skips, self.latents = cfg, skips, latents
+        self.unread = frozenset(PIXEL_MEMBERS if latents is not None else ()) | \
+            frozenset(() if audio else (AUDIO.member,))  # members no sample of this reader uses
         self.urls = plan.shard_urls
         self.needed: list[set[str]] = [set() for _ in self.urls]
         for b in batches:
@@ -65,12 +67,11 @@ class _WindowReader:
 
     def _stream(self, shard: int):
         if shard not in self.streams:
-            keys = self.needed[shard]
+            keys, unread = self.needed[shard], self.unread
+            main = iter_samples(self.urls[shard], self.cfg.source, select=lambda k, m: k in keys and m not in unread)
             if self.latents is None:
-                self.streams[shard] = iter_samples(self.urls[shard], self.cfg.source, select=lambda k, m: k in keys)
+                self.streams[shard] = main
             else:  # the pixels are not read: their latents come from the sidecar
-                main = iter_samples(self.urls[shard], self.cfg.source,
-                                    select=lambda k, m: k in keys and m not in PIXEL_MEMBERS)
                 side = iter_samples(sidecar_url(self.latents, self.urls[shard]), self.cfg.source,
                                     select=lambda k, m: k in keys)
                 self.streams[shard] = with_sidecar(main, side)
@@ -107,9 +108,11 @@ class ShardStream(torch.utils.data.IterableDataset):
 
     def __init__(self, cfg: DataConfig, planner: Planner, render_cfg, groups: list[str], assignment,
                  consumers: list[int], positions: list[tuple[int, int]], first_role: int, *,
-                 quarantine: frozenset = frozenset(), inflight_dir: str | None = None, latents: str | None = None):
+                 quarantine: frozenset = frozenset(), inflight_dir: str | None = None, latents: str | None = None,
+                 audio: bool = False):
         self.cfg, self.planner, self.render_cfg, self.groups = cfg, planner, render_cfg, list(groups)
         self.latents = latents  # the latent cache's URL (data.latents=true), else None
+        self.audio = audio  # batches carry the sampled frames' audio
         self.assignment, self.consumers, self.positions = assignment, list(consumers), list(positions)
         self.first_role = first_role
         self.quarantine = quarantine  # samples that killed a worker before: skipped
@@ -160,7 +163,7 @@ class ShardStream(torch.utils.data.IterableDataset):
                 for reason, count in plan.excluded.items():
                     skips.add(reason, count, f"window {window}: {count} clips shorter than data.frames.min")
             todo = list(plan.batches[b0:])
-            reader = _WindowReader(plan, todo, self.cfg, skips, self.latents)
+            reader = _WindowReader(plan, todo, self.cfg, skips, self.latents, self.audio)
             for pb in todo:
                 batch = self.make_batch(pb, plan, reader, skips)
                 if batch is None:
@@ -190,7 +193,7 @@ class ShardStream(torch.utils.data.IterableDataset):
                                  face_crops=self.cfg.face_crops, face_size=g.face_crop_size,
                                  decode_threads=self.cfg.workers.decode_threads, decoder=self.cfg.workers.decoder,
                                  prefix=self.planner.prefix, latents=self.latents is not None,
-                                 compression=(g.temporal_compression, g.spatial_compression))
+                                 compression=(g.temporal_compression, g.spatial_compression), audio=self.audio)
             except SampleError as e:
                 skips.add(f"samples/{e.reason}", 1, f"{ps.key} ({plan.shard_urls[ps.shard]}): {e}")
                 continue
@@ -241,4 +244,17 @@ def collate(samples: list[tuple[object, Sample]], refs: int) -> DreamActorBatch:
         frame_index=torch.tensor([p.frame_index for p in ps], dtype=torch.int64),
         fps=torch.tensor([p.fps for p in ps], dtype=torch.float32),
         crop_transform=t(np.stack([s.transform for s in ss]).astype(np.float32)),
+        **_audio_rows(ss),
     )
+
+
+def _audio_rows(ss: list[Sample]) -> dict:
+    """``audio`` (B, S) float32, rows zero-padded to the longest, and ``audio_samples`` (B,); nothing when the samples
+    carry no audio (the loader does not load it)."""
+    if ss[0].audio is None:
+        return {}
+    rows = np.zeros((len(ss), max(len(s.audio) for s in ss)), np.float32)
+    for i, s in enumerate(ss):
+        rows[i, :len(s.audio)] = s.audio
+    return {"audio": torch.from_numpy(rows),
+            "audio_samples": torch.tensor([s.audio_samples for s in ss], dtype=torch.int64)}

@@ -38,7 +38,7 @@ import torch
 from .config import DataConfig, DataConfigError, check
 from .dataset import ShardStream
 from .plan import Framing, Geometry, Planner
-from .source import latent_cache_url, resolve_source
+from .source import dataset_audio, latent_cache_url, resolve_source
 
 log = logging.getLogger(__name__)
 
@@ -127,11 +127,12 @@ class DreamActorLoader:
     """Endless, resumable stream of :class:`~train.data.batch.DreamActorBatch` for one rank."""
 
     def __init__(self, cfg: DataConfig, geometry: Geometry, render_cfg, *, rank: int, world_size: int, seed: int,
-                 shard_urls: list[str], groups: list[str], latents: str | None = None):
+                 shard_urls: list[str], groups: list[str], latents: str | None = None, audio: bool = False):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
         self.cfg, self.geometry, self.render_cfg = cfg, geometry, render_cfg
         self.latents = latents  # the latent cache the samples' latents come from (None: pixels)
+        self.audio = audio  # batches carry the sampled frames' audio (data.audio, resolved against the dataset)
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.shard_urls, self.groups = list(shard_urls), list(groups)
         self.workers = max(1, cfg.workers.num_workers)
@@ -152,7 +153,8 @@ class DreamActorLoader:
     def _dataset(self, inflight_dir: str | None) -> ShardStream:
         return ShardStream(self.cfg, self.planner, self.render_cfg, self.groups, self.assignment,
                            [self.consumer(r) for r in range(self.workers)], list(self.positions), self.next_role,
-                           quarantine=frozenset(self.quarantine), inflight_dir=inflight_dir, latents=self.latents)
+                           quarantine=frozenset(self.quarantine), inflight_dir=inflight_dir, latents=self.latents,
+                           audio=self.audio)
 
     def __iter__(self):
         """Batches from the current cursor on, forever; the cursor advances as each batch is handed out.
@@ -336,4 +338,18 @@ def build_loader(cfg: DataConfig, model_cfg, *, rank: int = 0, world_size: int =
         want = manifest(Framing.of(cfg, geometry), model_cfg, seed, cfg.frames.max)
         check_cache(latents, cfg.source.storage_options, want, urls)
     return DreamActorLoader(cfg, geometry, model_cfg.render, rank=rank, world_size=world_size, seed=seed,
-                            shard_urls=urls, groups=groups or list(cfg.source.require_groups), latents=latents)
+                            shard_urls=urls, groups=groups or list(cfg.source.require_groups), latents=latents,
+                            audio=load_audio(cfg))
+
+
+def load_audio(cfg: DataConfig) -> bool:
+    """Whether batches carry audio: ``data.audio`` against what the dataset holds (``auto``: when some clip has audio,
+    or when that is unknown, shard URLs; ``true``: refuses a dataset with none)."""
+    if cfg.audio is False:
+        return False
+    n, why = dataset_audio(cfg.source)
+    if n == 0 and cfg.audio is True:
+        raise DataConfigError(f"data.audio=true, but the dataset {cfg.source.dataset} has no audio: {why}. Rerun "
+                              "preprocessing (it keeps each clip's audio since schema 3) on sources with sound, or set "
+                              "data.audio=auto or false")
+    return n != 0

@@ -24,7 +24,7 @@ from preprocess import schema
 from .plan import PlannedSample
 
 F = schema.field  # field lookup by name: every name below is checked against the schema at import
-VIDEO, FACE = F("video"), F("face")
+VIDEO, FACE, AUDIO, TIMESTAMPS = F("video"), F("face"), F("audio"), F("timestamps")
 NEEDED_NPY = {
     "subject": ("subject_box", "subject_valid"),
     "body": ("camera_K", "body_joints3d", "body_conf"),
@@ -64,6 +64,8 @@ class Sample:
     head_valid: np.ndarray
     transform: np.ndarray  # (3, 3) stored-clip pixels -> bucket pixels
     video_latents: np.ndarray | None = None  # (C, t, h, w) float16, from the latent cache
+    audio: np.ndarray | None = None  # (round(T * AUDIO_RATE / fps),) float32 from the first sampled frame on
+    audio_samples: int = 0  # of ``audio``, the samples the clip has (0: no audio; the rest are zeros)
 
 
 @dataclass
@@ -205,14 +207,15 @@ def _npy(members: dict, name: str, n_frames: int) -> np.ndarray:
 def build_sample(members: dict[str, bytes], ps: PlannedSample, height: int, width: int, groups, render_cfg, *,
                  face_crops: bool, face_size: int = schema.FACE_CROP_SIZE, decode_threads: int = 1,
                  decoder: str = "decord", prefix: bool = False, latents: bool = False,
-                 compression: tuple[int, int] = (4, 8)) -> Sample:
+                 compression: tuple[int, int] = (4, 8), audio: bool = False) -> Sample:
     """Decode, crop and render one planned sample; raises :class:`SampleError` with a skip reason.
 
     1. check the members and read the clip's size from its meta; 2. load the annotation arrays;
     3. crop box around the subject (over the sampled frames; prefix sampling: over the whole clip; from latents:
     the cache's); 4. decode the sampled frames and the primary reference (from latents: their cached latents);
-    5. the other references; 6. the control maps (skeleton, head sphere); 7. the face crops."""
-    n, clip_w, clip_h, _ = _clip_meta(members, ps, groups, latents)
+    5. the other references; 6. the control maps (skeleton, head sphere); 7. the face crops; 8. with ``audio``, the
+    audio of the sampled frames."""
+    n, clip_w, clip_h, clip_fps = _clip_meta(members, ps, groups, latents)
     arr = _annotations(members, groups, n)
     idx = np.asarray(ps.frame_index, dtype=np.int64)
     video_latents = video = None
@@ -231,10 +234,11 @@ def build_sample(members: dict[str, bytes], ps: PlannedSample, height: int, widt
     head_valid = arr["head_valid"][idx].astype(bool) if "head_valid" in arr else ~ones
     skeleton, sphere = _control_maps(arr, idx, ps.primary_frame, head_valid, transform, (height, width), render_cfg)
     faces = _face_crops(members, idx, face_size, decode_threads, decoder) if face_crops and "face" in groups else None
+    wave, n_audio = clip_audio(members, idx, ps.fps, n, clip_fps) if audio else (None, 0)
     return Sample(ps.key, video, refs, skeleton, sphere, faces,
                   arr["face_valid"][idx].astype(bool) if "face_valid" in arr else ~ones,
                   arr["subject_valid"][idx].astype(bool) if "subject_valid" in arr else ones,
-                  head_valid, transform, video_latents)
+                  head_valid, transform, video_latents, wave, n_audio)
 
 
 def cache_inputs(members: dict[str, bytes], framing, max_frames: int, groups, decode_threads: int = 1,
@@ -399,3 +403,57 @@ def _face_crops(members, idx: np.ndarray, face_size: int, decode_threads: int, d
         interp = cv2.INTER_AREA if faces.shape[1] > face_size else cv2.INTER_LINEAR
         faces = np.stack([cv2.resize(f, (face_size, face_size), interpolation=interp) for f in faces])
     return faces
+
+
+def audio_window(wave: np.ndarray, rate: int, start_s: float, n_frames: int, fps: float) -> np.ndarray:
+    """The audio of ``n_frames`` frames at ``fps`` whose first frame starts ``start_s`` seconds into ``wave``, laid out
+    as a row of a batch's ``audio``: float32 in [-1, 1] at ``schema.AUDIO_RATE`` mono, ``round(n_frames * AUDIO_RATE
+    / fps)`` samples, sample 0 at the start of the first frame; zeros where ``wave`` has none.
+
+    ``wave``: samples at ``rate`` (int16 PCM, scaled by 1/32768, or float in [-1, 1]); several channels, as (C, N)
+    or (N, C) with C < N, are averaged; another rate than AUDIO_RATE is resampled as preprocessing resamples.
+    The loader cuts the stored clips' audio with it; inference cuts a driving waveform (e.g.
+    ``preprocess.audio.read_audio(path)``: its ``samples`` from its ``start_s``) for each segment."""
+    from preprocess.audio import resample
+
+    x = np.asarray(wave)
+    x = x.astype(np.float32) / 32768.0 if x.dtype == np.int16 else x.astype(np.float32)
+    if x.ndim == 2:
+        x = x.mean(axis=int(np.argmin(x.shape)))
+    n = int(round(n_frames * schema.AUDIO_RATE / fps))
+    if int(rate) != schema.AUDIO_RATE:  # resample only the window (and a margin for the filter), not the whole wave
+        margin = int(0.05 * rate)
+        a = max(0, int(np.floor(start_s * rate)) - margin)
+        b = max(a, int(np.ceil((start_s + n_frames / fps) * rate)) + margin)
+        x, start_s = resample(x[a:b], rate), start_s - a / rate
+    out = np.zeros(n, np.float32)
+    i0 = int(round(start_s * schema.AUDIO_RATE))
+    lo, hi = max(i0, 0), min(i0 + n, len(x))
+    if hi > lo:
+        out[lo - i0:hi - i0] = x[lo:hi]
+    return out
+
+
+def clip_audio(members: dict[str, bytes], idx: np.ndarray, fps: float, n_frames: int, clip_fps: float
+               ) -> tuple[np.ndarray, int]:
+    """(the audio of the sampled frames ``idx`` at ``fps``: :func:`audio_window` of the clip's stored audio from frame
+    ``idx[0]`` on, samples of it the clip has); zeros and 0 when the clip has no audio (meta ``audio_status``)."""
+    ts = _npy(members, TIMESTAMPS.name, n_frames)
+    start_s = float(ts[idx[0]] - ts[0])
+    if not members.get(AUDIO.member):
+        return audio_window(np.zeros(0, np.float32), schema.AUDIO_RATE, start_s, len(idx), fps), 0
+    from preprocess.audio import decode_flac
+
+    data = members[AUDIO.member]
+    why = schema.check_value(AUDIO, data, n_frames, {"S": schema.audio_length(ts, clip_fps)})
+    if why:
+        raise SampleError("bad_field", why)
+    try:
+        stored = decode_flac(data)
+    except Exception as e:
+        raise SampleError("bad_field", f"{AUDIO.member}: {type(e).__name__}: {e}") from None
+    if len(stored) != schema.audio_length(ts, clip_fps):
+        raise SampleError("bad_field", f"{AUDIO.member}: {len(stored)} samples decoded, its header says "
+                          f"{schema.audio_length(ts, clip_fps)}")
+    row = audio_window(stored, schema.AUDIO_RATE, start_s, len(idx), fps)
+    return row, max(0, min(len(row), len(stored) - int(round(start_s * schema.AUDIO_RATE))))

@@ -92,6 +92,29 @@ def resolve_source(cfg: SourceConfig) -> tuple[list[str], list[str] | None]:
     return urls, groups
 
 
+def dataset_audio(cfg: SourceConfig) -> tuple[int | None, str]:
+    """(clips of the dataset that have audio, why it has none when 0); None for shard URLs (no dataset.json and
+    index to say). A dataset made before audio was kept (schema < 3) has none."""
+    if cfg.shards:
+        return None, ""
+    fs, path = _fs(cfg.dataset, cfg.storage_options)
+    ds_file, index_file = _join(path, DATASET_FILE), _join(path, INDEX_FILE)
+    if not fs.exists(ds_file):
+        return None, ""
+    version = json.loads(fs.cat_file(ds_file)).get("schema_version")
+    if not isinstance(version, int) or version < schema.META_KEYS_SINCE["audio_status"]:
+        return 0, f"it was written with schema_version {version}, before clips kept their audio (3)"
+    if not fs.exists(index_file):
+        return None, ""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(io.BytesIO(fs.cat_file(index_file)))
+    status = table.column("audio_status").to_pylist() if "audio_status" in table.column_names else []
+    n = sum(s == schema.AUDIO_OK for s in status)
+    kinds = ", ".join(f"{k}: {status.count(k)}" for k in sorted(set(status)))
+    return n, "" if n else f"none of its {len(status)} clips has audio (audio_status {kinds or 'absent'})"
+
+
 def _retry(fn, retries: int, what: str):
     """Call ``fn``; transient errors are retried ``retries`` times, a missing file is not."""
     for attempt in range(retries + 1):

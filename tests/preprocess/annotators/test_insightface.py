@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 pytest.importorskip("insightface")
 pytest.importorskip("onnxruntime")
 
-from preprocess import demo_media  # noqa: E402
+from preprocess import demo_media, schema  # noqa: E402
 from preprocess.annotators.assets import ModelFileError  # noqa: E402
 from preprocess.annotators.backends.insightface_head import InsightFaceHead  # noqa: E402
 from preprocess.annotators.backends.insightface_identity import ArcFaceIdentity  # noqa: E402
@@ -129,6 +129,6 @@ def test_annotators_full_on_sample_media_writes_valid_shards(files, tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert validate(str(out), log=lambda *a: None) == []
     ds = json.loads((out / "dataset.json").read_text())
-    assert ds["schema_version"] == 2 and ds["dims"] == {"identity_dim": 512}
+    assert ds["schema_version"] == schema.SCHEMA_VERSION and ds["dims"] == {"identity_dim": 512}
     idx = pd.read_parquet(out / "index.parquet")
     assert len(idx) >= 2 and "m_head_fit_px" in idx and idx["m_identity_valid"].any()
