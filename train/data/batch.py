@@ -43,6 +43,11 @@ class DreamActorBatch:
     video_latents  (B, C, t, h, w)            float16 VAE latents from the latent cache (None when pixels are used;
                                                       then ``video`` and ``ref_images`` are None)
     ref_latents    (B, C, R, h, w)            float16 cached reference latents (None likewise)
+    audio          (B, S)                     float32 mono 16 kHz audio in [-1, 1] under the T sampled frames
+                                                      (sample 0 = the start of frame 0; T / fps[b] seconds);
+                                                      S = max_b round(T * 16000 / fps[b]), zero-padded; None
+                                                      when not loaded
+    audio_samples  (B,)                       int64   valid samples of each row of ``audio`` (0: no audio)
     ============== ========================== ======= =================================================
 
     ``video`` and the maps are stored channel-last (``torch.channels_last_3d``: each pixel's channels
@@ -72,6 +77,8 @@ class DreamActorBatch:
     pose_maps: torch.Tensor | None = None
     video_latents: torch.Tensor | None = None
     ref_latents: torch.Tensor | None = None
+    audio: torch.Tensor | None = None
+    audio_samples: torch.Tensor | None = None
     cursor: dict = field(default_factory=dict)
     skips: dict = field(default_factory=dict)
 
