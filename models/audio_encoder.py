@@ -142,12 +142,15 @@ class PretrainedFrontEnd(nn.Module):
         self.proj = nn.Linear(config.hidden_size, cfg.width)
 
     def load_weights(self) -> None:
-        """The backbone's pretrained weights from its directory."""
-        transformers = _transformers()
-        loaded = transformers.AutoModel.from_pretrained(str(self.dir))
-        missing, unexpected = self.backbone.load_state_dict(loaded.state_dict(), strict=False)
+        """The backbone's pretrained weights from its directory (one module at a time: may be ZeRO-3 partitioned)."""
+        from .partitioned import assign, state_shapes
+
+        loaded = _transformers().AutoModel.from_pretrained(str(self.dir)).state_dict()
+        own = state_shapes(self.backbone)
+        missing = [k for k in own if k not in loaded or tuple(loaded[k].shape) != own[k]]
         if missing:
-            raise KeyError(f"model.weights.audio_backbone_dir={self.dir}: the weights lack {missing[:5]}")
+            raise KeyError(f"model.weights.audio_backbone_dir={self.dir}: the weights lack or misshape {missing[:5]}")
+        assign(self.backbone, loaded, own)
 
     def train(self, mode: bool = True):
         """The frozen backbone stays in eval mode (no dropout, no masking of time steps)."""

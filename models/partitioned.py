@@ -111,18 +111,23 @@ class SafetensorsReader(Mapping):
         return tuple(self._file.get_slice(key).get_shape())
 
 
-def load_safetensors(module: nn.Module, path: str | Path) -> None:
+def load_safetensors(module: nn.Module, path: str | Path, optional: tuple[str, ...] = ()) -> list[str]:
     """``module.load_state_dict(load_file(path), strict=True)``, streamed: the file is read one tensor at a
     time into one gathered module at a time. Missing, unexpected or misshapen tensors are an error naming
-    them (nothing is loaded then)."""
+    them (nothing is loaded then), except names starting with one of ``optional``: those may be absent from the
+    file (they keep their values) or from the module (they are not read). Returns the optional names the file
+    lacked."""
     reader = SafetensorsReader(path)
     want = state_shapes(module)
+    absent = sorted(k for k in set(want) - set(reader) if k.startswith(optional)) if optional else []
+    want = {k: v for k, v in want.items() if k not in absent}
     missing = sorted(set(want) - set(reader))
-    unexpected = sorted(set(reader) - set(want))
+    unexpected = sorted(k for k in set(reader) - set(want) if not (optional and k.startswith(optional)))
     bad = [k for k in want if k in reader and reader.shape(k) != want[k]]
     if missing or unexpected or bad:
         raise ValueError(f"{path} does not fit the model: {len(missing)} missing (e.g. {missing[:3]}), "
                          f"{len(unexpected)} unexpected (e.g. {unexpected[:3]}), {len(bad)} of another shape "
                          f"(e.g. {[(k, reader.shape(k), want[k]) for k in bad[:3]]})")
     assign(module, reader, want)
+    return absent
 
