@@ -134,8 +134,8 @@ class PretrainedFrontEnd(nn.Module):
 
     def __init__(self, cfg: AudioEncoderConfig, backbone_dir: str | None):
         super().__init__()
-        transformers = _transformers()
         self.dir = _backbone_dir(backbone_dir)
+        transformers = _transformers()
         config = transformers.AutoConfig.from_pretrained(str(self.dir))
         self.backbone = transformers.AutoModel.from_config(config)
         self.backbone.requires_grad_(False)
