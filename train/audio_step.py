@@ -124,16 +124,19 @@ class AudioEval:
     :class:`train.periodic_eval.PeriodicEval` chooses it), written to ``eval.jsonl`` and TensorBoard (``eval/*``).
     Every rank runs the passes (ZeRO-3 gathers in them); rank 0 writes."""
 
-    def __init__(self, job, dist, dtype):
+    def __init__(self, job, dist, dtype, batches: list | None = None):
+        """``batches``: the fixed set (default: chosen from the held-out split, the generators left as they were)."""
         from .distributed import rng_state, set_rng_state
         from .periodic_eval import fixed_eval_set
 
         self.job, self.dist, self.dtype = job, dist, dtype
-        state = rng_state()
-        try:
-            self.batches = fixed_eval_set(job, dist.is_main, job.train.eval.clips)
-        finally:
-            set_rng_state(state)
+        self.batches = batches
+        if batches is None:
+            state = rng_state()
+            try:
+                self.batches = fixed_eval_set(job, dist.is_main, job.train.eval.clips)
+            finally:
+                set_rng_state(state)
 
     @torch.no_grad()
     def run(self, model, logger, step: int) -> dict:

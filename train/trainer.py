@@ -1,4 +1,6 @@
-"""The training loop of one stage: DeepSpeed engine + loader + EMA + checkpoints + logs.
+"""The training loop of one stage: DeepSpeed engine + loader + EMA + checkpoints + logs. The step is flow matching
+(train/step.py) in stages 1-3 and the audio encoder's token regression in stage 4 (train/audio_step.py: no DiT, no
+VAE, no sample videos; its own evaluation).
 
 Step ``s`` (1-based, optimizer steps) consumes ``train.grad_accum`` loader batches per rank. After a resume
 from the checkpoint of step ``s`` the loop continues at ``s + 1`` with the restored module, optimizer,

@@ -20,7 +20,7 @@ from models.config import load_preset
 from models.dreamactor import AUDIO_STAGE, STAGE_GROUPS, DreamActor, param_group_of
 from tests.conftest import compose
 from tests.train.conftest import env, free_port, metrics
-from train.audio_step import AudioTokenStep, speech_clip, token_errors, token_loss
+from train.audio_step import AudioEval, AudioTokenStep, speech_clip, token_errors, token_loss
 from train.config import TrainConfigError, to_job
 from train.stages import build_model
 from train.synthetic import talking_batch
@@ -75,8 +75,8 @@ def one_thread():
 
 def test_the_audio_stage_learns_face_tokens_from_the_voice(one_thread):
     """Learning check (tiny preset, CPU, 40 steps): on held-out clips the trained audio encoder's token error is far
-    below the silence baseline and below the shuffled-audio one (another clip's speech), and clips without audio or
-    frames without a face do not count."""
+    below the silence baseline and below the shuffled-audio one (another clip's speech), as the periodic evaluation
+    logs them; clips without audio and frames without a face do not count."""
     torch.manual_seed(0)
     model = DreamActor(load_preset("tiny"), audio=True)
     model.set_stage(AUDIO_STAGE)
@@ -96,6 +96,12 @@ def test_the_audio_stage_learns_face_tokens_from_the_voice(one_thread):
         losses.append(out.loss.item())
     after = token_errors(model, held_out)
     print(json.dumps({"before": before, "after": after}, indent=1))  # the figures of docs/training.md
+    logged = []
+    logger = types.SimpleNamespace(scalars=lambda step, rec: logged.append((step, rec)))
+    dist = types.SimpleNamespace(device=torch.device("cpu"), is_main=True)
+    held_batches = [talking_batch(crop, batch=4, frames=17, fps=(25.0, 30.0), seed=10_000 + i) for i in range(2)]
+    rec = AudioEval(None, dist, torch.float32, batches=held_batches).run(model, logger, 40)
+    assert logged == [(40, rec)] and rec["mse_model"] == pytest.approx(after["mse_model"])
     assert after["frames"] == before["frames"] == 2 * 4 * 17
     assert losses[-1] < 0.1 * losses[0]
     assert after["mse_model"] < 0.1 * after["mse_silence"]
