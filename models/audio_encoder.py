@@ -134,10 +134,13 @@ class PretrainedFrontEnd(nn.Module):
 
     def __init__(self, cfg: AudioEncoderConfig, backbone_dir: str | None):
         super().__init__()
+        from .partitioned import whole_construction
+
         self.dir = _backbone_dir(backbone_dir)
         transformers = _transformers()
         config = transformers.AutoConfig.from_pretrained(str(self.dir))
-        self.backbone = transformers.AutoModel.from_config(config)
+        with whole_construction():  # wav2vec 2.0's weight-normed conv cannot be built partitioned under ZeRO-3
+            self.backbone = transformers.AutoModel.from_config(config)
         self.backbone.requires_grad_(False)
         self.proj = nn.Linear(config.hidden_size, cfg.width)
 

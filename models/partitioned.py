@@ -46,6 +46,24 @@ def gathered(params: Iterable[nn.Parameter], modify: bool = False):
     return deepspeed.zero.GatheredParameters(params, modifier_rank=0 if modify else None)
 
 
+@contextlib.contextmanager
+def whole_construction():
+    """Modules built in this context are not partitioned by an enclosing ``deepspeed.zero.Init`` (for third-party
+    modules whose constructor needs whole tensors, e.g. transformers' weight-normed convolutions); ZeRO-3 partitions
+    them when its engine starts. A no-op where no Init is active (DeepSpeed is not even imported then)."""
+    import sys
+
+    pp = sys.modules.get("deepspeed.runtime.zero.partition_parameters")
+    if pp is None or getattr(pp, "top_level_context", None) is None:
+        yield
+        return
+    pp.shutdown_init_context()
+    try:
+        yield
+    finally:
+        pp.restore_init_context()
+
+
 def reads_weights() -> bool:
     """Whether this process supplies the values of a gathered modification (rank 0, or a process alone)."""
     dist = torch.distributed
