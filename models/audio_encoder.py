@@ -23,7 +23,6 @@ the VAE's temporal layout (exactly as the face motion encoder's), and (B, T) boo
 """
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass
 from functools import lru_cache
@@ -35,8 +34,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import AudioEncoderConfig
-
-log = logging.getLogger(__name__)
 
 SAMPLE_RATE = 16000  # the batch's audio rate (DreamActorBatch.audio; preprocess.schema.AUDIO_RATE)
 FEATURE_STRIDE = 320  # samples per 50 Hz feature: 2 mel hops of 160, or the wav2vec 2.0 / HuBERT conv stack
