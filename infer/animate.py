@@ -69,6 +69,7 @@ class Export:
     weights_path: Path
     weights_sha256: str
     train_area: int  # pixels of the training bucket (the default output area)
+    stage: int | None = None  # the training stage that wrote the weights (run config's stage.id), if said
 
 
 def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
@@ -119,13 +120,15 @@ def load_export(checkpoint: str, weights: str, device: torch.device, dtype: torc
     if not config_path.is_file():
         raise InferError(f"{config_path} is missing: the export's config.yaml says which model preset the weights are")
     run_cfg = resolved(OmegaConf.load(config_path))
-    cfg = ModelConfig.from_dict(run_cfg["model"])
+    cfg = ModelConfig.from_run_config(run_cfg["model"])
     if preset is not None and preset != cfg.name:
         raise InferError(f"{weights_path}: these weights are of the {cfg.name!r} preset, not {preset!r} "
                          f"(leave preset unset to use the export's)")
-    model = DreamActor.from_config(cfg, load_weights=False)
+    state = load_file(str(weights_path))
+    # a stage-4 (audio) export carries the audio encoder: speech can drive the face (infer/talking.py)
+    model = DreamActor.from_config(cfg, load_weights=False, audio=any(k.startswith("audio_encoder.") for k in state))
     try:
-        model.load_state_dict(load_file(str(weights_path)))
+        model.load_state_dict(state)
     except RuntimeError as e:
         raise InferError(f"{weights_path}: the weights do not fit the {cfg.name!r} preset of {config_path} "
                          f"({str(e).splitlines()[0]})") from None
@@ -134,7 +137,8 @@ def load_export(checkpoint: str, weights: str, device: torch.device, dtype: torc
     torch.manual_seed(vae_seed(seed))  # the VAE the trainer built (a random init for test presets)
     vae = VideoVAE.from_config(cfg.vae, cfg.weights.vae_dir).to(device)
     area = int(run_cfg.get("data", {}).get("buckets", {}).get("area", 0) or 0)
-    return Export(model, vae, cfg, weights_path, sha256_file(weights_path), area)
+    stage = run_cfg.get("stage", {}).get("id")
+    return Export(model, vae, cfg, weights_path, sha256_file(weights_path), area, None if stage is None else int(stage))
 
 
 # ----------------------------------------------------------------------------- 2. media
@@ -346,11 +350,22 @@ class Prepared:
     ref_transforms: list[np.ndarray] = field(default_factory=list)  # reference pixels -> output pixels
 
 
-def prepare(exp: Export, annotator: Annotator, reference, driving_path: str, s: Settings) -> Prepared:
-    """Steps 2-5: read, annotate, place and draw (see the module docstring)."""
+@dataclass
+class References:
+    """The reference image(s) read, annotated and cropped to the output size."""
+
+    crops: list[tuple[str, np.ndarray]]  # (name, RGB crop at the output size)
+    ann: list[Annotations]
+    size: tuple[int, int]
+    transforms: list[np.ndarray]  # reference pixels -> output pixels
+    radius_px: float  # the first reference's head radius in output pixels (0: no head found)
+
+
+def prepare_references(exp: Export, annotator: Annotator, reference, s: Settings) -> References:
+    """Steps 2-4 for the references: read, annotate, choose the output size, crop."""
     from train.data.sample import crop_box, resize_crop
 
-    from .annotate import AnnotationError, fill_missing
+    from .annotate import AnnotationError
 
     cfg = exp.cfg
     refs = read_references(reference)
@@ -360,9 +375,6 @@ def prepare(exp: Export, annotator: Annotator, reference, driving_path: str, s: 
         if not a.person[0]:
             raise AnnotationError(f"reference {name}: no person detected in it (the model animates a person)")
         ref_ann.append(a)
-    driving = read_video(driving_path, s.fps, s.max_side, s.max_frames)
-    drive_ann = fill_missing(annotator.annotate(driving.frames, driving.fps, driving_path), driving_path)
-
     multiple = cfg.vae.spatial_compression * cfg.dit.patch_size[1]
     h0, w0 = refs[0][1].shape[:2]
     if s.height and s.width:
@@ -374,6 +386,24 @@ def prepare(exp: Export, annotator: Annotator, reference, driving_path: str, s: 
         box = crop_box(img.shape[1], img.shape[0], size[0], size[1], subject_center(a))
         crops.append((name, resize_crop(img, box, *size)))
         ref_transforms.append(render.crop_resize_transform(box, size))
+    r0 = ref_ann[0]
+    ref_radius_px = 0.0
+    if r0["head_valid"][0]:
+        ref_radius_px = float(r0["head_radius"][0]) * render.transform_scale(ref_transforms[0])
+    return References(crops, ref_ann, size, ref_transforms, ref_radius_px)
+
+
+def prepare(exp: Export, annotator: Annotator, reference, driving_path: str, s: Settings) -> Prepared:
+    """Steps 2-5: read, annotate, place and draw (see the module docstring)."""
+    from train.data.sample import crop_box
+
+    from .annotate import fill_missing
+
+    cfg = exp.cfg
+    r = prepare_references(exp, annotator, reference, s)
+    ref_ann, size, ref_transforms = r.ann, r.size, r.transforms
+    driving = read_video(driving_path, s.fps, s.max_side, s.max_frames)
+    drive_ann = fill_missing(annotator.annotate(driving.frames, driving.fps, driving_path), driving_path)
     dh, dw = driving.frames.shape[1:3]
     centers = [subject_center(drive_ann, t) for t in range(len(drive_ann.person))]
     d_box = crop_box(dw, dh, size[0], size[1], np.median(centers, 0))
@@ -389,20 +419,21 @@ def prepare(exp: Export, annotator: Annotator, reference, driving_path: str, s: 
         transform = placement_transform(ref_box, np.median(first, 0) if first else None) @ transform
     elif s.placement != "driving":
         raise ConfigError(f"placement={s.placement!r}: use reference or driving")
-    r0 = ref_ann[0]
-    ref_radius_px = 0.0
-    if r0["head_valid"][0]:
-        ref_radius_px = float(r0["head_radius"][0]) * render.transform_scale(ref_transforms[0])
-    maps = control_maps(drive_ann, body, hands, transform, size, ref_radius_px, cfg)
-    return Prepared(crops, ref_ann, driving, drive_ann, size, transform, maps, ref_radius_px, ref_transforms)
+    maps = control_maps(drive_ann, body, hands, transform, size, r.radius_px, cfg)
+    return Prepared(r.crops, ref_ann, driving, drive_ann, size, transform, maps, r.radius_px, ref_transforms)
 
 
-def conditions(exp: Export, refs: list[np.ndarray], prep: Prepared, use_face: bool, dtype) -> Conditions:
-    """The model's conditions for the whole driving video (segments take their frames from it)."""
+def conditions(exp: Export, refs: list[np.ndarray], prep: Prepared, use_face: bool, dtype,
+               face_tokens: torch.Tensor | None = None) -> Conditions:
+    """The model's conditions for the whole driving video (segments take their frames from it); the face motion
+    tokens come from ``face_tokens`` (1, T, D) when given (from speech: infer/talking.py), else from the driving
+    video's face crops."""
     device = next(exp.model.parameters()).device
     ref_pix = torch.cat([pixels(r[None]) for r in refs])  # (R, 3, 1, H, W): each reference a one-frame clip
     ref_lat = exp.vae.encode(ref_pix.to(device)).permute(2, 1, 0, 3, 4)  # (1, C, R, h, w)
     pose = render.maps_to_tensor(prep.maps)[None].to(device)
+    if face_tokens is not None:
+        return Conditions(ref_lat.to(dtype), pose.to(dtype), face_tokens=face_tokens.to(device, dtype))
     face, valid = (None, None)
     if use_face:
         face, valid = face_tensor(prep.drive_ann, exp.cfg.face_encoder.crop_size)

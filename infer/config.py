@@ -31,6 +31,14 @@ class VideoConfig:
 
 
 @dataclass
+class HeadSwayConfig:
+    """The still head's natural motion when speech drives the face without a driving video (infer/talking.py)."""
+
+    yaw_deg: float
+    pitch_deg: float
+
+
+@dataclass
 class PseudoRefsConfig:
     enabled: bool
     frames: int
@@ -58,6 +66,7 @@ class SamplesConfig:
 class InferConfig:
     reference: Any  # a path, a list of paths, or None
     driving: str | None
+    driving_audio: str | None  # speech drives the face (the audio encoder); the output lasts as long as it
     checkpoint: str
     weights: Weights
     preset: str | None
@@ -72,6 +81,7 @@ class InferConfig:
     side_by_side: bool
     copy_audio: bool
     pseudo_refs: PseudoRefsConfig
+    head_sway: HeadSwayConfig
     annotate: AnnotateConfig
     samples: SamplesConfig
     annotators: dict[str, Any]
@@ -103,6 +113,11 @@ def to_config(node) -> InferConfig:
         raise ConfigError(f"pseudo_refs.frames={p.frames}: use 1 + 4k frames, at least 5")
     if not 0 < p.max_yaw_deg <= 90:
         raise ConfigError(f"pseudo_refs.max_yaw_deg={p.max_yaw_deg} is out of range: use a value in (0, 90]")
+    if c.driving_audio is not None and not s.use_face:
+        raise ConfigError("driving_audio drives the face motion tokens: sampling.use_face must be true")
+    if c.head_sway.yaw_deg < 0 or c.head_sway.pitch_deg < 0 or max(c.head_sway.yaw_deg, c.head_sway.pitch_deg) > 30:
+        raise ConfigError(f"head_sway: yaw_deg and pitch_deg must be in [0, 30], got {c.head_sway.yaw_deg}, "
+                          f"{c.head_sway.pitch_deg}")
     if c.annotate.chunk_frames < 1:
         raise ConfigError(f"annotate.chunk_frames={c.annotate.chunk_frames} is out of range: use a value >= 1")
     return c

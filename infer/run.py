@@ -1,8 +1,11 @@
-"""python infer/run.py [reference=...] [driving=...] [checkpoint=...] [output=...]: animate a person.
+"""python infer/run.py [reference=...] [driving=...] [driving_audio=...] [checkpoint=...] [output=...]: animate a
+person.
 
 Reference image(s) + a driving video -> an MP4 of the reference moving like the driving video (paper 3.1
 "Inference"; the steps are in :mod:`infer.animate`), plus ``<output>.json`` (weights and their sha256, seed,
 settings, driving frames without a person) and ``<output>_side_by_side.mp4`` [driving | controls | output].
+With ``driving_audio`` the face talks from a sound file instead (:mod:`infer.talking`; a stage-4 export), the body
+and head following the driving video if one is given, else held still with a small head sway.
 With no argument: the no-argument training run's export, a shipped photo and a built-in sample video.
 Exit codes: 0 done, 2 configuration error or an input that cannot be used (the message names it).
 """
@@ -24,20 +27,26 @@ from omegaconf import DictConfig  # noqa: E402
 log = logging.getLogger("infer")
 
 
-def default_inputs(cfg) -> tuple[str, str]:
-    """(reference, driving) of the no-argument run: grace_hopper's photo and the astronaut sample video."""
+def default_reference(cfg) -> str:
+    """The reference of the no-argument run: grace_hopper's photo."""
     import cv2
 
     from preprocess import demo_media
 
-    s = cfg.samples
-    videos = demo_media.ensure_samples(s.dir, size=s.size, n_frames=s.n_frames, fps=s.fps, megamind=False)
-    root = Path(s.dir or Path.home() / ".cache" / "dreamactor" / "samples")
+    root = Path(cfg.samples.dir or Path.home() / ".cache" / "dreamactor" / "samples")
     ref = root / "grace_hopper.png"
     if not ref.exists():
         root.mkdir(parents=True, exist_ok=True)
         cv2.imwrite(str(ref), cv2.cvtColor(demo_media.load_photo("grace_hopper"), cv2.COLOR_RGB2BGR))
-    return str(ref), videos[0]
+    return str(ref)
+
+
+def default_driving(cfg) -> str:
+    """The driving video of the no-argument run: the astronaut sample video."""
+    from preprocess import demo_media
+
+    s = cfg.samples
+    return demo_media.ensure_samples(s.dir, size=s.size, n_frames=s.n_frames, fps=s.fps, megamind=False)[0]
 
 
 def run(cfg) -> dict:
@@ -58,10 +67,9 @@ def run(cfg) -> dict:
         raise A.InferError("device=cuda but no CUDA device is visible (device=cpu runs on the CPU)")
     dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "float32": torch.float32,
              "bfloat16": torch.bfloat16}[cfg.dtype]
-    reference, driving = cfg.reference, cfg.driving
-    if reference is None or driving is None:
-        ref0, drive0 = default_inputs(cfg)
-        reference, driving = reference or ref0, driving or drive0
+    talking = cfg.driving_audio is not None
+    reference = cfg.reference or default_reference(cfg)
+    driving = cfg.driving or (None if talking else default_driving(cfg))  # speech alone: the reference held still
     exp = A.load_export(cfg.checkpoint, cfg.weights, device, dtype, cfg.preset)
     annotator = Annotator(cfg.annotators, cfg.annotate.chunk_frames, cfg.annotate.delegate)
     s = A.Settings(segment_frames=cfg.sampling.segment_frames, steps=cfg.sampling.steps,
@@ -69,11 +77,31 @@ def run(cfg) -> dict:
                    seed=cfg.seed, height=cfg.video.height, width=cfg.video.width, fps=cfg.video.fps,
                    max_frames=cfg.video.max_frames, max_side=cfg.video.max_side, bone_adjust=cfg.bone_adjust,
                    placement=cfg.placement, use_face=cfg.sampling.use_face)
-    log.info("annotating %s and %s", reference, driving)
-    prep = A.prepare(exp, annotator, reference, driving, s)
-    n = len(prep.driving.frames)
-    refs = [img for _, img in prep.refs]
+    log.info("annotating %s%s", reference, f" and {driving}" if driving else "")
     extra: dict = {}
+    tokens = None
+    if talking:  # the face from speech (the audio encoder), the body and head from the driving video or still
+        from infer import talking as T
+
+        speech = T.read_audio(cfg.driving_audio)
+        if driving is None:
+            fps = cfg.video.fps or T.STILL_FPS
+            n = T.num_frames(speech, fps, cfg.video.max_frames)
+            sway = (cfg.head_sway.yaw_deg, cfg.head_sway.pitch_deg)
+            prep = T.prepare_still(exp, annotator, reference, n, fps, s, sway, cfg.seed)
+        else:
+            prep, n = T.prepare_driven(exp, annotator, reference, driving, speech, s)
+        tokens = T.face_tokens_from_audio(exp, speech, prep.driving.fps, n, dtype)
+        if exp.stage is not None and exp.stage != 4:
+            log.warning("%s was written by stage %d: its audio encoder was never trained (stage=audio trains it)",
+                        exp.weights_path, exp.stage)
+        extra["driving_audio"] = {"path": cfg.driving_audio, "seconds": round(len(speech) / T.SAMPLE_RATE, 3),
+                                  "body_and_head": "driving video" if driving else
+                                  f"reference held still, head sway {sway[0]:g} / {sway[1]:g} deg (yaw / pitch)"}
+    else:
+        prep = A.prepare(exp, annotator, reference, driving, s)
+        n = len(prep.driving.frames)
+    refs = [img for _, img in prep.refs]
     if cfg.pseudo_refs.enabled:  # paper 3.3: the reference turning, then its yaw max/min/median frames
         p = cfg.pseudo_refs
         turn = turning_annotations(prep.ref_ann[0], p.frames, p.max_yaw_deg)
@@ -96,13 +124,13 @@ def run(cfg) -> dict:
             log.warning("pseudo-references: no head pose could be measured in any of the %d generated frames; "
                         "animating with the given reference(s) only", len(frames))
             extra["pseudo_references"] = {"skipped": "no head pose measured in the generated turning video"}
-    cond = A.conditions(exp, refs, prep, s.use_face, dtype)
+    cond = A.conditions(exp, refs, prep, s.use_face, dtype, face_tokens=tokens)
     t_sample = time.time()
     with tqdm(total=A.total_steps(exp, n, s), desc="animating", unit="step") as bar:
         video = A.sample_video(exp, cond, n, s, progress=bar.update)
     t_done = time.time()
     out = Path(cfg.output)
-    audio = prep.driving.path if cfg.copy_audio and prep.driving.has_audio else None
+    audio = cfg.driving_audio if talking else prep.driving.path if cfg.copy_audio and prep.driving.has_audio else None
     write_video(out, video, prep.driving.fps, audio_from=audio)
     outputs = {"video": str(out)}
     if cfg.side_by_side:

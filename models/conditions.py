@@ -7,6 +7,8 @@ pixel frames, t = 1 + k latent frames; H, W pixels = 8 h, 8 w; R reference image
 - ``ref_latents`` (B, 16, R, h, w) the references, each VAE-encoded as a single frame
 - ``pose_maps`` (B, 6, T, H, W) float in [0, 1]: [skeleton ; head sphere] from :mod:`models.render`
 - ``face_crops`` (B, T, 3, 224, 224) RGB in [-1, 1]; ``face_valid`` (B, T) optional
+- ``face_tokens`` (B, T, D) per-frame face motion tokens given directly (from the audio encoder) instead of
+  face crops; optional
 - ``cond_latents`` (B, 16, t, h, w) + ``cond_mask`` (B, t): latent frames given as Wan-I2V conditioning
   (segment continuation: the previous segment's last latent as frame 0); optional
 
@@ -31,6 +33,7 @@ class Conditions:
     face_valid: torch.Tensor | None = None
     cond_latents: torch.Tensor | None = None
     cond_mask: torch.Tensor | None = None
+    face_tokens: torch.Tensor | None = None
 
     def repeat(self, n: int) -> Conditions:
         """The same conditions for ``n`` stacked copies of the batch."""
@@ -41,7 +44,7 @@ class Conditions:
         return self._map(lambda x: x[index])
 
     def pixel_frames(self, start: int, stop: int) -> Conditions:
-        """Pixel frames [start, stop) of the per-frame controls (pose maps, face crops), padded by repeating
+        """Pixel frames [start, stop) of the per-frame controls (pose maps, face crops or tokens), padded by repeating
         the last frame where ``stop`` runs past them; continuation latents are dropped (they are per segment)."""
         def take(x: torch.Tensor | None, dim: int) -> torch.Tensor | None:
             if x is None:
@@ -49,7 +52,8 @@ class Conditions:
             idx = torch.arange(start, stop, device=x.device).clamp(max=x.shape[dim] - 1)
             return x.index_select(dim, idx)
 
-        return Conditions(self.ref_latents, take(self.pose_maps, 2), take(self.face_crops, 1), take(self.face_valid, 1))
+        return Conditions(self.ref_latents, take(self.pose_maps, 2), take(self.face_crops, 1), take(self.face_valid, 1),
+                          face_tokens=take(self.face_tokens, 1))
 
     def replace(self, **changes) -> Conditions:
         """A copy with some fields replaced."""

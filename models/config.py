@@ -72,6 +72,32 @@ class FaceEncoderConfig:
 
 
 @dataclass(frozen=True)
+class AudioEncoderConfig:
+    """Speech -> face motion tokens (paper 3.2, the audio-driven encoder; models/audio_encoder.py)."""
+
+    # mel: a log-mel spectrogram (computed in torch) + two 1-D convolutions, trained from scratch | pretrained:
+    # the hidden states of a wav2vec 2.0 / HuBERT model (weights.audio_backbone_dir, transformers), kept frozen
+    frontend: str
+    n_fft: int  # mel: samples per STFT window (400 = 25 ms at 16 kHz)
+    hop: int  # mel: samples between spectrogram frames (160 = 10 ms); features run at 16 kHz / (2 hop) = 50 Hz
+    n_mels: int
+    width: int  # Conformer channels
+    num_layers: int
+    num_heads: int
+    ffn_mult: int  # feed-forward width = ffn_mult * width
+    conv_kernel: int  # depthwise convolution taps (odd), at the 50 Hz feature rate
+    context_s: float  # self-attention reaches +-context_s seconds (no absolute positions: any length works)
+
+    def __post_init__(self):
+        if self.frontend not in ("mel", "pretrained"):
+            raise ValueError(f"model.audio_encoder.frontend must be mel or pretrained, got {self.frontend!r}")
+        if self.width % self.num_heads:
+            raise ValueError(f"model.audio_encoder.width={self.width} must be a multiple of num_heads={self.num_heads}")
+        if self.conv_kernel % 2 == 0:
+            raise ValueError(f"model.audio_encoder.conv_kernel must be odd, got {self.conv_kernel}")
+
+
+@dataclass(frozen=True)
 class VAEConfig:
     """The pretrained 3D causal video VAE (diffusers AutoencoderKLWan)."""
 
@@ -120,6 +146,7 @@ class WeightsConfig:
     pdfgc_path: str | None  # PD-FGC motion encoder state dict (motion_model.pth)
     text_context_path: str | None  # optional (text_len, text_dim) tensor: the fixed text context
     image_context_path: str | None  # optional (image_len, image_dim) tensor: the fixed image context
+    audio_backbone_dir: str | None  # audio_encoder.frontend=pretrained: a transformers wav2vec 2.0 / HuBERT dir
     ref_attn_init: str  # "self_attn": Ref Attn q/k/v start as copies of the block's self-attention; "random"
 
 
@@ -131,6 +158,7 @@ class ModelConfig:
     dit: DiTConfig
     pose_encoder: PoseEncoderConfig
     face_encoder: FaceEncoderConfig
+    audio_encoder: AudioEncoderConfig
     vae: VAEConfig
     flow: FlowConfig
     render: RenderConfig
@@ -141,6 +169,19 @@ class ModelConfig:
         """Build from a plain dict (yaml / OmegaConf container); unknown or missing keys raise
         :class:`~models.typed_config.ConfigError` naming them."""
         return build(cls, data, "model")
+
+    @classmethod
+    def from_run_config(cls, data: dict) -> ModelConfig:
+        """Like :meth:`from_dict`, for the ``model`` section of a run's saved config.yaml (an export's): a run
+        written before the audio encoder existed gets its preset's ``audio_encoder`` section and no audio
+        backbone, the values it would have had (its weights have no audio encoder either)."""
+        data = dict(data)
+        if "audio_encoder" not in data:
+            preset = data["name"] if data.get("name") in PRESETS else "tiny"
+            data["audio_encoder"] = preset_data(preset)["audio_encoder"]
+        if isinstance(data.get("weights"), dict):
+            data["weights"] = {"audio_backbone_dir": None, **data["weights"]}
+        return cls.from_dict(data)
 
     def replace(self, **sections) -> ModelConfig:
         """Copy with some fields of some sections replaced: ``cfg.replace(dit={"num_layers": 2})``."""

@@ -1,5 +1,6 @@
 """The DreamActor-M1 model (paper Fig. 2): pose encoder + face motion encoder + DiT, with the named
-parameter groups of the progressive training stages (paper 3.4).
+parameter groups of the progressive training stages (paper 3.4), and the audio encoder (paper 3.2: speech ->
+face motion tokens) in models that train or use it (``audio=True``: stage 4 and its exports).
 
 Inputs of :meth:`DreamActor.forward` (B = batch; t = 1 + k latent frames):
 
@@ -9,7 +10,10 @@ Inputs of :meth:`DreamActor.forward` (B = batch; t = 1 + k latent frames):
   is a zero latent; dropped motion removes the pose-feature and Face Attn contributions of that sample.
 - ``use_face``: False in stage 1 (no face motion tokens, Face Attn skipped)
 
-Output: the predicted velocity (B, 16, t, h, w) (see :mod:`models.flow`).
+Output: the predicted velocity (B, 16, t, h, w) (see :mod:`models.flow`). Face motion tokens come from
+``cond.face_tokens`` when given (per frame, e.g. from the audio encoder), else from ``cond.face_crops``.
+
+``forward(speech=SpeechClip(...))`` is the audio stage's pass instead (no DiT): :meth:`DreamActor.audio_tokens`.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ import logging
 import torch
 from torch import nn
 
+from .audio_encoder import AudioEncoder, AudioTokens, SpeechClip
 from .conditions import Conditions
 from .config import ModelConfig
 from .dit import DiT
@@ -28,16 +33,24 @@ from .pose_encoder import PoseEncoder
 
 log = logging.getLogger(__name__)
 
-PARAM_GROUPS = ("dit", "pose_encoder", "face_encoder", "face_attn")
+PAPER_GROUPS = ("dit", "pose_encoder", "face_encoder", "face_attn")
+# the audio encoder's own layers, and the frozen pretrained speech model of audio_encoder.frontend=pretrained
+PARAM_GROUPS = (*PAPER_GROUPS, "audio_encoder", "audio_backbone")
+AUDIO_STAGE = 4
 STAGE_GROUPS = {
     1: ("dit", "pose_encoder"),  # skeleton + head sphere only, no face tokens
     2: ("face_encoder", "face_attn"),  # only the face motion encoder and Face Attn layers
-    3: PARAM_GROUPS,  # everything
+    3: PAPER_GROUPS,  # everything of the paper's model
+    AUDIO_STAGE: ("audio_encoder",),  # speech -> face motion tokens, the face motion encoder as the teacher
 }
 
 
 def param_group_of(name: str) -> str:
     """Which training group a parameter (by its name in :class:`DreamActor`) belongs to."""
+    if name.startswith("audio_encoder.frontend.backbone."):
+        return "audio_backbone"
+    if name.startswith("audio_encoder."):
+        return "audio_encoder"
     if name.startswith(("pose_encoder.", "dit.pose_embed.")):
         return "pose_encoder"
     if name.startswith("face_encoder."):
@@ -48,9 +61,9 @@ def param_group_of(name: str) -> str:
 
 
 class DreamActor(nn.Module):
-    """Pose encoder + face motion encoder + DiT; see the module docstring for the inputs."""
+    """Pose encoder + face motion encoder + DiT (+ the audio encoder with ``audio``); see the module docstring."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, audio: bool = False):
         super().__init__()
         self.cfg = cfg
         tc, sc = cfg.vae.temporal_compression, cfg.vae.spatial_compression
@@ -58,11 +71,14 @@ class DreamActor(nn.Module):
         self.face_encoder = FaceMotionEncoder(cfg.face_encoder, cfg.dit.dim, tc)
         self.dit = DiT(cfg.dit, cfg.pose_encoder.out_channels, cfg.pose_encoder.channels[0])
         self.dit.pixels_per_latent_cell = tc * sc * sc
+        # an extension module, absent from the paper's stages (their checkpoints and exports do not change)
+        self.audio_encoder = (AudioEncoder(cfg.audio_encoder, cfg.dit.dim, cfg.weights.audio_backbone_dir)
+                              if audio else None)
 
     @classmethod
-    def from_config(cls, cfg: ModelConfig, load_weights: bool = True) -> DreamActor:
+    def from_config(cls, cfg: ModelConfig, load_weights: bool = True, audio: bool = False) -> DreamActor:
         """Build the model; with ``load_weights`` load every configured pretrained part (see ``load_pretrained``)."""
-        model = cls(cfg)
+        model = cls(cfg, audio)
         if load_weights:
             model.load_pretrained()
         return model
@@ -96,14 +112,21 @@ class DreamActor(nn.Module):
             if self.cfg.dit.image_dim is None:
                 raise ValueError("weights.image_context_path is set but dit.image_dim is null")
             load_context(self.dit.image_context, w.image_context_path, "image context")
+        if self.audio_encoder is not None and self.cfg.audio_encoder.frontend == "pretrained":
+            self.audio_encoder.load_pretrained()
+            report["audio_backbone"] = w.audio_backbone_dir
         return report
 
     # ------------------------------------------------------------------ forward
 
-    def forward(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, cond: Conditions, *,
-                drop_ref: torch.Tensor | None = None, drop_motion: torch.Tensor | None = None,
-                use_face: bool = True) -> torch.Tensor:
-        """Predicted flow velocity (B, C, t, h, w)."""
+    def forward(self, noisy_latents: torch.Tensor | None = None, timesteps: torch.Tensor | None = None,
+                cond: Conditions | None = None, *, drop_ref: torch.Tensor | None = None,
+                drop_motion: torch.Tensor | None = None, use_face: bool = True,
+                speech: SpeechClip | None = None) -> torch.Tensor | AudioTokens:
+        """Predicted flow velocity (B, C, t, h, w); with ``speech`` alone, :meth:`audio_tokens` (the audio stage
+        runs through here so that DeepSpeed's engine sees a forward)."""
+        if speech is not None:
+            return self.audio_tokens(speech)
         ref_latents, pose_maps, face_crops = cond.ref_latents, cond.pose_maps, cond.face_crops
         b, _, t, h, w = noisy_latents.shape
         tc, sc = self.cfg.vae.temporal_compression, self.cfg.vae.spatial_compression
@@ -118,9 +141,13 @@ class DreamActor(nn.Module):
         keep = None if drop_motion is None else (~drop_motion.bool()).float()
         pose_features = self.pose_encoder(pose_maps)
         face_tokens = None
-        if use_face:
+        if use_face and cond.face_tokens is not None:  # per-frame tokens given (from the audio encoder)
+            if cond.face_tokens.shape[1] != want[0]:
+                raise ValueError(f"face_tokens have {cond.face_tokens.shape[1]} frames, expected {want[0]}")
+            face_tokens = self.face_encoder.latent_layout(cond.face_tokens, cond.face_valid)
+        elif use_face:
             if face_crops is None:
-                raise ValueError("use_face=True needs face_crops (stage 1 passes use_face=False)")
+                raise ValueError("use_face=True needs face_crops or face_tokens (stage 1 passes use_face=False)")
             if face_crops.shape[1] != want[0]:
                 raise ValueError(f"face_crops have {face_crops.shape[1]} frames, expected {want[0]}")
             face_tokens = self.face_encoder(face_crops, cond.face_valid)
@@ -133,6 +160,20 @@ class DreamActor(nn.Module):
             m = m.to(cond_latents.dtype)[:, None, :, None, None]
             given = torch.cat([m.expand(b, n_mask, t, h, w), cond_latents * m], dim=1)
         return self.dit(noisy_latents, timesteps, ref_latents, pose_features, face_tokens, given, keep)
+
+    def audio_tokens(self, speech: SpeechClip) -> AudioTokens:
+        """The audio stage's pass (no DiT): the audio encoder's frame tokens, and, when the clip has face crops,
+        the frozen face motion encoder's tokens of them as the target (the teacher, without gradients) with the
+        frames where both exist (a face, and audio under the frame)."""
+        if self.audio_encoder is None:
+            raise ValueError("this model has no audio encoder: build it with DreamActor(cfg, audio=True)")
+        pred, has_audio = self.audio_encoder(speech.audio, speech.audio_samples, speech.fps, speech.num_frames)
+        if speech.face_crops is None:
+            return AudioTokens(pred, None, has_audio)
+        with torch.no_grad():
+            target = self.face_encoder.frame_tokens(speech.face_crops)
+        mask = has_audio if speech.face_valid is None else has_audio & speech.face_valid.bool()
+        return AudioTokens(pred, target.to(pred.dtype), mask)
 
     def compile_blocks(self, mix_order_reduction: bool = False) -> None:
         """``torch.compile`` each DiT block (fuses the fp32 norm/modulation/RoPE elementwise work; one graph
@@ -165,9 +206,11 @@ class DreamActor(nn.Module):
         return groups
 
     def trainable_parameters(self, stage: int) -> list[nn.Parameter]:
-        """Parameters trained in ``stage`` (1, 2 or 3; paper 3.4)."""
+        """Parameters trained in ``stage`` (1, 2 or 3: paper 3.4; 4: the audio encoder)."""
         if stage not in STAGE_GROUPS:
             raise ValueError(f"stage must be one of {sorted(STAGE_GROUPS)}, got {stage}")
+        if stage == AUDIO_STAGE and self.audio_encoder is None:
+            raise ValueError(f"stage {AUDIO_STAGE} trains the audio encoder: build the model with audio=True")
         groups = self.named_param_groups()
         return [p for g in STAGE_GROUPS[stage] for _, p in groups[g]]
 

@@ -155,17 +155,30 @@ class FaceMotionEncoder(nn.Module):
         f = self.model(crops.to(self.model.conv1.weight.dtype))
         return torch.cat([self.eye_embed(self.to_eye(f)), self.emo_embed(self.to_emo(f)), self.to_mouth(f)], -1)
 
-    def forward(self, crops: torch.Tensor, face_valid: torch.Tensor | None = None) -> torch.Tensor:
-        """Face motion tokens grouped per latent frame; ``face_valid`` (B, T) marks frames with a face."""
+    def frame_tokens(self, crops: torch.Tensor) -> torch.Tensor:
+        """(B, T, 3, S, S) crops -> (B, T, token_dim): E_f + MLP, one token per frame (what the audio encoder learns
+        to produce, models/audio_encoder.py)."""
         b, t = crops.shape[:2]
+        return self.mlp(self.motion_vectors(crops.flatten(0, 1))).unflatten(0, (b, t))
+
+    def latent_layout(self, tokens: torch.Tensor, face_valid: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-frame tokens (B, T, token_dim), from face crops or from audio, in the VAE's temporal layout for Face
+        Attn: (B * t, group, token_dim); ``face_valid`` (B, T) False puts the no-face token in a frame."""
+        t = tokens.shape[1]
         if (t - 1) % self.group:
-            raise ValueError(f"face crops have {t} frames; need 1 + k*{self.group}")
-        tokens = self.mlp(self.motion_vectors(crops.flatten(0, 1))).unflatten(0, (b, t))
+            raise ValueError(f"face motion tokens of {t} frames; need 1 + k*{self.group}")
         if face_valid is not None:
             tokens = torch.where(face_valid[..., None].bool(), tokens, self.no_face.to(tokens.dtype))
         tokens = torch.cat([tokens[:, :1].expand(-1, self.group - 1, -1), tokens], dim=1)
         tokens = tokens.unflatten(1, (-1, self.group)) + self.slot_embed.to(tokens.dtype)
         return tokens.flatten(0, 1)
+
+    def forward(self, crops: torch.Tensor, face_valid: torch.Tensor | None = None) -> torch.Tensor:
+        """Face motion tokens grouped per latent frame; ``face_valid`` (B, T) marks frames with a face."""
+        t = crops.shape[1]
+        if (t - 1) % self.group:
+            raise ValueError(f"face crops have {t} frames; need 1 + k*{self.group}")
+        return self.latent_layout(self.frame_tokens(crops), face_valid)
 
 
 def load_pdfgc_weights(encoder: FaceMotionEncoder, path: str | Path) -> None:

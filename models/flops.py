@@ -13,7 +13,7 @@ from math import prod
 
 import torch
 
-from .config import FaceEncoderConfig, ModelConfig, PoseEncoderConfig
+from .config import AudioEncoderConfig, FaceEncoderConfig, ModelConfig, PoseEncoderConfig
 
 
 def dit_forward_flops(cfg: ModelConfig, batch: int, t: int, h: int, w: int, num_refs: int, use_face: bool,
@@ -91,3 +91,29 @@ def flops_per_step(cfg: ModelConfig, batch: int, frames: int, height: int, width
     if use_face:
         total += face_encoder_flops(cfg.face_encoder, cfg.dit.dim, tc, batch, frames)
     return total * (3 if backward else 1)
+
+
+def audio_encoder_flops(ae: AudioEncoderConfig, token_dim: int, batch: int, samples: int, frames: int,
+                        attention: bool = True) -> int:
+    """Forward FLOPs of the audio encoder (mel front end) on ``batch`` rows of ``samples`` samples under ``frames``
+    frames: the mel filterbank, the convolutions, the Conformer blocks (attention over all N features, as SDPA
+    computes it under the local mask; ``attention=False`` leaves the scores and values out, as
+    ``torch.utils.flop_counter`` does on the CPU), frame pooling and the head. A pretrained front end's backbone
+    is not counted (frozen, and not ours)."""
+    from .audio_encoder import FEATURE_STRIDE, num_features
+
+    w, k, m = ae.width, ae.conv_kernel, ae.ffn_mult
+    n_mel = samples // (FEATURE_STRIDE // 2) + 1
+    n = num_features(samples)
+    front = 2 * n_mel * (ae.n_fft // 2 + 1) * ae.n_mels + 2 * n_mel * ae.n_mels * w * 3 + 2 * n * w * w * 3
+    per_step = (8 * m + 14) * w * w + 2 * k * w + (4 * n * w if attention else 0)
+    tail = 2 * frames * n * w + 2 * frames * w * token_dim
+    return batch * (front + ae.num_layers * n * per_step + tail)
+
+
+def audio_stage_flops(cfg: ModelConfig, batch: int, samples: int, frames: int, backward: bool = True) -> int:
+    """Model FLOPs of one audio-stage step: the audio encoder forward (x 3 with its backward) + the frozen face
+    motion encoder's forward on the clip's face crops (the teacher; no backward). No DiT."""
+    student = audio_encoder_flops(cfg.audio_encoder, cfg.dit.dim, batch, samples, frames)
+    teacher = face_encoder_flops(cfg.face_encoder, cfg.dit.dim, cfg.vae.temporal_compression, batch, frames)
+    return student * (3 if backward else 1) + teacher

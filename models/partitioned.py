@@ -46,6 +46,24 @@ def gathered(params: Iterable[nn.Parameter], modify: bool = False):
     return deepspeed.zero.GatheredParameters(params, modifier_rank=0 if modify else None)
 
 
+@contextlib.contextmanager
+def whole_construction():
+    """Modules built in this context are not partitioned by an enclosing ``deepspeed.zero.Init`` (for third-party
+    modules whose constructor needs whole tensors, e.g. transformers' weight-normed convolutions); ZeRO-3 partitions
+    them when its engine starts. A no-op where no Init is active (DeepSpeed is not even imported then)."""
+    import sys
+
+    pp = sys.modules.get("deepspeed.runtime.zero.partition_parameters")
+    if pp is None or getattr(pp, "top_level_context", None) is None:
+        yield
+        return
+    pp.shutdown_init_context()
+    try:
+        yield
+    finally:
+        pp.restore_init_context()
+
+
 def reads_weights() -> bool:
     """Whether this process supplies the values of a gathered modification (rank 0, or a process alone)."""
     dist = torch.distributed
@@ -111,18 +129,23 @@ class SafetensorsReader(Mapping):
         return tuple(self._file.get_slice(key).get_shape())
 
 
-def load_safetensors(module: nn.Module, path: str | Path) -> None:
+def load_safetensors(module: nn.Module, path: str | Path, optional: tuple[str, ...] = ()) -> list[str]:
     """``module.load_state_dict(load_file(path), strict=True)``, streamed: the file is read one tensor at a
     time into one gathered module at a time. Missing, unexpected or misshapen tensors are an error naming
-    them (nothing is loaded then)."""
+    them (nothing is loaded then), except names starting with one of ``optional``: those may be absent from the
+    file (they keep their values) or from the module (they are not read). Returns the optional names the file
+    lacked."""
     reader = SafetensorsReader(path)
     want = state_shapes(module)
+    absent = sorted(k for k in set(want) - set(reader) if k.startswith(optional)) if optional else []
+    want = {k: v for k, v in want.items() if k not in absent}
     missing = sorted(set(want) - set(reader))
-    unexpected = sorted(set(reader) - set(want))
+    unexpected = sorted(k for k in set(reader) - set(want) if not (optional and k.startswith(optional)))
     bad = [k for k in want if k in reader and reader.shape(k) != want[k]]
     if missing or unexpected or bad:
         raise ValueError(f"{path} does not fit the model: {len(missing)} missing (e.g. {missing[:3]}), "
                          f"{len(unexpected)} unexpected (e.g. {unexpected[:3]}), {len(bad)} of another shape "
                          f"(e.g. {[(k, reader.shape(k), want[k]) for k in bad[:3]]})")
     assign(module, reader, want)
+    return absent
 

@@ -111,12 +111,13 @@ class TrainSection:
 
 @dataclass
 class StageConfig:
-    """``stage``: one of the three progressive stages (paper 3.4)."""
+    """``stage``: one of the three progressive stages (paper 3.4), or stage 4, the audio encoder."""
 
     id: int
     name: str
     steps: int
     use_face: bool
+    use_audio: bool  # the loader delivers the clips' audio (stage 4: speech -> face motion tokens)
     init: str | None  # None: the preset's pretrained weights; auto: the previous stage's export; or a path
 
 
@@ -196,8 +197,10 @@ def to_job(cfg: DictConfig) -> TrainJob:
         resolved=resolved,
     )
     if job.train.compile_blocks == "auto":
+        from models.dreamactor import AUDIO_STAGE
+
         job.train.compile_blocks = (job.launch.device == "cuda" and job.zero.stage == 2
-                                    and job.train.sequence_parallel == 1)
+                                    and job.train.sequence_parallel == 1 and job.stage.id != AUDIO_STAGE)
     check(job)
     return job
 
@@ -219,11 +222,21 @@ def check_sequence_parallel(job: TrainJob, world_size: int | None = None) -> Non
 
 def check(job: TrainJob) -> None:
     """Reject values that cannot work, naming the key."""
+    from models.dreamactor import AUDIO_STAGE, PARAM_GROUPS, STAGE_GROUPS
+
     t, s, z, la = job.train, job.stage, job.zero, job.launch
-    if s.id not in (1, 2, 3):
-        raise ConfigError(f"stage.id must be 1, 2 or 3, got {s.id}")
+    if s.id not in STAGE_GROUPS:
+        raise ConfigError(f"stage.id must be one of {sorted(STAGE_GROUPS)}, got {s.id}")
     if s.id == 1 and s.use_face:
         raise ConfigError("stage 1 (pose) trains without face motion tokens: stage.use_face must be false")
+    if s.use_audio != (s.id == AUDIO_STAGE):
+        raise ConfigError(f"stage.use_audio={s.use_audio}: the audio is loaded exactly in stage {AUDIO_STAGE} (audio), "
+                          "which trains the audio encoder on it")
+    if s.id == AUDIO_STAGE and not s.use_face:
+        raise ConfigError(f"stage {AUDIO_STAGE} (audio) learns the face motion encoder's tokens of the clips' face "
+                          "crops: stage.use_face must be true")
+    if s.id == AUDIO_STAGE and t.sequence_parallel != 1:
+        raise ConfigError(f"stage {AUDIO_STAGE} (audio) runs no DiT: train.sequence_parallel must be 1")
     if s.id > 1 and s.init is None:
         raise ConfigError(f"stage {s.id} continues from stage {s.id - 1}: set stage.init=auto or a weights path")
     if s.steps < 1:
@@ -238,7 +251,6 @@ def check(job: TrainJob) -> None:
         raise ConfigError(f"train.compile_blocks must be auto, true or false, got {t.compile_blocks!r}")
     if t.guard.max_consecutive_nonfinite < 1:
         raise ConfigError("train.guard.max_consecutive_nonfinite must be >= 1")
-    from models.dreamactor import PARAM_GROUPS
 
     for group, scale in t.optimizer.lr_scale.items():
         if group not in PARAM_GROUPS:

@@ -28,6 +28,35 @@ from .distributed import rng_state, set_rng_state
 log = logging.getLogger(__name__)
 
 
+def fixed_eval_set(job, is_main: bool, clips: int) -> list:
+    """The first ``clips`` clips of the held-out split (``data.split``, role ``heldout``; with nothing held out, of
+    the training clips, said once), without condition dropout, read once (call between saving and restoring the
+    generators)."""
+    from train.data import build_loader
+
+    data = copy.deepcopy(job.data)
+    if data.split.heldout_percent > 0:
+        data.split.role = "heldout"
+    elif is_main:
+        log.warning("train.eval: data.split.heldout_percent is 0, nothing is held out: the periodic evaluation "
+                    "scores %d fixed training clips", clips)
+    data.dropout.ref = data.dropout.motion = 0.0
+    data.refs.primary_outside_window = True
+    data.workers.num_workers = 0
+    data.latents = False  # pixels: the metrics compare decoded frames with the clip's (same plan either way)
+    data.shuffle.buffer = 1
+    loader = build_loader(data, job.model, rank=0, world_size=1, seed=job.train.seed)
+    batches, n = [], 0
+    for b in loader:
+        if int(b.epoch.max()) > 0 or n >= clips:
+            break
+        batches.append(b.head(min(b.size, clips - n)))
+        n += batches[-1].size
+    if not batches:
+        raise RuntimeError(f"train.eval: no clip in the evaluation set of {data.source.dataset}")
+    return batches
+
+
 class PeriodicEval:
     """See the module docstring."""
 
@@ -38,34 +67,9 @@ class PeriodicEval:
         self.pixels = job.model.weights.vae_dir is not None
         state = rng_state()
         try:
-            self.batches = self._fixed_set(e.clips)
+            self.batches = fixed_eval_set(job, dist.is_main, e.clips)
         finally:
             set_rng_state(state)
-
-    def _fixed_set(self, clips: int) -> list:
-        from train.data import build_loader
-
-        data = copy.deepcopy(self.job.data)
-        if data.split.heldout_percent > 0:
-            data.split.role = "heldout"
-        elif self.dist.is_main:
-            log.warning("train.eval: data.split.heldout_percent is 0, nothing is held out: the periodic evaluation "
-                        "scores %d fixed training clips", clips)
-        data.dropout.ref = data.dropout.motion = 0.0
-        data.refs.primary_outside_window = True
-        data.workers.num_workers = 0
-        data.latents = False  # pixels: the metrics compare decoded frames with the clip's (same plan either way)
-        data.shuffle.buffer = 1
-        loader = build_loader(data, self.job.model, rank=0, world_size=1, seed=self.job.train.seed)
-        batches, n = [], 0
-        for b in loader:
-            if int(b.epoch.max()) > 0 or n >= clips:
-                break
-            batches.append(b.head(min(b.size, clips - n)))
-            n += batches[-1].size
-        if not batches:
-            raise RuntimeError(f"train.eval: no clip in the evaluation set of {data.source.dataset}")
-        return batches
 
     @torch.no_grad()
     def run(self, model, logger, step: int) -> dict:

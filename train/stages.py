@@ -6,6 +6,9 @@
 - Stage 2 (``stage=face``) starts from stage 1's final weights and trains **only** the face motion
   encoder and the Face Attn layers.
 - Stage 3 (``stage=full``) starts from stage 2's final weights and trains everything.
+- Stage 4 (``stage=audio``, paper 3.2's audio-driven encoder) starts from stage 3's final weights, adds the audio
+  encoder (fresh, or from the init file when it has one) and trains only it, the face motion encoder as the
+  teacher (train/audio_step.py). Models of stages 1-3 have no audio encoder; their weights files neither.
 
 A stage starts from the *module weights* of the previous stage's final checkpoint (its export) and a
 fresh optimizer, warm-up and EMA.
@@ -18,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from models.dreamactor import STAGE_GROUPS, DreamActor
+from models.dreamactor import AUDIO_STAGE, STAGE_GROUPS, DreamActor
 from models.partitioned import gathered, load_safetensors, numel, shape
 
 from .config import TrainJob
@@ -52,13 +55,17 @@ def build_model(job: TrainJob) -> DreamActor:
     see :func:`train.engine.construction`). Starting weights are streamed in, one tensor at a time."""
     path = init_weights_path(job)
     seed_everything(job.train.seed)
+    audio = job.stage.id == AUDIO_STAGE
     with construction(job):
-        model = DreamActor(job.model)
+        model = DreamActor(job.model, audio=audio)
     if job.stage.id == 1:
         model.load_pretrained()
     if path is not None:
-        load_safetensors(model, path)
-        log.info("stage %d starts from %s", job.stage.id, path)
+        # a stage-4 export has an audio encoder that the paper's stages do not; stage 4 adds one to theirs
+        fresh = load_safetensors(model, path, optional=("audio_encoder.",))
+        log.info("stage %d starts from %s%s", job.stage.id, path, " (a new audio encoder)" if audio and fresh else "")
+        if audio and fresh:
+            model.audio_encoder.load_pretrained()  # the pretrained speech backbone, if the front end has one
     model.set_stage(job.stage.id)
     return model
 

@@ -1,4 +1,6 @@
-"""The training loop of one stage: DeepSpeed engine + loader + EMA + checkpoints + logs.
+"""The training loop of one stage: DeepSpeed engine + loader + EMA + checkpoints + logs. The step is flow matching
+(train/step.py) in stages 1-3 and the audio encoder's token regression in stage 4 (train/audio_step.py: no DiT, no
+VAE, no sample videos; its own evaluation).
 
 Step ``s`` (1-based, optimizer steps) consumes ``train.grad_accum`` loader batches per rank. After a resume
 from the checkpoint of step ``s`` the loop continues at ``s + 1`` with the restored module, optimizer,
@@ -22,7 +24,10 @@ from pathlib import Path
 
 import torch
 
+from models.dreamactor import AUDIO_STAGE
+
 from . import checkpoint as ckpt
+from .audio_step import AudioEval, AudioTokenStep
 from .config import TrainJob
 from .distributed import Dist, RNGStates, all_gather, barrier
 from .ema import ShardedEMA
@@ -70,10 +75,14 @@ class Trainer:
         if job.train.compile_blocks:
             model.compile_blocks()
         self.engine = initialize(model, job, load_universal=universal)
+        # stage 4 (audio) runs no DiT: no VAE, no sample videos; its step and evaluation are train/audio_step.py's
+        self.audio = job.stage.id == AUDIO_STAGE
+        self.sample_every = 0 if self.audio else job.train.sample.every
         # the VAE encodes pixel batches and decodes the sample videos: precomputed latents without samples need none
-        self.vae = build_vae(job, dist.device) if (not job.data.latents or job.train.sample.every
-                                                    or job.train.eval.every) else None
-        self.step_fn = FlowMatchingStep(job, self.vae, dist.device, dist.dp_rank, dist.sp_size)
+        self.vae = build_vae(job, dist.device) if not self.audio and (
+            not job.data.latents or job.train.sample.every or job.train.eval.every) else None
+        self.step_fn = (AudioTokenStep(job, dist.device) if self.audio else
+                        FlowMatchingStep(job, self.vae, dist.device, dist.dp_rank, dist.sp_size))
         self.loader = loader if loader is not None else self._build_loader()
         named = dict(self.engine.module.named_parameters())
         self.ema = ShardedEMA([(n, named[n]) for n in self.trainable], job.train.ema.decay, dist.rank)
@@ -90,7 +99,9 @@ class Trainer:
                      "fit, per batch)", self.activation_budget / 2**30)
         self.peak_tflops = device_peak_tflops(job.launch.peak_tflops, dist.device)
         self.periodic_eval = None
-        if job.train.eval.every:
+        if job.train.eval.every and self.audio:
+            self.periodic_eval = AudioEval(job, dist, self.step_fn.dtype)
+        elif job.train.eval.every:
             from .periodic_eval import PeriodicEval
 
             self.periodic_eval = PeriodicEval(job, dist, self.vae, self.step_fn.dtype)
@@ -133,7 +144,7 @@ class Trainer:
                 total_stats = stats.all_reduce(dist.device)
                 if step % job.train.log.every == 0 or step == total or total_stats["stop"] or not health.applied:
                     self._log(logger, step, total_stats, keys, health)
-                if job.train.sample.every and step % job.train.sample.every == 0:
+                if self.sample_every and step % self.sample_every == 0:
                     self._sample(logger, self.kept_batch, step)
                 if self.periodic_eval is not None and step % job.train.eval.every == 0:
                     self.periodic_eval.run(self.engine.module, logger, step)
@@ -181,7 +192,7 @@ class Trainer:
             batch = self._next_batch(it)
             t = time.perf_counter()
             stats.add(data_s=t - td)
-            if self.kept_batch is None and job.train.sample.every:
+            if self.kept_batch is None and self.sample_every:
                 self.kept_batch = batch
             if job.train.log.sample_keys and self.dist.rank % self.dist.sp_size == 0:  # once per SP group
                 keys += [[int(e), k] for e, k in zip(batch.epoch.tolist(), batch.keys)]

@@ -22,8 +22,9 @@ from preprocess.schema import BODY_JOINT_NAMES
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def make_export(out: Path, preset: str = "tiny") -> Path:
-    """A random-weights export of ``preset`` as the trainer writes one: weights + the run's config.yaml."""
+def make_export(out: Path, preset: str = "tiny", audio: bool = False) -> Path:
+    """A random-weights export of ``preset`` as the trainer writes one: weights + the run's config.yaml (with
+    ``audio``: as stage 4 writes one, with the audio encoder)."""
     import yaml
     from safetensors.torch import save_file
 
@@ -32,7 +33,8 @@ def make_export(out: Path, preset: str = "tiny") -> Path:
 
     cfg = load_preset(preset)
     torch.manual_seed(0)
-    state = {k: v.contiguous() for k, v in DreamActor.from_config(cfg, load_weights=False).state_dict().items()}
+    model = DreamActor.from_config(cfg, load_weights=False, audio=audio)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
     out.mkdir(parents=True, exist_ok=True)
     save_file(state, str(out / "model.safetensors"))
     save_file(state, str(out / "ema.safetensors"))
@@ -42,7 +44,8 @@ def make_export(out: Path, preset: str = "tiny") -> Path:
             return {k: plain(v) for k, v in x.items()}
         return [plain(v) for v in x] if isinstance(x, (list, tuple)) else x
 
-    run = {"model": plain(dataclasses.asdict(cfg)), "train": {"seed": 0}, "data": {"buckets": {"area": 64 * 64}}}
+    run = {"model": plain(dataclasses.asdict(cfg)), "train": {"seed": 0}, "data": {"buckets": {"area": 64 * 64}},
+           "stage": {"id": 4 if audio else 1}}
     (out / "config.yaml").write_text(yaml.safe_dump(run))
     return out
 
