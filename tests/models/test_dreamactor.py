@@ -118,6 +118,7 @@ def _synthetic_pose_maps(cfg, frames, size):
     return maps_to_tensor(maps)[None]
 
 
+@pytest.mark.slow  # ~30-60 s; the default suite's learning test (tests/train/test_learning.py) trains end to end
 def test_overfits_one_clip(tiny_cfg):
     """Stage-1 training on one clip (latents of a panning photo, rendered controls): loss falls 10x."""
     from models.vae import VideoVAE
