@@ -84,7 +84,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("world,sizes,heads", [(2, (2,), 2), (4, (2, 4), 4)])
+@pytest.mark.parametrize("world,sizes,heads", [(2, (2,), 2),  # 4 ranks, groups of 2 and 4: slow (the 2-rank case runs)
+                                               pytest.param(4, (2, 4), 4, marks=pytest.mark.slow)])
 def test_sequence_parallel_loss_and_gradients_equal_one_process(tmp_path, world, sizes, heads):
     torch.multiprocessing.start_processes(_rank_main, args=(world, _free_port(), sizes, heads, str(tmp_path)),
                                           nprocs=world, join=True, start_method="spawn")

@@ -104,6 +104,7 @@ def test_zero3_build_has_the_weights_of_an_ordinary_build(wan_builds):
     assert not a["dit.blocks.7.face_attn.to_out.weight"].any() and not a["dit.pose_embed.weight"].any()
 
 
+@pytest.mark.slow  # ~1-2 min; the default suite keeps ZeRO-3 construction/loading (above) and ZeRO-3 resume
 def test_stage_init_and_export_under_zero3_equal_zero2(tmp_path, base_overrides):
     job = to_job(compose("train", [f"train.out_dir={tmp_path}", "data.source.dataset=outputs/preprocess"]))
     torch.manual_seed(7)
