@@ -6,8 +6,9 @@ here, face/head (SCRFD detection, landmarks, ArcFace, 3DMM fit) from ``bench/ann
         [--face-size full|tiny] [--json OUT]
 
 * detection: the body backend (MediaPipe Pose, the embedded default; it gives the subject boxes), on the CPU;
-* keypoints: mmpose's COCO-WholeBody model from ``--mmpose-config`` (RTMW-x for the real size) with random weights
-  (timing does not depend on them), batched over the clip's boxes; skipped (reported) where mmpose is missing;
+* keypoints: mmpose's COCO-WholeBody model from ``--mmpose-config`` (default: full.yaml's RTMW-x, inside the installed
+  mmpose) with random weights (timing does not depend on them), batched over the clip's boxes; skipped (reported)
+  where mmpose is missing (scripts/install_mmpose.sh installs it);
 * fit: SMPL-X on a synthetic model file of the real structure (10,475 vertices, 55 joints, 127 fitted joints;
   ``smplx_model.write_synthetic_model``) to keypoints of a known moving body, ``--iters`` L-BFGS iterations,
   all frames at once; reports ms per frame and the reprojection error reached.
@@ -28,6 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+
+from preprocess.annotators.backends.mmpose_wholebody import RTMW_X_CONFIG  # noqa: E402 (imports no mmpose)
 
 
 def bench_detection(frames: np.ndarray) -> float | str:
@@ -95,7 +98,7 @@ def main() -> None:
     ap.add_argument("--frames", type=int, default=121)
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--iters", type=int, default=300)
-    ap.add_argument("--mmpose-config", default=os.environ.get("DREAMACTOR_RTMW_CONFIG"))
+    ap.add_argument("--mmpose-config", default=os.environ.get("DREAMACTOR_RTMW_CONFIG", f"mmpose::{RTMW_X_CONFIG}"))
     ap.add_argument("--face-size", default="full", choices=["full", "tiny", "none"],
                     help="the face/head part's network widths (tiny: a CPU smoke run; none: body only)")
     ap.add_argument("--json", default=None)

@@ -8,14 +8,17 @@ are the body stage's tracked subject boxes. The 133 points map onto the SMPL-X j
 SMPL-X's static landmarks are), 2 x 20 hand points (the hand's wrist point
 duplicates the body's wrist, which is kept); that is 114 of the 127 fitted joints' targets.
 
-Files (local paths, nothing downloaded): ``config`` (e.g. mmpose's
-``projects/rtmpose/rtmpose/wholebody_2d_keypoint/rtmw-x_8xb320-270e_cocktail14-384x288.py``) and ``checkpoint``
-(Apache-2.0 weights from the mmpose model zoo; a plain state dict, or a released file converted with
+Files (local paths, nothing downloaded): ``config``, a config file of mmpose's, named by its path or as
+``mmpose::<path under mmpose's configs>`` (the copy inside the installed mmpose package, which its ``_base_`` files sit
+next to: ``mmpose::wholebody_2d_keypoint/rtmpose/cocktail14/rtmw-x_8xb320-270e_cocktail14-384x288.py``), and
+``checkpoint`` (Apache-2.0 weights from the mmpose model zoo; a plain state dict, or a released file converted with
 ``python -m preprocess.annotators.backends.mmpose_wholebody --convert IN.pth OUT.pth``: torch >= 2.6 loads only
-weights, and released OpenMMLab checkpoints carry pickled metadata). docs/annotators.md says where to get them.
+weights, and released OpenMMLab checkpoints carry pickled metadata). docs/annotators.md says where to get them and
+how to install mmpose (``scripts/install_mmpose.sh``).
 """
 from __future__ import annotations
 
+import importlib.util
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,25 +30,45 @@ from ..assets import ModelFileError
 from . import KeypointsBackend, KeypointsClip
 
 RTMW_DOCS = "https://github.com/open-mmlab/mmpose/tree/main/projects/rtmw (configs and checkpoint links)"
+RTMW_X_CONFIG = "wholebody_2d_keypoint/rtmpose/cocktail14/rtmw-x_8xb320-270e_cocktail14-384x288.py"
 _KEY = "annotators.body.params.keypoints.params"
 
 
-def _wholebody_to_smplx() -> tuple[tuple[int, int], ...]:
-    """(COCO-WholeBody index, SMPL-X joint index) pairs."""
-    from ..smplx_model import smplx_joint_names
-
-    idx = {n: i for i, n in enumerate(smplx_joint_names())}
+def coco_wholebody_names() -> list[str]:
+    """The 133 COCO-WholeBody keypoint names in order, spelled as mmpose's ``coco_wholebody.py`` metainfo spells them:
+    17 body, 6 feet, 68 face (iBUG order), 2 x 21 hand (root, then 4 points per finger from the palm out)."""
     body = ["nose", "left_eye", "right_eye", "left_ear", "right_ear", "left_shoulder", "right_shoulder", "left_elbow",
             "right_elbow", "left_wrist", "right_wrist", "left_hip", "right_hip", "left_knee", "right_knee",
             "left_ankle", "right_ankle"]
     feet = ["left_big_toe", "left_small_toe", "left_heel", "right_big_toe", "right_small_toe", "right_heel"]
-    pairs = [(k, idx[n]) for k, n in enumerate(body)] + [(17 + k, idx[n]) for k, n in enumerate(feet)]
-    pairs += [(23 + 17 + k, 76 + k) for k in range(51)]  # face points 17..67 of 68 = SMPL-X's 51 landmarks
-    for side, base in (("left", 91), ("right", 112)):  # hand: wrist (the body's wrist is used), 4 points per finger
-        for f, finger in enumerate(("thumb", "index", "middle", "ring", "pinky")):
-            for k in range(3):
-                pairs.append((base + 1 + 4 * f + k, idx[f"{side}_{finger}{k + 1}"]))
-            pairs.append((base + 4 + 4 * f, idx[f"{side}_{finger}"]))  # tip
+    fingers = ("thumb", "forefinger", "middle_finger", "ring_finger", "pinky_finger")
+    hands = [n for side in ("left", "right")
+             for n in [f"{side}_hand_root"] + [f"{side}_{f}{k}" for f in fingers for k in range(1, 5)]]
+    return body + feet + [f"face-{k}" for k in range(68)] + hands
+
+
+_FINGERS = {"thumb": "thumb", "forefinger": "index", "middle_finger": "middle", "ring_finger": "ring",
+            "pinky_finger": "pinky"}  # COCO-WholeBody's finger names -> SMPL-X's
+
+
+def _wholebody_to_smplx() -> tuple[tuple[int, int], ...]:
+    """(COCO-WholeBody index, SMPL-X joint index) pairs, by name: body and feet points are the SMPL-X joints and
+    vertex keypoints of the same names; face points 17..67 (the 68-point layout less the jaw contour) are SMPL-X's
+    51 static landmarks (joints 76..126, same order); finger points 1..3 are the finger's joints, point 4 its tip
+    vertex; the hand roots duplicate the body's wrists and are left out."""
+    from ..smplx_model import smplx_joint_names
+
+    idx = {n: i for i, n in enumerate(smplx_joint_names())}
+    pairs = []
+    for w, name in enumerate(coco_wholebody_names()):
+        side, _, part = name.partition("_")
+        if name.startswith("face-"):
+            if int(name[5:]) >= 17:
+                pairs.append((w, 76 + int(name[5:]) - 17))
+        elif part[:-1] in _FINGERS:
+            pairs.append((w, idx[f"{side}_{_FINGERS[part[:-1]]}" + ("" if part[-1] == "4" else part[-1])]))
+        elif name in idx:
+            pairs.append((w, idx[name]))
     return tuple(pairs)
 
 
@@ -74,23 +97,34 @@ def load_state_dict(path: Path):
     return ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else ckpt
 
 
+def resolve_config(config: str) -> Path:
+    """The config file: a path, or ``mmpose::REL`` for ``REL`` under the installed mmpose's packaged configs
+    (``mmpose/.mim/configs``, where mmengine's ``mmpose::`` ``_base_`` references also point)."""
+    if config.startswith("mmpose::"):
+        spec = importlib.util.find_spec("mmpose")
+        if spec is None or not spec.submodule_search_locations:
+            return Path(config)  # reported as missing by setup (with the install hint)
+        return Path(next(iter(spec.submodule_search_locations))) / ".mim" / "configs" / config.split("::", 1)[1]
+    return Path(config).expanduser()
+
+
 class MMPoseWholeBody(KeypointsBackend):
     """133-point whole-body keypoints, top-down on the subject's boxes, through ``mmpose.apis``."""
 
     @dataclass
     class Params:
-        config: str = ""  # mmpose config file of a COCO-WholeBody model (RTMW-x/l, DWPose-l, RTMPose-wholebody)
+        config: str = ""  # COCO-WholeBody model's mmpose config (RTMW, DWPose, RTMPose-wholebody): path or mmpose::REL
         checkpoint: str | None = ""  # its weights; null: random weights (tests and benchmarks only)
         device: str = "auto"  # auto: cuda:0 when available, else cpu
         batch_size: int = 32  # boxes per forward pass
 
     def setup(self) -> None:
         p = self.params
-        cfg = Path(p.config).expanduser()
-        if not p.config or not cfg.is_file():
-            raise ModelFileError(f"mmpose config {p.config or '(unset)'} is missing: take it from mmpose's sources "
-                                 f"({RTMW_DOCS}) and set {_KEY}.config=/path/to/"
-                                 "rtmw-x_8xb320-270e_cocktail14-384x288.py")
+        cfg = resolve_config(p.config) if p.config else None
+        if cfg is None or not cfg.is_file():
+            raise ModelFileError(f"mmpose config {p.config or '(unset)'} is missing ({cfg}): install mmpose "
+                                 "(scripts/install_mmpose.sh) and set "
+                                 f"{_KEY}.config=mmpose::{RTMW_X_CONFIG}, or a path to a config ({RTMW_DOCS})")
         ckpt = Path(p.checkpoint).expanduser() if p.checkpoint else None
         if p.checkpoint is not None and (ckpt is None or not ckpt.is_file()):
             raise ModelFileError(f"mmpose checkpoint {p.checkpoint or '(unset)'} is missing: download the model's "
@@ -99,9 +133,8 @@ class MMPoseWholeBody(KeypointsBackend):
             import torch
             from mmpose.apis import init_model
         except ImportError as e:
-            raise ModelFileError(f"mmpose is not installed ({e}): pip install mmcv==2.1.0 (built from source) and "
-                                 "pip install --no-deps mmpose==1.3.2 (docs/annotators.md, 'Production backends')"
-                                 ) from None
+            raise ModelFileError(f"mmpose is not installed ({e}): scripts/install_mmpose.sh (mmcv 2.1.0 built from "
+                                 "source, mmpose 1.3.2 --no-deps; docs/annotators.md, 'Installing mmpose')") from None
         device = p.device if p.device != "auto" else ("cuda:0" if torch.cuda.is_available() else "cpu")
         self.model = init_model(str(cfg), None, device=device)  # mmpose builds the network from its config
         if ckpt is not None:
@@ -109,9 +142,11 @@ class MMPoseWholeBody(KeypointsBackend):
             if missing:
                 raise ModelFileError(f"checkpoint {ckpt} does not fit config {cfg}: {len(missing)} weights missing, "
                                      f"e.g. {missing[:3]}")
-        n = self.model.dataset_meta.get("num_keypoints") if self.model.dataset_meta else None
-        if n != 133:
-            raise ValueError(f"{cfg}: a {n}-keypoint model; this backend maps COCO-WholeBody's 133 points")
+        meta = self.model.dataset_meta or {}
+        names = [meta.get("keypoint_id2name", {}).get(k) for k in range(meta.get("num_keypoints") or 0)]
+        if names != coco_wholebody_names():  # the map below is by index: the layout must be COCO-WholeBody's
+            raise ValueError(f"{cfg}: a {len(names)}-keypoint model (first names {names[:3]}); this backend maps "
+                             "COCO-WholeBody's 133 points")
         from mmengine.dataset import Compose
 
         self.pipeline = Compose(self.model.cfg.test_dataloader.dataset.pipeline)

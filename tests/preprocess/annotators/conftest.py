@@ -114,18 +114,19 @@ def full_stack_files(tmp_path_factory) -> dict[str, str]:
             "pack": str(write_model_pack(d / "buffalo_tiny")), "faceverse": str(write_faceverse(d / "fv.npy"))}
 
 
-def full_stack_overrides(files: dict[str, str], det_size: int = 160, fit_iters: int = 80) -> list[str]:
-    """Command-line overrides pointing ``annotators=full`` at :func:`full_stack_files`. Where mmpose is not installed
-    (the default install) the fit's keypoints are the body backend's own (MediaPipe Pose:
-    ``annotators.body.params.keypoints=null``) instead of the 133-point RTMW model."""
-    import importlib.util
-
+def full_stack_overrides(files: dict[str, str], det_size: int = 160, fit_iters: int = 80, max_body_px: float = 0.5,
+                         rtmw_random: bool = False) -> list[str]:
+    """Command-line overrides pointing ``annotators=full`` at :func:`full_stack_files`. Substitution, documented: the
+    fit's keypoints are the body backend's own (MediaPipe Pose: ``annotators.body.params.keypoints=null``) instead of
+    the 133-point RTMW model, whose weights are not shipped; ``rtmw_random``: the RTMW-x model of full.yaml's config
+    (mmpose installed) with random weights instead."""
     head, refs, fit = ("annotators.head.params.backend.params", "video_stages.refs.params.identity.params",
                        "annotators.body.params.fit")
-    out = [f"{fit}.model_path={files['smplx']}", f"{fit}.iters={fit_iters}", f"{fit}.max_body_px=0.5",
+    out = [f"{fit}.model_path={files['smplx']}", f"{fit}.iters={fit_iters}", f"{fit}.max_body_px={max_body_px}",
            f"{head}.model_dir={files['pack']}", f"{head}.faceverse_path={files['faceverse']}",
            f"{head}.det_size={det_size}",
            f"{refs}.model_dir={files['pack']}", f"{refs}.det_size={det_size}"]
-    if importlib.util.find_spec("mmpose") is None:
-        out.append("annotators.body.params.keypoints=null")
+    kp = "annotators.body.params.keypoints"
+    out += ([f"{kp}.params.checkpoint=null", f"{kp}.params.device=cpu", f"{kp}.params.batch_size=8"] if rtmw_random
+            else [f"{kp}=null"])
     return out
