@@ -84,10 +84,13 @@ class BodyStage(BackendClipStage):
         self.fitter = None
 
     def setup(self) -> None:
-        super().setup()
-        self.filled = np.array([n in self.backend.filled for n in BODY_JOINT_NAMES])
+        # The keypoints model first: importing mmpose loads torch's triton (CUDA builds of torch), whose bundled LLVM
+        # crashes the process (SIGSEGV) when Mesa's LLVM is already loaded, which MediaPipe's GPU-delegate check
+        # loads where EGL is Mesa; the other order works (checked: torch 2.14.1 + triton, Mesa llvmpipe).
         if self.keypoints is not None:
             self.keypoints.setup()
+        super().setup()
+        self.filled = np.array([n in self.backend.filled for n in BODY_JOINT_NAMES])
         if self.params.fit is not None:
             from .smplx_fit import FitParams, SMPLXFitter
 

@@ -2,6 +2,7 @@
 and a helper that runs a clip through them the way the pipeline does."""
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import cv2
@@ -13,6 +14,11 @@ from preprocess import demo_media
 from preprocess.config import Resources, StageSpec
 from preprocess.stage import load_stage, new_row
 from preprocess.video import encode_mp4
+
+if importlib.util.find_spec("triton") is not None:  # CUDA builds of torch (the mmpose venv), not the default install
+    # Loaded before any test loads Mesa's LLVM (test_delegate.py's real GPU-delegate check): triton's own LLVM crashes
+    # the process when it comes second, as the body stage's setup order also avoids (body.py).
+    import triton  # noqa: F401
 
 CONF = Path(__file__).resolve().parents[3] / "conf" / "annotators" / "embedded.yaml"
 OPENCV_DATA = demo_media.MEGAMIND.parent

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -154,6 +156,27 @@ def test_mmpose_backend_refuses_a_layout_it_cannot_map():
 
 
 @needs_mmpose
+def test_body_stage_with_mmpose_survives_the_gpu_delegate_check():
+    """The body stage of full.yaml with ``delegate=auto`` set up in a fresh process: MediaPipe's GPU-delegate check
+    (Mesa's LLVM here) and mmpose (torch's triton and its LLVM) load in the order that does not crash."""
+    script = """
+from omegaconf import OmegaConf
+from preprocess.annotators.body import BodyStage
+full = OmegaConf.load("conf/annotators/full.yaml")
+params = OmegaConf.to_container(full.annotators.body.params, resolve=True)
+params["backend"]["params"]["delegate"] = "auto"
+params["keypoints"]["params"].update(checkpoint=None, device="cpu")
+params["fit"] = None
+stage = BodyStage(params)
+stage.setup()
+print("set up:", type(stage.keypoints.model.head).__name__)
+"""
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
+                       cwd=Path(__file__).resolve().parents[3])
+    assert r.returncode == 0 and "set up: RTMWHead" in r.stdout, (r.returncode, r.stderr[-3000:])
+
+
+@needs_mmpose
 def test_full_annotators_with_the_rtmw_model(tmp_path, full_stack_files):
     """``annotators=full`` with its 133-point keypoints from full.yaml's RTMW-x model (random weights, so the fit's
     errors mean nothing and ``max_body_px`` is lifted): the whole stack runs, the shards validate, and the fit has
@@ -161,10 +184,10 @@ def test_full_annotators_with_the_rtmw_model(tmp_path, full_stack_files):
     import pandas as pd
 
     media = tmp_path / "in"
-    make_video(media / "person.mp4", "astronaut", n=16, size=256)
+    make_video(media / "person.mp4", "astronaut", n=10, size=256)  # short: RTMW-x takes ~3.5 s a frame on a busy CPU
     out = tmp_path / "out"
-    args = [f"input={media}", f"output={out}", "annotators=full", "plan.min_frames=8", "plan.max_frames=16",
-            "ray.progress_bars=false", "video_stages.refs.enabled=false",
+    args = [f"input={media}", f"output={out}", "annotators=full", "probe.min_seconds=0.3", "plan.min_frames=5",
+            "plan.max_frames=10", "ray.progress_bars=false", "video_stages.refs.enabled=false",
             *full_stack_overrides(full_stack_files, fit_iters=30, max_body_px=100.0, rtmw_random=True)]
     r = run_cli(args, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
