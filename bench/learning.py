@@ -181,8 +181,10 @@ def train_stage(args, stage: str, budget, init: Path | None) -> Path:
     return args.out / "run" / f"stage{stage_id}" / "export"
 
 
-def evaluate(args, export: Path) -> dict:
-    """Held-out latent PSNR of the stage-3 weights and of the baselines (train/evaluate.py)."""
+def evaluate(args, export: Path, split: str | None = None) -> dict:
+    """Latent PSNR of the stage-3 weights and of the baselines (train/evaluate.py) on ``split`` (default
+    ``--eval-split``), in batches of ``--eval-batch`` clips (the training batch would not fit: stage 3's face
+    encoder on every frame's crop of 64 clips ran an H200 out of memory)."""
     import torch
     from hydra import compose, initialize_config_dir
     from safetensors.torch import load_file
@@ -193,8 +195,9 @@ def evaluate(args, export: Path) -> dict:
     from train.evaluate import evaluate_latents
     from train.step import build_vae
 
-    over = common_overrides(args, args.out / "data" / args.eval_split) + [
-        "stage=full", f"stage.init={export / args.weights}", "data.dropout.ref=0", "data.dropout.motion=0",
+    over = common_overrides(args, args.out / "data" / (split or args.eval_split)) + [
+        f"data.buckets.max_batch_size={min(args.batch, args.eval_batch)}", "stage=full",
+        f"stage.init={export / args.weights}", "data.dropout.ref=0", "data.dropout.motion=0",
         "data.augment.shift=0",
         "data.workers.num_workers=0", "data.shuffle.buffer=1", "data.refs.primary_outside_window=true"]
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
@@ -284,6 +287,9 @@ def main() -> int:
     ap.add_argument("--weights", default="model.safetensors", help="model.safetensors | ema.safetensors")
     ap.add_argument("--eval-clips", type=int, default=24)
     ap.add_argument("--eval-steps", type=int, default=20)
+    ap.add_argument("--eval-batch", type=int, default=8, help="clips per evaluation batch")
+    ap.add_argument("--also-train-split", action="store_true",
+                    help="score the training clips too (the memorisation gap: train vs held-out), in results.json")
     ap.add_argument("--guidance", type=float, default=1.0,
                     help="classifier-free guidance of the sampler, reference and motion. Default 1 (no guidance): "
                     "the conditional model itself; guidance trades fidelity, which PSNR measures, for sharpness "
@@ -335,6 +341,10 @@ def main() -> int:
     t_train = time.time() - t1
     summary = evaluate(args, export3)
     summary.update(data_s=round(t_data, 1), train_s=round(t_train, 1))
+    if args.also_train_split:
+        train = evaluate(args, export3, "train")
+        summary["train_split"] = {k: train[k] for k in ("clips", "mean_psnr_db", "denoise_mse")}
+        print("training clips:", json.dumps(summary["train_split"]), flush=True)
     return report(args, summary, curves(args))
 
 
