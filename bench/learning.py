@@ -288,6 +288,8 @@ def main() -> int:
     ap.add_argument("--eval-clips", type=int, default=24)
     ap.add_argument("--eval-steps", type=int, default=20)
     ap.add_argument("--eval-batch", type=int, default=8, help="clips per evaluation batch")
+    ap.add_argument("--also-stage1", action="store_true",
+                    help="score stage 1's export too (does the short stage 3 help?), in results.json")
     ap.add_argument("--also-train-split", action="store_true",
                     help="score the training clips too (the memorisation gap: train vs held-out), in results.json")
     ap.add_argument("--guidance", type=float, default=1.0,
@@ -341,6 +343,10 @@ def main() -> int:
     t_train = time.time() - t1
     summary = evaluate(args, export3)
     summary.update(data_s=round(t_data, 1), train_s=round(t_train, 1))
+    if args.also_stage1 and export3 != export1:
+        s1 = evaluate(args, export1)
+        summary["stage1_export"] = {k: s1[k] for k in ("clips", "mean_psnr_db", "denoise_mse")}
+        print("stage 1's export:", json.dumps(summary["stage1_export"]), flush=True)
     if args.also_train_split:
         train = evaluate(args, export3, "train")
         summary["train_split"] = {k: train[k] for k in ("clips", "mean_psnr_db", "denoise_mse")}
