@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -263,10 +264,12 @@ def main() -> int:
     ap.add_argument("--preset", default="small")
     ap.add_argument("--nproc", type=int, default=1)
     ap.add_argument("--size", type=int, default=128, help="frame side (square clips)")
-    ap.add_argument("--video-frames", type=int, default=34)
+    ap.add_argument("--video-frames", type=int, default=33)
     ap.add_argument("--motions", type=int, nargs=2, default=[24, 4], metavar=("TRAIN", "HELDOUT"),
                     help="random motions (videos) of every person in the training and the held-out split")
-    ap.add_argument("--clip-frames", type=int, default=33, help="longest clip the preprocessing cuts (>= 2 frames - 1)")
+    ap.add_argument("--clip-frames", type=int, default=None,
+                    help="longest clip the preprocessing cuts (default: --video-frames, one clip per video); every "
+                         "clip must be longer than --frames, so that the primary reference is from outside the window")
     ap.add_argument("--frames", type=int, default=17, help="frames per training / evaluation sample (1 + 4k)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--refs", type=int, nargs="+", default=[3],
@@ -311,12 +314,27 @@ def main() -> int:
     args = ap.parse_args()
     if args.minutes is None and args.steps is None and not (args.data_only or args.eval_only):
         ap.error("give --minutes S1 S3 or --steps S1 S3")
+    args.clip_frames = args.clip_frames or args.video_frames
+    shortest = args.video_frames // math.ceil(args.video_frames / args.clip_frames)  # preprocess/plan.py's split
+    if shortest <= args.frames:
+        ap.error(f"--video-frames {args.video_frames} cut at --clip-frames {args.clip_frames} gives clips of "
+                 f"{shortest} frames: a {args.frames}-frame window covers a whole clip, so the primary reference "
+                 f"would be one of the frames to generate. Use more --video-frames or --clip-frames, or fewer --frames")
     args.out.mkdir(parents=True, exist_ok=True)
     args.vae_stats = None
     t0 = time.time()
 
     ready = all((args.out / "data" / s / "index.parquet").exists() for s in ("train", "heldout"))
     videos = [] if ready else build_videos(args.out, args.size, args.video_frames, args.motions, args.seed)
+    if ready:  # made earlier (maybe elsewhere, with other arguments): its clips must still leave room for the reference
+        import pyarrow.parquet as pq
+
+        for s in ("train", "heldout"):
+            index = pq.read_table(args.out / "data" / s / "index.parquet", columns=["n_frames"])
+            n = min(index["n_frames"].to_pylist())
+            if n <= args.frames:
+                raise SystemExit(f"{args.out / 'data' / s} has clips of {n} frames: a {args.frames}-frame window "
+                                 "covers a whole clip (the primary reference would be a frame to generate); rebuild it")
     splits = zip(("train", "heldout"), videos)
     for split, videos in splits:  # (a finished dataset is reused: e.g. made on a CPU box, trained on a GPU one)
         if split == "train" and not args.no_megamind:

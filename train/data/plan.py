@@ -20,6 +20,7 @@ frame, and a resumed run (any number of ranks or workers) agrees with the origin
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 from dataclasses import asdict, dataclass
 
@@ -28,6 +29,9 @@ import numpy as np
 from preprocess import schema
 
 from .config import DataConfig
+
+log = logging.getLogger(__name__)
+_warned_inside: set[int] = set()  # window lengths already warned about (once per process)
 
 
 @dataclass(frozen=True)
@@ -279,6 +283,11 @@ class Planner:
             start = int(g.integers(0, n_frames - span))
             idx, frames = tuple(start + int(round(i * stride)) for i in range(t)), range(n_frames)
         outside = [i for i in frames if i < idx[0] or i > idx[-1]]
+        if self.cfg.refs.primary_outside_window and not outside and t not in _warned_inside:
+            _warned_inside.add(t)
+            log.warning("data.refs.primary_outside_window: clip %s has %d frames and a %d-frame window covers it, so "
+                        "its primary reference is one of the frames to generate (a copy of it scores as if animated); "
+                        "clips longer than the window avoid this", key, n_frames, t)
         pool = outside if (self.cfg.refs.primary_outside_window and outside) else list(frames)
         primary = int(pool[int(g.integers(0, len(pool)))])
         order = tuple(int(x) for x in g.permutation(len(schema.REF_ROLES)))

@@ -180,3 +180,22 @@ def test_the_heldout_split_is_by_source_video_and_complementary():
     assert heldout_fraction("abc", "s") != heldout_fraction("abc", "t")  # the salt draws another split
     none = SimpleNamespace(heldout_percent=0.0, role="train", salt="s")
     assert all(in_split(k, none) for k in keys)
+
+
+def test_primary_reference_outside_the_window_when_the_clip_allows_it(caplog):
+    """``refs.primary_outside_window``: the primary reference is a frame outside the sampled window; a clip no longer
+    than the window has none, so its reference is one of the frames to generate, and the planner says so (once)."""
+    import train.data.plan as plan_module
+
+    plan_module._warned_inside.clear()
+    planner = planner_for(synthetic_metas(1, 10), "data.refs.primary_outside_window=true", "data.frames.min=17",
+                          "data.frames.max=17", "data.frames.target_fps=null")
+    for i in range(20):
+        s = planner.plan_sample(f"k{i}", 0, 0, 33, 25.0)
+        assert s.primary_frame not in range(s.frame_index[0], s.frame_index[-1] + 1), s
+    assert not caplog.records
+    with caplog.at_level("WARNING", logger="train.data.plan"):
+        for i in range(3):
+            s = planner.plan_sample(f"short{i}", 0, 0, 17, 25.0)
+            assert s.frame_index == tuple(range(17)) and s.primary_frame in s.frame_index
+    assert len(caplog.records) == 1 and "covers it" in caplog.text
