@@ -58,26 +58,31 @@ def random_motions(seed: int, n: int, size: int) -> list[dict]:
 
 
 PEOPLE = ("astronaut", "grace_hopper", "camera")
-# The VAE: no pretrained weights here, so a randomly initialised AutoencoderKLWan (the tiny preset's shape),
-# its latent normalisation (latents_mean / latents_std, which a pretrained VAE ships) measured on the training
-# clips by calibrate_vae: a random encoder's latents sit at arbitrary offsets with ~0.05 spread per channel.
+# The VAE: no pretrained weights here. ``--vae patch`` (default): the fixed linear autoencoder of the Wan layout
+# (models.vae.PatchAutoencoder), whose every latent frame summarises its own frames. ``--vae wan``: a randomly
+# initialised AutoencoderKLWan (the tiny preset's shape), whose latents hardly depend on any frame but the first
+# (models/vae.py), so that the motion after it is nearly invisible: held-out runs 1-8 (docs/performance.md) used it.
+# Either way the latent normalisation (latents_mean / latents_std, which a pretrained VAE ships) is measured on the
+# training clips by calibrate_vae.
 VAE_ARCH = "base_dim:8,z_dim:16,dim_mult:[1,2,2,2],num_res_blocks:1,temperal_downsample:[false,true,true]"
 
 
-def vae_overrides(preset: str, stats: dict | None) -> list[str]:
-    """Hydra overrides of ``model.vae.arch``: the random VAE, with the latent normalisation (0 / 1 = raw
-    latents until measured)."""
+def vae_overrides(preset: str, stats: dict | None, kind: str = "patch") -> list[str]:
+    """Hydra overrides of ``model.vae``: the VAE of ``--vae``, with the latent normalisation (0 / 1 = raw latents until
+    measured)."""
     from models.config import load_preset
 
     fmt = lambda v: "[" + ",".join(f"{x:.6g}" for x in v) + "]"  # noqa: E731
     mean, std = (stats["mean"], stats["std"]) if stats else ([0.0] * 16, [1.0] * 16)
+    out = [f"model.vae.kind={kind}"]
     if load_preset(preset).vae.arch is None:
-        return [f"model.vae.arch={{{VAE_ARCH},latents_mean:{fmt(mean)},latents_std:{fmt(std)}}}"]
-    return [f"+model.vae.arch.latents_mean={fmt(mean)}", f"+model.vae.arch.latents_std={fmt(std)}"]
+        arch = f"{VAE_ARCH}," if kind == "wan" else ""
+        return out + [f"model.vae.arch={{{arch}latents_mean:{fmt(mean)},latents_std:{fmt(std)}}}"]
+    return out + [f"+model.vae.arch.latents_mean={fmt(mean)}", f"+model.vae.arch.latents_std={fmt(std)}"]
 
 
 def calibrate_vae(args) -> dict:
-    """Per-channel mean / std of the raw latents of training clips (saved as ``vae_stats.json``)."""
+    """Per-channel mean / std of the raw latents of training clips (saved as ``vae_stats_<kind>.json``)."""
     import torch
     from hydra import compose, initialize_config_dir
 
@@ -85,7 +90,7 @@ def calibrate_vae(args) -> dict:
     from train.data import build_loader
     from train.step import build_vae
 
-    path = args.out / "vae_stats.json"
+    path = args.out / f"vae_stats_{args.vae}.json"
     if path.exists():
         return json.loads(path.read_text())
     args.vae_stats = None
@@ -149,7 +154,8 @@ def common_overrides(args, dataset: Path) -> list[str]:
     13.32 -> 17.27 dB; one-step denoising loss with motion vs motion dropped -2% -> -14%."""
     return [f"model={args.preset}", f"model.flow.shift_ref_tokens={video_tokens(args.size, args.frames)}",
             f"launch={args.launch}", "model.weights.required=false",
-            *vae_overrides(args.preset, args.vae_stats), "model.vae.dtype=float32", f"data.source.dataset={dataset}",
+            *vae_overrides(args.preset, args.vae_stats, args.vae), "model.vae.dtype=float32",
+            f"data.source.dataset={dataset}",
             f"data.buckets.area={args.size * args.size}", "data.buckets.aspect_ratios=[1.0]",
             f"data.buckets.token_budget={args.token_budget}", f"data.buckets.max_batch_size={args.batch}",
             f"data.frames.min={args.frames}", f"data.frames.max={args.frames}", "data.frames.step=4",
@@ -262,6 +268,8 @@ def main() -> int:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--launch", default="gpu", help="gpu | local (CPU, gloo)")
     ap.add_argument("--preset", default="small")
+    ap.add_argument("--vae", default="patch", choices=("patch", "wan"),
+                    help="patch: the fixed linear autoencoder (default); wan: a random AutoencoderKLWan (runs 1-8)")
     ap.add_argument("--nproc", type=int, default=1)
     ap.add_argument("--size", type=int, default=128, help="frame side (square clips)")
     ap.add_argument("--video-frames", type=int, default=33)

@@ -99,7 +99,9 @@ class AudioEncoderConfig:
 
 @dataclass(frozen=True)
 class VAEConfig:
-    """The pretrained 3D causal video VAE (diffusers AutoencoderKLWan)."""
+    """The 3D causal video VAE: ``kind=wan``, the pretrained Wan 2.1 VAE (diffusers AutoencoderKLWan), or a random
+    init of its architecture (``arch``, tests); ``kind=patch``, the fixed linear autoencoder of the same layout
+    (``models.vae.PatchAutoencoder``) for runs that have no pretrained weights and must still see every frame."""
 
     latent_channels: int
     temporal_compression: int
@@ -108,6 +110,12 @@ class VAEConfig:
     dtype: str  # float32 | bfloat16
     tiling: bool  # spatial tiling for large frames (diffusers' enable_tiling)
     encode_batch_pixels: int = 1 << 20  # samples x height x width per encode call (memory ~ this, not frames)
+    kind: str = "wan"  # wan | patch
+
+    def __post_init__(self):
+        if self.kind not in ("wan", "patch"):
+            raise ValueError(f"model.vae.kind={self.kind!r}: expected wan (the Wan 2.1 VAE) or patch (the fixed "
+                             "linear autoencoder, models.vae.PatchAutoencoder)")
 
 
 @dataclass(frozen=True)

@@ -10,20 +10,111 @@ per call as ``vae.encode_batch_pixels`` allows (samples x height x width: memory
 frames); decoding streams one latent frame at a time through the same cache and writes each decoded chunk
 straight into the output (optionally on another device, e.g. the CPU), so GPU memory does not grow
 with the clip length. Large frames can use diffusers' spatial tiling (``vae.tiling``).
+
+Without pretrained weights (``vae.kind=patch``): :class:`PatchAutoencoder`, a fixed linear autoencoder of the same
+layout. A randomly initialised Wan VAE is no stand-in for a trained one: its latents hardly depend on any frame but the
+first (replacing frames 1-16 of a 17-frame clip with noise moves latent frames 1-4 by 0.3-8% of their variance,
+changing frame 0 moves them by 40-70%: ``tests/models/test_vae.py``), so motion after the first frame is invisible to
+a model trained in its latent space.
 """
 from __future__ import annotations
 
 import hashlib
+import itertools
+import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .config import VAEConfig
 
+# (colour, time, y, x) frequencies of PatchAutoencoder's 16 channels: luma 9 (3 of them changes over the 4 frames of a
+# latent frame), the two chroma axes 4 and 3; colour axes Y = R+G+B, C1 = R-G, C2 = R+G-2B (orthogonal).
+PATCH_CHANNELS = ((0, 0, 0, 0), (0, 0, 0, 1), (0, 0, 1, 0), (0, 0, 1, 1), (0, 0, 0, 2), (0, 0, 2, 0),
+                  (0, 1, 0, 0), (0, 1, 0, 1), (0, 1, 1, 0),
+                  (1, 0, 0, 0), (1, 0, 0, 1), (1, 0, 1, 0), (1, 1, 0, 0),
+                  (2, 0, 0, 0), (2, 0, 0, 1), (2, 0, 1, 0))
+_COLOURS = ((1.0, 1.0, 1.0), (1.0, -1.0, 0.0), (1.0, 1.0, -2.0))
+
+
+class PatchAutoencoder(nn.Module):
+    """A fixed linear video autoencoder with the Wan VAE's layout: 16 channels, causal, the first frame alone and then
+    4 frames per latent frame, 8 x 8 pixels per latent cell. Each channel is the least-squares amplitude of one
+    low-frequency pattern (a colour axis x a DCT-II cosine in time, y and x: ``PATCH_CHANNELS``) in its
+    3 x (1 | 4) x 8 x 8 block of pixels; the patterns are orthogonal, so decoding sums them back (a low-pass
+    reconstruction). The channels that change over time are 0 for the first latent frame (one frame has no change).
+
+    For runs without pretrained VAE weights (the learning test): unlike a random init of the Wan VAE, every latent
+    frame is a faithful summary of its own frames, where the person is and how it moves within them. Its interface is
+    the part of diffusers' ``AutoencoderKLWan`` that :class:`VideoVAE` uses."""
+
+    def __init__(self, latent_channels: int = 16, temporal: int = 4, spatial: int = 8,
+                 latents_mean: list[float] | None = None, latents_std: list[float] | None = None):
+        super().__init__()
+        if latent_channels != len(PATCH_CHANNELS):
+            raise ValueError(f"the patch autoencoder has {len(PATCH_CHANNELS)} latent channels, config says "
+                             f"{latent_channels}")
+        self.temporal, self.spatial = temporal, spatial
+        self.register_buffer("basis_first", self.patterns(1, spatial))  # (C, 3, 1, s, s)
+        self.register_buffer("basis", self.patterns(temporal, spatial))  # (C, 3, tc, s, s)
+        self.config = SimpleNamespace(z_dim=latent_channels, patch_size=None,
+                                      latents_mean=list(latents_mean or [0.0] * latent_channels),
+                                      latents_std=list(latents_std or [1.0] * latent_channels))
+        self.use_tiling = False
+
+    @staticmethod
+    def patterns(frames: int, side: int) -> torch.Tensor:
+        """The channels' pixel patterns over a 3 x frames x side x side block (a time frequency the block's length
+        cannot hold gives a zero pattern)."""
+        def cosine(f: int, n: int) -> torch.Tensor:
+            if f >= n:
+                return torch.zeros(n, dtype=torch.float64)
+            return torch.cos(math.pi * (torch.arange(n, dtype=torch.float64) + 0.5) * f / n)
+
+        out = [torch.einsum("c,t,y,x->ctyx", torch.tensor(_COLOURS[c], dtype=torch.float64), cosine(ft, frames),
+                            cosine(fy, side), cosine(fx, side)) for c, ft, fy, fx in PATCH_CHANNELS]
+        return torch.stack(out).float()
+
+    def enable_tiling(self):
+        raise ValueError("model.vae.tiling: the patch autoencoder works cell by cell and needs no tiling")
+
+    @staticmethod
+    def _analysis(basis: torch.Tensor) -> torch.Tensor:
+        norm = basis.flatten(1).square().sum(1).view(-1, 1, 1, 1, 1)
+        return torch.where(norm > 0, basis / norm.clamp_min(1e-12), torch.zeros_like(basis))
+
+    def encode(self, x: torch.Tensor) -> SimpleNamespace:
+        """(B, 3, 1 + 4k, H, W) in [-1, 1] -> ``.latent_dist.mean`` (B, C, 1 + k, H / 8, W / 8), raw amplitudes."""
+        s, tc = self.spatial, self.temporal
+        b = self.basis.to(x.dtype)
+        z = [F.conv3d(x[:, :, :1], self._analysis(self.basis_first.to(x.dtype)), stride=(1, s, s))]
+        if x.shape[2] > 1:
+            z.append(F.conv3d(x[:, :, 1:], self._analysis(b), stride=(tc, s, s)))
+        return SimpleNamespace(latent_dist=SimpleNamespace(mean=torch.cat(z, 2)))
+
+    def decode(self, z: torch.Tensor) -> SimpleNamespace:
+        """Raw amplitudes (B, C, t, h, w) -> ``.sample`` (B, 3, 1 + 4(t-1), 8h, 8w) in [-1, 1]."""
+        s, tc = self.spatial, self.temporal
+        x = [F.conv_transpose3d(z[:, :, :1], self.basis_first.to(z.dtype), stride=(1, s, s))]
+        if z.shape[2] > 1:
+            x.append(F.conv_transpose3d(z[:, :, 1:], self.basis.to(z.dtype), stride=(tc, s, s)))
+        return SimpleNamespace(sample=torch.cat(x, 2).clamp(-1.0, 1.0))
+
 
 def build_autoencoder(cfg: VAEConfig, vae_dir: str | None):
-    """An ``AutoencoderKLWan``: pretrained from ``vae_dir``, or randomly initialised from ``cfg.arch``."""
+    """An ``AutoencoderKLWan``: pretrained from ``vae_dir``, or randomly initialised from ``cfg.arch``; with
+    ``cfg.kind == "patch"`` the :class:`PatchAutoencoder` (``cfg.arch``: its ``latents_mean`` / ``latents_std``; a
+    preset's Wan architecture keys there are for ``kind=wan`` and unused)."""
+    if cfg.kind == "patch":
+        if vae_dir is not None:
+            raise ValueError(f"model.vae.kind=patch takes no weights, but model.weights.vae_dir={vae_dir} is set: "
+                             "set model.vae.kind=wan to use them")
+        arch = dict(cfg.arch or {})
+        return PatchAutoencoder(cfg.latent_channels, cfg.temporal_compression, cfg.spatial_compression,
+                                arch.get("latents_mean"), arch.get("latents_std"))
     from diffusers import AutoencoderKLWan
 
     dtype = getattr(torch, cfg.dtype)
@@ -52,6 +143,8 @@ def vae_identity(cfg: VAEConfig, vae_dir: str | None, seed: int) -> dict:
     """What decides the latents a VAE computes, for a latent cache to be checked against: the sha256 of its weight
     files (``vae_dir``), or for a randomly initialised one (the tiny preset) its architecture and the run seed it is
     built from (``train.step.vae_seed``). The compute dtype is not part of it (a cache records it beside)."""
+    if cfg.kind == "patch":
+        return {"patch": {"channels": [list(c) for c in PATCH_CHANNELS], "arch": dict(cfg.arch or {})}}
     if vae_dir is None:
         return {"random_init": {"arch": None if cfg.arch is None else dict(cfg.arch), "seed": int(seed)}}
     files = sorted(p for p in Path(vae_dir).iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".pth"))
@@ -72,6 +165,11 @@ def pixels_to_vae(pixels: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
 def frames_uint8(video: torch.Tensor):
     """Pixels (3, T, H, W) in [-1, 1] (the VAE's range) -> a (T, H, W, 3) uint8 numpy array."""
     return ((video.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 3, 0).cpu().numpy()
+
+
+def _dtype(ae: nn.Module) -> torch.dtype:
+    """The compute dtype of an autoencoder (its first parameter's, or buffer's)."""
+    return next(itertools.chain(ae.parameters(), ae.buffers())).dtype
 
 
 class VideoVAE(nn.Module):
@@ -116,7 +214,7 @@ class VideoVAE(nn.Module):
         """(B, 3, T, H, W) in [-1, 1] -> normalised posterior-mean latents (B, C, t, h, w) in float32."""
         self.latent_shape(*video.shape[2:])
         ae = self.autoencoder
-        dtype = next(ae.parameters()).dtype
+        dtype = _dtype(ae)
         per_call = max(1, self.cfg.encode_batch_pixels // (video.shape[-2] * video.shape[-1]))
         out = []
         for chunk in video.split(per_call):
@@ -128,14 +226,14 @@ class VideoVAE(nn.Module):
     def decode(self, latents: torch.Tensor, out_device: torch.device | str | None = None) -> torch.Tensor:
         """Normalised latents (B, C, t, h, w) -> video (B, 3, 1 + (t-1)*tc, H, W) float32 in [-1, 1]."""
         ae = self.autoencoder
-        dtype = next(ae.parameters()).dtype
+        dtype = _dtype(ae)
         b, _, t, h, w = latents.shape
         tc, sc = self.cfg.temporal_compression, self.cfg.spatial_compression
         out_device = latents.device if out_device is None else out_device
         video = torch.empty(b, 3, 1 + (t - 1) * tc, h * sc, w * sc, device=out_device)
         for i, z in enumerate(latents.split(1)):
             z = self.denormalize(z.float()).to(dtype)
-            if ae.use_tiling or ae.config.patch_size is not None:
+            if ae.use_tiling or ae.config.patch_size is not None or not hasattr(ae, "decoder"):
                 video[i] = ae.decode(z).sample[0].float().to(out_device)
                 continue
             self._decode_streaming(z, video[i])

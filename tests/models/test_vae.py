@@ -71,3 +71,55 @@ def test_pretrained_dir_round_trip(vae, tiny_cfg, tmp_path):
     loaded = VideoVAE.from_config(tiny_cfg.vae, str(tmp_path / "vae"))
     clip = astronaut_clip(frames=5, size=32)[None]
     torch.testing.assert_close(loaded.encode(clip), vae.encode(clip))
+
+
+def _sensitivity(encode, clip: torch.Tensor, seed: int = 0) -> list[float]:
+    """Change of each latent frame (relative to its variance) when every frame after the first is replaced by noise."""
+    g = torch.Generator().manual_seed(seed)
+    other = clip.clone()
+    other[:, :, 1:] = torch.rand(other[:, :, 1:].shape, generator=g) * 2 - 1
+    z, z2 = encode(clip), encode(other)
+    return [float((z2 - z)[:, :, t].square().mean() / z[:, :, t].var()) for t in range(z.shape[2])]
+
+
+def test_a_random_wan_vae_hardly_sees_frames_after_the_first(vae):
+    """Why runs without pretrained weights use the patch autoencoder: a random init of the Wan VAE encodes frames
+    1-16 into latents that barely move when those frames change (the first frame dominates them)."""
+    clip = astronaut_clip(frames=17, size=32)[None]
+    rel = _sensitivity(vae.encode, clip)
+    assert rel[0] == 0 and max(rel[1:3]) < 0.1, rel
+
+
+def test_the_patch_autoencoder_sees_every_frame_and_inverts_its_own_latents(tiny_cfg):
+    cfg = dataclasses.replace(tiny_cfg.vae, kind="patch", arch=None)
+    vae = VideoVAE.from_config(cfg, None)
+    clip = astronaut_clip(frames=17, size=32)[None]
+    z = vae.encode(clip)
+    assert z.shape == (1, 16, 5, 4, 4)
+    rel = _sensitivity(vae.encode, clip)
+    assert rel[0] == 0 and min(rel[1:]) > 0.3, rel  # each latent frame is its own frames' summary
+    # the time-change channels are 0 on the first latent frame (one frame does not change)
+    from models.vae import PATCH_CHANNELS
+
+    moving = [i for i, c in enumerate(PATCH_CHANNELS) if c[1]]
+    assert vae.autoencoder.encode(clip).latent_dist.mean[:, moving, 0].abs().max() == 0
+    # decode is the inverse on the patterns' span: a decoded clip re-encodes to its latents
+    y = vae.decode(z * 0.2)
+    assert y.shape == clip.shape
+    assert torch.allclose(vae.encode(y), z * 0.2, atol=1e-4)
+    # a pixel shift of one latent cell shifts the latents by one cell (position is kept)
+    shifted = torch.roll(clip, 8, dims=-1)
+    assert torch.allclose(vae.encode(shifted)[..., 1:], z[..., :-1], atol=1e-4)
+    # its low-pass reconstruction beats each 8 x 8 cell's mean colour (the patterns above the DC term carry detail)
+    cell_mean = torch.nn.functional.avg_pool3d(clip, (1, 8, 8)).repeat_interleave(8, -1).repeat_interleave(8, -2)
+    assert (vae.decode(z) - clip).square().mean() < 0.8 * (cell_mean - clip).square().mean()
+
+
+def test_the_patch_autoencoder_refuses_weights_and_tiling(tiny_cfg, tmp_path):
+    cfg = dataclasses.replace(tiny_cfg.vae, kind="patch", arch=None)
+    with pytest.raises(ValueError, match="kind=patch takes no weights"):
+        VideoVAE.from_config(cfg, str(tmp_path))
+    with pytest.raises(ValueError, match="no tiling"):
+        VideoVAE.from_config(dataclasses.replace(cfg, tiling=True), None)
+    with pytest.raises(ValueError, match="model.vae.kind='vq'"):
+        dataclasses.replace(cfg, kind="vq")
