@@ -11,7 +11,9 @@
    budget (``train.time_limit_min``) or a step count.
 3. **Evaluation** (``train/evaluate.py``): on every held-out clip, the sampled clean latents vs the
    ground-truth latents, against copy-the-reference and the motion-dropped branch of the same model, in
-   latent PSNR (there is no pretrained VAE here: the VAE is a randomly initialised one of Wan's class).
+   latent PSNR. There is no pretrained VAE here: ``--vae patch`` (default) is the fixed linear autoencoder of the Wan
+   layout (``models.vae.PatchAutoencoder``); ``--vae wan``, a random init of Wan's VAE, hardly encodes any frame but
+   the first, so motion is nearly invisible in its latents (``models/vae.py``).
 
 Writes ``results.json``, ``results.md`` and ``learning.png`` (training curves + held-out PSNR) under ``--out``.
 Exit status 1 when the model does not beat both baselines by ``--margin`` dB.
