@@ -31,12 +31,12 @@ from torch import nn
 
 from .config import VAEConfig
 
-# (colour, time, y, x) frequencies of PatchAutoencoder's 16 channels: luma 9 (3 of them changes over the 4 frames of a
-# latent frame), the two chroma axes 4 and 3; colour axes Y = R+G+B, C1 = R-G, C2 = R+G-2B (orthogonal).
+# (colour, time, y, x) frequencies of PatchAutoencoder's 16 channels: 8 of luma, 4 of each chroma axis (colour axes
+# Y = R+G+B, C1 = R-G, C2 = R+G-2B: orthogonal), all constant over the frames of a latent frame (time frequency 0).
 PATCH_CHANNELS = ((0, 0, 0, 0), (0, 0, 0, 1), (0, 0, 1, 0), (0, 0, 1, 1), (0, 0, 0, 2), (0, 0, 2, 0),
-                  (0, 1, 0, 0), (0, 1, 0, 1), (0, 1, 1, 0),
-                  (1, 0, 0, 0), (1, 0, 0, 1), (1, 0, 1, 0), (1, 1, 0, 0),
-                  (2, 0, 0, 0), (2, 0, 0, 1), (2, 0, 1, 0))
+                  (0, 0, 1, 2), (0, 0, 2, 1),
+                  (1, 0, 0, 0), (1, 0, 0, 1), (1, 0, 1, 0), (1, 0, 1, 1),
+                  (2, 0, 0, 0), (2, 0, 0, 1), (2, 0, 1, 0), (2, 0, 1, 1))
 _COLOURS = ((1.0, 1.0, 1.0), (1.0, -1.0, 0.0), (1.0, 1.0, -2.0))
 
 
@@ -45,7 +45,9 @@ class PatchAutoencoder(nn.Module):
     4 frames per latent frame, 8 x 8 pixels per latent cell. Each channel is the least-squares amplitude of one
     low-frequency pattern (a colour axis x a DCT-II cosine in time, y and x: ``PATCH_CHANNELS``) in its
     3 x (1 | 4) x 8 x 8 block of pixels; the patterns are orthogonal, so decoding sums them back (a low-pass
-    reconstruction). The channels that change over time are 0 for the first latent frame (one frame has no change).
+    reconstruction). Every pattern is constant over the frames of its latent frame: a latent frame is the low-pass
+    picture of its frames' mean, the first frame's alone (patterns that change within the 4 frames were tried: at
+    normalised unit variance they are mostly noise, a quarter of the latent that no model can predict).
 
     For runs without pretrained VAE weights (the learning test): unlike a random init of the Wan VAE, every latent
     frame is a faithful summary of its own frames, where the person is and how it moves within them. Its interface is

@@ -98,11 +98,10 @@ def test_the_patch_autoencoder_sees_every_frame_and_inverts_its_own_latents(tiny
     assert z.shape == (1, 16, 5, 4, 4)
     rel = _sensitivity(vae.encode, clip)
     assert rel[0] == 0 and min(rel[1:]) > 0.3, rel  # each latent frame is its own frames' summary
-    # the time-change channels are 0 on the first latent frame (one frame does not change)
-    from models.vae import PATCH_CHANNELS
-
-    moving = [i for i, c in enumerate(PATCH_CHANNELS) if c[1]]
-    assert vae.autoencoder.encode(clip).latent_dist.mean[:, moving, 0].abs().max() == 0
+    # a latent frame is the picture of its frames' mean: a clip held still gives the same latent at every time
+    still = clip[:, :, :1].expand_as(clip).contiguous()
+    zs = vae.autoencoder.encode(still).latent_dist.mean
+    assert torch.allclose(zs, zs[:, :, :1].expand_as(zs), atol=1e-5)
     # decode is the inverse on the patterns' span: a decoded clip re-encodes to its latents
     y = vae.decode(z * 0.2)
     assert y.shape == clip.shape
