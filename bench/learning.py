@@ -265,14 +265,19 @@ def plot(path: Path, summary: dict, curve: dict) -> None:
     plt.close(fig)
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_run_arguments(ap: argparse.ArgumentParser) -> None:
+    """The arguments of a learning run shared with bench/audio_learning.py: where, on what, how many processes."""
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--launch", default="gpu", help="gpu | local (CPU, gloo)")
     ap.add_argument("--preset", default="small")
     ap.add_argument("--vae", default="patch", choices=("patch", "wan"),
                     help="patch: the fixed linear autoencoder (default); wan: a random AutoencoderKLWan (runs 1-8)")
     ap.add_argument("--nproc", type=int, default=1)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_run_arguments(ap)
     ap.add_argument("--size", type=int, default=128, help="frame side (square clips)")
     ap.add_argument("--video-frames", type=int, default=33)
     ap.add_argument("--motions", type=int, nargs=2, default=[24, 4], metavar=("TRAIN", "HELDOUT"),
@@ -385,7 +390,8 @@ def main() -> int:
 def report(args, summary: dict, curve: dict, suffix: str = "") -> int:
     """Write results{suffix}.json / .md (and learning.png for a full run); 0 when the goal is met."""
     summary.update(args={k: str(v) for k, v in vars(args).items()}, date=time.strftime("%Y-%m-%d"),
-                   steps={k: (v[-1][0] if v else 0) for k, v in curve.items()}, updates=_updates(args))
+                   steps={k: (v[-1][0] if v else 0) for k, v in curve.items()},
+                   updates=update_counters(args.out / "run"))
     ok = all(m >= args.margin for m in summary["model_minus_baseline_db"].values())
     summary["passed"] = ok
     (args.out / f"results{suffix}.json").write_text(json.dumps(summary, indent=1))
@@ -404,11 +410,12 @@ def report(args, summary: dict, curve: dict, suffix: str = "") -> int:
     return 0 if ok else 1
 
 
-def _updates(args) -> dict:
-    """The update guard's counters at each stage's last logged step (every update applied: zeros)."""
+def update_counters(run: Path, stages=(1, 3)) -> dict:
+    """The update guard's counters at the last logged step of each stage of the run under ``run`` (every update
+    applied: zeros)."""
     out = {}
-    for sid in (1, 3):
-        path = args.out / "run" / f"stage{sid}" / "metrics.jsonl"
+    for sid in stages:
+        path = run / f"stage{sid}" / "metrics.jsonl"
         if path.exists():
             rows = [json.loads(line) for line in path.read_text().splitlines()]
             last = rows[-1] if rows else {}
