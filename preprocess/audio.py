@@ -21,8 +21,21 @@ import math
 from array import array
 from dataclasses import dataclass, field
 
-import av
 import numpy as np
+
+try:
+    import av
+
+    HAVE_AV = True
+except ImportError as _e:  # a training-only machine: the loader reads the shards' FLAC with soundfile (decode_flac)
+    _AV_MISSING = _e
+
+    class _NoAV:
+        def __getattr__(self, name):
+            raise ImportError(f"PyAV is needed to read, resample or write audio ({_AV_MISSING}): pip install av")
+
+    av = _NoAV()
+    HAVE_AV = False
 
 from .schema import AUDIO_OK, AUDIO_RATE
 
@@ -232,7 +245,13 @@ def encode_flac(samples: np.ndarray) -> bytes:
 
 
 def decode_flac(data: bytes) -> np.ndarray:
-    """The int16 samples of a FLAC stream written by :func:`encode_flac`."""
+    """The int16 samples of a FLAC stream written by :func:`encode_flac` (PyAV, or libsndfile through soundfile where
+    PyAV is not installed, e.g. a GPU machine that only trains)."""
+    if not HAVE_AV:
+        import soundfile
+
+        x, _ = soundfile.read(io.BytesIO(data), dtype="int16", always_2d=True)
+        return np.ascontiguousarray(x.mean(axis=1).astype(np.int16) if x.shape[1] > 1 else x[:, 0])
     with av.open(io.BytesIO(data), format="flac") as c:
         out = [f.to_ndarray().reshape(-1) for f in c.decode(audio=0)]
     return np.concatenate(out).astype(np.int16, copy=False) if out else np.zeros(0, np.int16)
