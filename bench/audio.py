@@ -118,11 +118,12 @@ def bench_stage(args, device_kind: str) -> tuple[dict, object, object]:
     it = iter(trainer.loader)
     if dist.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    times, phases, losses = [], [], []
+    times, phases, losses, applied = [], [], [], []
     for i in range(args.warmup + args.steps):
         stats, _, health = trainer.train_step(it, trainer.step + 1)
         s = stats.values
         losses.append(s["loss_sum"] / s["micro_steps"])
+        applied.append(bool(health.applied))
         if i >= args.warmup:
             times.append(s["step_s"])
             phases.append([s["forward_s"], s["backward_s"], s["optimizer_s"], s["ema_s"]])
@@ -141,6 +142,8 @@ def bench_stage(args, device_kind: str) -> tuple[dict, object, object]:
         "tflops_per_device": tflops, "mfu": tflops / trainer.peak_tflops if trainer.peak_tflops else None,
         "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if device_kind == "cuda" else None,
         "losses": losses,
+        # the update guard's verdict on every step (warm-up included): a figure of skipped updates measures nothing
+        "updates": "applied" if all(applied) else f"SKIPPED {applied.count(False)} of {len(applied)}",
     }
     distributed.barrier()
     if dist.is_main:

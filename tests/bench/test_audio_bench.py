@@ -26,6 +26,6 @@ def test_the_audio_bench_reports_its_three_figures(tmp_path):
     step = r["stage_step"]
     assert step["step_s"] > 0 and len(step["step_s_all"]) == 2 and len(step["losses"]) == 3
     assert step["flops_per_step"] > 0 and step["audio_seconds_per_s"] > 0 and step["frames_per_s"] > 0
-    assert len(step["forward_backward_optimizer_ema_s"]) == 4
+    assert len(step["forward_backward_optimizer_ema_s"]) == 4 and step["updates"] == "applied"
     assert r["encoder_train"]["audio_seconds_per_s"] > 0 and r["encoder_infer"]["realtime_factor"] > 0
     assert r["audio_encoder_params"] > 0 and "step 3: " in proc.stdout
