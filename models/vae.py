@@ -31,23 +31,22 @@ from torch import nn
 
 from .config import VAEConfig
 
-# (colour, time, y, x) frequencies of PatchAutoencoder's 16 channels: 8 of luma, 4 of each chroma axis (colour axes
-# Y = R+G+B, C1 = R-G, C2 = R+G-2B: orthogonal), all constant over the frames of a latent frame (time frequency 0).
-PATCH_CHANNELS = ((0, 0, 0, 0), (0, 0, 0, 1), (0, 0, 1, 0), (0, 0, 1, 1), (0, 0, 0, 2), (0, 0, 2, 0),
-                  (0, 0, 1, 2), (0, 0, 2, 1),
-                  (1, 0, 0, 0), (1, 0, 0, 1), (1, 0, 1, 0), (1, 0, 1, 1),
-                  (2, 0, 0, 0), (2, 0, 0, 1), (2, 0, 1, 0), (2, 0, 1, 1))
+# (colour, y, x) frequencies of PatchAutoencoder's 16 channels: 8 of luma, 4 of each chroma axis (colour axes
+# Y = R+G+B, C1 = R-G, C2 = R+G-2B: orthogonal); every pattern is constant over the frames of its latent frame.
+PATCH_CHANNELS = ((0, 0, 0), (0, 0, 1), (0, 1, 0), (0, 1, 1), (0, 0, 2), (0, 2, 0), (0, 1, 2), (0, 2, 1),
+                  (1, 0, 0), (1, 0, 1), (1, 1, 0), (1, 1, 1),
+                  (2, 0, 0), (2, 0, 1), (2, 1, 0), (2, 1, 1))
 _COLOURS = ((1.0, 1.0, 1.0), (1.0, -1.0, 0.0), (1.0, 1.0, -2.0))
 
 
 class PatchAutoencoder(nn.Module):
     """A fixed linear video autoencoder with the Wan VAE's layout: 16 channels, causal, the first frame alone and then
     4 frames per latent frame, 8 x 8 pixels per latent cell. Each channel is the least-squares amplitude of one
-    low-frequency pattern (a colour axis x a DCT-II cosine in time, y and x: ``PATCH_CHANNELS``) in its
+    low-frequency pattern (a colour axis x a DCT-II cosine in y and x: ``PATCH_CHANNELS``, constant in time) in its
     3 x (1 | 4) x 8 x 8 block of pixels; the patterns are orthogonal, so decoding sums them back (a low-pass
-    reconstruction). Every pattern is constant over the frames of its latent frame: a latent frame is the low-pass
-    picture of its frames' mean, the first frame's alone (patterns that change within the 4 frames were tried: at
-    normalised unit variance they are mostly noise, a quarter of the latent that no model can predict).
+    reconstruction). A latent frame is thus the low-pass picture of its frames' mean, the first frame's alone
+    (patterns that change within the 4 frames were tried: at normalised unit variance they are mostly noise, a
+    quarter of the latent that no model can predict).
 
     For runs without pretrained VAE weights (the learning test): unlike a random init of the Wan VAE, every latent
     frame is a faithful summary of its own frames, where the person is and how it moves within them. Its interface is
@@ -60,8 +59,11 @@ class PatchAutoencoder(nn.Module):
             raise ValueError(f"the patch autoencoder has {len(PATCH_CHANNELS)} latent channels, config says "
                              f"{latent_channels}")
         self.temporal, self.spatial = temporal, spatial
-        self.register_buffer("basis_first", self.patterns(1, spatial))  # (C, 3, 1, s, s)
-        self.register_buffer("basis", self.patterns(temporal, spatial))  # (C, 3, tc, s, s)
+        for name, frames in (("first", 1), ("rest", temporal)):
+            basis = self.patterns(frames, spatial)  # (C, 3, frames, s, s): decoding sums these
+            norm = basis.flatten(1).square().sum(1).view(-1, 1, 1, 1, 1)
+            self.register_buffer(f"synthesis_{name}", basis)
+            self.register_buffer(f"analysis_{name}", basis / norm)  # least-squares amplitude of each pattern
         self.config = SimpleNamespace(z_dim=latent_channels, patch_size=None,
                                       latents_mean=list(latents_mean or [0.0] * latent_channels),
                                       latents_std=list(latents_std or [1.0] * latent_channels))
@@ -69,40 +71,29 @@ class PatchAutoencoder(nn.Module):
 
     @staticmethod
     def patterns(frames: int, side: int) -> torch.Tensor:
-        """The channels' pixel patterns over a 3 x frames x side x side block (a time frequency the block's length
-        cannot hold gives a zero pattern)."""
-        def cosine(f: int, n: int) -> torch.Tensor:
-            if f >= n:
-                return torch.zeros(n, dtype=torch.float64)
-            return torch.cos(math.pi * (torch.arange(n, dtype=torch.float64) + 0.5) * f / n)
-
-        out = [torch.einsum("c,t,y,x->ctyx", torch.tensor(_COLOURS[c], dtype=torch.float64), cosine(ft, frames),
-                            cosine(fy, side), cosine(fx, side)) for c, ft, fy, fx in PATCH_CHANNELS]
+        """The channels' pixel patterns over a 3 x frames x side x side block."""
+        cos = lambda f: torch.cos(math.pi * (torch.arange(side, dtype=torch.float64) + 0.5) * f / side)  # noqa: E731
+        out = [torch.einsum("c,t,y,x->ctyx", torch.tensor(_COLOURS[c], dtype=torch.float64),
+                            torch.ones(frames, dtype=torch.float64), cos(fy), cos(fx)) for c, fy, fx in PATCH_CHANNELS]
         return torch.stack(out).float()
 
     def enable_tiling(self):
         raise ValueError("model.vae.tiling: the patch autoencoder works cell by cell and needs no tiling")
 
-    @staticmethod
-    def _analysis(basis: torch.Tensor) -> torch.Tensor:
-        norm = basis.flatten(1).square().sum(1).view(-1, 1, 1, 1, 1)
-        return torch.where(norm > 0, basis / norm.clamp_min(1e-12), torch.zeros_like(basis))
-
     def encode(self, x: torch.Tensor) -> SimpleNamespace:
         """(B, 3, 1 + 4k, H, W) in [-1, 1] -> ``.latent_dist.mean`` (B, C, 1 + k, H / 8, W / 8), raw amplitudes."""
         s, tc = self.spatial, self.temporal
-        b = self.basis.to(x.dtype)
-        z = [F.conv3d(x[:, :, :1], self._analysis(self.basis_first.to(x.dtype)), stride=(1, s, s))]
+        z = [F.conv3d(x[:, :, :1], self.analysis_first.to(x.dtype), stride=(1, s, s))]
         if x.shape[2] > 1:
-            z.append(F.conv3d(x[:, :, 1:], self._analysis(b), stride=(tc, s, s)))
+            z.append(F.conv3d(x[:, :, 1:], self.analysis_rest.to(x.dtype), stride=(tc, s, s)))
         return SimpleNamespace(latent_dist=SimpleNamespace(mean=torch.cat(z, 2)))
 
     def decode(self, z: torch.Tensor) -> SimpleNamespace:
         """Raw amplitudes (B, C, t, h, w) -> ``.sample`` (B, 3, 1 + 4(t-1), 8h, 8w) in [-1, 1]."""
         s, tc = self.spatial, self.temporal
-        x = [F.conv_transpose3d(z[:, :, :1], self.basis_first.to(z.dtype), stride=(1, s, s))]
+        x = [F.conv_transpose3d(z[:, :, :1], self.synthesis_first.to(z.dtype), stride=(1, s, s))]
         if z.shape[2] > 1:
-            x.append(F.conv_transpose3d(z[:, :, 1:], self.basis.to(z.dtype), stride=(tc, s, s)))
+            x.append(F.conv_transpose3d(z[:, :, 1:], self.synthesis_rest.to(z.dtype), stride=(tc, s, s)))
         return SimpleNamespace(sample=torch.cat(x, 2).clamp(-1.0, 1.0))
 
 

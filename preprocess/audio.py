@@ -250,8 +250,8 @@ def decode_flac(data: bytes) -> np.ndarray:
     if not HAVE_AV:
         import soundfile
 
-        x, _ = soundfile.read(io.BytesIO(data), dtype="int16", always_2d=True)
-        return np.ascontiguousarray(x.mean(axis=1).astype(np.int16) if x.shape[1] > 1 else x[:, 0])
+        x, _ = soundfile.read(io.BytesIO(data), dtype="int16")  # mono, as encode_flac writes it
+        return x.reshape(-1)
     with av.open(io.BytesIO(data), format="flac") as c:
         out = [f.to_ndarray().reshape(-1) for f in c.decode(audio=0)]
     return np.concatenate(out).astype(np.int16, copy=False) if out else np.zeros(0, np.int16)
