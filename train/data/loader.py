@@ -38,6 +38,7 @@ import torch
 from .config import DataConfig, DataConfigError, check
 from .dataset import ShardStream
 from .plan import Framing, Geometry, Planner
+from .sample import require_decoder
 from .source import dataset_audio, latent_cache_url, resolve_source
 
 log = logging.getLogger(__name__)
@@ -330,6 +331,8 @@ def build_loader(cfg: DataConfig, model_cfg, *, rank: int = 0, world_size: int =
         import multiprocessing
 
         multiprocessing.set_forkserver_preload(["train.data"])  # imported once by the server, not per worker
+    if not cfg.latents or cfg.face_crops:  # clips or face crops to decode: check the reader once, here, rather
+        require_decoder(cfg.workers.decoder)  # than skip every sample as undecodable in every worker
     latents = None
     if cfg.latents:  # the cache must have been made by this model's VAE for this framing (seed: a random VAE's)
         from preprocess.latents import check_cache, manifest

@@ -91,6 +91,35 @@ def required_members(groups, latents: bool = False) -> list[schema.Field]:
     return fields
 
 
+class DecoderMissing(RuntimeError):
+    """The configured video reader cannot be imported: an environment error that stops the loader (skipping
+    every sample as undecodable would spin through the whole run)."""
+
+    def __init__(self, decoder: str, cause: BaseException | None = None):
+        other = "pyav" if decoder == "decord" else "decord"
+        package = {"decord": "decord", "pyav": "av"}.get(decoder, decoder)
+        why = f" ({type(cause).__name__}: {cause})" if cause is not None else ""
+        super().__init__(
+            f"the training loader decodes clips with {decoder!r} (data.workers.decoder), which cannot be imported "
+            f"here{why}: install it (pip install {package}) or set data.workers.decoder={other}")
+        self.decoder = decoder
+
+
+DECODER_MODULES = {"decord": "decord", "pyav": "av"}
+
+
+def require_decoder(decoder: str) -> None:
+    """Raise :class:`DecoderMissing` (or ``ValueError`` for an unknown name) unless ``decoder`` can be imported."""
+    if decoder not in DECODER_MODULES:
+        raise ValueError(f"data.workers.decoder={decoder!r}: expected one of {sorted(DECODER_MODULES)}")
+    import importlib
+
+    try:
+        importlib.import_module(DECODER_MODULES[decoder])
+    except ImportError as e:
+        raise DecoderMissing(decoder, e) from None
+
+
 def decode_frames(data: bytes, indices, threads: int = 1, decoder: str = "decord") -> np.ndarray:
     """Frames ``indices`` (any order, repeats allowed) of an in-memory MP4: (N, H, W, 3) uint8.
 
@@ -104,6 +133,8 @@ def decode_frames(data: bytes, indices, threads: int = 1, decoder: str = "decord
         frames = _decode_pyav(data, uniq, threads) if decoder == "pyav" else _decode_decord(data, uniq, threads)
     except SampleError:
         raise
+    except ImportError as e:  # this machine lacks the reader: no clip would decode, so it is not the clip's fault
+        raise DecoderMissing(decoder, e) from None
     except Exception as e:  # decord.DECORDError, av.error.*, RuntimeError on unreadable containers
         raise SampleError("video_undecodable", f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
     if len(uniq) == len(idx) and (uniq == idx).all():

@@ -149,3 +149,18 @@ def test_a_sample_that_kills_its_worker_is_quarantined(dataset_dir, tmp_path, ma
     it = iter(again)
     for _ in range(12):
         assert bad not in next(it).keys
+
+
+def test_a_missing_video_reader_stops_the_loader_with_its_name(make_loader, monkeypatch):
+    """Without the configured reader no clip decodes: that is the machine's fault, not the clips'. Calling every
+    sample ``video_undecodable`` once spun a whole GPU run through empty batches (issue 9, run 9)."""
+    import sys
+
+    from train.data.sample import DecoderMissing, decode_frames
+
+    monkeypatch.setitem(sys.modules, "decord", None)  # what a machine without decord does on `import decord`
+    with pytest.raises(DecoderMissing, match=r"'decord' \(data.workers.decoder\).*data.workers.decoder=pyav"):
+        make_loader("data.workers.num_workers=0", "data.workers.decoder=decord")
+    # and inside a worker (a reader that disappears after the check) it is raised, not counted as a bad clip
+    with pytest.raises(DecoderMissing, match="pip install decord"):
+        decode_frames(b"not read", [0], decoder="decord")
