@@ -308,6 +308,9 @@ def main() -> int:
     ap.add_argument("--eval-batch", type=int, default=8, help="clips per evaluation batch")
     ap.add_argument("--also-stage1", action="store_true",
                     help="score stage 1's export too (does the short stage 3 help?), in results.json")
+    ap.add_argument("--reuse-stage1", action="store_true",
+                    help="skip stage 1 and start stage 3 from the stage-1 export an earlier call left under --out "
+                         "(one budget split over two calls: --minutes S1 0, then --reuse-stage1 --minutes 0 S3)")
     ap.add_argument("--also-train-split", action="store_true",
                     help="score the training clips too (the memorisation gap: train vs held-out), in results.json")
     ap.add_argument("--guidance", type=float, default=1.0,
@@ -370,7 +373,13 @@ def main() -> int:
                       f"-{Path(args.weights).stem}-g{args.guidance or 'preset'}-{args.eval_split}")
     budgets = [("minutes", m) for m in args.minutes] if args.minutes else [("steps", s) for s in args.steps]
     t1 = time.time()
-    export1 = train_stage(args, "pose", budgets[0], None)
+    export1 = args.out / "run" / "stage1" / "export"
+    if args.reuse_stage1:  # trained by an earlier call (a machine whose calls are shorter than the whole budget)
+        if not (export1 / "model.safetensors").exists():
+            raise SystemExit(f"--reuse-stage1: no stage-1 export at {export1}; run stage 1 first (--minutes S1 0)")
+        print(f"stage 1: reusing {export1}", flush=True)
+    else:
+        export1 = train_stage(args, "pose", budgets[0], None)
     # a zero stage-3 budget skips it (hyper-parameter sweeps of stage 1; the test itself runs both)
     export3 = train_stage(args, "full", budgets[1], export1 / "model.safetensors") if budgets[1][1] else export1
     t_train = time.time() - t1

@@ -136,6 +136,7 @@ class PreprocessConfig:
     stages: dict[str, Resources]  # the engine's own stages: probe, decode, sink
     annotators: dict[str, StageSpec]  # clip stages in order (run on the decoded frames)
     video_stages: dict[str, StageSpec]  # per-video stages, run in the writer on a whole video
+    fuse: Resources | None  # not None: the clip annotators run one after the other in one actor pool of these
     retry_failed: bool  # rerun videos whose failure was recorded by an earlier run
     verify: Verify  # size | deep (also the checksums): how a run checks the parts earlier runs committed
     progress_interval_s: float
@@ -195,10 +196,12 @@ def check(c: PreprocessConfig) -> None:
     for name in ("probe", "decode", "sink"):
         if name not in c.stages:
             raise ConfigError(f"stages.{name} is missing (resources of the engine's {name} stage)")
-    for group, specs in (("stages", c.stages), ("annotators", c.annotators), ("video_stages", c.video_stages)):
+    fused = {"": c.fuse} if c.fuse is not None else {}
+    for group, specs in (("stages", c.stages), ("annotators", c.annotators), ("video_stages", c.video_stages),
+                         ("fuse", fused)):
         for name, spec in specs.items():
             r = spec if isinstance(spec, Resources) else spec.resources
-            where = f"{group}.{name}" + ("" if isinstance(spec, Resources) else ".resources")
+            where = (f"{group}.{name}" if name else group) + ("" if isinstance(spec, Resources) else ".resources")
             if group == "video_stages":
                 if r is not None:
                     raise ConfigError(f"{where}: a video stage runs inside the shard writers (writer.num_cpus), "

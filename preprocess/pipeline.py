@@ -15,6 +15,7 @@ committed) for progress.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -33,7 +34,7 @@ from .config import ConfigError, PreprocessConfig
 from .engine import INPUT_COLUMNS, DecodeStage, ProbePlanStage, SinkStage, input_row
 from .lock import OutputLock
 from .shards import DATASET_FILE, FAILURES_FILE, INDEX_FILE, SHARD_DIR, SUMMARY_FILE
-from .stage import FAILED, OK, ClipStage, Stage, VideoStage, check_stages, load_stage, written_groups
+from .stage import FAILED, OK, ClipStage, FusedStage, Stage, VideoStage, check_stages, load_stage, written_groups
 from .state import build_failures, build_index, load_committed, read_json, retire_damaged, write_json, write_table
 from .storage import InputFile, Storage
 from .writer import ShardWriter, writer_name
@@ -48,15 +49,21 @@ def build_stages(cfg: PreprocessConfig, run_id: str) -> list[Stage]:
     (run by the writers). Instantiated, not set up (no model loads), and checked: each stage reads only columns
     written before it and writes only columns of the schema."""
     s = cfg.stages
+    annotators = [load_stage(name, spec, ClipStage) for name, spec in cfg.annotators.items() if spec.enabled]
     stages = [
         ProbePlanStage({"probe": cfg.probe, "plan": cfg.plan}).using(s["probe"]),
         DecodeStage({"decode": cfg.decode}).using(s["decode"]),
-        *(load_stage(name, spec, ClipStage) for name, spec in cfg.annotators.items() if spec.enabled),
+        *annotators,
         SinkStage({"run_id": run_id, "n_writers": cfg.writer.num_writers, "namespace": cfg.ray.namespace})
         .using(s["sink"]),
         *(load_stage(name, spec, VideoStage) for name, spec in cfg.video_stages.items() if spec.enabled),
     ]
-    check_stages(stages, given=INPUT_COLUMNS)
+    check_stages(stages, given=INPUT_COLUMNS)  # stage by stage, so that an error names the stage, fused or not
+    if annotators:
+        annotators[-1].last_frames = True
+    if cfg.fuse is not None and annotators:  # one actor pool runs them all, clip by clip, and hands on to the writers
+        fused = FusedStage([*annotators, stages[2 + len(annotators)]]).using(cfg.fuse)
+        stages = [*stages[:2], fused, *stages[3 + len(annotators):]]
     return stages
 
 
@@ -136,6 +143,7 @@ def init_ray(cfg: PreprocessConfig):
     else:
         # "local": a fresh Ray of our own, even if `ray start` left a cluster on this machine; the reaper ends its
         # processes if this one is killed (Ray's fate sharing misses the agents, and workers finish their calls)
+        quiet_local_ray()
         ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=False, **kwargs)
         from . import reaper
         global _reaper
@@ -144,6 +152,18 @@ def init_ray(cfg: PreprocessConfig):
 
 
 _reaper = None  # the local Ray's reaper process (see reaper.py)
+
+
+def quiet_local_ray() -> None:
+    """Settings for a local Ray started by this process (read by its raylet at start; the environment wins): no
+    idle workers started ahead of need (every stage here is an actor pool or tasks that start their own workers,
+    and each prestarted worker costs ~1.5 CPU-s of imports, on a 2-core machine a share of a short run), no
+    metrics export (docs/performance.md, "Stages alone vs the whole pipeline")."""
+    os.environ.setdefault("RAY_enable_worker_prestart", "0")
+    os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
+    # no Prometheus metrics (the run's own progress lines, summary and report.html say what happened): their
+    # recording costs the driver's scheduling loop and every worker CPU time on each step
+    os.environ.setdefault("RAY_enable_metrics_collection", "0")
 
 
 def check_reservations(cfg: PreprocessConfig, stages: list[Stage], cluster_cpus: float) -> float:
@@ -155,6 +175,26 @@ def check_reservations(cfg: PreprocessConfig, stages: list[Stage], cluster_cpus:
         log.warning("actor pools reserve %.2f CPUs but the cluster has %.2f: stages will wait for each other. "
                     "Lower stages.*.num_cpus / annotators.*.resources.num_cpus or min_actors.", need, cluster_cpus)
     return need
+
+
+def fit_fused_pool(cfg: PreprocessConfig, stages: list[Stage], cluster_cpus: float) -> None:
+    """Cap the fused stage's pool at the actors the cluster's CPUs hold beside every other pool's minimum and the
+    writers: an actor beyond that would load every model and then wait for CPUs the others hold (on a 2-core
+    machine a third one cost 2 CPU-seconds of a 75-second run and did no work)."""
+    fused = [st for st in mapped(stages) if isinstance(st, FusedStage)]
+    if not fused or cluster_cpus <= 0:
+        return
+    st = fused[0]
+    r = st.resources
+    others = sum(o.resources.num_cpus * (o.resources.pool[0] if o.actor else 1) for o in mapped(stages) if o is not st)
+    others += cfg.writer.num_cpus * cfg.writer.num_writers
+    lo, hi = r.pool
+    fit = int((cluster_cpus - others) // r.num_cpus + 1e-9) if r.num_cpus > 0 else hi
+    new_hi = max(lo, min(hi, fit))
+    if new_hi != hi:
+        log.info("fuse: the %s pool holds at most %d actors on %.2f CPUs (fuse.max_actors=%d)", st.name, new_hi,
+                 cluster_cpus, hi)
+        st.resources = dataclasses.replace(r, max_actors=new_hi)
 
 
 def mapped(stages: list[Stage]) -> list[Stage]:
@@ -207,7 +247,9 @@ def run_locked(cfg: PreprocessConfig, inputs: list[InputFile], storage: Storage,
     stage_frames: Counter = Counter()
     if todo:
         init_ray(cfg)
-        check_reservations(cfg, stages, float(ray.cluster_resources().get("CPU", 0.0)))
+        cluster_cpus = float(ray.cluster_resources().get("CPU", 0.0))
+        fit_fused_pool(cfg, stages, cluster_cpus)
+        check_reservations(cfg, stages, cluster_cpus)
         set_data_context(cfg.ray.progress_bars, cfg.ray.block_bytes)
         writers = [ray.remote(ShardWriter).options(
             name=writer_name(run_id, i), namespace=cfg.ray.namespace, num_cpus=cfg.writer.num_cpus,

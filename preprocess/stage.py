@@ -69,6 +69,7 @@ class Stage:
     # setup is cheap (it still runs once per worker process, see adapter.py)
     actor: ClassVar[bool] = True
     resources: Resources | None = None  # what one worker asks the scheduler for
+    last_frames: bool = False  # set by the pipeline on the last stage that reads the decoded frames: they go after it
 
     def __init__(self, params: dict | None = None):
         params = dict(params or {})
@@ -113,6 +114,44 @@ class ClipStage(Stage):
 
     def process_batch(self, rows: list[dict]) -> list[dict]:
         return [run_clip_stage(self, r) for r in rows]
+
+
+class FusedStage(Stage):
+    """Several stages run one after the other on each batch inside one worker: a clip's decoded frames stay in the
+    process instead of travelling through the object store between actor pools, each worker holds every stage's
+    models, and Ray Data schedules one operator instead of several. Failures and timings stay per member stage
+    (``run_clip_stage``), so the failures table and the report read as without fusion. Built by the pipeline from
+    ``fuse`` (``conf/preprocess.yaml``): the clip annotators, then the sink."""
+
+    def __init__(self, members: list[Stage]):
+        if not members:
+            raise ConfigError("fuse: no stage to fuse")
+        super().__init__()
+        self.members = list(members)
+        self.name = "+".join(st.name for st in members)
+        written: set[str] = set()
+        reads: list[str] = []
+        for st in members:  # what the group needs from before it: each member's reads not written in the group
+            reads += [c for c in st.reads if c not in written and c not in reads]
+            written.update(st.writes)
+        self.reads = tuple(reads)
+        self.writes = tuple(dict.fromkeys(c for st in members for c in st.writes))
+        self.actor = any(st.actor for st in members)
+
+    def setup(self) -> None:
+        for st in self.members:
+            st.setup()
+
+    def dims(self) -> dict[str, int]:
+        return {k: v for st in self.members for k, v in st.dims().items()}
+
+    def process_batch(self, rows: list[dict]) -> list[dict]:
+        for st in self.members:
+            rows = st.process_batch(rows)
+            if st.last_frames:
+                for r in rows:
+                    r.pop("frames", None)
+        return rows
 
 
 class VideoStage(Stage):

@@ -35,14 +35,21 @@ class BlurScoreStage(ClipStage):
         return {"blur_score": float(np.var(row["frames"]))}
 
 
-@pytest.mark.parametrize("annotators,names,groups", [
-    ("embedded", ["probe", "decode", "body", "hands", "head", "sink", "refs"],
+@pytest.mark.parametrize("annotators,fuse,names,groups", [
+    ("embedded", "null", ["probe", "decode", "body", "hands", "head", "sink", "refs"],
      ["subject", "body", "hands", "head", "face", "refs"]),
-    ("none", ["probe", "decode", "sink"], []),
+    ("embedded", "default", ["probe", "decode", "body+hands+head+sink", "refs"],
+     ["subject", "body", "hands", "head", "face", "refs"]),
+    ("none", "default", ["probe", "decode", "sink"], []),
 ])
-def test_the_shipped_pipelines_pass_the_check(annotators, names, groups, tmp_path):
-    stages = build_stages(_cfg(tmp_path, f"annotators={annotators}"), "test")
+def test_the_shipped_pipelines_pass_the_check(annotators, fuse, names, groups, tmp_path):
+    stages = build_stages(_cfg(tmp_path, f"annotators={annotators}", *(["fuse=null"] if fuse == "null" else [])),
+                          "test")
     assert [st.name for st in stages] == names
+    # the decoded frames go after the last stage that reads them, not at the sink (inside a fused stage: after
+    # that member)
+    members = [m for st in stages for m in getattr(st, "members", [st])]
+    assert [m.name for m in members if m.last_frames] == (["head"] if annotators == "embedded" else [])
     assert written_groups(stages) == groups
     assert all(st.resources is not None for st in mapped(stages))  # video stages run in the writers: none
     for st in stages:  # every name a stage declares is a schema column
@@ -165,3 +172,97 @@ def test_an_actor_pool_size_on_a_task_stage_is_refused():
         load_stage("worker", spec)
     spec.resources = Resources(num_cpus=0.1, num_gpus=0, batch_size=1)
     assert load_stage("worker", spec).resources.pool == (1, 1)
+
+
+class _Doubler(ClipStage):
+    name = "doubler"
+    reads = ("frames",)
+    writes = ("blur_score",)
+
+    def __init__(self, fail_on=None):
+        super().__init__()
+        self.fail_on, self.set_up = fail_on, 0
+
+    def setup(self):
+        self.set_up += 1
+
+    def process(self, row):
+        if row["key"] == self.fail_on:
+            raise ValueError("no person")
+        return {"blur_score": 2.0 * float(row["frames"].mean())}
+
+
+class _Reader(ClipStage):
+    name = "reader"
+    reads = ("blur_score", "fps")
+    writes = ("n_frames",)
+
+    def process(self, row):
+        return {"n_frames": int(row["blur_score"])}
+
+
+def test_a_fused_stage_runs_its_members_in_order_and_keeps_their_failures_and_timings():
+    from preprocess.stage import FAILED, OK, FusedStage
+
+    first = _Doubler(fail_on="b")
+    fused = FusedStage([first, _Reader()])
+    assert fused.name == "doubler+reader"
+    assert fused.reads == ("frames", "fps")  # blur_score comes from inside the group
+    assert fused.writes == ("blur_score", "n_frames")
+    fused.setup()
+    assert first.set_up == 1
+    rows = [new_row(key=k, kind="clip", frames=np.full((2, 4, 4, 3), 3, np.uint8), fps=25.0) for k in "ab"]
+    a, b = fused.process_batch(rows)
+    assert a["status"] == OK and a["n_frames"] == 6 and set(a["timings"]) == {"doubler", "reader"}
+    # the failing member is named, and the members after it leave the failed clip alone
+    assert b["status"] == FAILED and b["error_stage"] == "doubler" and "no person" in b["error_message"]
+    assert "n_frames" not in b and set(b["timings"]) == {"doubler"}
+
+
+def test_the_last_stage_that_reads_frames_drops_them_before_the_object_store():
+    from preprocess.adapter import StageActor
+
+    st = _Doubler().using(Resources(num_cpus=0.1, num_gpus=0, batch_size=1))
+    row = new_row(key="a", kind="clip", frames=np.zeros((2, 4, 4, 3), np.uint8))
+    assert "frames" in unpack(StageActor(st)(pack([dict(row)])))[0]
+    st.last_frames = True
+    out = unpack(StageActor(st)(pack([dict(row)])))[0]
+    assert "frames" not in out and out["blur_score"] == 0.0
+
+
+def test_fused_and_separate_annotators_write_the_same_dataset(tmp_path, ray_local):
+    """The embedded annotators fused into one pool (the default) and as three pools give the same annotations."""
+    import tarfile
+
+    from preprocess.storage import list_inputs
+    from tests.preprocess.helpers import make_video
+
+    video = make_video(tmp_path / "v.mp4", n=24, size=192)
+    out = {}
+    for fuse in ("default", "null"):
+        cfg = _cfg(tmp_path / fuse, "plan.min_frames=8", "decode.max_side=192",
+                   *(["fuse=null"] if fuse == "null" else []))
+        assert run(cfg, list_inputs(str(video))) == 0
+        members = {}
+        for tar in sorted((tmp_path / fuse / "out" / "shards").glob("*.tar")):
+            with tarfile.open(tar) as tf:
+                members.update({m.name: tf.extractfile(m).read() for m in tf.getmembers() if m.isfile()})
+        out[fuse] = members
+    assert out["default"].keys() == out["null"].keys()
+    arrays = [m for m in out["default"] if m.endswith(".npy")]
+    assert any("body" in m for m in arrays) and any("head" in m for m in arrays)
+    for m in arrays:  # the annotations, array by array
+        assert out["default"][m] == out["null"][m], m
+
+
+def test_the_fused_pool_holds_only_the_actors_the_cpus_fit(tmp_path):
+    """min 2 / max 16 actors of 0.65 CPUs beside probe 0.2, decode 0.3 and a writer 0.15: 2 on a 2-core machine
+    (a third would load its models and wait), the configured 16 on 16 cores."""
+    from preprocess.pipeline import fit_fused_pool
+
+    for cpus, want in ((2.0, 2), (4.0, 5), (16.0, 16)):
+        cfg = _cfg(tmp_path, "annotators=embedded")
+        stages = build_stages(cfg, "test")
+        fit_fused_pool(cfg, stages, cpus)
+        fused = next(st for st in stages if "+" in st.name)
+        assert fused.resources.pool == (2, want), cpus
