@@ -190,11 +190,12 @@ def fit_fused_pool(cfg: PreprocessConfig, stages: list[Stage], cluster_cpus: flo
     others += cfg.writer.num_cpus * cfg.writer.num_writers
     lo, hi = r.pool
     fit = int((cluster_cpus - others) // r.num_cpus + 1e-9) if r.num_cpus > 0 else hi
-    new_hi = max(lo, min(hi, fit))
-    if new_hi != hi:
-        log.info("fuse: the %s pool holds at most %d actors on %.2f CPUs (fuse.max_actors=%d)", st.name, new_hi,
-                 cluster_cpus, hi)
-        st.resources = dataclasses.replace(r, max_actors=new_hi)
+    new_lo = max(1, min(lo, fit))  # a minimum the cluster cannot place would hold the run up
+    new_hi = max(new_lo, min(hi, fit))
+    if (new_lo, new_hi) != (lo, hi):
+        log.info("fuse: the %s pool holds %d-%d actors on %.2f CPUs (fuse: min_actors=%d, max_actors=%d)", st.name,
+                 new_lo, new_hi, cluster_cpus, lo, hi)
+        st.resources = dataclasses.replace(r, min_actors=new_lo, max_actors=new_hi)
 
 
 def mapped(stages: list[Stage]) -> list[Stage]:

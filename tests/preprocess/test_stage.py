@@ -257,12 +257,13 @@ def test_fused_and_separate_annotators_write_the_same_dataset(tmp_path, ray_loca
 
 def test_the_fused_pool_holds_only_the_actors_the_cpus_fit(tmp_path):
     """min 2 / max 16 actors of 0.65 CPUs beside probe 0.2, decode 0.3 and a writer 0.15: 2 on a 2-core machine
-    (a third would load its models and wait), the configured 16 on 16 cores."""
+    (a third would load its models and wait), the configured 16 on 16 cores, and on one core one actor (a minimum
+    the cluster cannot place would hold the run up)."""
     from preprocess.pipeline import fit_fused_pool
 
-    for cpus, want in ((2.0, 2), (4.0, 5), (16.0, 16)):
+    for cpus, want in ((1.0, (1, 1)), (2.0, (2, 2)), (4.0, (2, 5)), (16.0, (2, 16))):
         cfg = _cfg(tmp_path, "annotators=embedded")
         stages = build_stages(cfg, "test")
         fit_fused_pool(cfg, stages, cpus)
         fused = next(st for st in stages if "+" in st.name)
-        assert fused.resources.pool == (2, want), cpus
+        assert fused.resources.pool == want, cpus
