@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .stage import Stage
+from .stage import Stage, drop_frames
 
 if TYPE_CHECKING:
     from ray.data import Dataset
@@ -93,21 +93,6 @@ class StageActor:
 
     def __call__(self, batch: dict[str, np.ndarray]):
         return pack_output(drop_frames(self.stage, self.stage.process_batch(unpack(batch))))
-
-
-def drop_frames(stage: Stage, out):
-    """``out`` without the decoded frames when ``stage`` is the last one that reads them (``Stage.last_frames``):
-    the clip travels on as its MP4, and its raw frames (~0.4 MB each at 384 px) do not cross the object store to
-    the sink only to be dropped there."""
-    if not stage.last_frames:
-        return out
-    return _without_frames(out) if isinstance(out, list) else (_without_frames(rows) for rows in out)
-
-
-def _without_frames(rows: list[dict]) -> list[dict]:
-    for r in rows:
-        r.pop("frames", None)
-    return rows
 
 
 def actor_class(stage: Stage) -> type[StageActor]:

@@ -49,22 +49,19 @@ def build_stages(cfg: PreprocessConfig, run_id: str) -> list[Stage]:
     (run by the writers). Instantiated, not set up (no model loads), and checked: each stage reads only columns
     written before it and writes only columns of the schema."""
     s = cfg.stages
+    head = [ProbePlanStage({"probe": cfg.probe, "plan": cfg.plan}).using(s["probe"]),
+            DecodeStage({"decode": cfg.decode}).using(s["decode"])]
     annotators = [load_stage(name, spec, ClipStage) for name, spec in cfg.annotators.items() if spec.enabled]
-    stages = [
-        ProbePlanStage({"probe": cfg.probe, "plan": cfg.plan}).using(s["probe"]),
-        DecodeStage({"decode": cfg.decode}).using(s["decode"]),
-        *annotators,
-        SinkStage({"run_id": run_id, "n_writers": cfg.writer.num_writers, "namespace": cfg.ray.namespace})
-        .using(s["sink"]),
-        *(load_stage(name, spec, VideoStage) for name, spec in cfg.video_stages.items() if spec.enabled),
-    ]
-    check_stages(stages, given=INPUT_COLUMNS)  # stage by stage, so that an error names the stage, fused or not
+    sink = SinkStage({"run_id": run_id, "n_writers": cfg.writer.num_writers, "namespace": cfg.ray.namespace}) \
+        .using(s["sink"])
+    video = [load_stage(name, spec, VideoStage) for name, spec in cfg.video_stages.items() if spec.enabled]
+    # checked stage by stage, so that an error names the stage, fused or not
+    check_stages([*head, *annotators, sink, *video], given=INPUT_COLUMNS)
     if annotators:
         annotators[-1].last_frames = True
     if cfg.fuse is not None and annotators:  # one actor pool runs them all, clip by clip, and hands on to the writers
-        fused = FusedStage([*annotators, stages[2 + len(annotators)]]).using(cfg.fuse)
-        stages = [*stages[:2], fused, *stages[3 + len(annotators):]]
-    return stages
+        return [*head, FusedStage([*annotators, sink]).using(cfg.fuse), *video]
+    return [*head, *annotators, sink, *video]
 
 
 # ---------------------------------------------------------------- driver
@@ -169,12 +166,17 @@ def quiet_local_ray() -> None:
 def check_reservations(cfg: PreprocessConfig, stages: list[Stage], cluster_cpus: float) -> float:
     """Warn when the actor pools and writers cannot all be placed at once (a stage would then wait
     for an earlier pool to retire, and the pipeline would run stage after stage instead of streaming)."""
-    need = sum(st.resources.num_cpus * (st.resources.pool[0] if st.actor else 1) for st in mapped(stages))
-    need += cfg.writer.num_cpus * cfg.writer.num_writers
+    need = reserved_cpus(cfg, mapped(stages))
     if need > cluster_cpus + 1e-9:
         log.warning("actor pools reserve %.2f CPUs but the cluster has %.2f: stages will wait for each other. "
                     "Lower stages.*.num_cpus / annotators.*.resources.num_cpus or min_actors.", need, cluster_cpus)
     return need
+
+
+def reserved_cpus(cfg: PreprocessConfig, stages: list[Stage]) -> float:
+    """CPUs that ``stages`` (each actor pool at its minimum, a task stage once) and the writers reserve."""
+    need = sum(st.resources.num_cpus * (st.resources.pool[0] if st.actor else 1) for st in stages)
+    return need + cfg.writer.num_cpus * cfg.writer.num_writers
 
 
 def fit_fused_pool(cfg: PreprocessConfig, stages: list[Stage], cluster_cpus: float) -> None:
@@ -186,8 +188,7 @@ def fit_fused_pool(cfg: PreprocessConfig, stages: list[Stage], cluster_cpus: flo
         return
     st = fused[0]
     r = st.resources
-    others = sum(o.resources.num_cpus * (o.resources.pool[0] if o.actor else 1) for o in mapped(stages) if o is not st)
-    others += cfg.writer.num_cpus * cfg.writer.num_writers
+    others = reserved_cpus(cfg, [o for o in mapped(stages) if o is not st])
     lo, hi = r.pool
     fit = int((cluster_cpus - others) // r.num_cpus + 1e-9) if r.num_cpus > 0 else hi
     new_lo = max(1, min(lo, fit))  # a minimum the cluster cannot place would hold the run up

@@ -97,7 +97,7 @@ class DecoderMissing(RuntimeError):
 
     def __init__(self, decoder: str, cause: BaseException | None = None):
         other = "pyav" if decoder == "decord" else "decord"
-        package = {"decord": "decord", "pyav": "av"}.get(decoder, decoder)
+        package = DECODER_MODULES.get(decoder, decoder)
         why = f" ({type(cause).__name__}: {cause})" if cause is not None else ""
         super().__init__(
             f"the training loader decodes clips with {decoder!r} (data.workers.decoder), which cannot be imported "
