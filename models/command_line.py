@@ -137,3 +137,28 @@ def override_message(e: Exception, overrides: list[str], config_name: str) -> st
         return (f"{culprit or m.group(1) + '=' + m.group(2)}: {m.group(1)} has no option {m.group(2)!r} "
                 f"(available: {options})")
     return f"bad override {culprit + ': ' if culprit else ''}{text.split(' See https://')[0]}"
+
+
+def finish(code: int) -> None:
+    """End the job with ``code`` once its work is done, without the interpreter's teardown.
+
+    What a normal exit runs still runs: other threads are joined (as at interpreter exit) and the ``atexit``
+    handlers (logging's flush, multiprocessing's reaping of children, Ray's and TensorBoard's) are called.
+    What is skipped is the final garbage collection and module teardown over every object torch, dynamo and the
+    job made: 4-5 s per process of ``train/run.py`` (a 2-rank CPU launch: 4.3 s from its last line to its exit,
+    then 1.1 s), and seconds of a preprocessing driver. Files the job wrote are closed by then (the trainer's
+    logger and checkpoints, the pipeline's tables)."""
+    import atexit
+    import sys
+    import threading
+
+    for t in threading.enumerate():
+        if t is not threading.main_thread() and not t.daemon:
+            t.join()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed or broken pipe: nothing left to say there
+            pass
+    os._exit(code)

@@ -18,7 +18,7 @@ if __package__ in (None, ""):  # `python preprocess/run.py` from a checkout
 import hydra
 from omegaconf import DictConfig
 
-from models.command_line import exit_on_bad_command_line
+from models.command_line import exit_on_bad_command_line, finish
 from models.redact import install_log_redaction
 from preprocess.config import ConfigError, to_config
 
@@ -55,7 +55,7 @@ def main(dcfg: DictConfig) -> None:
                 ray.shutdown()
         except ImportError:
             pass
-    sys.exit(code)
+    finish(code)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ log = logging.getLogger("train")
 
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")
 def main(dcfg: DictConfig) -> None:
+    from models.command_line import finish
     from models.redact import install_log_redaction
     from train import distributed
     from train.config import TrainConfigError, to_job
@@ -63,7 +64,7 @@ def main(dcfg: DictConfig) -> None:
             code = 4
     finally:
         distributed.shutdown()
-    sys.exit(code)
+    finish(code)
 
 
 if __name__ == "__main__":
