@@ -2,8 +2,8 @@
 whole stack's source-video-hours per device-hour (25 fps): body (person detection, whole-body keypoints, SMPL-X fit)
 here, face/head (SCRFD detection, landmarks, ArcFace, 3DMM fit) from ``bench/annotators_gpu_face.py``.
 
-    python bench/annotators_gpu.py [--frames 121] [--size 512] [--iters 300] [--mmpose-config PATH] \
-        [--face-size full|tiny] [--json OUT]
+    python bench/annotators_gpu.py [--frames 121] [--size 512] [--iters 300] [--clips 1] [--mmpose-config PATH] \
+        [--face-size full|tiny] [--fit-only] [--json OUT]
 
 * detection: the body backend (MediaPipe Pose, the embedded default; it gives the subject boxes), on the CPU;
 * keypoints: mmpose's COCO-WholeBody model from ``--mmpose-config`` (default: full.yaml's RTMW-x, inside the installed
@@ -11,7 +11,8 @@ here, face/head (SCRFD detection, landmarks, ArcFace, 3DMM fit) from ``bench/ann
   where mmpose is missing (scripts/install_mmpose.sh installs it);
 * fit: SMPL-X on a synthetic model file of the real structure (10,475 vertices, 55 joints, 127 fitted joints;
   ``smplx_model.write_synthetic_model``) to keypoints of a known moving body, ``--iters`` L-BFGS iterations,
-  all frames at once; reports ms per frame and the reprojection error reached.
+  all frames at once; reports ms per frame and the reprojection error reached; ``--clips N``: also N clips in one
+  fit (``fit_many``, what the body stage does with a batch), side by side with one alone.
 
 Frames are a shipped photo under a known motion (``demo_media.render_motion``). Prints a table and JSON.
 """
@@ -72,9 +73,12 @@ def bench_keypoints(frames: np.ndarray, config: str | None) -> float | str:
     return (time.perf_counter() - t0) / len(frames) * 1000
 
 
-def bench_fit(n_frames: int, size: int, iters: int) -> dict:
+def bench_fit(n_frames: int, size: int, iters: int, clips: int = 1) -> dict:
+    """SMPL-X fit of ``clips`` clips of ``n_frames`` (known moving bodies, 1 px keypoint noise, 10% dropped): one clip
+    alone (``SMPLXFitter.fit``), and with ``clips`` > 1 all of them in one ``fit_many``, side by side after a short
+    warm-up; ms per frame and the reprojection error reached, for each."""
     from preprocess.annotators.geometry import intrinsics, project
-    from preprocess.annotators.smplx_fit import FitParams, SMPLXFitter
+    from preprocess.annotators.smplx_fit import FitClip, FitParams, SMPLXFitter
     from preprocess.annotators.smplx_model import known_clip, write_synthetic_model
 
     with tempfile.TemporaryDirectory() as d:
@@ -82,15 +86,33 @@ def bench_fit(n_frames: int, size: int, iters: int) -> dict:
         fitter = SMPLXFitter(FitParams(model_path=str(path), iters=iters))
 
     K = intrinsics(size, size, 1.0)
-    J = known_clip(fitter.model, T=n_frames)
-    uv = project(J, K)
     rng = np.random.default_rng(0)
-    kp = uv + rng.normal(0, 1.0, uv.shape)
-    conf = (rng.random(uv.shape[:2]) > 0.1).astype(float)
-    res = fitter.fit(kp, conf, K)
-    err = np.linalg.norm(res.joints2d - uv, axis=-1)
-    return {"ms_per_frame": res.seconds / n_frames * 1000, "seconds": res.seconds, "device": str(fitter.device),
-            "mean_px": float(err.mean()), "p95_px": float(np.percentile(err, 95))}
+    truth, inputs = [], []
+    for c in range(clips):
+        uv = project(known_clip(fitter.model, T=n_frames, seed=1 + c), K)
+        conf = (rng.random(uv.shape[:2]) > 0.1).astype(float)
+        truth.append(uv)
+        inputs.append(FitClip(uv + rng.normal(0, 1.0, uv.shape), conf, K))
+    fitter.p.iters = 5  # warm-up: CUDA context, kernels, allocator
+    fitter.fit_many(inputs[:2])
+    fitter.fit(inputs[0].kp2d[:4], inputs[0].conf[:4], K)
+    fitter.p.iters = iters
+
+    def errors(results):
+        err = np.concatenate([np.linalg.norm(r.joints2d - uv, axis=-1).ravel() for r, uv in zip(results, truth)])
+        return {"mean_px": float(err.mean()), "p95_px": float(np.percentile(err, 95))}
+
+    res = fitter.fit(inputs[0].kp2d, inputs[0].conf, K)
+    out = {"ms_per_frame": res.seconds / n_frames * 1000, "seconds": res.seconds, "device": str(fitter.device),
+           "clips": 1, **errors([res])}
+    if clips > 1:
+        t0 = time.perf_counter()
+        many = fitter.fit_many(inputs)
+        dt = time.perf_counter() - t0
+        out["together"] = {"clips": clips, "ms_per_frame": dt / (clips * n_frames) * 1000, "seconds": dt,
+                           **errors(many)}
+        out["speedup"] = out["ms_per_frame"] / out["together"]["ms_per_frame"]
+    return out
 
 
 def main() -> None:
@@ -98,6 +120,8 @@ def main() -> None:
     ap.add_argument("--frames", type=int, default=121)
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--iters", type=int, default=300)
+    ap.add_argument("--clips", type=int, default=1, help="clips per SMPL-X fit (fit_many), measured beside one alone")
+    ap.add_argument("--fit-only", action="store_true", help="only the SMPL-X fit (no detection, keypoints, face)")
     ap.add_argument("--mmpose-config", default=os.environ.get("DREAMACTOR_RTMW_CONFIG", f"mmpose::{RTMW_X_CONFIG}"))
     ap.add_argument("--face-size", default="full", choices=["full", "tiny", "none"],
                     help="the face/head part's network widths (tiny: a CPU smoke run; none: body only)")
@@ -105,13 +129,19 @@ def main() -> None:
     a = ap.parse_args()
     from preprocess import demo_media
 
+    if a.fit_only:
+        fit = bench_fit(a.frames, a.size, a.iters, a.clips)
+        print(json.dumps(fit))
+        if a.json:
+            Path(a.json).write_text(json.dumps(fit, indent=1))
+        return
     frames, _ = demo_media.render_motion(demo_media.load_photo("astronaut"), (a.size, a.size), a.frames,
                                          demo_media.Motion(shift=(a.size * 0.1, 0)))
     out = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
            "frames": a.frames, "size": a.size, "iters": a.iters,
            "detection_ms_per_frame": bench_detection(frames),
            "keypoints_ms_per_frame": bench_keypoints(frames, a.mmpose_config),
-           "fit": bench_fit(a.frames, a.size, a.iters)}
+           "fit": bench_fit(a.frames, a.size, a.iters, a.clips)}
     print("| step | ms / frame |\n|---|---|")
     det = out["detection_ms_per_frame"]
     print(f"| detection (MediaPipe Pose, CPU) | {det if isinstance(det, str) else f'{det:.1f}'} |")

@@ -22,7 +22,7 @@ import dataclasses
 import importlib
 import time
 import traceback
-from collections.abc import Iterable, MutableMapping
+from collections.abc import Callable, Iterable, MutableMapping
 from typing import Any, ClassVar
 
 from . import schema
@@ -194,17 +194,19 @@ def load_stage(name: str, spec: StageSpec, kind: type[Stage] = Stage) -> Stage:
     return cls(spec.params).using(r)
 
 
-def run_clip_stage(stage: ClipStage, row: dict) -> dict:
-    """Run one clip through a stage, turning an exception into a recorded failure."""
+def run_clip_stage(stage: ClipStage, row: dict, step: Callable[[dict], dict] | None = None) -> dict:
+    """Run one clip through a stage (``step``: one step of it, default ``stage.process``), turning an exception
+    into a recorded failure; the time adds to the stage's (a stage that works on a batch in steps calls this once
+    per step)."""
     if row["status"] != OK or row["kind"] != "clip":
         return row
     t0 = time.perf_counter()
     try:
-        row.update(stage.process(row))
+        row.update((step or stage.process)(row))
     except Exception as e:  # noqa: BLE001 - one bad clip never stops the run
         fail(row, stage.name, e)
         row["error_message"] += "\n" + traceback.format_exc(limit=3)[-1500:]
-    row["timings"][stage.name] = time.perf_counter() - t0
+    row["timings"][stage.name] = row["timings"].get(stage.name, 0.0) + time.perf_counter() - t0
     return row
 
 

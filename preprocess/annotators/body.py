@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from ..schema import BODY_JOINT_NAMES, BODY_SMPLX_INDEX, N_BODY, N_SMPLX_JOINTS, SHOT_SCALES, SMPLX_FIT_GROUPS
+from ..stage import OK, run_clip_stage
 from .backends import BodyBackend, BodyFrame, KeypointsBackend, load_backend
 from .common import BackendClipStage, finite_or_none, frac, timestamps_ms
 from .geometry import intrinsics, lift_to_rays, place_on_image, project, smooth_series
@@ -96,9 +97,11 @@ class BodyStage(BackendClipStage):
 
             self.fitter = SMPLXFitter(FitParams(**self.params.fit))
 
-    def fit_clip(self, frames: np.ndarray, people: list[BodyFrame], main: np.ndarray, box: np.ndarray,
-                 K: np.ndarray):
-        """SMPL-X fit of the subject (smplx_fit.py) to its keypoints; raises smplx_fit.FitError with the reason."""
+    def fit_input(self, frames: np.ndarray, people: list[BodyFrame], main: np.ndarray, box: np.ndarray,
+                  K: np.ndarray):
+        """The subject's keypoints as the fit takes them (``smplx_fit.FitClip``) and their confidences."""
+        from .smplx_fit import FitClip
+
         T = len(frames)
         valid = main >= 0
         kp, kconf = np.zeros((T, N_SMPLX_JOINTS, 2)), np.zeros((T, N_SMPLX_JOINTS))
@@ -112,8 +115,7 @@ class BodyStage(BackendClipStage):
         if self.keypoints is not None:
             kc = self.keypoints.estimate(frames, box, valid)
             kp, kconf = kc.joints2d, kc.conf * valid[:, None]
-        res = self.fitter.fit(kp, kconf, K, valid, init3d, init_conf, subject_height_px=box[:, 3] - box[:, 1])
-        return res, kconf
+        return FitClip(kp, kconf, K, valid, init3d, init_conf, subject_height_px=box[:, 3] - box[:, 1]), kconf
 
     def person_boxes(self, fr: BodyFrame, width: int, height: int) -> np.ndarray:
         """(P, 4) boxes: the backend's, or the padded box of each person's visible joints."""
@@ -143,6 +145,33 @@ class BodyStage(BackendClipStage):
                          boxes=None if fr.boxes is None else np.asarray(fr.boxes).reshape(-1, 4)[keep])
 
     def process(self, row: dict) -> dict:
+        obs = self.observe(row)
+        return self.finish(obs, None if self.fitter is None else _raise_error(self.fitter.fit_many([obs["fit"][0]])[0]))
+
+    def process_batch(self, rows: list[dict]) -> list[dict]:
+        """With a SMPL-X fit: every clip of the batch observed first, then one fit of all of them
+        (``SMPLXFitter.fit_many``: its time per frame falls with the frames per fit), then each clip finished.
+        A clip that fails any step fails alone, with its reason; the fit's time is shared out by frames."""
+        todo = [r for r in rows if r["status"] == OK and r["kind"] == "clip"]
+        if self.fitter is None or len(todo) < 2:
+            return super().process_batch(rows)
+        obs: dict[int, dict] = {}
+
+        def observe(row: dict) -> dict:
+            obs[id(row)] = self.observe(row)
+            return {}  # the clip's fields come with finish
+
+        for r in todo:
+            run_clip_stage(self, r, observe)
+        ready = [r for r in todo if r["status"] == OK]
+        fits = self.fitter.fit_many([obs[id(r)]["fit"][0] for r in ready]) if ready else []
+        for r, res in zip(ready, fits):  # each fitted clip's share of the fit (FitResult.seconds) is its time
+            r["timings"][self.name] = r["timings"].get(self.name, 0.0) + getattr(res, "seconds", 0.0)
+            run_clip_stage(self, r, lambda row, res=res: self.finish(obs.pop(id(row)), _raise_error(res)))
+        return rows
+
+    def observe(self, row: dict) -> dict:
+        """Everything of a clip but the SMPL-X fit: the subject tracked, its joints placed, the fit's input."""
         frames = row["frames"]
         T, H, W = frames.shape[:3]
         people = [self.distinct(fr, W, H) for fr in
@@ -174,10 +203,18 @@ class BodyStage(BackendClipStage):
         j3 = np.zeros((T, N_BODY, 3), np.float32)
         for t in np.flatnonzero(valid):
             j3[t] = np.where(self.filled[:, None], lift_to_rays(depth[t], uv[t], K), 0.0)
+        return {"T": T, "H": H, "W": W, "K": K, "valid": valid, "people": people, "box": box, "conf": conf,
+                "j2": j2, "j3": j3, "fit_px": fit,
+                "fit": None if self.fitter is None else self.fit_input(frames, people, main, box, K)}
+
+    def finish(self, obs: dict, res) -> dict:
+        """The clip's fields from its observation and its SMPL-X fit (``smplx_fit.FitResult``; None: no fit)."""
+        T, W, H, K, valid, people = obs["T"], obs["W"], obs["H"], obs["K"], obs["valid"], obs["people"]
+        box, conf, j2, j3, fit = obs["box"], obs["conf"], obs["j2"], obs["j3"], obs["fit_px"]
         extra = {}
         filled = self.filled
-        if self.fitter is not None:
-            res, kconf = self.fit_clip(frames, people, main, box, K)
+        if res is not None:
+            kconf = obs["fit"][1]
             ok = res.valid
             # fitted frames: every skeleton joint from the fitted body (bone lengths are the body's); a joint
             # with a keypoint keeps its confidence, one without gets fitted_conf
@@ -207,3 +244,10 @@ class BodyStage(BackendClipStage):
             "m_subject_valid_frac": frac(valid),
             "m_body_fit_px": finite_or_none(np.median(fit[valid]) if valid.any() else np.nan),
         }
+
+
+def _raise_error(res):
+    """A fit result, or its FitError raised (the clip fails with the fit's reason)."""
+    if isinstance(res, Exception):
+        raise res
+    return res

@@ -211,3 +211,36 @@ def test_wholebody_map_is_one_to_one_and_sided():
     kp = np.random.default_rng(0).random((2, 133, 2))
     j2, conf = wholebody_to_smplx(kp, np.ones((2, 133)))
     assert (conf.sum(1) == 114).all() and np.allclose(j2[:, dict(pairs)[0]], kp[:, 0])
+
+
+def test_body_stage_fits_a_batch_of_clips_in_one_fit(tmp_path):
+    """A batch of clips (two people in motion, one clip of nobody) through the body stage with a SMPL-X fit: one
+    ``fit_many`` for the batch; each fitted clip gets its fields as when processed alone (same keys, fits as close),
+    the clip of nobody fails alone with its reason, and every clip's time includes its share of the fit."""
+    from preprocess.annotators.smplx_fit import SMPLXFitter
+    from preprocess.stage import OK, load_stage
+
+    from .conftest import clip_row, render, stage_spec
+
+    model = write_synthetic_model(tmp_path / "SMPLX_NEUTRAL.npz")
+    spec = stage_spec("annotators", "body", keypoints=None,
+                      fit={"model_path": str(model), "iters": 150, "max_body_px": 0.5, "device": "cpu"})
+    st = load_stage("body", spec)
+    st.setup()
+    a, _ = render("astronaut", demo_media.Motion(shift=(30, 0)), 8, size=256)
+    b, _ = render("grace_hopper", demo_media.Motion(scale=(1.0, 0.8)), 6, size=256)
+    blank = np.full((6, 256, 256, 3), 90, np.uint8)
+    calls = []
+    fit_many = SMPLXFitter.fit_many
+    st.fitter.fit_many = lambda clips: calls.append(len(clips)) or fit_many(st.fitter, clips)
+    rows = st.process_batch([clip_row(a), clip_row(blank), clip_row(b)])
+    assert calls == [3]  # one fit for the batch (the clip of nobody gets its FitError from it)
+    assert [r["status"] for r in rows] == [OK, "failed", OK]
+    assert rows[1]["error_stage"] == "body" and "no frame to fit" in rows[1]["error_message"]
+    for r, frames in ((rows[0], a), (rows[2], b)):
+        alone = st.process(clip_row(frames))
+        assert set(alone) <= set(r), set(alone) - set(r)
+        assert r["smplx_valid"].all() and r["m_smplx_fit_px_body"] < 8.0
+        # as good as alone (4.2 vs 4.0 and 1.9 vs 2.2 px here; one L-BFGS over the sum of the clips: 16.9 vs 4.0)
+        assert abs(r["m_smplx_fit_px_body"] - alone["m_smplx_fit_px_body"]) < 1.5
+        assert r["timings"]["body"] >= r["m_smplx_fit_s"] > 0

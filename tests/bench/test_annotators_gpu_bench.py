@@ -1,0 +1,22 @@
+"""bench/annotators_gpu.py --fit-only: one clip alone and several in one fit, side by side, at CPU size."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_the_fit_bench_reports_one_clip_and_a_batch_of_clips(tmp_path):
+    out = tmp_path / "fit.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "annotators_gpu.py"), "--fit-only", "--frames", "8",
+                           "--iters", "20", "--clips", "2", "--size", "256", "--json", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert r["clips"] == 1 and r["together"]["clips"] == 2
+    assert r["ms_per_frame"] > 0 and r["together"]["ms_per_frame"] > 0
+    assert r["speedup"] == r["ms_per_frame"] / r["together"]["ms_per_frame"]
+    assert r["mean_px"] < 20 and r["together"]["mean_px"] < 20  # 20 iterations: coarse, but a fit
