@@ -171,15 +171,17 @@ def lbfgs_per_problem(params: list[torch.Tensor], owners: list[torch.Tensor], ob
     ``i`` of ``params[k]`` belongs to problem ``owners[k][i]``. Every evaluation is one batched forward and backward
     for all problems (what makes several clips per fit cheap on a GPU), but each problem keeps its own curvature
     pairs and its own step (Armijo backtracking from 1): one L-BFGS over their sum shares one step and one history,
-    and a clip fitted beside others converged more slowly than alone (16.9 vs 4.0 px after 150 iterations)."""
-    def dot(a, b):
-        out = torch.zeros(n, device=a[0].device, dtype=a[0].dtype)
-        for x, y, o in zip(a, b, owners):
-            out.index_add_(0, o, (x * y).flatten(1).sum(1))
-        return out
+    and a clip fitted beside others converged more slowly than alone (16.9 vs 4.0 px after 150 iterations). The
+    variables live in one flat vector with each entry's problem beside it, so a per-problem dot product is three
+    kernels whatever the number of parameter tensors."""
+    owner = torch.cat([o.repeat_interleave(x[0].numel() if len(x) else 1) for x, o in zip(params, owners)])
+    sizes = [x.numel() for x in params]
 
-    def scale(v, s):  # each problem's rows of v times its scalar in s
-        return [x * s[o].view(-1, *([1] * (x.dim() - 1))) for x, o in zip(v, owners)]
+    def dot(a, b):  # (n,) per-problem inner products of flat vectors
+        return torch.zeros(n, device=a.device, dtype=a.dtype).index_add_(0, owner, a * b)
+
+    def flat(ts):
+        return torch.cat([t.reshape(-1) for t in ts])
 
     def evaluate():
         for q in params:
@@ -187,40 +189,35 @@ def lbfgs_per_problem(params: list[torch.Tensor], owners: list[torch.Tensor], ob
         with torch.enable_grad():
             f = objective()
             f.sum().backward()
-        return f.detach(), [q.grad.detach().clone() for q in params]
+        return f.detach(), flat([q.grad for q in params])
 
+    def put(x):
+        with torch.no_grad():
+            for q, v in zip(params, torch.split(x, sizes)):
+                q.copy_(v.view_as(q))
+
+    x = flat([q.detach() for q in params])
     f, g = evaluate()
     S, Y, R = [], [], []  # curvature pairs and 1 / (y . s) per problem (0 where a pair was not usable)
-    gamma = torch.clamp(1.0 / dot([x.abs() for x in g], [torch.ones_like(x) for x in g]).clamp(min=1e-12), max=1.0)
+    gamma = (1.0 / dot(g.abs(), torch.ones_like(g)).clamp(min=1e-12)).clamp(max=1.0)
     for _ in range(iters):
-        q, alphas = [x.clone() for x in g], []
+        q, alphas = g.clone(), []
         for s, y, r in reversed(list(zip(S, Y, R))):
             a = r * dot(s, q)
             alphas.append(a)
-            q = [qi - yi for qi, yi in zip(q, scale(y, a))]
-        q = scale(q, gamma)
+            q -= a[owner] * y
+        q *= gamma[owner]
         for (s, y, r), a in zip(zip(S, Y, R), reversed(alphas)):
-            b = r * dot(y, q)
-            q = [qi + si for qi, si in zip(q, scale(s, a - b))]
-        d = [-x for x in q]
+            q += (a - r * dot(y, q))[owner] * s
+        d = -q
         gtd = dot(g, d)
-        uphill = gtd >= 0  # not a descent direction (a stale pair): steepest descent for that problem
-        if uphill.any():
-            keep = (~uphill).to(g[0].dtype)
-            d = [di * k + (-gi) * (1 - k) for di, gi, k in zip(d, g, [keep[o].view(-1, *([1] * (x.dim() - 1)))
-                                                                       for x, o in zip(g, owners)])]
-            gtd = dot(g, d)
-        x0 = [x.detach().clone() for x in params]
+        uphill = (gtd >= 0)[owner]  # not a descent direction (a stale pair): steepest descent for that problem
+        d = torch.where(uphill, -g, d)
+        gtd = dot(g, d)
         t = torch.ones(n, device=f.device, dtype=f.dtype)
         done = torch.zeros(n, dtype=torch.bool, device=f.device)
-
-        def move(step, x0=x0, d=d):
-            with torch.no_grad():
-                for x, start, di in zip(params, x0, scale(d, step)):
-                    x.copy_(start + di)
-
         for _ in range(max_halvings):
-            move(t)
+            put(x + t[owner] * d)
             f_new, g_new = evaluate()
             done |= torch.isfinite(f_new) & (f_new <= f + c1 * t * gtd)
             if bool(done.all()):
@@ -228,10 +225,9 @@ def lbfgs_per_problem(params: list[torch.Tensor], owners: list[torch.Tensor], ob
             t = torch.where(done, t, t * 0.5)  # an accepted problem keeps its step (and its evaluated point)
         if not bool(done.all()):  # no decrease found: that problem stays where it was
             t = torch.where(done, t, torch.zeros_like(t))
-            move(t)
+            put(x + t[owner] * d)
             f_new, g_new = evaluate()
-        s = scale(d, t)
-        y = [a - b for a, b in zip(g_new, g)]
+        s, y = t[owner] * d, g_new - g
         ys, yy = dot(y, s), dot(y, y)
         usable = ys > 1e-10
         S.append(s)
@@ -240,7 +236,7 @@ def lbfgs_per_problem(params: list[torch.Tensor], owners: list[torch.Tensor], ob
         gamma = torch.where(usable, ys / yy.clamp(min=1e-20), gamma)
         if len(S) > history:
             S.pop(0), Y.pop(0), R.pop(0)
-        f, g = f_new, g_new
+        x, f, g = x + s, f_new, g_new
 
 
 class SMPLXFitter:
