@@ -84,7 +84,9 @@ def test_mirrored_input_gives_mirrored_body(fitter):
     # each fit is ~1-2 px from the truth, and the synthetic model's random shape space is not left-right symmetric
     assert np.median(np.linalg.norm(back[:, body] - a.joints2d[:, body], axis=-1)) < 4.0
     j3 = b.joints3d[:, perm] * [-1, 1, 1]  # x -> -x in the camera frame
-    assert np.median(np.linalg.norm(j3[:, body] - a.joints3d[:, body], axis=-1)) < 0.08
+    # measured 0.078-0.084 m (the value moves with the float order of the objective's sums); a mirror whose sides
+    # are not swapped gives 0.20, no mirror 0.15
+    assert np.median(np.linalg.norm(j3[:, body] - a.joints3d[:, body], axis=-1)) < 0.11
     # the elbows bend the same amount on the swapped sides
     assert abs(a.body_pose[:, 17, 1].mean() + b.body_pose[:, 18, 1].mean()) < 0.3
 
