@@ -26,7 +26,8 @@ Precision = Choice("Precision", {"FP32": "fp32", "BF16": "bf16"})
 
 @dataclass
 class OptimizerConfig:
-    """AdamW with a linear warm-up to ``lr`` and a constant rate after it (paper 4.1: 5e-6)."""
+    """AdamW with a linear warm-up to ``lr``, a constant rate after it (paper 4.1: 5e-6) and an optional linear
+    cool-down to 0 over the stage's last ``cooldown`` fraction (of its steps, or of its time limit)."""
 
     lr: float
     betas: tuple[float, float]
@@ -34,6 +35,7 @@ class OptimizerConfig:
     weight_decay: float
     warmup_steps: int
     grad_clip: float  # global L2 norm; 0 disables
+    cooldown: float = 0.0  # last fraction of the stage (steps or train.time_limit_min) with lr falling to 0
     lr_scale: dict[str, float] = field(default_factory=dict)  # parameter group -> lr multiplier
 
 
@@ -252,6 +254,8 @@ def check(job: TrainJob) -> None:
     if t.guard.max_consecutive_nonfinite < 1:
         raise ConfigError("train.guard.max_consecutive_nonfinite must be >= 1")
 
+    if not 0.0 <= t.optimizer.cooldown < 1.0:
+        raise ConfigError(f"train.optimizer.cooldown is a fraction of the stage in [0, 1), got {t.optimizer.cooldown}")
     for group, scale in t.optimizer.lr_scale.items():
         if group not in PARAM_GROUPS:
             raise ConfigError(f"train.optimizer.lr_scale: unknown parameter group {group!r}; "

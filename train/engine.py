@@ -90,10 +90,32 @@ def build_optimizer(named: list[tuple[str, torch.nn.Parameter]], job: TrainJob) 
     return torch.optim.AdamW(groups, fused=job.launch.device == "cuda", **kw)
 
 
-def warmup_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up from lr/warmup to lr over ``warmup_steps`` optimizer steps, then constant (paper 4.1)."""
+class StageProgress:
+    """How far the stage has come, for the learning-rate schedule: the trainer sets ``time_fraction`` (the ranks'
+    mean time since launch over ``train.time_limit_min``) after every step; the steps' fraction the schedule knows."""
+
+    def __init__(self):
+        self.time_fraction = 0.0
+
+
+def lr_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int = 1, cooldown: float = 0.0,
+                progress: StageProgress | None = None) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up from lr/warmup to lr over ``warmup_steps`` optimizer steps, then constant (paper 4.1), then,
+    with ``cooldown`` > 0, a linear fall to 0 over the stage's last ``cooldown`` fraction (warm-up, stable, decay).
+    The stage's fraction done is the larger of its steps' (of ``total_steps``) and ``progress.time_fraction``, so a
+    stage that its time limit ends also ends on a decayed rate. A closure, not a callable object: ``LambdaLR``
+    checkpoints only the step counter then, and a resume with a new ``stage.steps`` follows the new length."""
     w = max(1, warmup_steps)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / w))
+    total = max(1, total_steps)
+
+    def factor(step: int) -> float:  # LambdaLR's step k sets the rate of optimizer step k + 1
+        f = min(1.0, (step + 1) / w)
+        if cooldown > 0:
+            done = max(step / total, progress.time_fraction if progress is not None else 0.0)
+            f *= min(1.0, max(0.0, (1.0 - done) / cooldown))
+        return f
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def aligned_order(params: list[torch.nn.Parameter], multiple: int = 8) -> list[torch.nn.Parameter]:
@@ -121,16 +143,18 @@ def construction(job: TrainJob):
                                mem_efficient_linear=False)
 
 
-def initialize(model: torch.nn.Module, job: TrainJob, load_universal: bool = False):
+def initialize(model: torch.nn.Module, job: TrainJob, load_universal: bool = False,
+               progress: StageProgress | None = None):
     """``deepspeed.initialize`` on ``model`` (its trainable set already chosen; under ZeRO-3 built in
-    :func:`construction`): returns the engine."""
+    :func:`construction`): returns the engine. ``progress`` feeds the cool-down (:func:`lr_schedule`)."""
     import deepspeed
     from deepspeed.checkpoint import constants as ck
 
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
     optimizer = build_optimizer(named, job)
-    scheduler = warmup_schedule(optimizer, job.train.optimizer.warmup_steps)
+    opt = job.train.optimizer
+    scheduler = lr_schedule(optimizer, opt.warmup_steps, job.stage.steps, opt.cooldown, progress)
     config = deepspeed_config(job, sum(numel(p) for p in params), load_universal)
     # ds_to_universal needs this marker in the model-states file to convert a ZeRO-1/2 checkpoint.
     setattr(model, ck.UNIVERSAL_CHECKPOINT_INFO,

@@ -39,7 +39,7 @@ class StepStats:
     """Per-step numbers of one rank, summed over ranks with one all-reduce."""
 
     FIELDS = ("loss_sum", "micro_steps", "samples", "tokens", "flops", "data_s", "step_s", "stop", "over_time",
-              "forward_s", "backward_s", "optimizer_s", "ema_s")
+              "elapsed_s", "forward_s", "backward_s", "optimizer_s", "ema_s")
 
     def __init__(self):
         self.values = dict.fromkeys(self.FIELDS, 0.0)

@@ -31,7 +31,7 @@ from .audio_step import AudioEval, AudioTokenStep
 from .config import TrainJob
 from .distributed import Dist, RNGStates, all_gather, barrier
 from .ema import ShardedEMA
-from .engine import initialize, set_activation_budget
+from .engine import StageProgress, initialize, set_activation_budget
 from .guard import StepHealth, UpdateGuard
 from .manifest import load_key
 from .metrics import MetricLogger, StepStats, device_peak_tflops
@@ -74,7 +74,8 @@ class Trainer:
         model.dit.set_sequence_parallel(dist.sp)
         if job.train.compile_blocks:
             model.compile_blocks()
-        self.engine = initialize(model, job, load_universal=universal)
+        self.progress = StageProgress()  # the time-limited stage's fraction done, for the lr cool-down
+        self.engine = initialize(model, job, load_universal=universal, progress=self.progress)
         # stage 4 (audio) runs no DiT: no VAE, no sample videos; its step and evaluation are train/audio_step.py's
         self.audio = job.stage.id == AUDIO_STAGE
         self.sample_every = 0 if self.audio else job.train.sample.every
@@ -142,6 +143,9 @@ class Trainer:
                 step = self.step + 1
                 stats, keys, health = self.train_step(it, step)
                 total_stats = stats.all_reduce(dist.device)
+                if job.train.time_limit_min:  # the same on every rank: the mean time since launch
+                    self.progress.time_fraction = (total_stats["elapsed_s"] / dist.world_size
+                                                   / (60 * job.train.time_limit_min))
                 if step % job.train.log.every == 0 or step == total or total_stats["stop"] or not health.applied:
                     self._log(logger, step, total_stats, keys, health)
                 if self.sample_every and step % self.sample_every == 0:
@@ -216,8 +220,9 @@ class Trainer:
         self._phase_done(stats, "ema_s", t)
         self.step = step
         limit = job.train.time_limit_min
-        stats.add(step_s=time.perf_counter() - t0, stop=float(self.stop_requested),
-                  over_time=float(bool(limit) and time.perf_counter() - self.t_start > 60 * limit))
+        now = time.perf_counter()
+        stats.add(step_s=now - t0, stop=float(self.stop_requested), elapsed_s=now - self.t_start,
+                  over_time=float(bool(limit) and now - self.t_start > 60 * limit))
         return stats, keys, health
 
     def _sync_phase(self) -> None:

@@ -7,7 +7,7 @@ import torch
 from tests.conftest import compose
 from train.config import TrainConfigError, to_job
 from train.distributed import strip_local_rank_arg
-from train.engine import build_optimizer, deepspeed_config, warmup_schedule
+from train.engine import StageProgress, build_optimizer, deepspeed_config, lr_schedule
 
 
 def _job(*overrides):
@@ -69,6 +69,7 @@ def test_deepspeed_config_zero3_offload_and_universal():
     (["+train.optimizer.lr_scale.pose=10"], "unknown parameter group 'pose'"),
     (["train.optimizer.lr_scale.pose_encoder=0"], "lr_scale.pose_encoder must be > 0"),
     (["train.sequence_parallel=0"], "train.sequence_parallel must be >= 1"),
+    (["train.optimizer.cooldown=1.0"], r"train.optimizer.cooldown is a fraction of the stage in \[0, 1\)"),
     (["train.sequence_parallel=4"], r"sequence_parallel=4 must divide the attention heads \(model.dit.num_heads=2\)"),
 ])
 def test_config_errors_name_the_key(overrides, match):
@@ -88,13 +89,43 @@ def test_local_rank_argument_of_the_deepspeed_launcher(monkeypatch):
 def test_warmup_then_constant():
     p = torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.AdamW([p], lr=5e-6)
-    sched = warmup_schedule(opt, 4)
+    sched = lr_schedule(opt, 4)
     lrs = []
     for _ in range(6):
         lrs.append(opt.param_groups[0]["lr"])
         opt.step()
         sched.step()
     assert lrs == pytest.approx([1.25e-6, 2.5e-6, 3.75e-6, 5e-6, 5e-6, 5e-6])
+
+
+def _lrs(sched, opt, steps: int, progress: StageProgress | None = None, times=None) -> list[float]:
+    lrs = []
+    for i in range(steps):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        if times is not None:
+            progress.time_fraction = times[i]
+        sched.step()
+    return lrs
+
+
+def test_cooldown_falls_linearly_to_zero_over_the_stages_last_fraction():
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.AdamW([p], lr=1.0)
+    lrs = _lrs(lr_schedule(opt, 2, total_steps=10, cooldown=0.4), opt, 10)
+    # warm-up 0.5, 1; stable to step 6 (60% done); then 1 - done over 0.4: 0.75, 0.5, 0.25 at steps 8-10
+    assert lrs == pytest.approx([0.5, 1, 1, 1, 1, 1, 1, 0.75, 0.5, 0.25])
+
+
+def test_cooldown_follows_the_time_limit_when_it_ends_the_stage_first():
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.AdamW([p], lr=1.0)
+    progress = StageProgress()
+    sched = lr_schedule(opt, 1, total_steps=1_000_000, cooldown=0.5, progress=progress)
+    lrs = _lrs(sched, opt, 5, progress, times=[0.2, 0.5, 0.75, 0.9, 1.0])
+    assert lrs == pytest.approx([1, 1, 1, 0.5, 0.2])
+    # the schedule is a closure: a checkpoint holds the step counter, not the time fraction or the stage length
+    assert sched.state_dict()["lr_lambdas"] == [None] and sched.state_dict()["last_epoch"] == 5
 
 
 def test_lr_scale_gives_a_group_its_own_learning_rate():
