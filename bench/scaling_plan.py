@@ -128,6 +128,7 @@ def plan_rows(args) -> dict:
     out["preprocess"] = {
         "corpus_hours": hours, "frames": frames,
         "embedded_cpu_core_hours": frames * args.cpu_ms_per_frame / 1000 / 3600,
+        "smplx_fit_gpu_hours": frames * args.smplx_fit_ms_per_frame / 1000 / 3600,
         "latent_cache_gpu_hours": hours * args.clip_coverage / args.encode_video_hours_per_gpu_hour}
     return out
 
@@ -177,7 +178,11 @@ def markdown(plan: dict, args) -> str:
               f"(e.g. {p['embedded_cpu_core_hours'] / 64 / 24:.1f} days on one 64-core node at full efficiency).",
               f"- latent cache ({args.clip_coverage:.0%} of the footage inside clips, "
               f"{args.encode_video_hours_per_gpu_hour:g} video-hours per GPU-hour): "
-              f"**{p['latent_cache_gpu_hours']:,.0f} GPU-hours**."]
+              f"**{p['latent_cache_gpu_hours']:,.0f} GPU-hours**.",
+              f"- production body annotators (`annotators=full`): the SMPL-X fits alone at "
+              f"{args.smplx_fit_ms_per_frame:g} GPU-ms per frame (8 clips per fit): "
+              f"**{p['smplx_fit_gpu_hours']:,.0f} GPU-hours**; person detection, the whole-body keypoints and the "
+              f"3DMM head fit are not in it (not measured on a GPU yet)."]
     return "\n".join(lines) + "\n"
 
 
@@ -208,6 +213,9 @@ def main(argv=None) -> dict:
                          "issue's run)")
     ap.add_argument("--encode-video-hours-per-gpu-hour", type=float, default=1.89,
                     help="bench/latents.py --vae, 121 x 640 x 960, H200 (docs/performance.md, 2026-12-01)")
+    ap.add_argument("--smplx-fit-ms-per-frame", type=float, default=13.3,
+                    help="SMPL-X fit, 8 clips of 121 frames per fit, 300 iterations: bench/annotators_gpu.py "
+                         "--fit-only --clips 8, H200 (docs/performance.md, 2026-12-02)")
     ap.add_argument("--clip-coverage", type=float, default=0.8,
                     help="fraction of the corpus inside training clips (assumed: shot cuts, persons missing)")
     ap.add_argument("--json", type=Path)

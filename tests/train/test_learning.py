@@ -20,8 +20,9 @@ def test_motion_conditioning_helps_on_held_out_clips(tmp_path):
     cmd = [sys.executable, str(ROOT / "bench" / "learning.py"), "--out", str(out), "--launch", "local",
            "--preset", "tiny", "--size", "64", "--video-frames", "34", "--clip-frames", "17", "--frames", "9",
            "--motions", "6", "2", "--batch", "4", "--refs", "1", "3", "--token-budget", "4000", "--workers", "1",
-           # +0.52 dB, 7.5% over motion dropped in 311 s (dev CPU, 2026-12-02; 9 motions and 200 + 100 steps: +0.51 dB,
-           # 9.9% in 350 s): margins 7-10x above the asserts
+           # +0.33 dB, 4.5% over motion dropped in 295 s with bench/learning.py's defaults since run 10 (lr cool-down
+           # 0.25, one shard window per epoch; dev CPU, 2026-12-02; before them +0.52 dB, 7.5%): margins 4-7x above
+           # the asserts
            "--steps", "150", "75",
            "--lr", "5e-4",
            # the random Wan VAE: its latents are mostly the first frame's, where the skeleton already places the
