@@ -10,13 +10,14 @@ nothing else. Axes: FaceVerse/BFM use x towards the subject's left, y up, z out 
 model is turned into the project's head frame (geometry.py: x to the left ear, y down, z into the head). Units: the
 power of ten that makes the landmarks' width a face's (6-40 cm) unless given.
 
-**Fit** (:func:`fit_clip`): one clip at a time, every frame at once (pure torch, float64 on the CPU, float32 on a
-GPU). Unknowns: one identity per clip, per frame an expression, a rotation and a translation, under the clip's
-pinhole camera ``K`` (geometry.py). Loss: robust (Cauchy) reprojection error of the landmarks normalised by the face's
-size in the image, Tikhonov terms on identity and expression (their vertex displacement relative to the face's
-width, so the basis scaling does not matter), and temporal smoothness of rotation, translation and expression
-between neighbouring frames. Initialisation per frame: a weighted affine camera fit of the mean landmarks
-(closed form, two reweighted rounds), turned into a rotation, scale and translation; then L-BFGS on everything.
+**Fit** (:func:`fit_clip`; :func:`fit_clips` fits the clips of one call together, each with its own unknowns and
+L-BFGS state): every frame of a clip at once (pure torch, float64 on the CPU, float32 on a GPU). Unknowns: one
+identity per clip, per frame an expression, a rotation and a translation, under the clip's pinhole camera ``K``
+(geometry.py). Loss: robust (Cauchy) reprojection error of the landmarks normalised by the face's size in the image,
+Tikhonov terms on identity and expression (their vertex displacement relative to the face's width, so the basis
+scaling does not matter), and temporal smoothness of rotation, translation and expression between neighbouring frames.
+Initialisation per frame: a weighted affine camera fit of the mean landmarks (closed form, two reweighted rounds),
+turned into a rotation, scale and translation; then L-BFGS on everything.
 
 Depth comes from the model's size: a face 5% wider than the identity prior allows reads 5% farther away (every
 monocular fit has this ambiguity; the identity prior sets it). The per-frame error is the mean distance (px) between
@@ -239,9 +240,24 @@ def fit_clip(model: MorphableModel, landmarks: np.ndarray, weights: np.ndarray, 
     """Fit ``model`` to one clip's 2D landmarks ``landmarks`` (T, L, 2) px with confidences ``weights`` (T, L)
     (0: occluded or missing) under intrinsics ``K`` (T, 3, 3) or (3, 3); frames with fewer than ``min_points``
     weighted landmarks are not fitted."""
-    import torch
+    return fit_clips(model, [(landmarks, weights, K)], cfg, min_points)[0]
 
-    cfg = cfg or FitConfig()
+
+@dataclass
+class _Clip:
+    """One clip's fitted frames, prepared for a joint fit."""
+
+    T: int
+    idx: np.ndarray  # the frames fitted
+    uv: np.ndarray  # (n, L, 2) px
+    w: np.ndarray  # (n, L)
+    K: np.ndarray  # (n, 3, 3)
+    size: np.ndarray  # (n,) face size, px
+    R0: np.ndarray  # (n, 3, 3) the affine start
+    t0: np.ndarray  # (n, 3)
+
+
+def _prepare(model: MorphableModel, landmarks, weights, K, cfg: FitConfig, min_points: int) -> tuple[_Clip, FitResult]:
     T, L = landmarks.shape[:2]
     if L != model.n_landmarks:
         raise ValueError(f"{L} landmarks per frame, but the model has {model.n_landmarks} keypoints")
@@ -250,16 +266,36 @@ def fit_clip(model: MorphableModel, landmarks: np.ndarray, weights: np.ndarray, 
     uv = np.nan_to_num(np.asarray(landmarks, np.float64))
     valid = (w > 0).sum(1) >= min_points
     mean, idb, exb = model.landmarks()
-    face_w = float(np.ptp(mean[:, 0]))  # metres: the scale of the regularisers
     out = FitResult(np.tile(np.eye(3), (T, 1, 1)), np.zeros((T, 3)), np.zeros(idb.shape[-1]),
                     np.zeros((T, exb.shape[-1])), np.full(T, np.nan), valid, np.zeros((T, L, 3)))
     idx = np.flatnonzero(valid)
-    if not len(idx):
-        return out
     uv, w, Kv = uv[idx], w[idx], K[idx]
     size = np.array([max(np.ptp(u[m > 0], axis=0).max(), 1.0) for u, m in zip(uv, w)])  # face size, px
-    R0, t0 = zip(*(_affine_init(mean, u, m, k, cfg.robust, s) for u, m, k, s in zip(uv, w, Kv, size)))
+    inits = [_affine_init(mean, u, m, k, cfg.robust, s) for u, m, k, s in zip(uv, w, Kv, size)]
+    R0 = np.stack([r for r, _ in inits]) if inits else np.zeros((0, 3, 3))
+    t0 = np.stack([t for _, t in inits]) if inits else np.zeros((0, 3))
+    return _Clip(T, idx, uv, w, Kv, size, R0, t0), out
 
+
+def fit_clips(model: MorphableModel, clips: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
+              cfg: FitConfig | None = None, min_points: int = 8) -> list[FitResult]:
+    """:func:`fit_clip` of several clips ``(landmarks, weights, K)`` in one fit: every evaluation is one batched
+    pass over the frames of all of them (the fit is bound by kernel launches and host reads, so on a GPU several
+    clips cost little more than one), while each clip keeps its own identity, objective and L-BFGS state
+    (:func:`optim.lbfgs_per_problem`), so it ends where it would alone. One clip: torch's L-BFGS with a strong-Wolfe
+    line search."""
+    import torch
+
+    from .optim import lbfgs_per_problem
+
+    cfg = cfg or FitConfig()
+    prepared = [_prepare(model, np.asarray(lm), wt, k, cfg, min_points) for lm, wt, k in clips]
+    results = [out for _, out in prepared]
+    todo = [(c, out) for c, out in prepared if len(c.idx)]
+    if not todo:
+        return results
+    mean, idb, exb = model.landmarks()
+    face_w = float(np.ptp(mean[:, 0]))  # metres: the scale of the regularisers
     dev = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                        ("cpu" if cfg.device == "auto" else cfg.device))
     dt = torch.float64 if dev.type == "cpu" else torch.float32
@@ -267,53 +303,74 @@ def fit_clip(model: MorphableModel, landmarks: np.ndarray, weights: np.ndarray, 
     def tt(a):
         return torch.as_tensor(np.ascontiguousarray(a), dtype=dt, device=dev)
 
+    C = len(todo)
+    cs = [c for c, _ in todo]
+    counts = [len(c.idx) for c in cs]
+    clip_np = np.repeat(np.arange(C), counts)
+    clip_of = torch.as_tensor(clip_np, device=dev)  # (n,) the clip of every fitted frame
+    n = len(clip_np)
     mean_t, idb_t, exb_t = tt(mean), tt(idb), tt(exb)
-    uv_t, w_t, size_t, K_t, R0_t = tt(uv), tt(w), tt(size), tt(Kv), tt(np.stack(R0))
-    t0 = np.stack(t0)
-    n = len(idx)
-    # unknowns: rotation update (axis-angle), translation as (x/z, y/z, log z), identity, expression
+    uv_t, w_t = tt(np.concatenate([c.uv for c in cs])), tt(np.concatenate([c.w for c in cs]))
+    size_t, K_t = tt(np.concatenate([c.size for c in cs])), tt(np.concatenate([c.K for c in cs]))
+    R0_t = tt(np.concatenate([c.R0 for c in cs]))
+    t0 = np.concatenate([c.t0 for c in cs])
+    # smoothness only over three neighbouring frames of one clip
+    frame = np.concatenate([c.idx for c in cs])
+    consecutive = tt((frame[2:] - frame[:-2] == 2) & (clip_np[2:] == clip_np[:-2]))
+    acc_clip = clip_of[:-2] if n > 2 else clip_of[:0]
+    frames_per_clip = tt(np.asarray(counts, np.float64))
+    # unknowns: rotation update (axis-angle), translation as (x/z, y/z, log z), identity per clip, expression
     rot = torch.zeros(n, 3, dtype=dt, device=dev, requires_grad=True)
     uvz = tt(np.concatenate([t0[:, :2] / t0[:, 2:3], np.log(np.maximum(t0[:, 2:3], 1e-3))], 1)).requires_grad_(True)
-    ident = torch.zeros(idb.shape[-1], dtype=dt, device=dev, requires_grad=True)
+    ident = torch.zeros(C, idb.shape[-1], dtype=dt, device=dev, requires_grad=True)
     expr = torch.zeros(n, exb.shape[-1], dtype=dt, device=dev, requires_grad=True)
-    consecutive = tt((idx[2:] - idx[:-2]) == 2)  # smoothness only over three neighbouring frames
+
+    def per_clip(v):  # (n,) or (n - 2,) per-frame terms summed by clip
+        owner = clip_of if len(v) == n else acc_clip
+        return torch.zeros(C, dtype=dt, device=dev).index_add_(0, owner, v)
 
     def pose(rot, uvz):
         R = _rodrigues(rot) @ R0_t
         z = torch.exp(uvz[:, 2:3])
         return R, torch.cat([uvz[:, :2] * z, z], 1)
 
-    def closure_terms():
+    def terms():
+        """Each clip's objective (C,), the projections and the camera-frame landmarks."""
         R, t = pose(rot, uvz)
-        did = idb_t @ ident  # (L, 3)
+        did = torch.einsum("ljk,ck->clj", idb_t, ident)  # (C, L, 3)
         dex = torch.einsum("ljk,nk->nlj", exb_t, expr)  # (n, L, 3)
-        X = mean_t + did + dex
+        X = mean_t + did[clip_of] + dex
         P = torch.einsum("nij,nlj->nli", R, X) + t[:, None]
         q = torch.einsum("nij,nlj->nli", K_t, P)
         proj = q[..., :2] / q[..., 2:3].clamp_min(1e-6)
         r2 = ((proj - uv_t) ** 2).sum(-1) / size_t[:, None] ** 2
         data = (w_t * torch.log1p(r2 / cfg.robust ** 2)).sum(1) / w_t.sum(1) * cfg.robust ** 2
-        reg = cfg.id_reg * (did ** 2).sum(-1).mean() / face_w ** 2 * n + \
-            cfg.exp_reg * (dex ** 2).sum(-1).mean(-1).sum() / face_w ** 2
+        reg = cfg.id_reg * (did ** 2).sum(-1).mean(-1) / face_w ** 2 * frames_per_clip + \
+            per_clip(cfg.exp_reg * (dex ** 2).sum(-1).mean(-1) / face_w ** 2)
         # second differences (accelerations) over runs of consecutive frames: steady motion is not penalised
-        smooth = (consecutive * (cfg.smooth_rot * (_acc(R) ** 2).sum((-1, -2))
-                                 + cfg.smooth_trans * (_acc(uvz) ** 2).sum(-1)
-                                 + cfg.smooth_exp * (_acc(dex) ** 2).sum(-1).mean(-1) / face_w ** 2)).sum()
-        return data.sum() + reg + smooth, proj, P
+        smooth = consecutive * (cfg.smooth_rot * (_acc(R) ** 2).sum((-1, -2))
+                                + cfg.smooth_trans * (_acc(uvz) ** 2).sum(-1)
+                                + cfg.smooth_exp * (_acc(dex) ** 2).sum(-1).mean(-1) / face_w ** 2)
+        return per_clip(data) + reg + per_clip(smooth), proj, P
 
+    owner_of = {id(rot): clip_of, id(uvz): clip_of, id(expr): clip_of,
+                id(ident): torch.arange(C, device=dev)}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny tensors: threads cost more than they give (and the actor shares its cores)
     try:
         # block coordinate descent: pose given the shape, shape given the pose (each block is well conditioned;
         # one L-BFGS over all unknowns trades rotation for expression and crawls), then a joint polish
         blocks = [[rot, uvz], [ident, expr]] * cfg.rounds + [[rot, uvz, ident, expr]]
-        for params, iters in ((b, cfg.iters) for b in blocks):
-            opt = torch.optim.LBFGS(params, lr=1.0, max_iter=iters, history_size=20, line_search_fn="strong_wolfe",
-                                    tolerance_grad=1e-12, tolerance_change=1e-15)
+        for params in blocks:
+            if C > 1:
+                lbfgs_per_problem(params, [owner_of[id(p)] for p in params], lambda: terms()[0], C, cfg.iters)
+                continue
+            opt = torch.optim.LBFGS(params, lr=1.0, max_iter=cfg.iters, history_size=20,
+                                    line_search_fn="strong_wolfe", tolerance_grad=1e-12, tolerance_change=1e-15)
 
             def closure(opt=opt):
                 opt.zero_grad()
-                loss = closure_terms()[0]
+                loss = terms()[0].sum()
                 loss.backward()
                 return loss
 
@@ -321,15 +378,20 @@ def fit_clip(model: MorphableModel, landmarks: np.ndarray, weights: np.ndarray, 
     finally:
         torch.set_num_threads(threads)
     with torch.no_grad():
-        _, proj, P = closure_terms()
+        _, proj, P = terms()
         R, t = pose(rot, uvz)
-    err = (np.linalg.norm(proj.cpu().numpy() - uv, axis=-1) * w).sum(1) / w.sum(1)
-    out.rotation[idx], out.translation[idx] = R.cpu().numpy(), t.cpu().numpy()
-    out.identity[:] = ident.detach().cpu().numpy()
-    out.expression[idx] = expr.detach().cpu().numpy()
-    out.error_px[idx] = err
-    out.landmarks3d[idx] = P.cpu().numpy()
-    return out
+    proj, P, R, t = (a.cpu().numpy() for a in (proj, P, R, t))
+    ident_np, expr_np = ident.detach().cpu().numpy(), expr.detach().cpu().numpy()
+    start = 0
+    for k, (c, out) in enumerate(todo):
+        sl = slice(start, start + len(c.idx))
+        start = sl.stop
+        out.rotation[c.idx], out.translation[c.idx] = R[sl], t[sl]
+        out.identity[:] = ident_np[k]
+        out.expression[c.idx] = expr_np[sl]
+        out.error_px[c.idx] = (np.linalg.norm(proj[sl] - c.uv, axis=-1) * c.w).sum(1) / c.w.sum(1)
+        out.landmarks3d[c.idx] = P[sl]
+    return results
 
 
 def view_rotation(direction: np.ndarray) -> np.ndarray:

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .optim import lbfgs_per_problem
 from .smplx_model import (
     N_BODY_POSE,
     N_SMPLX_JOINTS,
@@ -163,80 +164,6 @@ def _kabsch(A: np.ndarray, B: np.ndarray) -> np.ndarray:
     U, _, Vt = np.linalg.svd(B.T @ A)
     D = np.diag([1.0, 1.0, np.sign(np.linalg.det(U @ Vt))])
     return U @ D @ Vt
-
-
-def lbfgs_per_problem(params: list[torch.Tensor], owners: list[torch.Tensor], objective, n: int, iters: int,
-                      history: int = 20, c1: float = 1e-4, max_halvings: int = 12) -> None:
-    """L-BFGS on ``n`` independent problems at once, in place: ``objective()`` gives each problem's value (n,), row
-    ``i`` of ``params[k]`` belongs to problem ``owners[k][i]``. Every evaluation is one batched forward and backward
-    for all problems (what makes several clips per fit cheap on a GPU), but each problem keeps its own curvature
-    pairs and its own step (Armijo backtracking from 1): one L-BFGS over their sum shares one step and one history,
-    and a clip fitted beside others converged more slowly than alone (16.9 vs 4.0 px after 150 iterations). The
-    variables live in one flat vector with each entry's problem beside it, so a per-problem dot product is three
-    kernels whatever the number of parameter tensors."""
-    owner = torch.cat([o.repeat_interleave(x[0].numel() if len(x) else 1) for x, o in zip(params, owners)])
-    sizes = [x.numel() for x in params]
-
-    def dot(a, b):  # (n,) per-problem inner products of flat vectors
-        return torch.zeros(n, device=a.device, dtype=a.dtype).index_add_(0, owner, a * b)
-
-    def flat(ts):
-        return torch.cat([t.reshape(-1) for t in ts])
-
-    def evaluate():
-        for q in params:
-            q.grad = None
-        with torch.enable_grad():
-            f = objective()
-            f.sum().backward()
-        return f.detach(), flat([q.grad for q in params])
-
-    def put(x):
-        with torch.no_grad():
-            for q, v in zip(params, torch.split(x, sizes)):
-                q.copy_(v.view_as(q))
-
-    x = flat([q.detach() for q in params])
-    f, g = evaluate()
-    S, Y, R = [], [], []  # curvature pairs and 1 / (y . s) per problem (0 where a pair was not usable)
-    gamma = (1.0 / dot(g.abs(), torch.ones_like(g)).clamp(min=1e-12)).clamp(max=1.0)
-    for _ in range(iters):
-        q, alphas = g.clone(), []
-        for s, y, r in reversed(list(zip(S, Y, R))):
-            a = r * dot(s, q)
-            alphas.append(a)
-            q -= a[owner] * y
-        q *= gamma[owner]
-        for (s, y, r), a in zip(zip(S, Y, R), reversed(alphas)):
-            q += (a - r * dot(y, q))[owner] * s
-        d = -q
-        gtd = dot(g, d)
-        uphill = (gtd >= 0)[owner]  # not a descent direction (a stale pair): steepest descent for that problem
-        d = torch.where(uphill, -g, d)
-        gtd = dot(g, d)
-        t = torch.ones(n, device=f.device, dtype=f.dtype)
-        done = torch.zeros(n, dtype=torch.bool, device=f.device)
-        for _ in range(max_halvings):
-            put(x + t[owner] * d)
-            f_new, g_new = evaluate()
-            done |= torch.isfinite(f_new) & (f_new <= f + c1 * t * gtd)
-            if bool(done.all()):
-                break
-            t = torch.where(done, t, t * 0.5)  # an accepted problem keeps its step (and its evaluated point)
-        if not bool(done.all()):  # no decrease found: that problem stays where it was
-            t = torch.where(done, t, torch.zeros_like(t))
-            put(x + t[owner] * d)
-            f_new, g_new = evaluate()
-        s, y = t[owner] * d, g_new - g
-        ys, yy = dot(y, s), dot(y, y)
-        usable = ys > 1e-10
-        S.append(s)
-        Y.append(y)
-        R.append(torch.where(usable, 1.0 / ys.clamp(min=1e-10), torch.zeros_like(ys)))
-        gamma = torch.where(usable, ys / yy.clamp(min=1e-20), gamma)
-        if len(S) > history:
-            S.pop(0), Y.pop(0), R.pop(0)
-        x, f, g = x + s, f_new, g_new
 
 
 class SMPLXFitter:
