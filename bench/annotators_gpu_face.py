@@ -7,8 +7,9 @@ Models with random weights of the real sizes, so no model file is needed: the de
 network with 212 outputs, ArcFace an R50-sized 112² -> 512 network (``size=tiny`` shrinks the widths for a CPU
 smoke run; the shapes stay). They are exported to ONNX and run by onnxruntime (CUDA provider when present), one
 frame at a time for detection (as the backend does) and one batch per clip for landmarks and identity. The 3DMM fit
-(``morphable.fit_clip``) runs on FaceVerse-sized random bases (~28k vertices, 150 identity, 52 expression bases, 68
-keypoints) over a clip of ``frames`` frames. Prints ms per frame per step and JSON.
+(``morphable.fit_clip``, or ``fit_clips`` for several clips in one fit) runs on FaceVerse-sized random bases (~28k
+vertices, 150 identity, 52 expression bases, 68 keypoints) over clips of turning heads. Prints ms per frame per step
+and JSON.
 
 ``bench/annotators_gpu.py`` runs this part (``measure``) after the body part and adds up the whole stack.
 """
@@ -128,9 +129,33 @@ def bench_identity(d, widths, frames, providers):
     return _time(lambda: s.run(None, {"input.1": x}), 3) * 1000 / frames
 
 
-def bench_fit(frames, n_vertices, seed=0):
+def _moving_heads(model, frames: int, clips: int, K, seed: int = 0) -> list[np.ndarray]:
+    """Landmarks (frames, 68, 2) px of ``clips`` heads turning (yaw -40..40 degrees) and crossing the image, each its
+    own identity and expressions, 0.5 px noise."""
+    from preprocess.annotators.geometry import rotation_from_ypr
+
+    rng = np.random.default_rng(seed)
+    mean, idb, exb = model.landmarks()
+    out = []
+    for _ in range(clips):
+        s = np.linspace(0, 1, frames)
+        ident = rng.normal(0, 1, idb.shape[-1])
+        expr = rng.normal(0, 0.5, exb.shape[-1]) * np.sin(2 * np.pi * s[:, None] + rng.uniform(0, 6, exb.shape[-1]))
+        X = mean + idb @ ident + np.einsum("ljk,tk->tlj", exb, expr)
+        R = np.stack([rotation_from_ypr(y, 5 * np.sin(3 * a), 0) for y, a in zip(np.linspace(-40, 40, frames), s)])
+        t = np.stack([-0.05 + 0.1 * s, 0.02 * np.sin(2 * s), 0.7 + 0.1 * s], 1)
+        P = np.einsum("tij,tlj->tli", R, X) + t[:, None]
+        uv = P @ K.T
+        out.append(uv[..., :2] / uv[..., 2:3] + rng.normal(0, 0.5, (frames, 68, 2)))
+    return out
+
+
+def bench_fit(frames, n_vertices, clips: int = 1, seed=0) -> dict:
+    """The 3DMM fit (FaceVerse-sized random bases) of one clip of ``frames`` moving-head frames alone
+    (``morphable.fit_clip``) and, with ``clips`` > 1, of that many clips in one ``fit_clips``, side by side after a
+    short warm-up: ms per frame and the median landmark error reached."""
     from preprocess.annotators.geometry import intrinsics
-    from preprocess.annotators.morphable import MorphableModel, fit_clip
+    from preprocess.annotators.morphable import FitConfig, MorphableModel, fit_clip, fit_clips
 
     rng = np.random.default_rng(seed)
     face = np.stack([np.linspace(-0.07, 0.07, 68), rng.normal(0, 0.04, 68), rng.normal(-0.08, 0.01, 68)], 1)
@@ -138,26 +163,40 @@ def bench_fit(frames, n_vertices, seed=0):
     model = MorphableModel(mean, rng.normal(0, 1e-3, (n_vertices, 3, 150)), rng.normal(0, 1e-3, (n_vertices, 3, 52)),
                            np.arange(n_vertices - 68, n_vertices))
     K = intrinsics(512, 512, 1.0)
-    P = model.landmarks()[0] + [0, 0, 0.7]
-    uv = P @ K.T
-    uv = np.tile((uv[:, :2] / uv[:, 2:]), (frames, 1, 1)) + rng.normal(0, 0.5, (frames, 68, 2))
+    uvs = _moving_heads(model, frames, max(clips, 2), K, seed)
+    ones = np.ones((frames, 68))
+    warm = FitConfig(iters=2, rounds=1)  # CUDA context, kernels, allocator
+    fit_clip(model, uvs[0][:4], ones[:4], K, warm)
+    fit_clips(model, [(u[:4], ones[:4], K) for u in uvs[:2]], warm)
     t0 = time.perf_counter()
-    fit_clip(model, uv, np.ones((frames, 68)), K)
-    return (time.perf_counter() - t0) * 1000 / frames
+    res = fit_clip(model, uvs[0], ones, K)
+    dt = time.perf_counter() - t0
+    out = {"ms_per_frame": dt * 1000 / frames, "seconds": dt, "clips": 1, "frames": frames,
+           "median_px": float(np.nanmedian(res.error_px))}
+    if clips > 1:
+        t0 = time.perf_counter()
+        many = fit_clips(model, [(u, ones, K) for u in uvs[:clips]])
+        dt = time.perf_counter() - t0
+        out["together"] = {"clips": clips, "ms_per_frame": dt * 1000 / (clips * frames), "seconds": dt,
+                           "median_px": float(np.nanmedian(np.concatenate([r.error_px for r in many])))}
+        out["speedup"] = out["ms_per_frame"] / out["together"]["ms_per_frame"]
+    return out
 
 
-def measure(frames: int, size: str) -> dict:
-    """ms per frame of each face/head step (see the module doc)."""
+def measure(frames: int, size: str, fit_frames: int | None = None, clips: int = 1) -> dict:
+    """ms per frame of each face/head step (see the module doc): the networks on ``frames`` frames, the 3DMM fit on
+    clips of ``fit_frames`` (default ``frames``), ``clips`` of them in one fit (``fit_ms``: the fastest measured)."""
     widths, providers = WIDTHS[size], _device_providers()
     import torch
 
     with tempfile.TemporaryDirectory() as d:
+        fit = bench_fit(fit_frames or frames, 28000 if size == "full" else 2000, clips)
         res = {"device": providers[0], "torch_device": "cuda" if torch.cuda.is_available() else "cpu",
                "size": size, "frames": frames,
                "detection_ms": bench_detection(d, widths, frames, providers),
                "landmarks_ms": bench_landmarks(d, widths, frames, providers),
                "identity_ms": bench_identity(d, widths, frames, providers),
-               "fit_ms": bench_fit(frames, 28000 if size == "full" else 2000)}
+               "fit_ms": fit.get("together", fit)["ms_per_frame"], "fit": fit}
     return res
 
 

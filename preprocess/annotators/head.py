@@ -11,12 +11,14 @@ its size on every side, made square, smoothed over time and resized to 224×224.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from ..schema import BODY_JOINT_NAMES, FACE_CROP_SIZE
+from ..stage import OK, run_clip_stage
 from ..video import encode_mp4
 from .backends import HeadBackend, HeadClip
 from .common import BackendClipStage, finite_or_none, frac, timestamps_ms
@@ -78,15 +80,57 @@ class HeadStage(BackendClipStage):
         cs = smooth_series(np.concatenate([center, side[:, None]], 1), head.valid, self.params.face_smooth_sigma)
         return np.stack([square_box(c[:2], c[2]) for c in cs]) * head.valid[:, None]
 
+    def request(self, row: dict) -> dict:
+        """The backend's input for one clip: the frames to search (``estimate``'s keyword arguments) and, under
+        ``idx``, which frames of the clip they are."""
+        rois, search = self.rois(row)
+        idx = np.flatnonzero(search)
+        return {"idx": idx, "frames": row["frames"][idx], "rois": rois[idx], "timestamps_ms": timestamps_ms(row)[idx],
+                "new_sequence": self.continuity.new_sequence(row),
+                "camera_K": np.asarray(row["camera_K"], np.float64)[idx]}
+
     def process(self, row: dict) -> dict:
+        req = self.request(row)
+        idx = req.pop("idx")
+        return self.fields(row, _scatter(self.backend.estimate(**req), idx, len(row["frames"])))
+
+    def process_batch(self, rows: list[dict]) -> list[dict]:
+        """The clips of a batch through one ``estimate_many`` (a model-fitting backend fits them together: its time
+        per frame falls with the frames per fit); a clip that fails any step fails alone, with its reason; the
+        backend's time is shared out by frames searched."""
+        todo = [r for r in rows if r["status"] == OK and r["kind"] == "clip"]
+        if len(todo) < 2:
+            return super().process_batch(rows)
+        reqs: dict[int, dict] = {}
+
+        def prepare(row: dict) -> dict:
+            reqs[id(row)] = self.request(row)
+            return {}
+
+        for r in todo:
+            run_clip_stage(self, r, prepare)
+        ready = [r for r in todo if r["status"] == OK]
+        idx = [reqs[id(r)].pop("idx") for r in ready]
+        t0 = time.perf_counter()
+        parts = self.backend.estimate_many([reqs.pop(id(r)) for r in ready]) if ready else []
+        seconds = time.perf_counter() - t0
+        frames = max(1, sum(len(i) for i in idx))
+        for r, i, part in zip(ready, idx, parts):
+            r["timings"][self.name] = r["timings"].get(self.name, 0.0) + seconds * len(i) / frames
+
+            def finish(row: dict, i=i, part=part) -> dict:
+                if isinstance(part, Exception):
+                    raise part
+                return self.fields(row, _scatter(part, i, len(row["frames"])))
+
+            run_clip_stage(self, r, finish)
+        return rows
+
+    def fields(self, row: dict, head: HeadClip) -> dict:
+        """The stage's fields of a clip from the backend's estimate for all its frames."""
         frames = row["frames"]
         T = len(frames)
         K = row["camera_K"]
-        rois, search = self.rois(row)
-        idx = np.flatnonzero(search)
-        part = self.backend.estimate(frames[idx], rois[idx], timestamps_ms(row)[idx], self.continuity.new_sequence(row),
-                                     camera_K=np.asarray(K, np.float64)[idx])
-        head = _scatter(part, idx, T)
         valid = head.valid
 
         rot = np.where(valid[:, None, None], head.rotation, 0.0)

@@ -20,3 +20,15 @@ def test_the_fit_bench_reports_one_clip_and_a_batch_of_clips(tmp_path):
     assert r["ms_per_frame"] > 0 and r["together"]["ms_per_frame"] > 0
     assert r["speedup"] == r["ms_per_frame"] / r["together"]["ms_per_frame"]
     assert r["mean_px"] < 20 and r["together"]["mean_px"] < 20  # 20 iterations: coarse, but a fit
+
+
+def test_the_head_fit_bench_reports_one_clip_and_a_batch_of_clips(tmp_path):
+    out = tmp_path / "head.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "annotators_gpu.py"), "--head-fit-only", "--frames",
+                           "8", "--clips", "2", "--face-size", "tiny", "--json", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert r["clips"] == 1 and r["frames"] == 8 and r["together"]["clips"] == 2
+    assert r["speedup"] == r["ms_per_frame"] / r["together"]["ms_per_frame"]
+    assert r["median_px"] < 2 and r["together"]["median_px"] < 2  # 0.5 px landmark noise

@@ -160,6 +160,18 @@ class HeadBackend(Backend):
         (T, 3, 3): the clip's intrinsics (geometry.py), for backends that fit a metric head model."""
         raise NotImplementedError
 
+    def estimate_many(self, requests: list[dict]) -> list[HeadClip | Exception]:
+        """:meth:`estimate` of several clips (each a dict of its keyword arguments), in order; a clip that fails gives
+        its exception in its place and the others go on. One by one here; a backend that fits a head model overrides
+        it to fit the clips together (``InsightFaceHead``: one 3DMM fit for all of them)."""
+        out: list[HeadClip | Exception] = []
+        for r in requests:
+            try:
+                out.append(self.estimate(**r))
+            except Exception as e:  # noqa: BLE001 - one clip's failure is that clip's
+                out.append(e)
+        return out
+
 
 # ---- identity ------------------------------------------------------------------------------------
 

@@ -17,7 +17,7 @@ import cv2
 import numpy as np
 
 from ..geometry import crop, crop_affine, project, uncrop_points
-from ..morphable import FitConfig, MorphableModel, fit_clip, view_rotation
+from ..morphable import FitConfig, MorphableModel, fit_clips, view_rotation
 from . import HeadBackend, HeadClip
 from .insightface_common import InsightFaceParams, load_pack
 
@@ -101,28 +101,68 @@ class InsightFaceHead(HeadBackend):
 
     def estimate(self, frames: np.ndarray, rois: np.ndarray, timestamps_ms: np.ndarray,
                  new_sequence: bool, camera_K: np.ndarray | None = None) -> HeadClip:
-        T, H, W = frames.shape[:3]
+        res = self.estimate_many([dict(frames=frames, rois=rois, timestamps_ms=timestamps_ms,
+                                       new_sequence=new_sequence, camera_K=camera_K)])[0]
+        if isinstance(res, Exception):
+            raise res
+        return res
+
+    def estimate_many(self, requests: list[dict]) -> list:
+        """Each clip's faces found and its landmarks placed, then one 3DMM fit of all of them
+        (``morphable.fit_clips``: each clip its own identity and optimiser state; the fit is bound by kernel
+        launches, so several clips cost little more than one), then each clip's head pose. A clip that fails fails
+        alone."""
+        seen: list = []
+        for r in requests:
+            try:
+                seen.append(self._observe(r["frames"], r["rois"], r.get("camera_K")))
+            except Exception as e:  # noqa: BLE001 - one clip's failure is that clip's
+                seen.append(e)
+        fitted = [o for o in seen if not isinstance(o, Exception) and o.idx.size]
+        fits = fit_clips(self.morphable, [(o.uv, o.w, o.K) for o in fitted], self.fit_cfg) if fitted else []
+        by_clip = {id(o): f for o, f in zip(fitted, fits)}
+        out = []
+        for o in seen:
+            try:
+                out.append(o if isinstance(o, Exception) else self._finish(o, by_clip.get(id(o))))
+            except Exception as e:  # noqa: BLE001 - one clip's failure is that clip's
+                out.append(e)
+        return out
+
+    def _observe(self, frames: np.ndarray, rois: np.ndarray, camera_K: np.ndarray | None) -> _Observed:
+        """Faces found per frame and the landmarks of those found: the fit's input."""
+        T = len(frames)
         if camera_K is None:
             raise ValueError("InsightFaceHead fits a metric head model: it needs the clip's camera_K")
-        out = HeadClip(valid=np.zeros(T, bool), rotation=np.tile(np.eye(3), (T, 1, 1)), center=np.zeros((T, 2)),
-                       px_per_m=np.zeros(T), face_box=np.zeros((T, 4)), fit_px=np.zeros(T))
+        K = np.asarray(camera_K, np.float64)
+        if K.shape not in ((3, 3), (T, 3, 3)):
+            raise ValueError(f"camera_K of shape {K.shape} for {T} frames: one 3x3 intrinsics matrix, or one per frame")
         bgr = [np.ascontiguousarray(f[..., ::-1]) for f in frames]  # insightface's models take BGR
         found = [self._detect(bgr[t], rois[t]) for t in range(T)]
         idx = np.array([t for t in range(T) if found[t] is not None], np.int64)
-        if not len(idx):
-            return out
-        boxes = np.stack([found[t][0] for t in idx])
-        lm106 = self._landmarks("landmark_2d_106", [bgr[t] for t in idx], boxes)
-        lm68 = self._landmarks("landmark_3d_68", [bgr[t] for t in idx], boxes)
         # the fit runs over the whole clip (frames without a face have no landmarks: weight 0)
         uv = np.zeros((T, 68, 2))
         w = np.zeros((T, 68))
-        uv[idx], w[idx] = lm68[..., :2], 1.0
-        res = fit_clip(self.morphable, uv, w, camera_K, self.fit_cfg)
+        lm106 = np.zeros((0, 106, 2))
+        if len(idx):
+            boxes = np.stack([found[t][0] for t in idx])
+            lm106 = self._landmarks("landmark_2d_106", [bgr[t] for t in idx], boxes)
+            lm68 = self._landmarks("landmark_3d_68", [bgr[t] for t in idx], boxes)
+            uv[idx], w[idx] = lm68[..., :2], 1.0
+        return _Observed(T, idx, uv, w, K, lm106)
+
+    def _finish(self, o: _Observed, res) -> HeadClip:
+        """The head pose per frame from the clip's fit (``res``; None: no face found)."""
+        T = o.T
+        out = HeadClip(valid=np.zeros(T, bool), rotation=np.tile(np.eye(3), (T, 1, 1)), center=np.zeros((T, 2)),
+                       px_per_m=np.zeros(T), face_box=np.zeros((T, 4)), fit_px=np.zeros(T))
+        if res is None:
+            return out
+        camera_K = np.broadcast_to(o.K, (T, 3, 3))
         mean, idb, _ = self.morphable.landmarks()
         centre_head = (mean + idb @ res.identity).mean(0) + np.asarray(self.params.head_center_m, np.float64)
-        size = np.ptp(lm106, axis=1).max(-1)  # face size px, per found frame
-        for i, t in enumerate(idx):
+        size = np.ptp(o.lm106, axis=1).max(-1)  # face size px, per found frame
+        for i, t in enumerate(o.idx):
             if not res.valid[t] or res.error_px[t] > self.params.max_fit_frac * size[i]:
                 continue
             K = camera_K[t]
@@ -133,6 +173,18 @@ class InsightFaceHead(HeadBackend):
             out.rotation[t] = view_rotation(c).T @ res.rotation[t]
             out.center[t] = project(c, K)
             out.px_per_m[t] = K[0, 0] / c[2]
-            out.face_box[t] = [*lm106[i].min(0), *lm106[i].max(0)]
+            out.face_box[t] = [*o.lm106[i].min(0), *o.lm106[i].max(0)]
             out.fit_px[t] = res.error_px[t]
         return out
+
+
+@dataclass
+class _Observed:
+    """One clip's detections and landmarks, the 3DMM fit's input."""
+
+    T: int
+    idx: np.ndarray  # frames with a face
+    uv: np.ndarray  # (T, 68, 2) px, zero where no face
+    w: np.ndarray  # (T, 68) 1 where a face was found
+    K: np.ndarray  # (T, 3, 3) or (3, 3)
+    lm106: np.ndarray  # (len(idx), 106, 2) px

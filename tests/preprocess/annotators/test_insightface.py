@@ -95,21 +95,49 @@ def _spec(section, name, **params):
 
 
 def test_full_config_head_stage_writes_fit_columns(files):
+    st = _head_stage(files)
+    T = 6
+    out = st.process(_head_row(T, 192, 1))
+    assert out["head_valid"].all() and out["head_fit_px"].shape == (T,) and out["m_head_fit_px"] < 3.0
+    assert "face_landmarks" not in out and out["face_box"].shape == (T, 4)
+    assert np.abs(out["head_ypr"]).max() < 20  # the tiny landmark models show a frontal face
+
+
+def _head_stage(files):
     spec = _spec("annotators", "head")
     backend = dict(spec.params["backend"])
     backend["params"] = {**backend["params"], "model_dir": files["pack"], "faceverse_path": files["faceverse"],
                          "det_size": 160}
     st = load_stage("head", StageSpec(spec.target, spec.enabled, spec.resources, {**spec.params, "backend": backend}))
     st.setup()
-    T, S = 6, 192
-    row = clip_row(np.random.default_rng(1).integers(0, 255, (T, S, S, 3), dtype=np.uint8))
+    return st
+
+
+def _head_row(T, S, seed):
+    row = clip_row(np.random.default_rng(seed).integers(0, 255, (T, S, S, 3), dtype=np.uint8))
     row.update(camera_K=np.tile(intrinsics(S, S, 1.0), (T, 1, 1)).astype(np.float32),
                body_joints2d=np.zeros((T, 36, 2), np.float32), body_joints3d=np.zeros((T, 36, 3), np.float32),
                body_conf=np.zeros((T, 36), np.float32), subject_valid=np.zeros(T, np.uint8))
-    out = st.process(row)
-    assert out["head_valid"].all() and out["head_fit_px"].shape == (T,) and out["m_head_fit_px"] < 3.0
-    assert "face_landmarks" not in out and out["face_box"].shape == (T, 4)
-    assert np.abs(out["head_ypr"]).max() < 20  # the tiny landmark models show a frontal face
+    return row
+
+
+def test_head_stage_fits_the_clips_of_a_batch_together(files):
+    """process_batch: every clip's faces and landmarks, then one 3DMM fit of all of them (fit_clips), then each
+    clip's fields: the same as one clip at a time, and a clip that breaks fails alone with its reason."""
+    from preprocess.stage import FAILED, OK
+
+    st = _head_stage(files)
+    rows = [_head_row(T, S, seed) for T, S, seed in ((6, 192, 1), (9, 224, 2), (4, 160, 3))]
+    alone = [st.process(dict(r)) for r in rows]
+    broken = _head_row(5, 192, 4)
+    broken["camera_K"] = broken["camera_K"][:, :2]  # a camera that cannot be one
+    out = st.process_batch([dict(r) for r in rows] + [broken])
+    assert [r["status"] for r in out] == [OK, OK, OK, FAILED] and out[-1]["error_stage"] == "head"
+    for r, a in zip(out, alone):
+        assert r["head_valid"].all() and r["timings"]["head"] > 0
+        np.testing.assert_allclose(r["head_ypr"], a["head_ypr"], atol=0.5)
+        np.testing.assert_allclose(r["head_fit_px"], a["head_fit_px"], rtol=0.05, atol=0.02)
+        np.testing.assert_allclose(r["head_center"], a["head_center"], atol=1.0)
 
 
 def test_annotators_full_on_sample_media_writes_valid_shards(files, tmp_path):

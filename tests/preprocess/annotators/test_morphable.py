@@ -151,7 +151,8 @@ def test_clips_fitted_together_end_where_each_would_alone(model):
     frame beside them gets an empty result instead of failing the others."""
     from preprocess.annotators.morphable import fit_clips
 
-    clips = [clip(model, T=T, seed=seed, depth=depth) for T, seed, depth in ((16, 11, 0.6), (24, 12, 0.9), (9, 13, 0.5))]
+    shapes = ((16, 11, 0.6), (24, 12, 0.9), (9, 13, 0.5))  # frames, seed, depth (m)
+    clips = [clip(model, T=T, seed=seed, depth=depth) for T, seed, depth in shapes]
     empty = (np.full((5, 68, 2), np.nan), np.ones((5, 68)), K)
     together = fit_clips(model, [(uv, np.ones(uv.shape[:2]), K) for uv, _, _ in clips] + [empty])
     assert not together[-1].valid.any() and np.isnan(together[-1].error_px).all()
