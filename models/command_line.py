@@ -152,9 +152,19 @@ def finish(code: int) -> None:
     import sys
     import threading
 
-    for t in threading.enumerate():
-        if t is not threading.main_thread() and not t.daemon:
-            t.join()
+    # The interpreter's exit, in its order: threading's exit hooks (they tell idle pools such as inductor's compile
+    # workers, concurrent.futures executors, to stop), the join of every non-daemon thread, then atexit. Joining
+    # before the hooks waited forever on an idle executor (train/run.py with compiled blocks).
+    shutdown = getattr(threading, "_shutdown", None)
+    if shutdown is not None:
+        shutdown()
+    else:  # an interpreter without the private hook: wake the executors ourselves, then join
+        from concurrent.futures import thread as futures_thread
+
+        futures_thread._python_exit()
+        for t in threading.enumerate():
+            if t is not threading.main_thread() and not t.daemon:
+                t.join()
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         try:
