@@ -134,6 +134,11 @@ class Trainer:
         signal.signal(signal.SIGTERM, self._on_sigterm)
         logger = MetricLogger(job.stage_dir, dist.is_main, job.train.log.tensorboard, job.train.log.progress_bar,
                               total, self.step)
+        if job.train.optimizer.cooldown and job.train.time_limit_min and self.step and dist.is_main:
+            log.warning("train.optimizer.cooldown with train.time_limit_min on a resumed stage (step %d): the "
+                        "cool-down follows this launch's time, so the learning rate starts at its full value again; "
+                        "for a stage over several launches, leave time_limit_min unset and let it follow stage.steps",
+                        self.step)
         it = iter(self.loader)
         self.t_start = time.perf_counter()
         self.kept_batch = None

@@ -7,9 +7,9 @@ from .conftest import metrics, run
 
 def test_a_time_limit_ends_the_stage_with_an_export_on_a_cooled_down_rate(tmp_path, base_overrides):
     out = tmp_path / "run"
-    log = run(out, [*base_overrides, "stage.steps=100000", "train.time_limit_min=0.2", "train.optimizer.cooldown=0.5",
-                    "train.optimizer.warmup_steps=1", "train.optimizer.lr=1e-3", "train.log.every=1",
-                    "train.checkpoint.every=100000"], nproc=1)
+    args = [*base_overrides, "stage.steps=100000", "train.optimizer.cooldown=0.5", "train.optimizer.warmup_steps=1",
+            "train.optimizer.lr=1e-3", "train.log.every=1", "train.checkpoint.every=100000"]
+    log = run(out, [*args, "train.time_limit_min=0.2"], nproc=1)
     assert "train.time_limit_min=0.2 reached at step" in log
     m = metrics(out)
     steps = sorted(m)
@@ -24,3 +24,9 @@ def test_a_time_limit_ends_the_stage_with_an_export_on_a_cooled_down_rate(tmp_pa
     last = max(steps)
     assert (out / "stage1" / "checkpoints").is_dir() and list((out / "stage1" / "export").glob("*.safetensors"))
     assert f"step {last} of 100000" in log
+
+    # the next launch continues the stage (resume=auto) and says that its cool-down starts over
+    again = run(out, [*args, "train.time_limit_min=0.05"], nproc=1, log_name="again.log")
+    assert f"resumed from {out / 'stage1' / 'checkpoints' / f'step_{last:08d}'} at step {last}" in again, again[-3000:]
+    assert "the cool-down follows this launch's time" in again
+    assert max(metrics(out)) > last
