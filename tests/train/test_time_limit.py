@@ -1,5 +1,6 @@
 """A time-boxed stage (``train.time_limit_min``): it ends on time with a checkpoint and an export, and with
-``train.optimizer.cooldown`` its learning rate falls to ~0 by the limit although ``stage.steps`` is far away."""
+``train.optimizer.cooldown`` its learning rate falls to ~0 by the limit although ``stage.steps`` is far away; the next
+launch continues the stage and warns that its cool-down starts over."""
 from __future__ import annotations
 
 from .conftest import metrics, run
