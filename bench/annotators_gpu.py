@@ -136,7 +136,7 @@ def main() -> None:
         if a.head_fit_only:
             from bench import annotators_gpu_face as face
 
-            fit = face.bench_fit(a.frames, 28000 if a.face_size == "full" else 2000, a.clips)
+            fit = face.bench_fit(a.frames, face.VERTICES.get(a.face_size, face.VERTICES["tiny"]), a.clips)
         else:
             fit = bench_fit(a.frames, a.size, a.iters, a.clips)
         print(json.dumps(fit))

@@ -26,6 +26,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 WIDTHS = {"full": (64, 128, 256, 512), "tiny": (8, 16, 32, 64)}
+VERTICES = {"full": 28000, "tiny": 2000}  # of the 3DMM (FaceVerse's ~28k; the fit uses its 68 keypoints only)
 
 
 def _device_providers():
@@ -190,7 +191,7 @@ def measure(frames: int, size: str, fit_frames: int | None = None, clips: int = 
     import torch
 
     with tempfile.TemporaryDirectory() as d:
-        fit = bench_fit(fit_frames or frames, 28000 if size == "full" else 2000, clips)
+        fit = bench_fit(fit_frames or frames, VERTICES[size], clips)
         res = {"device": providers[0], "torch_device": "cuda" if torch.cuda.is_available() else "cpu",
                "size": size, "frames": frames,
                "detection_ms": bench_detection(d, widths, frames, providers),

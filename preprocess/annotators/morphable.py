@@ -317,7 +317,7 @@ def fit_clips(model: MorphableModel, clips: list[tuple[np.ndarray, np.ndarray, n
     # smoothness only over three neighbouring frames of one clip
     frame = np.concatenate([c.idx for c in cs])
     consecutive = tt((frame[2:] - frame[:-2] == 2) & (clip_np[2:] == clip_np[:-2]))
-    acc_clip = clip_of[:-2] if n > 2 else clip_of[:0]
+    acc_clip = clip_of[:max(n - 2, 0)]  # the clip of each second difference (frames j, j + 1, j + 2)
     frames_per_clip = tt(np.asarray(counts, np.float64))
     # unknowns: rotation update (axis-angle), translation as (x/z, y/z, log z), identity per clip, expression
     rot = torch.zeros(n, 3, dtype=dt, device=dev, requires_grad=True)
@@ -325,8 +325,7 @@ def fit_clips(model: MorphableModel, clips: list[tuple[np.ndarray, np.ndarray, n
     ident = torch.zeros(C, idb.shape[-1], dtype=dt, device=dev, requires_grad=True)
     expr = torch.zeros(n, exb.shape[-1], dtype=dt, device=dev, requires_grad=True)
 
-    def per_clip(v):  # (n,) or (n - 2,) per-frame terms summed by clip
-        owner = clip_of if len(v) == n else acc_clip
+    def per_clip(v, owner=clip_of):  # per-frame terms (or per-triple, owner acc_clip) summed by clip
         return torch.zeros(C, dtype=dt, device=dev).index_add_(0, owner, v)
 
     def pose(rot, uvz):
@@ -351,7 +350,7 @@ def fit_clips(model: MorphableModel, clips: list[tuple[np.ndarray, np.ndarray, n
         smooth = consecutive * (cfg.smooth_rot * (_acc(R) ** 2).sum((-1, -2))
                                 + cfg.smooth_trans * (_acc(uvz) ** 2).sum(-1)
                                 + cfg.smooth_exp * (_acc(dex) ** 2).sum(-1).mean(-1) / face_w ** 2)
-        return per_clip(data) + reg + per_clip(smooth), proj, P
+        return per_clip(data) + reg + per_clip(smooth, acc_clip), proj, P
 
     owner_of = {id(rot): clip_of, id(uvz): clip_of, id(expr): clip_of,
                 id(ident): torch.arange(C, device=dev)}
