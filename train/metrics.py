@@ -60,9 +60,10 @@ class MetricLogger:
     """Writes metric records (rank 0 only; other ranks get a no-op)."""
 
     def __init__(self, stage_dir: Path, enabled: bool, tensorboard: bool, progress_bar: bool, total_steps: int,
-                 start_step: int):
+                 start_step: int, time_limit_s: float | None = None):
         self.enabled = enabled
         self.total = total_steps
+        self.time_limit_s = time_limit_s
         self.start_step = start_step
         self.t_start = time.perf_counter()
         self.tb = self.bar = self.jsonl = None
@@ -81,11 +82,16 @@ class MetricLogger:
                             dynamic_ncols=True, mininterval=2.0, disable=None)  # None: only on a terminal
 
     def eta_seconds(self, step: int) -> float:
-        """Seconds to the stage's end at the average rate since this process started."""
+        """Seconds to the stage's end at the average rate since this process started, or to the time limit
+        (``train.time_limit_min``) when that comes first."""
         done = step - self.start_step
         if done <= 0:
             return math.nan
-        return (time.perf_counter() - self.t_start) / done * (self.total - step)
+        elapsed = time.perf_counter() - self.t_start
+        eta = elapsed / done * (self.total - step)
+        if self.time_limit_s:
+            eta = min(eta, max(self.time_limit_s - elapsed, 0.0))
+        return eta
 
     def log(self, step: int, record: dict, to_stdout: bool) -> None:
         """One record: jsonl always, TensorBoard scalars, a stdout line when ``to_stdout``."""

@@ -132,8 +132,9 @@ class Trainer:
         job, dist = self.job, self.dist
         total = job.stage.steps
         signal.signal(signal.SIGTERM, self._on_sigterm)
+        limit = job.train.time_limit_min
         logger = MetricLogger(job.stage_dir, dist.is_main, job.train.log.tensorboard, job.train.log.progress_bar,
-                              total, self.step)
+                              total, self.step, time_limit_s=60 * limit if limit else None)
         if job.train.optimizer.cooldown and job.train.time_limit_min and self.step and dist.is_main:
             log.warning("train.optimizer.cooldown with train.time_limit_min on a resumed stage (step %d): the "
                         "cool-down follows this launch's time, so the learning rate starts at its full value again; "

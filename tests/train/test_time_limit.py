@@ -1,6 +1,6 @@
 """A time-boxed stage (``train.time_limit_min``): it ends on time with a checkpoint and an export, and with
 ``train.optimizer.cooldown`` its learning rate falls to ~0 by the limit although ``stage.steps`` is far away; the next
-launch continues the stage and warns that its cool-down starts over."""
+launch continues the stage and warns that its cool-down starts over. The ETA counts down to the limit."""
 from __future__ import annotations
 
 from .conftest import metrics, run
@@ -22,6 +22,8 @@ def test_a_time_limit_ends_the_stage_with_an_export_on_a_cooled_down_rate(tmp_pa
     # the last rate follows the time at the end of the step before the last: past 80% of the 12 s (unless a step
     # took > 2.4 s), so at most (1 - 0.8) / 0.5 of the rate
     assert lrs[-1] < 0.4e-3, lrs
+    # the ETA counts down to the limit, not to stage.steps (which would be hours away)
+    assert all(0 <= m[s]["eta_s"] <= 12 for s in steps), [m[s]["eta_s"] for s in steps]
     last = max(steps)
     assert (out / "stage1" / "checkpoints").is_dir() and list((out / "stage1" / "export").glob("*.safetensors"))
     assert f"step {last} of 100000" in log
