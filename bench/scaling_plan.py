@@ -129,6 +129,7 @@ def plan_rows(args) -> dict:
         "corpus_hours": hours, "frames": frames,
         "embedded_cpu_core_hours": frames * args.cpu_ms_per_frame / 1000 / 3600,
         "smplx_fit_gpu_hours": frames * args.smplx_fit_ms_per_frame / 1000 / 3600,
+        "head_fit_gpu_hours": frames * args.head_fit_ms_per_frame / 1000 / 3600,
         "latent_cache_gpu_hours": hours * args.clip_coverage / args.encode_video_hours_per_gpu_hour}
     return out
 
@@ -179,10 +180,13 @@ def markdown(plan: dict, args) -> str:
               f"- latent cache ({args.clip_coverage:.0%} of the footage inside clips, "
               f"{args.encode_video_hours_per_gpu_hour:g} video-hours per GPU-hour): "
               f"**{p['latent_cache_gpu_hours']:,.0f} GPU-hours**.",
-              f"- production body annotators (`annotators=full`): the SMPL-X fits alone at "
+              f"- production annotators (`annotators=full`), their two fits: the SMPL-X fit at "
               f"{args.smplx_fit_ms_per_frame:g} GPU-ms per frame (8 clips per fit): "
-              f"**{p['smplx_fit_gpu_hours']:,.0f} GPU-hours**; person detection, the whole-body keypoints and the "
-              f"3DMM head fit are not in it (not measured on a GPU yet)."]
+              f"**{p['smplx_fit_gpu_hours']:,.0f} GPU-hours**, the 3DMM head fit at {args.head_fit_ms_per_frame:g} "
+              f"(16 clips per fit): **{p['head_fit_gpu_hours']:,.0f} GPU-hours**, together "
+              f"{1e3 / args.fps / (args.smplx_fit_ms_per_frame + args.head_fit_ms_per_frame):.2f} source-video-hours "
+              f"per GPU-hour; person detection, the whole-body keypoints and the face networks are not in it (not "
+              f"measured on a GPU yet)."]
     return "\n".join(lines) + "\n"
 
 
@@ -216,6 +220,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--smplx-fit-ms-per-frame", type=float, default=13.3,
                     help="SMPL-X fit, 8 clips of 121 frames per fit, 300 iterations: bench/annotators_gpu.py "
                          "--fit-only --clips 8, H200 (docs/performance.md, 2026-12-02)")
+    ap.add_argument("--head-fit-ms-per-frame", type=float, default=3.62,
+                    help="3DMM head fit, 16 clips of 121 frames per fit: bench/annotators_gpu.py --head-fit-only "
+                         "--clips 16, H200 (docs/performance.md, 2026-12-02)")
     ap.add_argument("--clip-coverage", type=float, default=0.8,
                     help="fraction of the corpus inside training clips (assumed: shot cuts, persons missing)")
     ap.add_argument("--json", type=Path)
