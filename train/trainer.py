@@ -135,7 +135,7 @@ class Trainer:
         limit = job.train.time_limit_min
         logger = MetricLogger(job.stage_dir, dist.is_main, job.train.log.tensorboard, job.train.log.progress_bar,
                               total, self.step, time_limit_s=60 * limit if limit else None)
-        if job.train.optimizer.cooldown and job.train.time_limit_min and self.step and dist.is_main:
+        if job.train.optimizer.cooldown and limit and self.step and dist.is_main:
             log.warning("train.optimizer.cooldown with train.time_limit_min on a resumed stage (step %d): the "
                         "cool-down follows this launch's time, so the learning rate starts at its full value again; "
                         "for a stage over several launches, leave time_limit_min unset and let it follow stage.steps",
