@@ -181,6 +181,15 @@ def bench_fit(frames, n_vertices, clips: int = 1, seed=0) -> dict:
         out["together"] = {"clips": clips, "ms_per_frame": dt * 1000 / (clips * frames), "seconds": dt,
                            "median_px": float(np.nanmedian(np.concatenate([r.error_px for r in many])))}
         out["speedup"] = out["ms_per_frame"] / out["together"]["ms_per_frame"]
+        import torch
+
+        if torch.cuda.is_available():  # the same fit with its evaluations launched eagerly (no CUDA graph)
+            t0 = time.perf_counter()
+            eager = fit_clips(model, [(u, ones, K) for u in uvs[:clips]], FitConfig(cuda_graph=False))
+            dt = time.perf_counter() - t0
+            out["together_eager"] = {"clips": clips, "ms_per_frame": dt * 1000 / (clips * frames), "seconds": dt,
+                                     "median_px": float(np.nanmedian(np.concatenate([r.error_px for r in eager])))}
+            out["graph_speedup"] = out["together_eager"]["ms_per_frame"] / out["together"]["ms_per_frame"]
     return out
 
 

@@ -178,6 +178,7 @@ class FitConfig:
     smooth_trans: float = 0.01
     smooth_exp: float = 0.01
     device: str = "auto"  # auto: cuda when present, else cpu
+    cuda_graph: bool = True  # on a GPU, several clips' evaluations replay as one CUDA graph (optim.lbfgs_per_problem)
 
 
 @dataclass
@@ -362,7 +363,8 @@ def fit_clips(model: MorphableModel, clips: list[tuple[np.ndarray, np.ndarray, n
         blocks = [[rot, uvz], [ident, expr]] * cfg.rounds + [[rot, uvz, ident, expr]]
         for params in blocks:
             if C > 1:
-                lbfgs_per_problem(params, [owner_of[id(p)] for p in params], lambda: terms()[0], C, cfg.iters)
+                lbfgs_per_problem(params, [owner_of[id(p)] for p in params], lambda: terms()[0], C, cfg.iters,
+                                  cuda_graph=cfg.cuda_graph)
                 continue
             opt = torch.optim.LBFGS(params, lr=1.0, max_iter=cfg.iters, history_size=20,
                                     line_search_fn="strong_wolfe", tolerance_grad=1e-12, tolerance_change=1e-15)

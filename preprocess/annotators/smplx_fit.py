@@ -98,6 +98,7 @@ class FitParams:
     lr: float = 0.03  # Adam's step (optimizer: adam)
     repair_rounds: int = 2  # restarts of badly fitted frames from their nearest well-fitted frame (see fit)
     optimizer: str = "lbfgs"  # lbfgs (strong Wolfe line search; iters = its iterations) | adam
+    cuda_graph: bool = True  # on a GPU, several clips' evaluations replay as one CUDA graph (optim.lbfgs_per_problem)
     min_conf: float = 0.3  # keypoints below this confidence are ignored
     min_keypoints: int = 6  # a frame is fitted when it has at least this many confident body keypoints
     robust_px: float = 0.0  # Geman-McClure scale, px; 0: 20% of the image's long side (SMPLify: 100 px)
@@ -333,13 +334,16 @@ class SMPLXFitter:
 
         torso_mask = torch.zeros(N_SMPLX_JOINTS, device=dev)
         torso_mask[torso] = 1.0
-        opt = torch.optim.Adam([d_orient, transl], lr=p.lr)
-        for _ in range(p.iters_torso):
-            opt.zero_grad()
-            J, _ = joints()
-            loss = data_term(project(J), torso_mask).sum()
-            loss.backward()
-            opt.step()
+        def torso_stage() -> None:  # its last loss (and the autograd graph behind it) must not outlive it: a graph
+            opt = torch.optim.Adam([d_orient, transl], lr=p.lr)  # kept alive ties the leaves' gradient accumulators
+            for _ in range(p.iters_torso):  # to the default stream, and the L-BFGS stage's CUDA graph capture fails
+                opt.zero_grad()
+                J, _ = joints()
+                data_term(project(J), torso_mask).sum().backward()
+                opt.step()
+            d_orient.grad, transl.grad = None, None
+
+        torso_stage()
 
         rho_clip, pair_cid = tens(rho_c), cid[:-1]  # a pair belongs to its first frame's clip
 
@@ -361,7 +365,7 @@ class SMPLXFitter:
 
         def minimise(iters: int) -> None:
             if p.optimizer == "lbfgs" and n_clips > 1:
-                lbfgs_per_problem(params, owners, objective, n_clips, iters)
+                lbfgs_per_problem(params, owners, objective, n_clips, iters, cuda_graph=p.cuda_graph)
                 return
             if p.optimizer == "lbfgs":
                 opt = torch.optim.LBFGS(params, lr=1.0, max_iter=iters, history_size=20, tolerance_grad=1e-9,

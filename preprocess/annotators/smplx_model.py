@@ -130,12 +130,13 @@ class SMPLXJoints(torch.nn.Module):
         one batched product per depth of the kinematic tree (12) instead of one per joint (55): 20x faster."""
         B = rot.shape[0]
         rel = J - torch.cat([torch.zeros_like(J[:, :1]), J[:, self.parents[1:]]], 1)
-        bottom = torch.tensor([0.0, 0, 0, 1], dtype=rot.dtype, device=rot.device).expand(B, N_KINEMATIC, 1, 4)
+        bottom = self.bottom_row.to(rot.dtype).expand(B, N_KINEMATIC, 1, 4)
         local = torch.cat([torch.cat([rot, rel[..., None]], -1), bottom], -2)
-        world = local[:, self._levels[0]]
-        for idx, ppos in zip(self._levels[1:], self._parent_pos[1:]):
+        world = local[:, self.level_0]
+        for d in range(1, self._n_levels):
+            idx, ppos = getattr(self, f"level_{d}"), getattr(self, f"parent_pos_{d}")
             world = torch.cat([world, world[:, ppos] @ local[:, idx]], 1)
-        world = world[:, self._order]  # back to joint order
+        world = world[:, self.joint_order]  # back to joint order
         joints = world[..., :3, 3]
         A = torch.cat([world[..., :3, :3], (joints - (world[..., :3, :3] @ J[..., None])[..., 0])[..., None]], -1)
         A = torch.cat([A, world[..., 3:, :]], -2)
@@ -149,9 +150,15 @@ class SMPLXJoints(torch.nn.Module):
         levels = [[j for j in range(N_KINEMATIC) if depth[j] == d] for d in range(max(depth) + 1)]
         flat = [j for lv in levels for j in lv]
         pos = {j: k for k, j in enumerate(flat)}
-        self._levels = [torch.tensor(lv) for lv in levels]
-        self._parent_pos = [None] + [torch.tensor([pos[parents[j]] for j in lv]) for lv in levels[1:]]
-        self._order = torch.tensor([pos[j] for j in range(N_KINEMATIC)])
+        # buffers, so they follow the model to its device: an index tensor left on the host is copied to the GPU at
+        # every use (a synchronous copy, and one that a CUDA graph cannot capture)
+        self._n_levels = len(levels)
+        for d, lv in enumerate(levels):
+            self.register_buffer(f"level_{d}", torch.tensor(lv), persistent=False)
+            if d:
+                self.register_buffer(f"parent_pos_{d}", torch.tensor([pos[parents[j]] for j in lv]), persistent=False)
+        self.register_buffer("joint_order", torch.tensor([pos[j] for j in range(N_KINEMATIC)]), persistent=False)
+        self.register_buffer("bottom_row", torch.tensor([0.0, 0, 0, 1]), persistent=False)
 
     def hand_pose(self, coeffs: torch.Tensor) -> torch.Tensor:
         """(B, 2, 15, 3) finger rotations from PCA coefficients (B, 2, C) of the model's hand space."""
