@@ -132,6 +132,8 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=300)
     ap.add_argument("--clips", type=int, default=1,
                     help="clips per SMPL-X fit (fit_many) and per 3DMM head fit (fit_clips), measured beside one alone")
+    ap.add_argument("--head-clips", type=int, default=None,
+                    help="clips per 3DMM head fit, if not --clips (full.yaml: body 8, head 16)")
     ap.add_argument("--fit-only", action="store_true", help="only the SMPL-X fit (no detection, keypoints, face)")
     ap.add_argument("--head-fit-only", action="store_true",
                     help="only the 3DMM head fit (FaceVerse-sized): one clip alone and --clips in one fit")
@@ -146,7 +148,8 @@ def main() -> None:
         if a.head_fit_only:
             from bench import annotators_gpu_face as face
 
-            fit = face.bench_fit(a.frames, face.VERTICES.get(a.face_size, face.VERTICES["tiny"]), a.clips)
+            vertices = face.VERTICES.get(a.face_size, face.VERTICES["tiny"])
+            fit = face.bench_fit(a.frames, vertices, a.head_clips or a.clips)
         else:
             fit = bench_fit(a.frames, a.size, a.iters, a.clips)
         print(json.dumps(fit))
@@ -170,7 +173,7 @@ def main() -> None:
     if a.face_size != "none":
         from bench import annotators_gpu_face as face
 
-        out["face"] = face.measure(min(a.frames, 32), a.face_size, a.frames, a.clips)
+        out["face"] = face.measure(min(a.frames, 32), a.face_size, a.frames, a.head_clips or a.clips)
         for step in ("detection_ms", "landmarks_ms", "identity_ms", "fit_ms"):
             print(f"| face {step[:-3]} ({out['face']['device']}) | {out['face'][step]:.1f} |")
     total = f["ms_per_frame"] + sum(x for x in (det, k) if not isinstance(x, str))

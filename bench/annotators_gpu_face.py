@@ -9,7 +9,9 @@ smoke run; the shapes stay). They are exported to ONNX and run by onnxruntime (C
 frame at a time for detection (as the backend does) and one batch per clip for landmarks and identity. The 3DMM fit
 (``morphable.fit_clip``, or ``fit_clips`` for several clips in one fit) runs on FaceVerse-sized random bases (~28k
 vertices, 150 identity, 52 expression bases, 68 keypoints) over clips of turning heads. Prints ms per frame per step
-and JSON.
+and JSON. Where onnxruntime has no CUDA provider but PyTorch has a GPU (the lent machine), the networks are timed
+instead at their real sizes in PyTorch on the GPU (``bench_networks_torch``; the onnxruntime CPU figures are kept
+beside them).
 
 ``bench/annotators_gpu.py`` runs this part (``measure``) after the body part and adds up the whole stack.
 """
@@ -130,6 +132,74 @@ def bench_identity(d, widths, frames, providers):
     return _time(lambda: s.run(None, {"input.1": x}), 3) * 1000 / frames
 
 
+def iresnet50(in_size: int = 112, out_dim: int = 512):
+    """ArcFace's IResNet-50 (insightface's ``w600k_r50``: 43.6 M parameters, 6.3 G multiply-adds at 112²): BN-conv-
+    BN-PReLU-conv-BN residual blocks [3, 4, 14, 3] at widths 64-512, the first stride 1, then BN, a fully connected
+    512-D embedding and BN. At ``in_size`` 192 with ``out_dim`` 204 it stands for the 3D-68 landmark model (a
+    ResNet-50-class network at 192², 1k3d68; heavier than it, so a conservative stand-in)."""
+    import torch.nn as nn
+
+    class Block(nn.Module):
+        def __init__(self, cin, cout, stride):
+            super().__init__()
+            self.body = nn.Sequential(nn.BatchNorm2d(cin), nn.Conv2d(cin, cout, 3, 1, 1, bias=False),
+                                      nn.BatchNorm2d(cout), nn.PReLU(cout),
+                                      nn.Conv2d(cout, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout))
+            self.down = None if stride == 1 and cin == cout else nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+        def forward(self, x):
+            return self.body(x) + (x if self.down is None else self.down(x))
+
+    layers, c = [nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.PReLU(64)], 64
+    for w, n in zip((64, 128, 256, 512), (3, 4, 14, 3)):
+        layers += [Block(c, w, 2)] + [Block(w, w, 1) for _ in range(n - 1)]
+        c = w
+    side = in_size // 16
+    return nn.Sequential(*layers, nn.BatchNorm2d(512), nn.Flatten(), nn.Linear(512 * side * side, out_dim),
+                         nn.BatchNorm1d(out_dim))
+
+
+def bench_networks_torch(frames: int, clip_batch: int = 16) -> dict:
+    """The face networks at (or above) their real sizes in PyTorch on the CUDA device (cuDNN, fp32 with TF32 as
+    onnxruntime's CUDA provider runs by default): the stand-in where onnxruntime has no CUDA provider. Detection: an
+    SCRFD-shaped network scaled to ~27 GFLOP at 640² (det_10g: 10 G multiply-adds at 640x480), one frame per call
+    as the backend calls it, and ``clip_batch`` frames per call; 2D-106 landmarks: the ResNet-ish 192² regressor
+    (3.8 GFLOP, above 2d106det's); 3D-68 landmarks: IResNet-50 at 192²; identity: IResNet-50 at 112² (w600k_r50's
+    own architecture). Every figure: ms per frame, with the network's GFLOP per frame and parameters."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    dev = torch.device("cuda")
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    nets = {"detection": (_SCRFDLike.make((160, 320, 640, 1280)), 640, 1),
+            "detection_batched": (_SCRFDLike.make((160, 320, 640, 1280)), 640, clip_batch),
+            "landmarks_106": (_regressor(WIDTHS["full"], 192, 212), 192, frames),
+            "landmarks_68": (iresnet50(192, 204), 192, frames),
+            "identity": (iresnet50(112, 512), 112, frames)}
+    out = {}
+    for name, (net, size, batch) in nets.items():
+        net = net.to(dev).eval()
+        x = torch.rand(batch, 3, size, size, device=dev)
+        with FlopCounterMode(display=False) as fc, torch.no_grad():
+            net(x[:1])
+        with torch.no_grad():
+            for _ in range(3):
+                net(x)
+            torch.cuda.synchronize()
+            n = max(3, 64 // batch)
+            t0 = time.perf_counter()
+            for _ in range(n):
+                net(x)
+            torch.cuda.synchronize()
+        out[name] = {"ms_per_frame": (time.perf_counter() - t0) / (n * batch) * 1000, "batch": batch,
+                     "gflop_per_frame": fc.get_total_flops() / 1e9,
+                     "mparams": sum(p.numel() for p in net.parameters()) / 1e6}
+    return out
+
+
 def _moving_heads(model, frames: int, clips: int, K, seed: int = 0) -> list[np.ndarray]:
     """Landmarks (frames, 68, 2) px of ``clips`` heads turning (yaw -40..40 degrees) and crossing the image, each its
     own identity and expressions, 0.5 px noise."""
@@ -207,6 +277,14 @@ def measure(frames: int, size: str, fit_frames: int | None = None, clips: int = 
                "landmarks_ms": bench_landmarks(d, widths, frames, providers),
                "identity_ms": bench_identity(d, widths, frames, providers),
                "fit_ms": fit.get("together", fit)["ms_per_frame"], "fit": fit}
+    if providers[0] == "CPUExecutionProvider" and torch.cuda.is_available() and size == "full":
+        # onnxruntime without its CUDA provider: the networks' GPU figures come from their PyTorch stand-ins
+        nets = bench_networks_torch(frames)
+        res["onnx_cpu_ms"] = {k: res[k] for k in ("detection_ms", "landmarks_ms", "identity_ms")}
+        res.update(device="cuda (PyTorch stand-ins, bench_networks_torch)", networks=nets,
+                   detection_ms=nets["detection"]["ms_per_frame"],
+                   landmarks_ms=nets["landmarks_106"]["ms_per_frame"] + nets["landmarks_68"]["ms_per_frame"],
+                   identity_ms=nets["identity"]["ms_per_frame"])
     return res
 
 
