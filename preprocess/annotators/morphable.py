@@ -362,7 +362,7 @@ def fit_clips(model: MorphableModel, clips: list[tuple[np.ndarray, np.ndarray, n
         # one L-BFGS over all unknowns trades rotation for expression and crawls), then a joint polish
         blocks = [[rot, uvz], [ident, expr]] * cfg.rounds + [[rot, uvz, ident, expr]]
         for params in blocks:
-            if C > 1:
+            if C > 1 or (dev.type == "cuda" and cfg.cuda_graph):  # one clip on a GPU too (see smplx_fit)
                 lbfgs_per_problem(params, [owner_of[id(p)] for p in params], lambda: terms()[0], C, cfg.iters,
                                   cuda_graph=cfg.cuda_graph)
                 continue

@@ -364,7 +364,9 @@ class SMPLXFitter:
         owners = [cid] * len(per_frame) + [torch.arange(n_clips, device=dev)]  # the clip of each row of each
 
         def minimise(iters: int) -> None:
-            if p.optimizer == "lbfgs" and n_clips > 1:
+            # one clip on a GPU too: a replayed evaluation beats torch's L-BFGS (strong-Wolfe line search, host reads
+            # at every trial point) there; one clip on the CPU keeps torch's
+            if p.optimizer == "lbfgs" and (n_clips > 1 or (dev.type == "cuda" and p.cuda_graph)):
                 lbfgs_per_problem(params, owners, objective, n_clips, iters, cuda_graph=p.cuda_graph)
                 return
             if p.optimizer == "lbfgs":
