@@ -13,6 +13,7 @@
 # - mmcv 2.1.0 from source: mmdet 3.3 (whose modules mmpose's heads import) refuses mmcv >= 2.2, and no 2.1.0 wheel
 #   exists for this torch. torch >= 2.14's headers need C++20; mmcv 2.1.0's setup.py asks for C++17: patched.
 # - mmpose 1.3.2 with --no-deps: it declares chumpy (never imported on this path; does not build on Python 3.11).
+# - munkres 1.1.4 (mmpose's codecs): the original pure-Python package; 3.0.0 is a rewrite by another maintainer.
 # - xtcocotools from source: its wheels are built against numpy 1 (numpy here is 2.x).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -50,7 +51,7 @@ if ! ls "$WHEELS"/mmcv-"$MMCV"-*.whl >/dev/null 2>&1; then
     "$WORK/mmcv-$MMCV"
 fi
 step "$PY" -m pip install -q --no-deps "$WHEELS"/mmcv-"$MMCV"-*.whl
-step "$PY" -m pip install -q "mmdet==$MMDET" json_tricks munkres scipy matplotlib
+step "$PY" -m pip install -q "mmdet==$MMDET" json_tricks "munkres==1.1.4" scipy matplotlib
 step "$PY" -m pip install -q --no-binary xtcocotools --no-build-isolation "xtcocotools==$XTCOCOTOOLS"
 step "$PY" -m pip install -q --no-deps "mmpose==$MMPOSE"
 
