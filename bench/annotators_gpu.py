@@ -52,7 +52,9 @@ def bench_detection(frames: np.ndarray) -> float | str:
     return dt / len(frames) * 1000
 
 
-def bench_keypoints(frames: np.ndarray, config: str | None) -> float | str:
+def bench_keypoints(frames: np.ndarray, config: str | None, **params) -> float | str:
+    """ms per frame of the whole-body keypoints through the backend (``params``: its Params, e.g. ``precision``,
+    ``threads``), after a warm-up on one whole batch."""
     import importlib.util
 
     if importlib.util.find_spec("mmpose") is None:
@@ -61,7 +63,7 @@ def bench_keypoints(frames: np.ndarray, config: str | None) -> float | str:
         return "skipped: no --mmpose-config"
     from preprocess.annotators.backends.mmpose_wholebody import MMPoseWholeBody
 
-    be = MMPoseWholeBody({"config": config, "checkpoint": None, "device": "auto", "batch_size": 32})
+    be = MMPoseWholeBody({"config": config, "checkpoint": None, "device": "auto", "batch_size": 32, **params})
     be.setup()
     H, W = frames.shape[1:3]
     boxes = np.tile(np.array([W * 0.2, H * 0.05, W * 0.8, H * 0.95], np.float32), (len(frames), 1))
@@ -73,7 +75,17 @@ def bench_keypoints(frames: np.ndarray, config: str | None) -> float | str:
     be.estimate(frames, boxes, valid)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / len(frames) * 1000
+    dt = (time.perf_counter() - t0) / len(frames) * 1000
+    be.close()
+    return dt
+
+
+def keypoint_variants(frames: np.ndarray, config: str | None) -> dict:
+    """The backend's default (pipeline threads, TF32) against one pipeline thread with exact fp32 (its behaviour
+    before 2026-12-03) and the two changes one at a time, side by side."""
+    return {"one thread, fp32": bench_keypoints(frames, config, threads=1, precision="fp32"),
+            "default threads, fp32": bench_keypoints(frames, config, precision="fp32"),
+            "one thread, tf32": bench_keypoints(frames, config, threads=1)}
 
 
 def bench_fit(n_frames: int, size: int, iters: int, clips: int = 1) -> dict:
@@ -136,6 +148,10 @@ def main() -> None:
                     help="clips per SMPL-X fit (fit_many) and per 3DMM head fit (fit_clips), measured beside one alone")
     ap.add_argument("--head-clips", type=int, default=None,
                     help="clips per 3DMM head fit, if not --clips (full.yaml: body 8, head 16)")
+    ap.add_argument("--keypoint-variants", action="store_true",
+                    help="also time the keypoints with one pipeline thread and/or exact fp32")
+    ap.add_argument("--keypoints-only", action="store_true",
+                    help="only the whole-body keypoints (and --keypoint-variants)")
     ap.add_argument("--fit-only", action="store_true", help="only the SMPL-X fit (no detection, keypoints, face)")
     ap.add_argument("--head-fit-only", action="store_true",
                     help="only the 3DMM head fit (FaceVerse-sized): one clip alone and --clips in one fit")
@@ -160,18 +176,27 @@ def main() -> None:
         return
     frames, _ = demo_media.render_motion(demo_media.load_photo("astronaut"), (a.size, a.size), a.frames,
                                          demo_media.Motion(shift=(a.size * 0.1, 0)))
+    if a.keypoints_only:
+        out = {"keypoints_ms_per_frame": bench_keypoints(frames, a.mmpose_config),
+               "keypoints_variants": keypoint_variants(frames, a.mmpose_config) if a.keypoint_variants else {}}
+        print(json.dumps(out))
+        if a.json:
+            Path(a.json).write_text(json.dumps(out, indent=1))
+        return
     out = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
            "frames": a.frames, "size": a.size, "iters": a.iters,
            "detection_ms_per_frame": bench_detection(frames),
            "keypoints_ms_per_frame": bench_keypoints(frames, a.mmpose_config),
+           "keypoints_variants": keypoint_variants(frames, a.mmpose_config) if a.keypoint_variants else {},
            "fit": bench_fit(a.frames, a.size, a.iters, a.clips)}
     print("| step | ms / frame |\n|---|---|")
     det = out["detection_ms_per_frame"]
     print(f"| detection (MediaPipe Pose, CPU) | {det if isinstance(det, str) else f'{det:.1f}'} |")
     k = out["keypoints_ms_per_frame"]
     print(f"| keypoints (mmpose wholebody, random weights) | {k if isinstance(k, str) else f'{k:.1f}'} |")
-    f = out["fit"]
-    print(f"| SMPL-X fit ({f['device']}, {a.iters} iters; {f['mean_px']:.2f} px mean) | {f['ms_per_frame']:.1f} |")
+    f = out["fit"].get("together", out["fit"])  # the body stage fits --clips clips at once (full.yaml: 8)
+    print(f"| SMPL-X fit ({out['fit']['device']}, {f['clips']} clips per fit, {a.iters} iters; {f['mean_px']:.2f} px "
+          f"mean) | {f['ms_per_frame']:.1f} |")
     if a.face_size != "none":
         from bench import annotators_gpu_face as face
 

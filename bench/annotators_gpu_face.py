@@ -160,17 +160,18 @@ def iresnet50(in_size: int = 112, out_dim: int = 512):
                          nn.BatchNorm1d(out_dim))
 
 
-def bench_networks_torch(frames: int, clip_batch: int = 16) -> dict:
+def bench_networks_torch(frames: int, clip_batch: int = 16, device: str = "cuda", iters: int | None = None) -> dict:
     """The face networks at (or above) their real sizes in PyTorch on the CUDA device (cuDNN, fp32 with TF32 as
     onnxruntime's CUDA provider runs by default): the stand-in where onnxruntime has no CUDA provider. Detection: an
     SCRFD-shaped network scaled to ~27 GFLOP at 640² (det_10g: 10 G multiply-adds at 640x480), one frame per call
     as the backend calls it, and ``clip_batch`` frames per call; 2D-106 landmarks: the ResNet-ish 192² regressor
     (3.8 GFLOP, above 2d106det's); 3D-68 landmarks: IResNet-50 at 192²; identity: IResNet-50 at 112² (w600k_r50's
-    own architecture). Every figure: ms per frame, with the network's GFLOP per frame and parameters."""
+    own architecture). Every figure: ms per frame, with the network's GFLOP per frame and parameters (``iters``
+    timed calls, default enough for ~64 frames; ``device`` cpu: a smoke run of the same code)."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    dev = torch.device("cuda")
+    dev = torch.device(device)
     torch.backends.cudnn.benchmark = True
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
@@ -185,15 +186,16 @@ def bench_networks_torch(frames: int, clip_batch: int = 16) -> dict:
         x = torch.rand(batch, 3, size, size, device=dev)
         with FlopCounterMode(display=False) as fc, torch.no_grad():
             net(x[:1])
+        sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+        n = iters or max(3, 64 // batch)
         with torch.no_grad():
-            for _ in range(3):
+            for _ in range(min(3, n)):
                 net(x)
-            torch.cuda.synchronize()
-            n = max(3, 64 // batch)
+            sync()
             t0 = time.perf_counter()
             for _ in range(n):
                 net(x)
-            torch.cuda.synchronize()
+            sync()
         out[name] = {"ms_per_frame": (time.perf_counter() - t0) / (n * batch) * 1000, "batch": batch,
                      "gflop_per_frame": fc.get_total_flops() / 1e9,
                      "mparams": sum(p.numel() for p in net.parameters()) / 1e6}

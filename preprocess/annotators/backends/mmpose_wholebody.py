@@ -117,6 +117,12 @@ class MMPoseWholeBody(KeypointsBackend):
         checkpoint: str | None = ""  # its weights; null: random weights (tests and benchmarks only)
         device: str = "auto"  # auto: cuda:0 when available, else cpu
         batch_size: int = 32  # boxes per forward pass
+        # the test pipeline (crop, affine warp, packing: CPU work) of the next batch runs in these threads while the
+        # model runs on the current one; 0: min(8, the CPUs this process may use)
+        threads: int = 0
+        # GPU arithmetic: tf32 (fp32 weights, TF32 tensor-core matmuls and convolutions, what onnxruntime's CUDA
+        # provider does by default) or fp32 (exact); mmpose's heads decode in numpy, which has no bfloat16
+        precision: str = "tf32"
 
     def setup(self) -> None:
         p = self.params
@@ -150,6 +156,19 @@ class MMPoseWholeBody(KeypointsBackend):
         from mmengine.dataset import Compose
 
         self.pipeline = Compose(self.model.cfg.test_dataloader.dataset.pipeline)
+        if p.precision not in ("tf32", "fp32"):
+            raise ValueError(f"{_KEY}.precision={p.precision!r}: tf32 or fp32")
+        import os
+        from concurrent.futures import ThreadPoolExecutor
+
+        n = p.threads or min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+        self._pool = ThreadPoolExecutor(max(1, n), thread_name_prefix="mmpose-pipeline")
+
+    def close(self) -> None:
+        pool = getattr(self, "_pool", None)
+        if pool is not None:
+            pool.shutdown(wait=True)
+            self._pool = None
 
     def estimate(self, frames: np.ndarray, boxes: np.ndarray, valid: np.ndarray) -> KeypointsClip:
         import torch
@@ -160,21 +179,46 @@ class MMPoseWholeBody(KeypointsBackend):
         T = len(frames)
         kp, score = np.zeros((T, 133, 2)), np.zeros((T, 133))
         todo = [t for t in np.flatnonzero(valid) if np.isfinite(boxes[t]).all() and boxes[t][2] > boxes[t][0]]
-        for s in range(0, len(todo), self.params.batch_size):
-            chunk = todo[s: s + self.params.batch_size]
-            data = []
-            for t in chunk:  # inference_topdown's per-box input, for boxes of several frames
-                info = dict(img=np.ascontiguousarray(frames[t][..., ::-1]),  # mmpose reads BGR
-                            bbox=np.asarray(boxes[t], np.float32)[None], bbox_score=np.ones(1, np.float32))
-                info.update(self.model.dataset_meta)
-                data.append(self.pipeline(info))
-            with torch.no_grad():
+        meta = self.model.dataset_meta
+
+        def prepare(t):  # inference_topdown's per-box input (mmpose reads BGR)
+            info = dict(img=np.ascontiguousarray(frames[t][..., ::-1]), bbox=np.asarray(boxes[t], np.float32)[None],
+                        bbox_score=np.ones(1, np.float32))
+            info.update(meta)
+            return self.pipeline(info)
+
+        chunks = [todo[s: s + self.params.batch_size] for s in range(0, len(todo), self.params.batch_size)]
+        cuda = next(self.model.parameters()).is_cuda
+        pending = [self._pool.map(prepare, chunks[0])] if chunks else []
+        for k, chunk in enumerate(chunks):
+            data = list(pending.pop())
+            if k + 1 < len(chunks):  # the next batch's crops while this one runs
+                pending.append(self._pool.map(prepare, chunks[k + 1]))
+            with torch.no_grad(), _precision(self.params.precision if cuda else "fp32"):
                 results = self.model.test_step(pseudo_collate(data))
             for t, r in zip(chunk, results):
                 kp[t] = r.pred_instances.keypoints[0]
                 score[t] = r.pred_instances.keypoint_scores[0]
         j2, conf = wholebody_to_smplx(kp, score)
         return KeypointsClip(joints2d=j2, conf=conf)
+
+
+class _precision:
+    """TF32 on or off for a forward pass (see ``Params.precision``), restored after it."""
+
+    def __init__(self, mode: str):
+        self.mode = mode
+
+    def __enter__(self):
+        import torch
+
+        self.saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = self.mode == "tf32"
+
+    def __exit__(self, *exc):
+        import torch
+
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = self.saved
 
 
 def convert(src: str, dst: str) -> None:
