@@ -130,6 +130,7 @@ def plan_rows(args) -> dict:
         "embedded_cpu_core_hours": frames * args.cpu_ms_per_frame / 1000 / 3600,
         "smplx_fit_gpu_hours": frames * args.smplx_fit_ms_per_frame / 1000 / 3600,
         "head_fit_gpu_hours": frames * args.head_fit_ms_per_frame / 1000 / 3600,
+        "networks_gpu_hours": frames * args.networks_ms_per_frame / 1000 / 3600,
         "latent_cache_gpu_hours": hours * args.clip_coverage / args.encode_video_hours_per_gpu_hour}
     return out
 
@@ -173,6 +174,7 @@ def markdown(plan: dict, args) -> str:
                      f"| {step_of[r['preset'], r['zero'], r['gpus'], r['sp']]:.2f} | {r['wall_days']:.1f} "
                      f"| {r['gpu_days']:.0f} |")
     p = plan["preprocess"]
+    gpu_ms = args.networks_ms_per_frame + args.smplx_fit_ms_per_frame + args.head_fit_ms_per_frame
     lines += ["", f"### Preprocessing {p['corpus_hours']:.0f} h", "",
               f"- {p['frames'] / 1e6:.1f} M frames at {args.fps:g} fps; embedded annotators at "
               f"{args.cpu_ms_per_frame:g} CPU-ms per frame: **{p['embedded_cpu_core_hours']:,.0f} core-hours** "
@@ -180,13 +182,13 @@ def markdown(plan: dict, args) -> str:
               f"- latent cache ({args.clip_coverage:.0%} of the footage inside clips, "
               f"{args.encode_video_hours_per_gpu_hour:g} video-hours per GPU-hour): "
               f"**{p['latent_cache_gpu_hours']:,.0f} GPU-hours**.",
-              f"- production annotators (`annotators=full`), their two fits: the SMPL-X fit at "
-              f"{args.smplx_fit_ms_per_frame:g} GPU-ms per frame (8 clips per fit): "
-              f"**{p['smplx_fit_gpu_hours']:,.0f} GPU-hours**, the 3DMM head fit at {args.head_fit_ms_per_frame:g} "
-              f"(16 clips per fit): **{p['head_fit_gpu_hours']:,.0f} GPU-hours**, together "
-              f"{1e3 / args.fps / (args.smplx_fit_ms_per_frame + args.head_fit_ms_per_frame):.2f} source-video-hours "
-              f"per GPU-hour; person detection, the whole-body keypoints and the face networks are not in it (not "
-              f"measured on a GPU yet)."]
+              f"- production annotators (`annotators=full`) on GPUs: the whole-body keypoints and face networks at "
+              f"{args.networks_ms_per_frame:g} GPU-ms per frame: **{p['networks_gpu_hours']:,.0f} GPU-hours**; the "
+              f"SMPL-X fit at {args.smplx_fit_ms_per_frame:g} (8 clips per fit): "
+              f"**{p['smplx_fit_gpu_hours']:,.0f} GPU-hours**; the 3DMM head fit at {args.head_fit_ms_per_frame:g} "
+              f"(16 clips per fit): **{p['head_fit_gpu_hours']:,.0f} GPU-hours**; together "
+              f"{1e3 / args.fps / gpu_ms:.2f} source-video-hours per GPU-hour. Person detection (MediaPipe "
+              f"Pose) and the hand landmarks stay CPU work."]
     return "\n".join(lines) + "\n"
 
 
@@ -217,12 +219,15 @@ def main(argv=None) -> dict:
                          "issue's run)")
     ap.add_argument("--encode-video-hours-per-gpu-hour", type=float, default=1.89,
                     help="bench/latents.py --vae, 121 x 640 x 960, H200 (docs/performance.md, 2026-12-01)")
-    ap.add_argument("--smplx-fit-ms-per-frame", type=float, default=13.3,
-                    help="SMPL-X fit, 8 clips of 121 frames per fit, 300 iterations: bench/annotators_gpu.py "
-                         "--fit-only --clips 8, H200 (docs/performance.md, 2026-12-02)")
-    ap.add_argument("--head-fit-ms-per-frame", type=float, default=3.62,
-                    help="3DMM head fit, 16 clips of 121 frames per fit: bench/annotators_gpu.py --head-fit-only "
-                         "--clips 16, H200 (docs/performance.md, 2026-12-02)")
+    ap.add_argument("--smplx-fit-ms-per-frame", type=float, default=3.12,
+                    help="SMPL-X fit, 8 clips of 121 frames per fit, 300 iterations, CUDA graph: "
+                         "bench/annotators_gpu.py --clips 8, H200 (docs/performance.md, 2026-12-03)")
+    ap.add_argument("--head-fit-ms-per-frame", type=float, default=1.40,
+                    help="3DMM head fit, 16 clips of 121 frames per fit, CUDA graph: bench/annotators_gpu.py "
+                         "--head-clips 16, H200 (docs/performance.md, 2026-12-03)")
+    ap.add_argument("--networks-ms-per-frame", type=float, default=6.81,
+                    help="RTMW-x whole-body keypoints 5.52 + face detection 0.76, landmarks 0.38, identity 0.15: "
+                         "bench/annotators_gpu.py, H200 (docs/performance.md, 2026-12-03)")
     ap.add_argument("--clip-coverage", type=float, default=0.8,
                     help="fraction of the corpus inside training clips (assumed: shot cuts, persons missing)")
     ap.add_argument("--json", type=Path)

@@ -44,10 +44,12 @@ def test_plan_of_wan1_3b(plan_module, tmp_path):
 
 def test_preprocessing_hours_follow_the_per_frame_costs(plan_module, capsys):
     plan = plan_module.main(["--presets", "wan1_3b", "--gpus", "8", "--sp", "1", "--corpus-hours", "10",
-                             "--fps", "25", "--smplx-fit-ms-per-frame", "20", "--head-fit-ms-per-frame", "20"])
+                             "--fps", "25", "--smplx-fit-ms-per-frame", "20", "--head-fit-ms-per-frame", "10",
+                             "--networks-ms-per-frame", "10"])
     p = plan["preprocess"]
-    # 10 h x 3600 s x 25 fps = 900,000 frames; 20 ms each = 5 GPU-hours per fit
+    # 10 h x 3600 s x 25 fps = 900,000 frames; 20 ms each = 5 GPU-hours, 10 ms 2.5
     assert p["frames"] == 900_000
-    assert p["smplx_fit_gpu_hours"] == pytest.approx(5.0) and p["head_fit_gpu_hours"] == pytest.approx(5.0)
-    # both fits, 40 ms a frame at 25 fps: one video-hour per GPU-hour
+    assert p["smplx_fit_gpu_hours"] == pytest.approx(5.0) and p["head_fit_gpu_hours"] == pytest.approx(2.5)
+    assert p["networks_gpu_hours"] == pytest.approx(2.5)
+    # 40 ms a frame at 25 fps: one video-hour per GPU-hour
     assert "together 1.00 source-video-hours per GPU-hour" in capsys.readouterr().out  # main prints the markdown
