@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ...config import ConfigError
 from ...schema import N_SMPLX_JOINTS
 from ..assets import ModelFileError
 from . import KeypointsBackend, KeypointsClip
@@ -126,6 +127,8 @@ class MMPoseWholeBody(KeypointsBackend):
 
     def setup(self) -> None:
         p = self.params
+        if p.precision not in ("tf32", "fp32"):
+            raise ConfigError(f"{_KEY}.precision={p.precision!r}: tf32 or fp32")
         cfg = resolve_config(p.config) if p.config else None
         if cfg is None or not cfg.is_file():
             raise ModelFileError(f"mmpose config {p.config or '(unset)'} is missing ({cfg}): install mmpose "
@@ -156,8 +159,6 @@ class MMPoseWholeBody(KeypointsBackend):
         from mmengine.dataset import Compose
 
         self.pipeline = Compose(self.model.cfg.test_dataloader.dataset.pipeline)
-        if p.precision not in ("tf32", "fp32"):
-            raise ValueError(f"{_KEY}.precision={p.precision!r}: tf32 or fp32")
         import os
         from concurrent.futures import ThreadPoolExecutor
 

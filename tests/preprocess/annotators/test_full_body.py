@@ -144,6 +144,14 @@ def test_mmpose_backend_names_a_missing_config_or_checkpoint(tmp_path):
         MMPoseWholeBody({"config": str(cfg), "checkpoint": str(tmp_path / "w.pth")}).setup()
 
 
+def test_mmpose_backend_names_a_bad_precision():
+    from preprocess.annotators.backends.mmpose_wholebody import MMPoseWholeBody
+    from preprocess.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"keypoints\.params\.precision='bf16': tf32 or fp32"):
+        MMPoseWholeBody({"config": "mmpose::no/such.py", "precision": "bf16"}).setup()
+
+
 @needs_mmpose
 def test_mmpose_backend_refuses_a_layout_it_cannot_map():
     """A 17-keypoint COCO body model of mmpose builds, and the backend refuses it (its map is COCO-WholeBody's)."""
