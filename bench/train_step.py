@@ -6,14 +6,16 @@ realistic clip shape.
     torchrun --nproc_per_node 1 bench/train_step.py --preset wan1_3b --frames 49 --height 480 --width 832 \
         --refs 3 --ckpt-blocks -1 --out bench_train_step.json [--compile] [--checkpoint]
 
-The config is the trainer's own (``conf/train.yaml`` with ``launch=gpu zero=zero2 stage=full``); only the
-model and the batches are the bench's: random weights made on the GPU (zero-initialised branches given small
-values so that no matmul runs on zeros), and synthetic batches of precomputed latents (``data.latents=true``:
-no VAE; production would precompute them, and the loader's cost is measured by bench/dataloader.py), uint8
-pose maps and face crops, moved to the GPU each step like a loader batch. The phases of each step are timed
-with the device synchronized between them (``Trainer.sync_phases``). Reports the median step time, tokens/s,
-model TFLOP/s and MFU (models.flops over the device's dense bf16 peak), peak memory, the update guard's
-verdict per step, and the checkpoint's size, save and load times.
+The config is the trainer's own (``conf/train.yaml`` with ``launch=gpu zero=zero2 stage=full``); only the model and
+the batches are the bench's: random weights made on the GPU (zero-initialised branches given small values so that no
+matmul runs on zeros; under ZeRO-3 the model is built partitioned inside ``deepspeed.zero.Init`` as the trainer
+builds it, and the build's host and GPU memory are reported: ``--preset wan14b --zero zero3_offload`` is the one-GPU
+check that the 14B model builds and steps), and synthetic batches of precomputed latents (``data.latents=true``: no
+VAE; production would precompute them, and the loader's cost is measured by bench/dataloader.py), uint8 pose maps
+and face crops, moved to the GPU each step like a loader batch. The phases of each step are timed with the device
+synchronized between them (``Trainer.sync_phases``). Reports the median step time, tokens/s, model TFLOP/s and MFU
+(models.flops over the device's dense bf16 peak), peak memory, the update guard's verdict per step, and the
+checkpoint's size, save and load times.
 """
 from __future__ import annotations
 
@@ -32,7 +34,18 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from models.dreamactor import DreamActor
+from models.partitioned import numel
 from train.data.batch import DreamActorBatch
+
+
+def _host_rss_gib(peak: bool = False) -> float:
+    """This process's resident host memory (or its peak so far), GiB."""
+    import resource
+
+    if peak:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
 
 
 def synthetic_batch(model: DreamActor, batch: int, frames: int, height: int, width: int, refs: int) -> DreamActorBatch:
@@ -134,12 +147,30 @@ def main() -> None:
     dist = distributed.setup(job.launch, job.train.seed)
     out_dir = shared_out_dir(args.checkpoint_dir, dist)
     job.train.out_dir = job.resolved["train"]["out_dir"] = str(out_dir)
-    with torch.device(dist.device):  # random init straight on the GPU (a real run loads weights on the host)
-        model = DreamActor(job.model)
-    with torch.no_grad():
-        for p in model.parameters():
-            if not p.any():
-                p.normal_(0, 0.02)
+    host_before = _host_rss_gib()
+    if job.zero.stage == 3:  # as the trainer builds it: partitioned while built (deepspeed.zero.Init), never whole
+        from models.partitioned import gathered
+        from train.engine import construction
+
+        with construction(job):
+            model = DreamActor(job.model)
+        for p in model.parameters():  # one parameter whole at a time
+            with gathered([p], modify=True), torch.no_grad():
+                if not p.any():
+                    p.normal_(0, 0.02)
+    else:
+        with torch.device(dist.device):  # random init straight on the GPU (a real run loads weights on the host)
+            model = DreamActor(job.model)
+        with torch.no_grad():
+            for p in model.parameters():
+                if not p.any():
+                    p.normal_(0, 0.02)
+    build = {"build_host_rss_gib": _host_rss_gib(), "build_host_rss_before_gib": host_before,
+             "build_gpu_gib": torch.cuda.memory_allocated() / 2**30 if dist.device.type == "cuda" else None}
+    if dist.is_main:
+        print(f"model built{' under zero.Init' if job.zero.stage == 3 else ''}: host RSS {host_before:.1f} -> "
+              f"{build['build_host_rss_gib']:.1f} GiB" + (f", GPU {build['build_gpu_gib']:.1f} GiB"
+                                                          if build["build_gpu_gib"] is not None else ""), flush=True)
     model.set_stage(job.stage.id)
     host_batch = synthetic_batch(model, args.batch, args.frames, args.height, args.width, args.refs)
     trainer = Trainer(job, dist, model=model, loader=SyntheticLoader(host_batch))
@@ -169,9 +200,10 @@ def main() -> None:
     flops, tokens = s["flops"], int(s["tokens"])
     tflops = flops / med / 1e12
     result.update(
-        device=torch.cuda.get_device_name() if cuda else "cpu", torch=torch.__version__, world_size=world,
+        device=torch.cuda.get_device_name() if cuda else "cpu", torch=torch.__version__, world_size=world, **build,
+        peak_host_rss_gib=_host_rss_gib(peak=True),
         args=vars(args),
-        params=sum(p.numel() for p in model.parameters()), tokens_per_sample=tokens // args.batch,
+        params=sum(numel(p) for p in model.parameters()), tokens_per_sample=tokens // args.batch,
         flops_per_step=flops, step_s=med, step_s_all=times,
         forward_backward_step_ema_s=[statistics.median(x) for x in zip(*parts)],
         samples_per_s=args.batch * world / med, tokens_per_s=tokens * world / med, tflops_per_gpu=tflops,

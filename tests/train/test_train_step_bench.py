@@ -34,3 +34,22 @@ def test_train_step_bench_times_the_trainers_step_and_checkpoint(tmp_path):
     assert meta["step"] == 3 and meta["stage"] == 3 and "frozen_signature" in meta
     assert ckpt.rank_files(tag_dir) == [ckpt.rank_file(tag_dir, 0)]
     assert "step 3: " in proc.stdout and " update applied" in proc.stdout
+
+
+def test_train_step_bench_builds_zero3_as_the_trainer_does(tmp_path):
+    """``--zero zero3`` on 2 CPU ranks: the model is built partitioned (deepspeed.zero.Init, as train/stages.py
+    builds it) with the same parameter count as the whole model, and every update is applied."""
+    runs = {}
+    for zero, nproc in (("zero2", 1), ("zero3", 2)):
+        out = tmp_path / f"{zero}.json"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+               str(free_port()), str(ROOT / "bench" / "train_step.py"), "--preset", "tiny", "--launch", "local",
+               "--zero", zero, "--frames", "5", "--height", "64", "--width", "64", "--refs", "1", "--steps", "1",
+               "--warmup", "1", "--out", str(out)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False, cwd=ROOT, env=env())
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        runs[zero] = (json.loads(out.read_text()), proc.stdout)
+    r3, stdout3 = runs["zero3"]
+    assert "model built under zero.Init" in stdout3 and "model built under" not in runs["zero2"][1]
+    assert r3["world_size"] == 2 and r3["params"] == runs["zero2"][0]["params"] > 0
+    assert r3["updates"] == "applied" and r3["build_host_rss_gib"] > 0 and r3["peak_host_rss_gib"] > 0
