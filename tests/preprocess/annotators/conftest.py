@@ -13,7 +13,6 @@ from omegaconf import OmegaConf
 from preprocess import demo_media
 from preprocess.config import Resources, StageSpec
 from preprocess.stage import load_stage, new_row
-from preprocess.video import encode_mp4
 
 if importlib.util.find_spec("triton") is not None:  # CUDA builds of torch (the mmpose venv), not the default install
     # Loaded before any test loads Mesa's LLVM (test_delegate.py's real GPU-delegate check): triton's own LLVM crashes
@@ -72,6 +71,8 @@ def annotate(stages, frames: np.ndarray, **kw) -> dict:
 
 def to_writer_row(row: dict) -> dict:
     """What a row looks like when it reaches the video stages: frames dropped, the clip as MP4."""
+    from preprocess.video import encode_mp4  # PyAV: imported here, so the folder's GPU-only tests run without it
+
     row = dict(row)
     row["video"] = encode_mp4(row.pop("frames"), row["fps"], crf=16)
     return row
