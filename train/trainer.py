@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.profiler import record_function
 
 from models.dreamactor import AUDIO_STAGE
 
@@ -211,8 +212,10 @@ class Trainer:
             self.engine.backward(self.guard.poison(out.loss, step))
             t = self._phase_done(stats, "backward_s", t)
             if micro == job.train.grad_accum - 1:
-                health = self.guard.before_step(step)
-            self.engine.step()
+                with record_function("guard.before_step"):  # names for a profile of the optimizer phase
+                    health = self.guard.before_step(step)
+            with record_function("deepspeed.step"):
+                self.engine.step()
             stats.add(loss_sum=out.loss.detach().float().item(), micro_steps=1, samples=out.samples,
                       tokens=out.tokens, flops=out.flops)
             if micro < job.train.grad_accum - 1:
@@ -222,7 +225,8 @@ class Trainer:
             torch.cuda.synchronize(self.dist.device)
         t = self._phase_done(stats, "optimizer_s", t)
         if health.applied:
-            self.ema.update()
+            with record_function("ema.update"):
+                self.ema.update()
         self._phase_done(stats, "ema_s", t)
         self.step = step
         limit = job.train.time_limit_min
