@@ -169,37 +169,45 @@ def bench_networks_torch(frames: int, clip_batch: int = 16, device: str = "cuda"
     own architecture). Every figure: ms per frame, with the network's GFLOP per frame and parameters (``iters``
     timed calls, default enough for ~64 frames; ``device`` cpu: a smoke run of the same code)."""
     import torch
-    from torch.utils.flop_counter import FlopCounterMode
+
+    from preprocess.annotators.common import tf32
 
     dev = torch.device(device)
-    torch.backends.cudnn.benchmark = True
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
     nets = {"detection": (_SCRFDLike.make((160, 320, 640, 1280)), 640, 1),
             "detection_batched": (_SCRFDLike.make((160, 320, 640, 1280)), 640, clip_batch),
             "landmarks_106": (_regressor(WIDTHS["full"], 192, 212), 192, frames),
             "landmarks_68": (iresnet50(192, 204), 192, frames),
             "identity": (iresnet50(112, 512), 112, frames)}
     out = {}
-    for name, (net, size, batch) in nets.items():
-        net = net.to(dev).eval()
-        x = torch.rand(batch, 3, size, size, device=dev)
-        with FlopCounterMode(display=False) as fc, torch.no_grad():
-            net(x[:1])
-        sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-        n = iters or max(3, 64 // batch)
-        with torch.no_grad():
-            for _ in range(min(3, n)):
-                net(x)
-            sync()
-            t0 = time.perf_counter()
-            for _ in range(n):
-                net(x)
-            sync()
-        out[name] = {"ms_per_frame": (time.perf_counter() - t0) / (n * batch) * 1000, "batch": batch,
-                     "gflop_per_frame": fc.get_total_flops() / 1e9,
-                     "mparams": sum(p.numel() for p in net.parameters()) / 1e6}
+    benchmark = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    with tf32(True):
+        for name, (net, size, batch) in nets.items():
+            out[name] = _time_network(net.to(dev).eval(), size, batch, dev, iters)
+    torch.backends.cudnn.benchmark = benchmark
     return out
+
+
+def _time_network(net, size: int, batch: int, dev, iters: int | None) -> dict:
+    """ms per frame of ``net`` on batches of ``batch`` random ``size``² frames, its GFLOP per frame, parameters."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.rand(batch, 3, size, size, device=dev)
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        net(x[:1])
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    n = iters or max(3, 64 // batch)
+    with torch.no_grad():
+        for _ in range(min(3, n)):
+            net(x)
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            net(x)
+        sync()
+    return {"ms_per_frame": (time.perf_counter() - t0) / (n * batch) * 1000, "batch": batch,
+            "gflop_per_frame": fc.get_total_flops() / 1e9, "mparams": sum(p.numel() for p in net.parameters()) / 1e6}
 
 
 def _moving_heads(model, frames: int, clips: int, K, seed: int = 0) -> list[np.ndarray]:

@@ -34,7 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from models.dreamactor import DreamActor
-from models.partitioned import numel
+from models.partitioned import gathered, numel
 from train.data.batch import DreamActorBatch
 
 
@@ -132,6 +132,7 @@ def main() -> None:
 
     from train import distributed
     from train.config import to_job
+    from train.engine import construction
     from train.trainer import Trainer
 
     conf = Path(__file__).resolve().parent.parent / "conf"
@@ -148,23 +149,14 @@ def main() -> None:
     out_dir = shared_out_dir(args.checkpoint_dir, dist)
     job.train.out_dir = job.resolved["train"]["out_dir"] = str(out_dir)
     host_before = _host_rss_gib()
-    if job.zero.stage == 3:  # as the trainer builds it: partitioned while built (deepspeed.zero.Init), never whole
-        from models.partitioned import gathered
-        from train.engine import construction
-
-        with construction(job):
-            model = DreamActor(job.model)
-        for p in model.parameters():  # one parameter whole at a time
-            with gathered([p], modify=True), torch.no_grad():
-                if not p.any():
-                    p.normal_(0, 0.02)
-    else:
-        with torch.device(dist.device):  # random init straight on the GPU (a real run loads weights on the host)
-            model = DreamActor(job.model)
-        with torch.no_grad():
-            for p in model.parameters():
-                if not p.any():
-                    p.normal_(0, 0.02)
+    # ZeRO-3: built partitioned (deepspeed.zero.Init) as the trainer builds it, never whole; otherwise random init
+    # straight on the GPU (a real run loads weights on the host)
+    with construction(job) if job.zero.stage == 3 else torch.device(dist.device):
+        model = DreamActor(job.model)
+    for p in model.parameters():  # one parameter whole at a time (a no-op gather outside ZeRO-3)
+        with gathered([p], modify=True), torch.no_grad():
+            if not p.any():
+                p.normal_(0, 0.02)
     build = {"build_host_rss_gib": _host_rss_gib(), "build_host_rss_before_gib": host_before,
              "build_gpu_gib": torch.cuda.memory_allocated() / 2**30 if dist.device.type == "cuda" else None}
     if dist.is_main:

@@ -1,6 +1,7 @@
 """What the annotator clip stages share: a backend chosen by config, clip continuity for trackers."""
 from __future__ import annotations
 
+import contextlib
 from typing import ClassVar
 
 import numpy as np
@@ -25,6 +26,20 @@ class Continuity:
             new = not (vk == row["video_key"] and 0 < int(fi[0]) - last <= 2 * max(step, last_step))
         self._last = (row["video_key"], int(fi[-1]), step)
         return new
+
+
+@contextlib.contextmanager
+def tf32(enabled: bool):
+    """TF32 tensor-core matmuls and cuDNN convolutions on or off for the block (what onnxruntime's CUDA provider
+    runs by default), the process's settings restored after it."""
+    import torch
+
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def timestamps_ms(row: dict) -> np.ndarray:

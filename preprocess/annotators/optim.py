@@ -39,10 +39,13 @@ def lbfgs_per_problem(params: list[torch.Tensor], owners: list[torch.Tensor], ob
     def dot(a, b):  # (n,) per-problem inner products of flat vectors
         return member @ (a * b)
 
-    def evaluate_at(x):
+    def put(x):
         with torch.no_grad():
             for q, v in zip(params, torch.split(x, sizes)):
                 q.copy_(v.view_as(q))
+
+    def evaluate_at(x):
+        put(x)
         with torch.enable_grad():
             f = objective()
             grads = torch.autograd.grad(f.sum(), params, allow_unused=True)
@@ -103,9 +106,7 @@ def lbfgs_per_problem(params: list[torch.Tensor], owners: list[torch.Tensor], ob
         if len(S) > history:
             S.pop(0), Y.pop(0), R.pop(0)
         x, f, g = x + s, f_new, g_new
-    with torch.no_grad():  # the last evaluation may have been a rejected longer step
-        for q, v in zip(params, torch.split(x, sizes)):
-            q.copy_(v.view_as(q))
+    put(x)  # the last evaluation may have been a rejected longer step
 
 
 def flat(ts: list[torch.Tensor]) -> torch.Tensor:

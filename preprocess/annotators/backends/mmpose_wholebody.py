@@ -176,6 +176,8 @@ class MMPoseWholeBody(KeypointsBackend):
         from mmengine.dataset import pseudo_collate
         from mmengine.registry import init_default_scope
 
+        from ..common import tf32
+
         init_default_scope(self.model.cfg.get("default_scope", "mmpose"))
         T = len(frames)
         kp, score = np.zeros((T, 133, 2)), np.zeros((T, 133))
@@ -195,31 +197,13 @@ class MMPoseWholeBody(KeypointsBackend):
             data = list(pending.pop())
             if k + 1 < len(chunks):  # the next batch's crops while this one runs
                 pending.append(self._pool.map(prepare, chunks[k + 1]))
-            with torch.no_grad(), _precision(self.params.precision if cuda else "fp32"):
+            with torch.no_grad(), tf32(cuda and self.params.precision == "tf32"):
                 results = self.model.test_step(pseudo_collate(data))
             for t, r in zip(chunk, results):
                 kp[t] = r.pred_instances.keypoints[0]
                 score[t] = r.pred_instances.keypoint_scores[0]
         j2, conf = wholebody_to_smplx(kp, score)
         return KeypointsClip(joints2d=j2, conf=conf)
-
-
-class _precision:
-    """TF32 on or off for a forward pass (see ``Params.precision``), restored after it."""
-
-    def __init__(self, mode: str):
-        self.mode = mode
-
-    def __enter__(self):
-        import torch
-
-        self.saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = self.mode == "tf32"
-
-    def __exit__(self, *exc):
-        import torch
-
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = self.saved
 
 
 def convert(src: str, dst: str) -> None:
