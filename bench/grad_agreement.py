@@ -6,7 +6,8 @@ gradient against the reference variant (eager, nothing checkpointed), plus the n
     python bench/grad_agreement.py --preset wan1_3b --layers 4 --frames 49 --height 480 --width 832 --refs 3 \
         --variants eager:0 eager:2 eager:-1 compile:0 compile:2 compile:-1 --steps 3 --out grads.json
 
-A variant is ``eager|compile|outer : checkpointed blocks (-1 = all) [: attention backend]``;
+A variant is ``eager|compile|outer : checkpointed blocks (-1 = all) [: attention backend] [: full]``
+(``full``: checkpointed blocks keep only their inputs; default selective, the attention outputs kept too);
 ``outer`` calls compiled blocks inside an outer checkpoint, ``refout`` makes the last block return its unused
 reference stream and ``mix`` turns Inductor's mix-order reduction back on: all three together are the DiT
 before the fix; ``mix`` alone reproduces the wrong gradients (pytorch/pytorch#193061, docs/performance.md).
@@ -113,7 +114,8 @@ def run_variant(base: DreamActor, spec: str, batches: list[dict], lr: float) -> 
     if model.dit.blocks[0].backends and next(model.parameters()).device.type == "cuda":
         for blk in model.dit.blocks:
             blk.backends = tuple(backends)
-    model.dit.cfg = dataclasses.replace(dit_cfg, activation_checkpointing=int(ckpt))  # read at every forward
+    model.dit.cfg = dataclasses.replace(  # read at every forward
+        dit_cfg, activation_checkpointing=int(ckpt), checkpoint_policy="full" if "full" in rest else "selective")
     if mode in ("compile", "outer"):
         torch._dynamo.reset()  # compile anew with this variant's Inductor options
         model.compile_blocks(mix_order_reduction="mix" in rest)

@@ -8,7 +8,8 @@ and MFU against a peak you pass (H100 SXM dense bf16: 989 TFLOP/s).
     python bench/model_step.py --preset wan1_3b --frames 49 --height 480 --width 832 --refs 3 \
         --variants cudnn:-1 flash:-1 cudnn:20 cudnn:0 --out bench_model_step.json
 
-A variant is ``backend:checkpointed_blocks`` (-1 = every block, 0 = none), optionally ``:compile``.
+A variant is ``backend:checkpointed_blocks`` (-1 = every block, 0 = none), optionally ``:compile`` and ``:full``
+(checkpointed blocks keep only their inputs; default: the preset's ``checkpoint_policy``, selective).
 Needs only torch and PyYAML (no diffusers or Hydra).
 """
 from __future__ import annotations
@@ -61,13 +62,16 @@ def step(model, inp, use_face: bool = True) -> torch.Tensor:
 
 
 def build(args, spec: str, device):
-    """The model of one variant ``backend:checkpointed_blocks[:compile]``, bf16, no zero weights, stage set."""
+    """The model of one variant ``backend:checkpointed_blocks[:compile][:full]``, bf16, no zero weights, stage set."""
     backend, ckpt, *rest = spec.split(":")
     if device.type != "cuda" and backend in ("cudnn", "flash", "efficient"):
         backend = "auto"
     order = ("cudnn", "flash", "efficient", "math")  # the named backend first, the others as fallbacks
     backends = () if backend == "auto" else (backend,) + tuple(b for b in order if b != backend)
-    cfg = load_preset(args.preset).replace(dit={"attention_backends": backends, "activation_checkpointing": int(ckpt)})
+    dit = {"attention_backends": backends, "activation_checkpointing": int(ckpt)}
+    if "full" in rest:
+        dit["checkpoint_policy"] = "full"
+    cfg = load_preset(args.preset).replace(dit=dit)
     torch.manual_seed(0)
     with torch.device(device):
         model = DreamActor(cfg)
@@ -81,6 +85,7 @@ def build(args, spec: str, device):
     model.train()
     model.set_stage(1 if args.no_face else 3)
     info = {"variant": spec, "backend": backend, "checkpointed_blocks": int(ckpt), "compile": "compile" in rest,
+            "checkpoint_policy": cfg.dit.checkpoint_policy,
             "stage": 1 if args.no_face else 3}
     return model, info
 

@@ -96,8 +96,9 @@ def plan_rows(args) -> dict:
                         continue
                     tok = video // sp + refs  # the references are replicated on every rank of a group
                     pixels = PAPER_SIZE[0] * PAPER_SIZE[1] * PAPER_FRAMES[-1]  # the pose encoder: whole clip
-                    k = checkpoint_plan(cfg.dit, 1, tok, pixels, max(budget, 0), compiled=True)
-                    need = activation_bytes(cfg.dit, 1, tok, pixels, True, k)
+                    plan = checkpoint_plan(cfg.dit, 1, tok, pixels, max(budget, 0), compiled=True)
+                    need = activation_bytes(cfg.dit, 1, tok, pixels, True, plan)
+                    k = plan.blocks
                     fits = budget > 0 and need <= budget
                     mfu = args.mfu[1] if k else args.mfu[0]
                     dp = ranks // sp
@@ -109,7 +110,8 @@ def plan_rows(args) -> dict:
                     out["memory"].append({
                         "preset": preset, "params_b": params / 1e9, "zero": zero, "gpus": ranks, "sp": sp,
                         **{f"{n}_gib": v / GIB for n, v in st.items()}, "tokens_per_gpu": tok,
-                        "checkpointed": f"{k} of {cfg.dit.num_layers}", "activations_gib": need / GIB, "fits": fits})
+                        "checkpointed": f"{k} of {cfg.dit.num_layers} ({plan.full} full)",
+                        "activations_gib": need / GIB, "fits": fits})
                     if not fits:
                         continue
                     samples = sum(PAPER_STEPS) * PAPER_GPUS

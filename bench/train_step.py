@@ -102,6 +102,42 @@ def shared_out_dir(given: str | None, dist) -> Path:
     return Path(name[0])
 
 
+PHASES = ("guard.before_step", "deepspeed.step", "ema.update")  # the trainer's record_function ranges
+
+
+def phase_kernels(prof, names=PHASES, top: int = 10) -> str:
+    """Per named range of the profiled step: its host time, the device time and number of the kernels launched
+    inside it, and its top kernels (the device-side split of the optimizer phase)."""
+    out = []
+    for ev in prof.events():
+        if ev.name not in names or ev.is_async or getattr(ev, "device_type", None) is None or ev.kernels is None:
+            continue
+        if str(ev.device_type) != "DeviceType.CPU":
+            continue
+        agg: dict[str, list[float]] = {}
+        todo = [ev]
+        while todo:
+            e = todo.pop()
+            todo.extend(e.cpu_children)
+            for k in e.kernels:
+                a = agg.setdefault(k.name, [0.0, 0])
+                a[0] += k.duration
+                a[1] += 1
+        dev = sum(a[0] for a in agg.values())
+        launches = sum(a[1] for a in agg.values())
+        out.append(f"{ev.name}: host {ev.cpu_time_total / 1000:.1f} ms, kernels {dev / 1000:.1f} ms in {launches} "
+                   "launches")
+        for name, (us, n) in sorted(agg.items(), key=lambda kv: -kv[1][0])[:top]:
+            out.append(f"    {us / 1000:8.2f} ms  {n:6d}x  {name[:110]}")
+    return "\n".join(out)
+
+
+def _plan_fields(plan) -> dict:
+    """The activation checkpointing the step ran: blocks checkpointed, and how many keep only their inputs (full)
+    or their attention outputs too (selective)."""
+    return {"checkpointed_blocks": plan.blocks, "checkpoint_plan": plan._asdict()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="wan1_3b")
@@ -201,8 +237,8 @@ def main() -> None:
         samples_per_s=args.batch * world / med, tokens_per_s=tokens * world / med, tflops_per_gpu=tflops,
         mfu=tflops / trainer.peak_tflops if trainer.peak_tflops else None, peak_tflops=trainer.peak_tflops,
         peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else None, date=time.strftime("%Y-%m-%d"),
-        checkpointed_blocks=model.dit.checkpointed_blocks(args.batch, tokens // args.batch,
-                                                          args.frames * args.height * args.width),
+        **_plan_fields(model.dit.checkpoint_plan(args.batch, tokens // args.batch,
+                                                 args.frames * args.height * args.width)),
         activation_budget_gib=None if trainer.activation_budget is None else trainer.activation_budget / 2**30,
         steps=health_log,
         updates="applied" if all(h["applied"] for h in health_log) else
@@ -217,7 +253,8 @@ def main() -> None:
     if args.profile and dist.is_main:
         Path(args.profile).write_text(
             ka.table(sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=40) + "\n\n"
-            + ka.table(sort_by="self_cpu_time_total", row_limit=25))
+            + ka.table(sort_by="self_cpu_time_total", row_limit=25) + "\n\nThe optimizer phase by range:\n"
+            + phase_kernels(prof))
     if args.checkpoint:
         t0 = time.perf_counter()
         tag_dir = trainer.save()

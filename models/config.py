@@ -40,6 +40,10 @@ class DiTConfig:
     # blocks (from the first) run under activation checkpointing: 0 off, -1 all, auto: the fewest that fit the
     # GPU memory for each batch's token count (models.dit.checkpoint_plan; no checkpointing where it fits)
     activation_checkpointing: int | str
+    # what a checkpointed block keeps: selective = its inputs and its attention outputs (the attention kernels are
+    # not re-run in backward, everything else is), full = its inputs only (auto mixes both when selective does
+    # not fit)
+    checkpoint_policy: str = "selective"
 
     @property
     def dim(self) -> int:
@@ -51,6 +55,8 @@ class DiTConfig:
         if isinstance(ac, bool) or not (ac == "auto" or (isinstance(ac, int) and ac >= -1)):
             raise ValueError(f"model.dit.activation_checkpointing must be auto, -1 (every block), 0 (none) or a "
                              f"number of blocks, got {ac!r}")
+        if self.checkpoint_policy not in ("selective", "full"):
+            raise ValueError(f"model.dit.checkpoint_policy must be selective or full, got {self.checkpoint_policy!r}")
 
 
 @dataclass(frozen=True)

@@ -24,9 +24,11 @@ reference and face tokens are replicated. Layout and gradient rule: :mod:`models
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from .config import DiTConfig
 from .layers import (
@@ -40,6 +42,22 @@ from .layers import (
 )
 from .partitioned import gathered
 from .sequence_parallel import SequenceParallel, Shard, gather
+
+# The attention kernels a selectively checkpointed block keeps (their outputs and log-sum-exp): re-running them is
+# most of a block's recompute (attention is 64-84% of the model's FLOPs at the paper's shapes), keeping them costs
+# ~5 bf16 vectors per token against ~36 + 6 * ffn/dim for the whole block.
+_ATTENTION_OPS = frozenset(getattr(torch.ops.aten, name).default for name in (
+    "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention",
+    "_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention_for_cpu")
+    if hasattr(torch.ops.aten, name))
+
+
+def _keep_attention(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_SAVE if op in _ATTENTION_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _selective_contexts():
+    return create_selective_checkpoint_contexts(_keep_attention)
 
 
 def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -107,8 +125,10 @@ class DiTBlock(nn.Module):
         out = self.face_attn(padded, ctx, backends=self.backends, query_groups=f1 - f0)
         return out[:, lead:lead + n]
 
-    def forward(self, *args, checkpointed: bool = False, ref_out: bool = True, sp=None):
-        """One block (see :meth:`block`), its activations recomputed in backward when ``checkpointed``.
+    def forward(self, *args, checkpointed: str = "", ref_out: bool = True, sp=None):
+        """One block (see :meth:`block`), its activations recomputed in backward when ``checkpointed`` is
+        ``full`` (only the inputs kept) or ``selective`` (the inputs and the attention kernels' outputs kept: the
+        backward re-runs the projections, norms and MLP, not the attention).
 
         The checkpoint sits inside the block's forward so that ``torch.compile`` of the block traces it
         (Dynamo's activation-checkpoint operator; the recompute is part of the compiled backward and the
@@ -116,7 +136,10 @@ class DiTBlock(nn.Module):
         outer ``torch.utils.checkpoint``.
         """
         if checkpointed and torch.is_grad_enabled():
-            return checkpoint(self.block, *args, ref_out=ref_out, sp=sp, use_reentrant=False)
+            if checkpointed not in ("full", "selective"):
+                raise ValueError(f"checkpointed must be '', 'full' or 'selective', got {checkpointed!r}")
+            contexts = {"context_fn": _selective_contexts} if checkpointed == "selective" else {}
+            return checkpoint(self.block, *args, ref_out=ref_out, sp=sp, use_reentrant=False, **contexts)
         return self.block(*args, ref_out=ref_out, sp=sp)
 
     def block(self, x_ref, x_vid, e_ref, e_vid, rope, context, image_context, face_tokens, motion_keep,
@@ -174,29 +197,72 @@ def block_activation_bytes(cfg: DiTConfig, tokens: int, compiled: bool) -> int:
     return int(tokens * per_token * (1.0 if compiled else EAGER_FACTOR))
 
 
+def checkpointed_bytes(cfg: DiTConfig, tokens: int, policy: str) -> int:
+    """Bytes one checkpointed block keeps over ``tokens`` tokens: its two input streams (bf16), and with the
+    ``selective`` policy the outputs of its attention kernels (self, text (+ image), Ref and Face Attn: a bf16
+    vector and an fp32 log-sum-exp per head and token each; Ref and Face Attn have only the video tokens as
+    queries, counted over all tokens here)."""
+    inputs = tokens * cfg.dim * 2 * 2
+    if policy == "full":
+        return inputs
+    kernels = 4 + (cfg.image_dim is not None)
+    return inputs + tokens * kernels * (cfg.dim * 2 + cfg.num_heads * 4)
+
+
+class CheckpointPlan(NamedTuple):
+    """Blocks from the first: ``full`` checkpointed keeping only their inputs, then ``selective`` keeping their
+    attention outputs too, the rest not checkpointed."""
+
+    full: int
+    selective: int
+
+    @property
+    def blocks(self) -> int:
+        return self.full + self.selective
+
+    def mode(self, i: int) -> str:
+        """How block ``i`` runs: ``full``, ``selective`` or ``""`` (not checkpointed)."""
+        return "full" if i < self.full else "selective" if i < self.blocks else ""
+
+
+def fixed_plan(cfg: DiTConfig, blocks: int) -> CheckpointPlan:
+    """``blocks`` checkpointed (-1: every block) under ``cfg.checkpoint_policy``."""
+    k = cfg.num_layers if blocks < 0 else min(blocks, cfg.num_layers)
+    return CheckpointPlan(k, 0) if cfg.checkpoint_policy == "full" else CheckpointPlan(0, k)
+
+
 def checkpoint_plan(cfg: DiTConfig, batch: int, tokens: int, pixels: int, budget_bytes: int, compiled: bool,
-                    encoder_channels: int = 16) -> int:
-    """The fewest blocks to checkpoint so that the activations of a batch fit ``budget_bytes``.
+                    encoder_channels: int = 16) -> CheckpointPlan:
+    """The cheapest checkpointing under which the activations of a batch fit ``budget_bytes``.
 
-    ``tokens`` and ``pixels`` are per sample. A checkpointed block keeps only its two input streams (bf16);
-    while one block is recomputed in backward its full activations live once more. Returns 0 when everything
-    fits (the fastest: no recomputation) and every block when even that does not fit (the caller's memory
-    will tell)."""
-    for k in range(cfg.num_layers + 1):
-        if activation_bytes(cfg, batch, tokens, pixels, compiled, k, encoder_channels) <= budget_bytes:
-            return k
-    return cfg.num_layers
+    ``tokens`` and ``pixels`` are per sample. First the fewest checkpointed blocks under ``cfg.checkpoint_policy``
+    (a selective block re-runs everything but attention, a full one everything); when even every block selective
+    does not fit, the fewest full blocks with the rest selective. Returns no checkpointing when everything fits
+    (the fastest: no recomputation) and every block full when even that does not fit (the caller's memory will
+    tell)."""
+    n = cfg.num_layers
+    if cfg.checkpoint_policy == "full":
+        plans = [CheckpointPlan(k, 0) for k in range(n + 1)]
+    else:
+        plans = [CheckpointPlan(0, k) for k in range(n + 1)] + [CheckpointPlan(j, n - j) for j in range(1, n + 1)]
+    for plan in plans:
+        if activation_bytes(cfg, batch, tokens, pixels, compiled, plan, encoder_channels) <= budget_bytes:
+            return plan
+    return CheckpointPlan(n, 0)
 
 
-def activation_bytes(cfg: DiTConfig, batch: int, tokens: int, pixels: int, compiled: bool, checkpointed: int,
-                     encoder_channels: int = 16) -> int:
-    """Estimated peak activation bytes of a batch with ``checkpointed`` of the blocks checkpointed (see
-    :func:`checkpoint_plan`)."""
+def activation_bytes(cfg: DiTConfig, batch: int, tokens: int, pixels: int, compiled: bool,
+                     plan: CheckpointPlan | int, encoder_channels: int = 16) -> int:
+    """Estimated peak activation bytes of a batch under ``plan`` (an int: that many blocks under
+    ``cfg.checkpoint_policy``; see :func:`checkpoint_plan`). While one checkpointed block is recomputed in
+    backward its full activations live once more."""
+    if isinstance(plan, int):
+        plan = fixed_plan(cfg, plan)
     block = batch * block_activation_bytes(cfg, tokens, compiled)
-    saved_inputs = batch * tokens * cfg.dim * 2 * 2
     encoders = batch * pixels * ENCODER_BYTES_PER_PIXEL_CHANNEL * encoder_channels
-    k = checkpointed
-    return encoders + (cfg.num_layers - k) * block + k * saved_inputs + (block if k else 0)
+    kept = (plan.full * checkpointed_bytes(cfg, tokens, "full")
+            + plan.selective * checkpointed_bytes(cfg, tokens, "selective"))
+    return encoders + (cfg.num_layers - plan.blocks) * block + batch * kept + (block if plan.blocks else 0)
 
 
 class DiT(nn.Module):
@@ -275,14 +341,13 @@ class DiT(nn.Module):
                 nn.init.zeros_(m.weight)
                 nn.init.zeros_(m.bias)
 
-    def checkpointed_blocks(self, batch: int, tokens: int, pixels: int) -> int:
-        """How many blocks (from the first) run under activation checkpointing for this batch."""
-        n = len(self.blocks)
+    def checkpoint_plan(self, batch: int, tokens: int, pixels: int) -> CheckpointPlan:
+        """Which blocks (from the first) run under activation checkpointing for this batch, and how."""
         ac = self.cfg.activation_checkpointing
         if ac != "auto":
-            return n if ac < 0 else min(ac, n)
+            return fixed_plan(self.cfg, ac)
         if self.activation_budget_bytes is None or not torch.is_grad_enabled():
-            return 0
+            return CheckpointPlan(0, 0)
         return checkpoint_plan(self.cfg, batch, tokens, pixels, self.activation_budget_bytes, self.compiled,
                                self.encoder_channels)
 
@@ -357,10 +422,10 @@ class DiT(nn.Module):
         if face_tokens is not None:
             face_tokens = face_tokens.to(dtype)
 
-        n_ckpt = self.checkpointed_blocks(b, n_ref * gh * gw + x_vid.shape[1], t * h * w * self.pixels_per_latent_cell)
+        plan = self.checkpoint_plan(b, n_ref * gh * gw + x_vid.shape[1], t * h * w * self.pixels_per_latent_cell)
         for i, block in enumerate(self.blocks):
             args = (x_ref, x_vid, e_ref, e_vid, rope, context, image_context, face_tokens, keep)
-            x_ref, x_vid = block(*args, checkpointed=i < n_ckpt, ref_out=i < len(self.blocks) - 1, sp=shard)
+            x_ref, x_vid = block(*args, checkpointed=plan.mode(i), ref_out=i < len(self.blocks) - 1, sp=shard)
 
         shift, scale = (self.head_modulation + temb[:, None]).chunk(2, dim=1)
         out = self.proj_out(_modulate(self.norm_out(x_vid), shift, scale).type_as(x_vid))

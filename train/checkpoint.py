@@ -506,15 +506,23 @@ class Checkpointer:
     def _load_engine(self, tag_dir: Path, universal: bool) -> None:
         """Module, optimizer, scheduler and step counters through DeepSpeed."""
         load_dir, tag = (tag_dir, "universal") if universal else (tag_dir.parent, tag_dir.name)
+        # DeepSpeed takes the clipping threshold from the checkpoint; this run's configuration decides it
+        clip = getattr(self.engine.optimizer, "clip_grad", None)
         try:
             path, _ = self.engine.load_checkpoint(str(load_dir), tag=tag, load_module_strict=True)
         except Exception as e:  # whatever DeepSpeed raises, the checkpoint is what failed
+            if isinstance(e, ValueError) and "compute_grad_norm=false" in str(e):
+                raise CheckpointError(f"{load_dir / tag} was saved with DeepSpeed clipping the gradients, which this "
+                                      "run leaves to the update guard: resume it with train.guard.owns_clipping=false "
+                                      "(the same clipping, DeepSpeed's slower norm)") from e
             raise CheckpointError(f"DeepSpeed could not load {load_dir / tag} ({type(e).__name__}: {e}): "
                                   "the checkpoint is broken or of another model; resume another one "
                                   "(train.resume=<checkpoint dir>)") from e
         if path is None:
             raise CheckpointError(f"DeepSpeed could not load {load_dir / tag} (its model-states files are missing): "
                                   "resume another checkpoint (train.resume=<checkpoint dir>)")
+        if clip is not None:
+            self.engine.optimizer.clip_grad = clip
         if universal:  # the universal format restores optimizer-owned parameters only: buffers come from here
             restore_buffers(self.engine.module, tag_dir)
 

@@ -86,6 +86,7 @@ class GuardConfig:
     poison_steps: list[int]  # fault injection: these steps' gradients of poison_group become NaN
     poison_group: str
     owns_overflow_check: bool = True  # the guard's global norm replaces DeepSpeed's per-tensor check (ZeRO-1/2)
+    owns_clipping: bool = True  # ZeRO-2: the guard clips with its norm; DeepSpeed computes none (train/guard.py)
 
 
 @dataclass

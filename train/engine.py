@@ -31,6 +31,14 @@ def _bucket(value, default: int) -> int:
     return -(-_auto(value, default) // 1024) * 1024
 
 
+def guard_clips(job: TrainJob) -> bool:
+    """Whether the update guard clips the gradients (``train.guard.owns_clipping``) instead of DeepSpeed: ZeRO-2
+    without optimizer offload, the layout whose gradient partitions the guard reaches (DeepSpeed's
+    ``compute_grad_norm=false``)."""
+    return (job.train.guard.owns_clipping and job.zero.stage == 2 and job.zero.offload_optimizer == "none"
+            and job.train.optimizer.grad_clip > 0)
+
+
 def deepspeed_config(job: TrainJob, num_trainable: int, load_universal: bool = False) -> dict:
     """The DeepSpeed config of this job (what a hand-written ds_config.json would hold)."""
     z, la, opt = job.zero, job.launch, job.train.optimizer
@@ -50,6 +58,8 @@ def deepspeed_config(job: TrainJob, num_trainable: int, load_universal: bool = F
             "stage3_gather_16bit_weights_on_model_save": False,  # exports come from the fp32 checkpoint
         })
         del zero["allgather_bucket_size"]
+    if guard_clips(job):  # the guard's one fused norm clips; DeepSpeed would take one norm per tensor again
+        zero["compute_grad_norm"] = False
     if z.offload_optimizer != "none":
         zero["offload_optimizer"] = {"device": z.offload_optimizer, "pin_memory": la.device == "cuda"}
     if z.offload_param != "none":
@@ -59,7 +69,7 @@ def deepspeed_config(job: TrainJob, num_trainable: int, load_universal: bool = F
         # number for its own sample counters (the trainer counts samples itself).
         "train_micro_batch_size_per_gpu": 1,
         "gradient_accumulation_steps": job.train.grad_accum,
-        "gradient_clipping": opt.grad_clip,
+        "gradient_clipping": 0.0 if guard_clips(job) else opt.grad_clip,
         "zero_optimization": zero,
         "bf16": {"enabled": la.precision == "bf16"},
         "steps_per_print": 2**31 - 1,  # the trainer logs

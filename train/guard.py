@@ -15,7 +15,11 @@ the GPU a configuration once skipped every update from step 2 while the losses l
    overflow check: that check runs an inf/NaN test per gradient tensor and a host sync on every step (on one
    H200 it cost ~0.3 s of a 1.3B step); the guard already knows from its one global norm whether the step is
    finite, so it turns DeepSpeed's check on only for a non-finite step, which DeepSpeed then skips as before;
-5. counts non-finite / skipped steps (total and consecutive) for the logs, TensorBoard and metrics.jsonl,
+5. with ``clip`` (``train.guard.owns_clipping``, ZeRO-2 without offload) clips the gradient partitions to that
+   global norm in place (one fused multiply) before DeepSpeed's step, whose own clipping norm (one norm and one
+   fp32 copy per gradient tensor) is then turned off: the same rule as DeepSpeed's
+   (``g *= clip / (norm + 1e-6)`` where that is below 1), one norm instead of two;
+6. counts non-finite / skipped steps (total and consecutive) for the logs, TensorBoard and metrics.jsonl,
    and stops the run with :class:`NonFiniteGradients` after ``train.guard.max_consecutive_nonfinite`` in a
    row; the trainer saves no checkpoint from a bad step, so the last good one stays ``latest``.
 
@@ -68,13 +72,22 @@ def _partition_tensors(engine) -> list[torch.Tensor] | None:
     return out or None
 
 
+def _fp32_norms(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Each tensor's L2 norm, accumulated and returned in fp32 (fused multi-tensor kernels)."""
+    try:
+        return list(torch._foreach_norm(tensors, 2.0, dtype=torch.float32))
+    except TypeError:  # PyTorch without the dtype argument
+        return [n.float() for n in torch._foreach_norm(tensors, 2.0)]
+
+
 class UpdateGuard:
     """See the module docstring. ``named_trainable``: (name, parameter) of the stage's trainable set."""
 
     def __init__(self, engine, named_trainable: list[tuple[str, torch.nn.Parameter]], max_consecutive: int,
                  poison_steps=(), poison_group: str = "pose_encoder", world_size: int = 1,
-                 owns_overflow_check: bool = False):
+                 owns_overflow_check: bool = False, clip: float = 0.0):
         self.engine = engine
+        self.clip = clip
         # ZeRO-1/2 read ``check_grad_overflow`` on every step; ZeRO-3 and CPU offload keep their own check
         self.owns_overflow_check = (owns_overflow_check and hasattr(engine.optimizer, "check_grad_overflow")
                                     and not getattr(engine.optimizer, "cpu_offload", False))
@@ -103,8 +116,7 @@ class UpdateGuard:
         tensors = _partition_tensors(self.engine)
         if tensors is None:
             return None
-        norms = torch._foreach_norm(tensors, 2.0)
-        sq = torch.stack([n.float() for n in norms]).square().sum().reshape(1)
+        sq = torch.stack(_fp32_norms(tensors)).square().sum().reshape(1)
         if self.world_size > 1:
             torch.distributed.all_reduce(sq)
         return float(sq.sqrt().item())
@@ -133,6 +145,13 @@ class UpdateGuard:
             health.bad_groups = self.bad_groups() or ["unknown"]
         if self.owns_overflow_check:  # DeepSpeed checks (and skips) exactly the steps the guard cannot clear
             self.engine.optimizer.check_grad_overflow = norm is None or not finite
+        if self.clip > 0:
+            if norm is None:
+                raise RuntimeError("train.guard.owns_clipping: the gradient partitions are not reachable in this "
+                                   "optimizer layout, so nothing would clip; set train.guard.owns_clipping=false")
+            factor = self.clip / (norm + 1e-6)
+            if finite and factor < 1.0:
+                torch._foreach_mul_(_partition_tensors(self.engine), factor)
         return health
 
     def after_step(self, health: StepHealth) -> StepHealth:

@@ -32,7 +32,7 @@ from .audio_step import AudioEval, AudioTokenStep
 from .config import TrainJob
 from .distributed import Dist, RNGStates, all_gather, barrier
 from .ema import ShardedEMA
-from .engine import StageProgress, initialize, set_activation_budget
+from .engine import StageProgress, guard_clips, initialize, set_activation_budget
 from .guard import StepHealth, UpdateGuard
 from .manifest import load_key
 from .metrics import MetricLogger, StepStats, device_peak_tflops
@@ -90,7 +90,8 @@ class Trainer:
         self.ema = ShardedEMA([(n, named[n]) for n in self.trainable], job.train.ema.decay, dist.rank)
         g = job.train.guard
         self.guard = UpdateGuard(self.engine, [(n, named[n]) for n in self.trainable], g.max_consecutive_nonfinite,
-                                 g.poison_steps, g.poison_group, dist.world_size, g.owns_overflow_check)
+                                 g.poison_steps, g.poison_group, dist.world_size, g.owns_overflow_check,
+                                 clip=job.train.optimizer.grad_clip if guard_clips(job) else 0.0)
         self.checkpointer.track(self.engine, per_rank={ckpt.RNG: RNGStates(), ckpt.GUARD: self.guard},
                                 sharded={ckpt.EMA: self.ema}, shared={ckpt.DATA: self.loader},
                                 meta={"frozen_signature": self.frozen_signature, "trainable": len(self.trainable)})

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.dit import DiT
+from models.config import load_preset
+from models.dit import _ATTENTION_OPS, CheckpointPlan, DiT, activation_bytes, checkpoint_plan
 from models.layers import attention
 from models.wan_convert import load_wan_transformer, rename_wan_key
 
@@ -139,20 +140,65 @@ def test_motion_keep_removes_pose_and_face(tiny_cfg):
     assert (full[1] - plain[1]).abs().max() > 1e-3
 
 
-def test_activation_checkpointing_same_gradients(tiny_cfg):
+def _grads_and_attention_runs(tiny_cfg, **dit):
+    """Gradients of every parameter for one loss, and how many times an attention kernel ran (forward and any
+    recompute in backward: SDPA's kernel op, not its Python wrapper, so a kept output is not counted)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    runs = []
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in _ATTENTION_OPS:
+                runs.append(func)
+            return func(*args, **(kwargs or {}))
+
+    cfg = tiny_cfg.dit.__class__(**{**tiny_cfg.dit.__dict__, **dit})
     torch.manual_seed(0)
-    grads = []
-    for n_ckpt in (0, -1):
-        cfg = tiny_cfg.dit.__class__(**{**tiny_cfg.dit.__dict__, "activation_checkpointing": n_ckpt})
-        torch.manual_seed(0)
-        dit = DiT(cfg, 8)
-        _nonzero_branches(dit)
-        torch.manual_seed(1)
-        x, sigma, ref = torch.randn(2, 16, 3, 4, 4), torch.rand(2), torch.randn(2, 16, 2, 4, 4)
-        face = torch.randn(6, 4, dit.cfg.dim)
+    dit = DiT(cfg, 8)
+    _nonzero_branches(dit)
+    torch.manual_seed(1)
+    x, sigma, ref = torch.randn(2, 16, 3, 4, 4), torch.rand(2), torch.randn(2, 16, 2, 4, 4)
+    face = torch.randn(6, 4, dit.cfg.dim)
+    with Count():
         dit(x, sigma, ref, torch.randn(2, 8, 3, 4, 4), face).square().mean().backward()
-        grads.append(torch.cat([p.grad.flatten() for p in dit.parameters()]))
-    torch.testing.assert_close(grads[0], grads[1])
+    return torch.cat([p.grad.flatten() for p in dit.parameters()]), len(runs)
+
+
+def test_activation_checkpointing_same_gradients(tiny_cfg):
+    plain, runs = _grads_and_attention_runs(tiny_cfg, activation_checkpointing=0)
+    full, full_runs = _grads_and_attention_runs(tiny_cfg, activation_checkpointing=-1, checkpoint_policy="full")
+    selective, sel_runs = _grads_and_attention_runs(tiny_cfg, activation_checkpointing=-1)
+    torch.testing.assert_close(full, plain)
+    torch.testing.assert_close(selective, plain)
+    # 2 blocks x 5 attention kernels: self, text on each stream, Ref, Face
+    assert runs == 10, runs
+    assert full_runs == 2 * runs  # full: every attention runs again in backward
+    assert sel_runs == runs  # selective: the attention outputs are kept, only the rest is recomputed
+
+
+def test_checkpoint_plan_prefers_selective_then_mixes_in_full(tiny_cfg):
+    cfg = load_preset("wan1_3b").dit
+    tokens, pixels, gib = 81_600, 121 * 640 * 960, 2**30
+    none = activation_bytes(cfg, 1, tokens, pixels, True, CheckpointPlan(0, 0))
+    assert checkpoint_plan(cfg, 1, tokens, pixels, none, True) == CheckpointPlan(0, 0)
+    plan = checkpoint_plan(cfg, 1, tokens, pixels, 94 * gib, True)  # the H200's budget next to ZeRO-2's state
+    assert plan.full == 0 and 0 < plan.selective < cfg.num_layers
+    assert activation_bytes(cfg, 1, tokens, pixels, True, plan) <= 94 * gib
+    # a selective block keeps more than a full one, less than an unchecked one
+    keep = [activation_bytes(cfg, 1, tokens, pixels, True, p) for p in
+            (CheckpointPlan(0, 0), CheckpointPlan(0, 30), CheckpointPlan(30, 0))]
+    assert keep[0] > keep[1] > keep[2]
+    tight = (keep[1] + keep[2]) // 2  # not every block selective: some must keep only their inputs
+    mixed = checkpoint_plan(cfg, 1, tokens, pixels, tight, True)
+    assert 0 < mixed.full < 30 and mixed.blocks == 30
+    assert activation_bytes(cfg, 1, tokens, pixels, True, mixed) <= tight
+    assert [mixed.mode(i) for i in (0, mixed.full, 29)] == ["full", "selective", "selective"]
+    full_cfg = cfg.__class__(**{**cfg.__dict__, "checkpoint_policy": "full"})
+    assert checkpoint_plan(full_cfg, 1, tokens, pixels, 94 * gib, True).selective == 0
+    assert checkpoint_plan(cfg, 1, tokens, pixels, 0, True) == CheckpointPlan(30, 0)  # nothing fits: all full
+    with pytest.raises(ValueError, match="checkpoint_policy"):
+        cfg.__class__(**{**cfg.__dict__, "checkpoint_policy": "some"})
 
 
 def test_reference_tokens_sit_before_the_video_in_time():

@@ -18,17 +18,22 @@ ROOT = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 
+VARIANTS = ("eager:0", "eager:2", "eager:-1", "eager:-1:full", "compile:0", "compile:2", "compile:-1",
+            "compile:2:full", "compile:-1:full")
+
+
 def test_gradients_agree_across_compile_and_checkpointing(tmp_path):
-    """{eager, compiled} x {no, partial, full checkpointing}: steps 1-3 agree with eager / no checkpointing
-    within bf16 tolerance, every gradient finite (wan1_3b blocks, 4 of them, 49 x 480 x 832 + 3 refs)."""
+    """{eager, compiled} x {no, partial, every block checkpointed} x {selective, full}: steps 1-3 agree with eager /
+    no checkpointing within bf16 tolerance, every gradient finite (wan1_3b blocks, 4 of them, 49 x 480 x 832 +
+    3 refs)."""
     out = tmp_path / "grads.json"
     cmd = [sys.executable, str(ROOT / "bench" / "grad_agreement.py"), "--preset", "wan1_3b", "--layers", "4",
            "--frames", "49", "--height", "480", "--width", "832", "--refs", "3", "--steps", "3",
-           "--variants", "eager:0", "eager:2", "eager:-1", "compile:0", "compile:2", "compile:-1", "--out", str(out)]
+           "--variants", *VARIANTS, "--out", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, check=False)
     print(proc.stdout[-6000:], proc.stderr[-3000:])
     rows = json.loads(out.read_text())["rows"]
-    assert len(rows) == 6 * 3
+    assert len(rows) == len(VARIANTS) * 3
     for r in rows:
         assert not r["nonfinite"], r
         assert max(r["rel_diff_vs_ref"].values()) < 0.05, r
@@ -50,7 +55,7 @@ def test_the_trainer_applies_every_update(tmp_path):
     r = json.loads(out.read_text())
     assert r["updates"] == "applied", r["steps"]
     assert all(s["finite"] and s["applied"] for s in r["steps"])
-    for s in r["steps"]:  # the guard's norm is DeepSpeed's (before clipping)
-        assert abs(s["grad_norm"] - s["deepspeed_grad_norm"]) <= 1e-2 * s["deepspeed_grad_norm"], s
+    for s in r["steps"]:  # the guard clips (train.guard.owns_clipping): DeepSpeed takes no norm of its own (the
+        assert s["deepspeed_grad_norm"] is None and s["grad_norm"] > 0, s  # CPU test_guard compares the two)
     if torch.cuda.get_device_properties(0).total_memory > 120 * 2**30:
         assert r["checkpointed_blocks"] == 0

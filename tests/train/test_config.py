@@ -7,7 +7,7 @@ import torch
 from tests.conftest import compose
 from train.config import TrainConfigError, to_job
 from train.distributed import strip_local_rank_arg
-from train.engine import StageProgress, build_optimizer, deepspeed_config, lr_schedule
+from train.engine import StageProgress, build_optimizer, deepspeed_config, guard_clips, lr_schedule
 
 
 def _job(*overrides):
@@ -42,8 +42,11 @@ def test_deepspeed_config_zero2():
     assert z["reduce_bucket_size"] == z["allgather_bucket_size"] == 10_240_000  # auto: capped by the model
     assert "offload_optimizer" not in z and "stage3_prefetch_bucket_size" not in z
     assert cfg["bf16"] == {"enabled": True}
-    assert cfg["gradient_clipping"] == 0.5 and cfg["gradient_accumulation_steps"] == 4
-    assert cfg["checkpoint"] == {"load_universal": False}
+    # the update guard clips (train.guard.owns_clipping): DeepSpeed computes no norm of its own
+    assert cfg["gradient_clipping"] == 0.0 and z["compute_grad_norm"] is False and guard_clips(job)
+    assert cfg["gradient_accumulation_steps"] == 4 and cfg["checkpoint"] == {"load_universal": False}
+    own = deepspeed_config(_job("launch=gpu", "train.optimizer.grad_clip=0.5", "train.guard.owns_clipping=false"), 1)
+    assert own["gradient_clipping"] == 0.5 and "compute_grad_norm" not in own["zero_optimization"]
     assert "optimizer" not in cfg and "scheduler" not in cfg  # torch AdamW + LambdaLR are passed in
 
 
@@ -57,6 +60,7 @@ def test_deepspeed_config_zero3_offload_and_universal():
     assert z["stage3_prefetch_bucket_size"] == 1_000_448  # auto: max(0.9 dim^2, 1e6), a multiple of 1024
     assert z["offload_optimizer"]["device"] == "cpu" and z["offload_param"]["device"] == "cpu"
     assert cfg["bf16"] == {"enabled": False} and cfg["checkpoint"] == {"load_universal": True}
+    assert cfg["gradient_clipping"] > 0 and "compute_grad_norm" not in z  # ZeRO-3 / offload: DeepSpeed clips
 
 
 @pytest.mark.parametrize("overrides,match", [

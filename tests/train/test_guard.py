@@ -3,6 +3,7 @@ logged, no checkpoint is taken from a step that applied no update, and a run of 
 code 4 leaving the last good checkpoint as ``latest``."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from tests.train.conftest import kill_job, metrics, start
@@ -67,3 +68,71 @@ def test_the_guard_runs_deepspeeds_overflow_check_only_on_steps_it_cannot_clear(
     assert guard.counters()["nonfinite_steps"] == 1
     opt.cpu_offload = True  # the partitions live on the CPU optimizer: DeepSpeed keeps its own check
     assert not UpdateGuard(_Engine(opt), [], max_consecutive=3, owns_overflow_check=True).owns_overflow_check
+
+
+def test_the_guard_clips_with_its_norm_only_finite_steps_above_the_threshold():
+    grad = torch.ones(4)  # norm 2
+    opt = _Optimizer(grad)
+    guard = UpdateGuard(_Engine(opt), [], max_consecutive=3, owns_overflow_check=True, clip=1.0)
+    h = guard.before_step(1)
+    assert h.grad_norm == 2.0  # the norm before clipping is what is logged
+    torch.testing.assert_close(grad, torch.full((4,), 1.0 / (2.0 + 1e-6)))  # DeepSpeed's rule: clip / (norm + 1e-6)
+    guard.before_step(2)  # now at the threshold: left alone
+    torch.testing.assert_close(grad, torch.full((4,), 1.0 / (2.0 + 1e-6)))
+    grad[0] = float("nan")
+    guard.bad_groups = lambda: ["pose_encoder"]
+    before = grad.clone()
+    assert not guard.before_step(3).finite and opt.check_grad_overflow is True  # DeepSpeed skips it; not scaled
+    torch.testing.assert_close(grad, before, equal_nan=True)
+
+
+def _clip_run(owns: bool, out: str) -> None:
+    """One ZeRO-2 step of a small model through the trainer's DeepSpeed config (this process = one gloo rank),
+    SGD with lr 1 so that the update is the clipped gradient itself; saves the weights after the step."""
+    import deepspeed
+
+    from models.command_line import compose
+    from train.config import to_job
+    from train.engine import deepspeed_config, guard_clips
+
+    job = to_job(compose("train", ["launch=local", "zero=zero2", "train.optimizer.grad_clip=0.05",
+                                   f"train.guard.owns_clipping={str(owns).lower()}"]))
+    assert guard_clips(job) is owns
+    deepspeed.init_distributed(dist_backend="gloo")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 8))
+    cfg = {**deepspeed_config(job, sum(p.numel() for p in model.parameters())), "zero_allow_untested_optimizer": True}
+    assert cfg["gradient_clipping"] == (0.0 if owns else 0.05)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0), config=cfg)
+    named = list(engine.module.named_parameters())
+    guard = UpdateGuard(engine, named, max_consecutive=3, owns_overflow_check=True, clip=0.05 if owns else 0.0)
+    dtype = next(engine.module.parameters()).dtype
+    x = torch.randn(64, 16, generator=torch.Generator().manual_seed(1)).to(dtype)
+    engine.backward(engine(x).float().square().mean() * 100)
+    health = guard.before_step(1)
+    engine.step()
+    guard.after_step(health)
+    assert health.applied and health.grad_norm > 0.05  # clipping is active
+    torch.save({"weights": [p.detach().float().clone() for _, p in named], "norm": health.grad_norm}, out)
+
+
+def test_guard_clipping_updates_the_weights_as_deepspeeds_clipping(tmp_path):
+    """train.guard.owns_clipping: the guard's in-place clip before DeepSpeed's step (DeepSpeed's clipping norm
+    off) moves the weights exactly as DeepSpeed's own clipping."""
+    import subprocess
+    import sys
+
+    from tests.train.conftest import ROOT, env, free_port
+
+    runs = {}
+    for owns in (True, False):
+        out = tmp_path / f"{owns}.pt"
+        code = f"from tests.train.test_guard import _clip_run; _clip_run({owns}, {str(out)!r})"
+        e = dict(env(), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+        proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=e, capture_output=True, text=True,
+                              timeout=300, check=False)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        runs[owns] = torch.load(out)
+    assert runs[True]["norm"] == pytest.approx(runs[False]["norm"], rel=1e-5)
+    for a, b in zip(runs[True]["weights"], runs[False]["weights"]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -17,7 +17,7 @@ def test_train_step_bench_times_the_trainers_step_and_checkpoint(tmp_path):
     out, run_dir = tmp_path / "bench.json", tmp_path / "run"
     cmd = [sys.executable, str(ROOT / "bench" / "train_step.py"), "--preset", "tiny", "--launch", "local",
            "--frames", "5", "--height", "64", "--width", "64", "--refs", "1", "--steps", "2", "--warmup", "1",
-           "--checkpoint",
+           "--checkpoint", "--profile", str(tmp_path / "prof.txt"),
            "--checkpoint-dir", str(run_dir), "--out", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False, cwd=ROOT,
                           env=dict(env(), MASTER_PORT=str(free_port())))
@@ -29,11 +29,13 @@ def test_train_step_bench_times_the_trainers_step_and_checkpoint(tmp_path):
     assert 0 < sum(r["forward_backward_step_ema_s"]) <= 1.01 * max(r["step_s_all"])
     assert r["flops_per_step"] > 0 and r["tokens_per_sample"] > 0 and r["checkpointed_blocks"] == 0
     assert r["checkpoint_save_s"] > 0 and r["checkpoint_load_s"] > 0 and r["checkpoint_gib"] > 0
-    tag_dir = run_dir / "stage3" / "checkpoints" / ckpt.tag_of(3)  # the trainer's own checkpoint of step 3
-    meta = ckpt.read_meta(tag_dir)
-    assert meta["step"] == 3 and meta["stage"] == 3 and "frozen_signature" in meta
+    tag_dir = run_dir / "stage3" / "checkpoints" / ckpt.tag_of(4)  # the trainer's own checkpoint, after the
+    meta = ckpt.read_meta(tag_dir)                                   # profiled step 4
+    assert meta["step"] == 4 and meta["stage"] == 3 and "frozen_signature" in meta
     assert ckpt.rank_files(tag_dir) == [ckpt.rank_file(tag_dir, 0)]
     assert "step 3: " in proc.stdout and " update applied" in proc.stdout
+    prof = (tmp_path / "prof.txt").read_text()  # the profiled step after the timed ones, split by the trainer's ranges
+    assert all(f"{name}: host " in prof for name in ("guard.before_step", "deepspeed.step", "ema.update")), prof[-2000:]
 
 
 def test_train_step_bench_builds_zero3_as_the_trainer_does(tmp_path):
