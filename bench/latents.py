@@ -25,6 +25,10 @@ candidates and 4 references each: the pass's ceiling per GPU, for machines where
 
     python bench/latents.py --vae --model wan1_3b --frames 121 --vae-size 640 960 --override model.vae.arch={} \
         --device cuda --out vae_h200.json
+
+**Noise cache** (``--noise-cache DIR``): only the loader bench's cache (noise latents, the pass's own read stage
+and writer) of ``--dataset`` at ``--frames``, with ``--override`` (e.g. other buckets), for a trainer run on a machine
+where the pass cannot run (docs/performance.md: the trainer's MFU on cached latents).
 """
 from __future__ import annotations
 
@@ -148,9 +152,10 @@ class _NoLock:
         """Nobody else writes the bench's cache."""
 
 
-def synthetic_cache(dataset: Path, cache: Path, frames: int) -> None:
-    """A cache for the prod config at ``frames`` frames made by the pass's read stage and writer in this process,
-    the VAE replaced by noise (see the module doc)."""
+def synthetic_cache(dataset: Path, cache: Path, frames: int, overrides: list[str] = ()) -> None:
+    """A cache for the prod config (plus ``overrides`` of conf/latents.yaml, e.g. other buckets) at ``frames``
+    frames made by the pass's read stage and writer in this process, the VAE replaced by noise (see the module
+    doc)."""
     import torch
 
     from preprocess.latents import SidecarWriter, build_stages, committed_parts, manifest, prepare_cache, to_config
@@ -159,7 +164,8 @@ def synthetic_cache(dataset: Path, cache: Path, frames: int) -> None:
     from train.data.plan import Framing, Geometry
 
     job = to_config(compose("latents", [f"dataset={dataset}", f"cache={cache}", "model=wan1_3b", "data=prod",
-                                        f"data.frames.min={frames}", f"data.frames.max={frames}", "device=cpu"]))
+                                        f"data.frames.min={frames}", f"data.frames.max={frames}", "device=cpu",
+                                        *overrides]))
     framing = Framing.of(job.data, Geometry.of_model(job.model))
     parts, fps, info = committed_parts(Storage(str(dataset), create=False))
     storage = Storage(str(cache))
@@ -222,10 +228,19 @@ def main(argv=None) -> dict:
     p.add_argument("--vae-clips", type=int, default=8)
     p.add_argument("--vae-clips-per-call", type=int, default=1)
     p.add_argument("--device", default="auto", help="--vae's device")
+    p.add_argument("--noise-cache", type=Path, help="only write a cache of noise latents (the loader bench's) of "
+                   "--dataset at --frames frames with the --override's (buckets) here: for a trainer run on a "
+                   "machine where the pass cannot run")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
+    if args.noise_cache:
+        if not args.dataset:
+            p.error("--noise-cache needs --dataset")
+        dataset = dataset_of(args, args.frames, args.dataset.parent)
+        synthetic_cache(dataset, args.noise_cache, args.frames, args.override)
+        return {"cache": str(args.noise_cache), "bytes": _bytes(args.noise_cache / "shards")}
     if not (args.encode or args.loader or args.vae):
-        p.error("give --encode, --loader and/or --vae")
+        p.error("give --encode, --loader and/or --vae, or --noise-cache")
     if args.vae and not (args.encode or args.loader):
         result = {"machine": os.uname().nodename, "cpu_count": os.cpu_count(), "date": time.strftime("%Y-%m-%d"),
                   "vae": vae_bench(args.model, args.frames, tuple(args.vae_size), args.vae_clips,

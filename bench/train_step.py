@@ -161,6 +161,9 @@ def main() -> None:
                          "must hold none yet (default: a temporary directory, deleted at the end)")
     ap.add_argument("--profile", default=None, help="write torch.profiler tables of one more step to this file")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--write-init", default=None, metavar="PATH",
+                    help="only write the bench's weights (random, no zero tensor) as a model.safetensors that a "
+                         "trainer run of any stage can start from (stage.init=PATH), then exit")
     ap.add_argument("overrides", nargs="*", help="more Hydra overrides of conf/train.yaml")
     args = ap.parse_args()
 
@@ -199,6 +202,15 @@ def main() -> None:
         print(f"model built{' under zero.Init' if job.zero.stage == 3 else ''}: host RSS {host_before:.1f} -> "
               f"{build['build_host_rss_gib']:.1f} GiB" + (f", GPU {build['build_gpu_gib']:.1f} GiB"
                                                           if build["build_gpu_gib"] is not None else ""), flush=True)
+    if args.write_init:
+        if job.zero.stage == 3 or dist.world_size > 1:
+            raise SystemExit("--write-init: one process, ZeRO-2 (the weights whole on this rank)")
+        from train.export import write_safetensors
+
+        weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        write_safetensors(Path(args.write_init), weights, {"format": "pt", "weights": "bench-random"})
+        print(f"wrote {args.write_init}", flush=True)
+        return
     model.set_stage(job.stage.id)
     host_batch = synthetic_batch(model, args.batch, args.frames, args.height, args.width, args.refs)
     trainer = Trainer(job, dist, model=model, loader=SyntheticLoader(host_batch))

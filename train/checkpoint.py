@@ -507,7 +507,7 @@ class Checkpointer:
         """Module, optimizer, scheduler and step counters through DeepSpeed."""
         load_dir, tag = (tag_dir, "universal") if universal else (tag_dir.parent, tag_dir.name)
         # DeepSpeed takes the clipping threshold from the checkpoint; this run's configuration decides it
-        clip = getattr(self.engine.optimizer, "clip_grad", None)
+        clip = getattr(getattr(self.engine, "optimizer", None), "clip_grad", None)
         try:
             path, _ = self.engine.load_checkpoint(str(load_dir), tag=tag, load_module_strict=True)
         except Exception as e:  # whatever DeepSpeed raises, the checkpoint is what failed

@@ -156,3 +156,21 @@ def test_kill9_then_resume_on_cached_latents_is_bitwise_exact(tmp_path, base_ove
     bad = same_training(got, first, range(done[-1] + 1, killed_at + 1))
     assert not bad, "\n".join(bad)
     assert all(r["loss"] == r["loss"] for r in got.values())
+
+
+def test_a_checkpoint_deepspeed_clipped_resumes_only_as_it_was_trained(tmp_path, base_overrides):
+    """A run trained with DeepSpeed's clipping (``train.guard.owns_clipping=false``) resumes with the same setting;
+    with the guard clipping (the default) the resume is refused with a message that names the setting, never a
+    silent restart or an unclipped continuation."""
+    ds = ["train.guard.owns_clipping=false"]
+    run(tmp_path, [*base_overrides, "stage.steps=2", *ds])
+    p = start(tmp_path, [*base_overrides, "stage.steps=3", "train.resume=auto"], log_name="guard.log")
+    try:
+        rc = p.wait(timeout=600)
+    finally:
+        if p.poll() is None:
+            kill_job(p)
+    log = (tmp_path / "guard.log").read_text(errors="replace")
+    assert rc != 0 and "resume it with train.guard.owns_clipping=false" in log, log[-4000:]
+    run(tmp_path, [*base_overrides, "stage.steps=3", "train.resume=auto", *ds], log_name="same.log")
+    assert sorted(metrics(tmp_path)) == [1, 2, 3]

@@ -55,3 +55,25 @@ def test_train_step_bench_builds_zero3_as_the_trainer_does(tmp_path):
     assert "model built under zero.Init" in stdout3 and "model built under" not in runs["zero2"][1]
     assert r3["world_size"] == 2 and r3["params"] == runs["zero2"][0]["params"] > 0
     assert r3["updates"] == "applied" and r3["build_host_rss_gib"] > 0 and r3["peak_host_rss_gib"] > 0
+
+
+def test_write_init_gives_weights_a_stage_starts_from(tmp_path):
+    """``--write-init``: the bench's weights (random, no zero tensor) as a model.safetensors that a trainer stage
+    loads (stage.init), for a trainer run at a preset without pretrained weights."""
+    import torch
+
+    from models.config import load_preset
+    from models.dreamactor import DreamActor
+    from models.partitioned import load_safetensors
+
+    path = tmp_path / "init.safetensors"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port", str(free_port()),
+           str(ROOT / "bench" / "train_step.py"), "--preset", "tiny", "--launch", "local", "--write-init", str(path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False, cwd=ROOT, env=env())
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    model = DreamActor(load_preset("tiny"))
+    load_safetensors(model, path)
+    params = dict(model.named_parameters())
+    assert all(p.any() for p in params.values())  # no zero tensor: no matmul on zeros in a timed run
+    assert not params["dit.proj_out.weight"].eq(DreamActor(load_preset("tiny")).dit.proj_out.weight).all()
+    assert torch.isfinite(torch.cat([p.flatten() for p in params.values()])).all()
