@@ -78,15 +78,21 @@ def kill_job(p: subprocess.Popen) -> None:
     p.wait()
 
 
-def run(out_dir: Path, overrides: list[str], nproc: int = 2, timeout: float = 600, log_name: str = "run.log") -> str:
-    """Run training to its end; returns its log, fails the test on a non-zero exit."""
+def run_to_exit(out_dir: Path, overrides: list[str], nproc: int = 2, timeout: float = 600,
+                log_name: str = "run.log") -> tuple[int, str]:
+    """Run training until it exits (killed after ``timeout``); returns its exit code and its log."""
     p = start(out_dir, overrides, nproc, log_name)
     try:
         rc = p.wait(timeout=timeout)
     finally:
         if p.poll() is None:
             kill_job(p)
-    text = (out_dir / log_name).read_text(errors="replace")
+    return rc, (out_dir / log_name).read_text(errors="replace")
+
+
+def run(out_dir: Path, overrides: list[str], nproc: int = 2, timeout: float = 600, log_name: str = "run.log") -> str:
+    """Run training to its end; returns its log, fails the test on a non-zero exit."""
+    rc, text = run_to_exit(out_dir, overrides, nproc, timeout, log_name)
     assert rc == 0, f"training exited with {rc}:\n{text[-6000:]}"
     return text
 

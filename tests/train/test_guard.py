@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.train.conftest import kill_job, metrics, start
+from tests.train.conftest import metrics, run_to_exit
 from train import checkpoint as ckpt
 from train.guard import UpdateGuard
 
@@ -15,13 +15,7 @@ def test_nonfinite_steps_are_counted_named_and_stop_the_run(tmp_path, base_overr
     # steps 1-4 train (checkpoint at 4); 5 is poisoned, 6 recovers; 8, 9, 10 are poisoned: stop at 10
     over = [*base_overrides, "stage.steps=12", "train.checkpoint.every=4", "train.guard.poison_steps=[5,8,9,10]",
             "train.guard.max_consecutive_nonfinite=3"]
-    p = start(tmp_path, over)
-    try:
-        rc = p.wait(timeout=600)
-    finally:
-        if p.poll() is None:
-            kill_job(p)
-    log = (tmp_path / "run.log").read_text(errors="replace")
+    rc, log = run_to_exit(tmp_path, over)
     assert rc != 0 and "exitcode  : 4" in log, log[-4000:]  # the ranks exit 4; torchrun reports it, exits 1
     assert "step 5: non-finite gradients in pose_encoder" in log
     assert "3 optimizer steps in a row up to step 10 applied no update" in log

@@ -24,6 +24,7 @@ from tests.train.conftest import (
     kill_job,
     metrics,
     run,
+    run_to_exit,
     same_training,
     start,
     wait_for_step,
@@ -164,13 +165,7 @@ def test_a_checkpoint_deepspeed_clipped_resumes_only_as_it_was_trained(tmp_path,
     silent restart or an unclipped continuation."""
     ds = ["train.guard.owns_clipping=false"]
     run(tmp_path, [*base_overrides, "stage.steps=2", *ds])
-    p = start(tmp_path, [*base_overrides, "stage.steps=3", "train.resume=auto"], log_name="guard.log")
-    try:
-        rc = p.wait(timeout=600)
-    finally:
-        if p.poll() is None:
-            kill_job(p)
-    log = (tmp_path / "guard.log").read_text(errors="replace")
+    rc, log = run_to_exit(tmp_path, [*base_overrides, "stage.steps=3", "train.resume=auto"], log_name="guard.log")
     assert rc != 0 and "resume it with train.guard.owns_clipping=false" in log, log[-4000:]
     run(tmp_path, [*base_overrides, "stage.steps=3", "train.resume=auto", *ds], log_name="same.log")
     assert sorted(metrics(tmp_path)) == [1, 2, 3]
