@@ -173,6 +173,21 @@ def check_reservations(cfg: PreprocessConfig, stages: list[Stage], cluster_cpus:
     return need
 
 
+def check_gpus(cfg: PreprocessConfig, stages: list[Stage], cluster_gpus: float) -> None:
+    """Stages that ask for GPUs on a cluster that has none would wait forever without a word: a local Ray (it never
+    gains a GPU) is refused with what to change; a remote cluster gets a warning (its autoscaler may still add GPU
+    nodes)."""
+    wants = sorted({st.name for st in mapped(stages) if st.resources and st.resources.num_gpus > 0})
+    if not wants or cluster_gpus > 0:
+        return
+    what = (f"stages {wants} ask for GPUs (their resources.num_gpus) but the Ray cluster has none")
+    fix = ("run on GPU nodes, or give those stages num_gpus=0 (e.g. without +cluster=prod, whose model stages "
+           "take GPU fractions and MediaPipe's GPU delegate)")
+    if cfg.ray.address == "local":
+        raise ConfigError(f"{what}: this local Ray sees no GPU, so they would never start; {fix}")
+    log.warning("%s now: they wait until the cluster adds GPU nodes; if it never will, %s", what, fix)
+
+
 def reserved_cpus(cfg: PreprocessConfig, stages: list[Stage]) -> float:
     """CPUs that ``stages`` (each actor pool at its minimum, a task stage once) and the writers reserve."""
     need = sum(st.resources.num_cpus * (st.resources.pool[0] if st.actor else 1) for st in stages)
@@ -252,6 +267,7 @@ def run_locked(cfg: PreprocessConfig, inputs: list[InputFile], storage: Storage,
         cluster_cpus = float(ray.cluster_resources().get("CPU", 0.0))
         fit_fused_pool(cfg, stages, cluster_cpus)
         check_reservations(cfg, stages, cluster_cpus)
+        check_gpus(cfg, stages, float(ray.cluster_resources().get("GPU", 0.0)))
         set_data_context(cfg.ray.progress_bars, cfg.ray.block_bytes)
         writers = [ray.remote(ShardWriter).options(
             name=writer_name(run_id, i), namespace=cfg.ray.namespace, num_cpus=cfg.writer.num_cpus,

@@ -267,3 +267,21 @@ def test_the_fused_pool_holds_only_the_actors_the_cpus_fit(tmp_path):
         fit_fused_pool(cfg, stages, cpus)
         fused = next(st for st in stages if "+" in st.name)
         assert fused.resources.pool == want, cpus
+
+
+def test_gpu_stages_on_a_cluster_without_gpus_are_refused_or_warned(tmp_path, caplog):
+    """+cluster=prod's model stages take GPU fractions: a local Ray without a GPU would never start them and the run
+    would wait without a word. Refused on a local Ray, with what to change; a warning on a remote cluster (its
+    autoscaler may add GPU nodes); nothing with a GPU, or without GPU stages."""
+    from preprocess.pipeline import check_gpus
+
+    cfg = _cfg(tmp_path, "+cluster=prod", "input=null", f"output={tmp_path / 'out'}", "ray.address=local")
+    stages = build_stages(cfg, "test")
+    with pytest.raises(ConfigError, match=r"ask for GPUs .* this local Ray sees no GPU.*num_gpus=0"):
+        check_gpus(cfg, stages, 0.0)
+    check_gpus(cfg, stages, 1.0)
+    remote = _cfg(tmp_path, "+cluster=prod", "input=null", f"output={tmp_path / 'out'}", "ray.address=auto")
+    with caplog.at_level("WARNING"):
+        check_gpus(remote, build_stages(remote, "test"), 0.0)
+    assert "wait until the cluster adds GPU nodes" in caplog.text
+    check_gpus(_cfg(tmp_path), build_stages(_cfg(tmp_path), "test"), 0.0)  # the local default asks for none
