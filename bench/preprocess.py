@@ -1,7 +1,7 @@
 """Preprocessing throughput: every stage alone vs the whole Ray Data pipeline, in one run.
 
     python bench/preprocess.py [--videos N] [hydra overrides, e.g. samples.n_frames=100 input=/data/videos]
-    python bench/preprocess.py --videos 32 +cluster=prod input=null output=/tmp/bench-out ray.address=local  # a GPU node
+    python bench/preprocess.py --videos 32 +cluster=prod input=null output=/tmp/bench-out ray.address=local  # GPU
 
 ``--videos N`` (default 24) makes N distinct driving videos from the shipped photos (varied shift, zoom
 and rotation; samples.n_frames frames at samples.size) so that pipeline fill and drain are amortised;
