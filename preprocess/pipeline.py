@@ -264,10 +264,11 @@ def run_locked(cfg: PreprocessConfig, inputs: list[InputFile], storage: Storage,
     stage_frames: Counter = Counter()
     if todo:
         init_ray(cfg)
-        cluster_cpus = float(ray.cluster_resources().get("CPU", 0.0))
+        cluster = ray.cluster_resources()
+        cluster_cpus = float(cluster.get("CPU", 0.0))
         fit_fused_pool(cfg, stages, cluster_cpus)
         check_reservations(cfg, stages, cluster_cpus)
-        check_gpus(cfg, stages, float(ray.cluster_resources().get("GPU", 0.0)))
+        check_gpus(cfg, stages, float(cluster.get("GPU", 0.0)))
         set_data_context(cfg.ray.progress_bars, cfg.ray.block_bytes)
         writers = [ray.remote(ShardWriter).options(
             name=writer_name(run_id, i), namespace=cfg.ray.namespace, num_cpus=cfg.writer.num_cpus,

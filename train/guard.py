@@ -110,10 +110,9 @@ class UpdateGuard:
         return loss + sum(p.sum() for p in params) * float("nan")
 
     @torch.no_grad()
-    def grad_norm(self) -> float | None:
-        """The global gradient norm from ZeRO's partitions (collective); None where they are not reachable
-        (the same on every rank: it depends on the optimizer's configuration only)."""
-        tensors = _partition_tensors(self.engine)
+    def grad_norm(self, tensors: list[torch.Tensor] | None) -> float | None:
+        """The global gradient norm of ZeRO's partitions ``tensors`` (collective); None where they are not
+        reachable (the same on every rank: it depends on the optimizer's configuration only)."""
         if tensors is None:
             return None
         sq = torch.stack(_fp32_norms(tensors)).square().sum().reshape(1)
@@ -138,7 +137,8 @@ class UpdateGuard:
 
     def before_step(self, step: int) -> StepHealth:
         """Call after the backward of the last micro-step, before ``engine.step()``."""
-        norm = self.grad_norm()
+        partitions = _partition_tensors(self.engine)
+        norm = self.grad_norm(partitions)
         finite = norm is None or math.isfinite(norm)
         health = StepHealth(step, math.nan if norm is None else norm, finite)
         if not finite:
@@ -151,7 +151,7 @@ class UpdateGuard:
                                    "optimizer layout, so nothing would clip; set train.guard.owns_clipping=false")
             factor = self.clip / (norm + 1e-6)
             if finite and factor < 1.0:
-                torch._foreach_mul_(_partition_tensors(self.engine), factor)
+                torch._foreach_mul_(partitions, factor)
         return health
 
     def after_step(self, health: StepHealth) -> StepHealth:
