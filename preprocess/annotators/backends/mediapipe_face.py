@@ -21,7 +21,7 @@ import numpy as np
 
 from ..geometry import crop, crop_affine, orthonormalize, rotation_from_yup, uncrop_points
 from . import HeadBackend, HeadClip
-from .mediapipe_common import MediaPipeParams, VideoTask, landmarker_factory, model_path, mp_image
+from .mediapipe_common import MediaPipeParams, VideoTask, landmarker_factory, model_path, mp_image, prefetch_enabled
 
 N_LANDMARKS, N_BLENDSHAPES = 478, 52
 
@@ -96,7 +96,7 @@ class MediaPipeFace(HeadBackend):
         self.center_m = np.asarray(p.head_center_cm, np.float64) / 100.0  # metres
         factory = landmarker_factory("Face", "face_landmarker", p, key, num_faces=1, output_face_blendshapes=True,
                                      output_facial_transformation_matrixes=True)
-        self.task = VideoTask(factory, p.video_mode)
+        self.task = VideoTask(factory, p.video_mode, prefetch_enabled(p, factory, key))
         self.task.start(True)
 
     def estimate(self, frames: np.ndarray, rois: np.ndarray, timestamps_ms: np.ndarray,

@@ -14,7 +14,7 @@ import numpy as np
 from ...schema import N_HAND
 from ..geometry import crop, crop_affine, uncrop_points
 from . import HandsBackend, HandsClip
-from .mediapipe_common import MediaPipeParams, VideoTask, landmarker_factory, mp_image
+from .mediapipe_common import MediaPipeParams, VideoTask, landmarker_factory, mp_image, prefetch_enabled
 
 
 class MediaPipeHands(HandsBackend):
@@ -27,7 +27,8 @@ class MediaPipeHands(HandsBackend):
     def setup(self) -> None:
         factory = landmarker_factory("Hand", "hand_landmarker", self.params,
                                      "annotators.hands.params.backend.params.model_path", num_hands=1)
-        self.tasks = [VideoTask(factory, self.params.video_mode) for _ in range(2)]  # subject's left, right
+        prefetch = prefetch_enabled(self.params, factory, "annotators.hands.params.backend.params")
+        self.tasks = [VideoTask(factory, self.params.video_mode, prefetch) for _ in range(2)]  # subject's left, right
         for task in self.tasks:
             task.start(True)
 

@@ -14,7 +14,7 @@ import numpy as np
 
 from ...schema import BODY_JOINT_NAMES, N_BODY
 from . import BodyBackend, BodyFrame
-from .mediapipe_common import MediaPipeParams, VideoTask, landmarker_factory, mp_image
+from .mediapipe_common import MediaPipeParams, VideoTask, landmarker_factory, mp_image, prefetch_enabled
 
 # SMPL-X joint -> BlazePose landmark(s) it is placed at (the mean when several).
 MP_TO_SMPLX: dict[str, tuple[int, ...]] = {
@@ -53,7 +53,8 @@ class MediaPipePose(BodyBackend):
         p = self.params
         factory = landmarker_factory("Pose", "pose_landmarker_full", p,
                                      "annotators.body.params.backend.params.model_path", num_poses=p.num_poses)
-        self.task = VideoTask(factory, p.video_mode)
+        self.task = VideoTask(factory, p.video_mode,
+                              prefetch_enabled(p, factory, "annotators.body.params.backend.params"))
         self.task.start(True)  # load now, not on the first clip
         self.W = _mapping_matrix()
         self.filled_mask = self.W.sum(1) > 0
