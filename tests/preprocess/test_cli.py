@@ -11,7 +11,7 @@ import pytest
 
 from preprocess.validate import validate
 from tests.conftest import ROOT
-from tests.preprocess.helpers import ENGINE_OVERRIDES, index_keys, make_corpus, make_video, run_cli
+from tests.preprocess.helpers import ENGINE_OVERRIDES, index_keys, make_corpus, run_cli
 
 
 @pytest.mark.parametrize("args,needle", [
@@ -68,50 +68,6 @@ def test_prod_config_prints_without_connecting():
     assert "address: ${oc.env:RAY_ADDRESS,auto}" in r.stdout and "shard_bytes: 536870912" in r.stdout
     assert "${oc.env:DREAMACTOR_INPUT}" in r.stdout  # not resolved: nothing is read or connected
     assert time.time() - t0 < 60
-
-
-def test_kill_9_mid_run_then_resume_gives_the_uninterrupted_key_set(tmp_path):
-    d = tmp_path / "in"
-    make_corpus(d, n_good=10)
-    ref, out = tmp_path / "ref", tmp_path / "out"
-    args = [f"input={d}", *ENGINE_OVERRIDES, "writer.shard_bytes=1024", "ray.num_cpus=2"]
-    r = run_cli([*args, f"output={ref}"])
-    assert r.returncode == 0, r.stderr[-3000:]
-    want = index_keys(ref)
-    assert len(want) == 10
-
-    proc = subprocess.Popen([sys.executable, str(ROOT / "preprocess" / "run.py"), *args, f"output={out}"],
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    shards = out / "shards"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if shards.exists() and len(list(shards.glob("*.parquet"))) >= 2:
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "the run finished before it could be killed"
-    os.kill(proc.pid, signal.SIGKILL)  # the driver dies mid-run
-    proc.wait()
-    time.sleep(1)
-    try:  # clean up the local Ray processes it had started (a dead machine would lose them too)
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    committed = len(list(shards.glob("*.parquet")))
-    assert 2 <= committed < 10
-
-    r = run_cli([*args, f"output={out}"])
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert index_keys(out) == want  # same keys, none duplicated, none missing
-    assert not list(shards.glob("*.tmp")) and not (out / "_staging").exists()
-    assert validate(str(out), log=lambda *_: None) == []
-
-    t0 = time.time()
-    r = run_cli([*args, f"output={out}"])
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert time.time() - t0 < 30  # nothing to do: no Ray, no decoding
-    s = json.loads((out / "summary.json").read_text())
-    assert s["skipped_already_done"] == 10 and s["videos_done"] == 0 and s["stage_frames"] == {}
-    assert index_keys(out) == want
 
 
 def test_prod_profile_composes_to_a_valid_config(monkeypatch):
@@ -171,60 +127,6 @@ def test_a_run_where_every_input_fails_writes_its_outputs(tmp_path):
     assert validate(str(out)) == []
 
 
-def test_retry_failed_keeps_the_record_and_marks_the_latest_attempt(tmp_path):
-    """An input fails; retried while still broken, it has two failure rows of which the newer is ``latest``;
-    fixed and retried, it has clips and neither failure row is ``latest`` (the exit code then says 0)."""
-    import pandas as pd
-
-    inputs = tmp_path / "in"
-    inputs.mkdir()
-    video = inputs / "clip.mp4"
-    video.write_bytes(b"not a video, yet" * 64)
-    out = tmp_path / "out"
-
-    def run(*extra):
-        r = run_cli([f"input={inputs}", f"output={out}", *ENGINE_OVERRIDES, *extra])
-        return r.returncode, pd.read_parquet(out / "failures.parquet"), pd.read_parquet(out / "index.parquet")
-
-    code, f1, _ = run()
-    assert code == 3 and len(f1) == 1 and f1["latest"].tolist() == [True]
-    code, f2, _ = run("retry_failed=true")
-    assert code == 3 and len(f2) == 2
-    f2 = f2.sort_values("run_id")
-    assert f2["latest"].tolist() == [False, True] and f2["run_id"].iloc[0] == f1["run_id"].iloc[0]
-    make_video(video, n=24)
-    code, f3, index = run("retry_failed=true")
-    assert code == 0 and len(index) > 0 and set(index["source"]) == {str(video)}
-    assert len(f3) == 2 and not f3["latest"].any()  # both failures are history now
-
-
-def test_a_manifest_that_lists_a_file_twice_writes_it_once(tmp_path):
-    import pandas as pd
-
-    a, b = make_video(tmp_path / "a.mp4"), make_video(tmp_path / "b.mp4", photo="camera")
-    manifest = tmp_path / "inputs.txt"
-    manifest.write_text(f"{a}\n{b}\n{a}\n")
-    out = tmp_path / "out"
-    r = run_cli([f"input={manifest}", f"output={out}", *ENGINE_OVERRIDES])
-    assert r.returncode == 3, r.stdout[-3000:] + r.stderr[-3000:]  # the repeat is recorded, like any failure
-    keys = index_keys(out)
-    assert keys and len(keys) == len(set(keys))
-    failures = pd.read_parquet(out / "failures.parquet")
-    assert failures[["source", "error_class"]].values.tolist() == [[str(a), "duplicate"]]
-    assert json.loads((out / "summary.json").read_text())["inputs_listed_twice"] == 1
-    assert validate(str(out)) == []
-
-
-def test_a_clean_run_prints_no_traceback(tmp_path):
-    """Nothing alarming on a run where every input succeeds (the isolated decoder used to make
-    multiprocessing print a KeyError traceback per semaphore inside Ray workers)."""
-    make_corpus(tmp_path / "in", n_good=2)
-    r = run_cli([f"input={tmp_path / 'in'}", f"output={tmp_path / 'out'}", *ENGINE_OVERRIDES], timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    text = r.stdout + r.stderr
-    assert "Traceback" not in text and "KeyError" not in text and "died unexpectedly" not in text, text[-3000:]
-
-
 def _args(d, out, *extra) -> list[str]:
     """Engine-only args with a progress line after every batch of events."""
     return [f"input={d}", f"output={out}", *(a for a in ENGINE_OVERRIDES if not a.startswith("progress_interval_s")),
@@ -237,17 +139,42 @@ def _committed_videos(out) -> set[str]:
     return set(pd.concat(stats).query("kind == 'video'")["video_key"]) if stats else set()
 
 
-def test_kill_9_loses_only_the_videos_in_flight(tmp_path):
+N_KILLED = 8  # videos of the kill -9 tests' corpus
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The kill -9 tests' corpus, and the command run on it to its end without interruption (every video committed as
+    it is done: ``writer.commit_every_s=0``): (input dir, that run's output, its CompletedProcess)."""
+    root = tmp_path_factory.mktemp("uninterrupted")
+    d = root / "in"
+    make_corpus(d, n_good=N_KILLED)
+    out = root / "out"
+    return d, out, run_cli(_args(d, out, "writer.commit_every_s=0"), timeout=600)
+
+
+def test_a_clean_run_prints_no_traceback(uninterrupted):
+    """Nothing alarming on a run where every input succeeds (the isolated decoder used to make
+    multiprocessing print a KeyError traceback per semaphore inside Ray workers)."""
+    _, out, r = uninterrupted
+    assert r.returncode == 0, r.stderr[-3000:]
+    text = r.stdout + r.stderr
+    assert "Traceback" not in text and "KeyError" not in text and "died unexpectedly" not in text, text[-3000:]
+    assert len(index_keys(out)) == N_KILLED and validate(str(out), log=lambda *_: None) == []
+
+
+def test_kill_9_loses_only_the_videos_in_flight_and_the_resume_gives_the_uninterrupted_keys(tmp_path, uninterrupted):
     """writer.commit_every_s=0: every video is committed before the driver reports it. kill -9 of the whole job once
     videos are reported: none of them is redone; the rerun redoes exactly the uncommitted (in-flight) ones, takes
-    over the dead run's lock, and leaves every key once (issue 17: before, the open 16 MiB shard was lost whole)."""
+    over the dead run's lock, and leaves every key once (issue 17: before, the open 16 MiB shard was lost whole): the
+    key set of the uninterrupted run, no temporary or staging file left. A run after that has nothing to do: no Ray,
+    no decoding, every video skipped."""
     import threading
 
     import pandas as pd
 
-    n = 8
-    d = tmp_path / "in"
-    make_corpus(d, n_good=n)
+    n = N_KILLED
+    d, reference, _ = uninterrupted
     out = tmp_path / "out"
     args = _args(d, out, "writer.commit_every_s=0")  # writer.shard_bytes stays 16 MiB: one part would hold them all
     proc = subprocess.Popen([sys.executable, str(ROOT / "preprocess" / "run.py"), *args], cwd=ROOT, text=True,
@@ -278,7 +205,18 @@ def test_kill_9_loses_only_the_videos_in_flight(tmp_path):
     assert s["videos_done"] == n - len(committed) and s["skipped_already_done"] == len(committed)
     index = pd.read_parquet(out / "index.parquet")
     assert index["video_key"].nunique() == n and not index["key"].duplicated().any()  # 0 missing, 0 twice
+    want = index_keys(reference)
+    assert len(want) == n and index_keys(out) == want  # the uninterrupted run's keys: none duplicated, none missing
+    assert not list((out / "shards").glob("*.tmp")) and not (out / "_staging").exists()
     assert validate(str(out), log=lambda *_: None) == []
+
+    t0 = time.time()
+    r = run_cli(args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert time.time() - t0 < 30  # nothing to do: no Ray, no decoding
+    s = json.loads((out / "summary.json").read_text())
+    assert s["skipped_already_done"] == n and s["videos_done"] == 0 and s["stage_frames"] == {}
+    assert index_keys(out) == want
 
 
 def test_two_runs_on_one_output_at_once(tmp_path):

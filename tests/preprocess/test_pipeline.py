@@ -221,3 +221,42 @@ def test_the_exit_code_reflects_failures_an_earlier_run_recorded(ray_local, tmp_
     (d / "broken.mp4").unlink()
     assert run_inprocess(str(d), str(out)) == 0
     assert _summary(out)["inputs_with_open_failures"] == 0
+
+
+def test_retry_failed_keeps_the_record_and_marks_the_latest_attempt(ray_local, tmp_path):
+    """An input fails; retried while still broken, it has two failure rows of which the newer is ``latest``;
+    fixed and retried, it has clips and neither failure row is ``latest`` (the exit code then says 0). (The command
+    exits with the code ``pipeline.run`` returns: test_cli.py runs it to each of 0, 2 and 3.)"""
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    video = inputs / "clip.mp4"
+    video.write_bytes(b"not a video, yet" * 64)
+    out = tmp_path / "out"
+
+    def run(*extra):
+        code = run_inprocess(str(inputs), str(out), list(extra))
+        return code, failures(out), pd.read_parquet(out / "index.parquet")
+
+    code, f1, _ = run()
+    assert code == 3 and len(f1) == 1 and f1["latest"].tolist() == [True]
+    code, f2, _ = run("retry_failed=true")
+    assert code == 3 and len(f2) == 2
+    f2 = f2.sort_values("run_id")
+    assert f2["latest"].tolist() == [False, True] and f2["run_id"].iloc[0] == f1["run_id"].iloc[0]
+    make_video(video, n=24)
+    code, f3, index = run("retry_failed=true")
+    assert code == 0 and len(index) > 0 and set(index["source"]) == {str(video)}
+    assert len(f3) == 2 and not f3["latest"].any()  # both failures are history now
+
+
+def test_a_manifest_that_lists_a_file_twice_writes_it_once(ray_local, tmp_path):
+    a, b = make_video(tmp_path / "a.mp4"), make_video(tmp_path / "b.mp4", photo="camera")
+    manifest = tmp_path / "inputs.txt"
+    manifest.write_text(f"{a}\n{b}\n{a}\n")
+    out = tmp_path / "out"
+    assert run_inprocess(str(manifest), str(out)) == 3  # the repeat is recorded, like any failure
+    keys = index_keys(out)
+    assert keys and len(keys) == len(set(keys))
+    assert failures(out)[["source", "error_class"]].values.tolist() == [[str(a), "duplicate"]]
+    assert _summary(out)["inputs_listed_twice"] == 1
+    assert validate(str(out)) == []
