@@ -82,7 +82,8 @@ def test_the_guard_clips_with_its_norm_only_finite_steps_above_the_threshold():
 
 def _clip_run(owns: bool, out: str) -> None:
     """One ZeRO-2 step of a small model through the trainer's DeepSpeed config (this process = one gloo rank),
-    SGD with lr 1 so that the update is the clipped gradient itself; saves the weights after the step."""
+    SGD with lr 1 so that the update is the clipped gradient itself; saves the weights after the step. Each engine
+    starts from the same seed: the two settings run one after the other in one process (:func:`_clip_runs`)."""
     import deepspeed
 
     from models.command_line import compose
@@ -110,6 +111,12 @@ def _clip_run(owns: bool, out: str) -> None:
     torch.save({"weights": [p.detach().float().clone() for _, p in named], "norm": health.grad_norm}, out)
 
 
+def _clip_runs(outs: dict) -> None:
+    """:func:`_clip_run` of each ``{owns: out}`` in this one process (one import of DeepSpeed, one gloo group)."""
+    for owns, out in outs.items():
+        _clip_run(owns, out)
+
+
 def test_guard_clipping_updates_the_weights_as_deepspeeds_clipping(tmp_path):
     """train.guard.owns_clipping: the guard's in-place clip before DeepSpeed's step (DeepSpeed's clipping norm
     off) moves the weights exactly as DeepSpeed's own clipping."""
@@ -118,15 +125,13 @@ def test_guard_clipping_updates_the_weights_as_deepspeeds_clipping(tmp_path):
 
     from tests.train.conftest import ROOT, env, free_port
 
-    runs = {}
-    for owns in (True, False):
-        out = tmp_path / f"{owns}.pt"
-        code = f"from tests.train.test_guard import _clip_run; _clip_run({owns}, {str(out)!r})"
-        e = dict(env(), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-        proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=e, capture_output=True, text=True,
-                              timeout=300, check=False)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        runs[owns] = torch.load(out)
+    outs = {owns: str(tmp_path / f"{owns}.pt") for owns in (True, False)}
+    code = f"from tests.train.test_guard import _clip_runs; _clip_runs({outs!r})"
+    e = dict(env(), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=e, capture_output=True, text=True, timeout=300,
+                          check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    runs = {owns: torch.load(out) for owns, out in outs.items()}
     assert runs[True]["norm"] == pytest.approx(runs[False]["norm"], rel=1e-5)
     for a, b in zip(runs[True]["weights"], runs[False]["weights"]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -7,13 +7,19 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.train.conftest import env, free_port
 from train import checkpoint as ckpt
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_train_step_bench_times_the_trainers_step_and_checkpoint(tmp_path):
+@pytest.fixture(scope="module")
+def zero2_bench(tmp_path_factory):
+    """The bench on one process (ZeRO-2, its default), timing two steps, a checkpoint save + load and a profiled step:
+    (its directory, its JSON record, its CompletedProcess)."""
+    tmp_path = tmp_path_factory.mktemp("train_step_bench")
     out, run_dir = tmp_path / "bench.json", tmp_path / "run"
     cmd = [sys.executable, str(ROOT / "bench" / "train_step.py"), "--preset", "tiny", "--launch", "local",
            "--frames", "5", "--height", "64", "--width", "64", "--refs", "1", "--steps", "2", "--warmup", "1",
@@ -22,7 +28,12 @@ def test_train_step_bench_times_the_trainers_step_and_checkpoint(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False, cwd=ROOT,
                           env=dict(env(), MASTER_PORT=str(free_port())))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    r = json.loads(out.read_text())
+    return tmp_path, json.loads(out.read_text()), proc
+
+
+def test_train_step_bench_times_the_trainers_step_and_checkpoint(zero2_bench):
+    tmp_path, r, proc = zero2_bench
+    run_dir = tmp_path / "run"
     assert r["updates"] == "applied" and [s["step"] for s in r["steps"]] == [1, 2, 3]
     assert all(s["finite"] and s["applied"] and s["grad_norm"] > 0 for s in r["steps"])
     assert len(r["step_s_all"]) == 2 and r["step_s"] > 0 and len(r["forward_backward_step_ema_s"]) == 4
@@ -38,22 +49,21 @@ def test_train_step_bench_times_the_trainers_step_and_checkpoint(tmp_path):
     assert all(f"{name}: host " in prof for name in ("guard.before_step", "deepspeed.step", "ema.update")), prof[-2000:]
 
 
-def test_train_step_bench_builds_zero3_as_the_trainer_does(tmp_path):
+def test_train_step_bench_builds_zero3_as_the_trainer_does(tmp_path, zero2_bench):
     """``--zero zero3`` on 2 CPU ranks: the model is built partitioned (deepspeed.zero.Init, as train/stages.py
-    builds it) with the same parameter count as the whole model, and every update is applied."""
-    runs = {}
-    for zero, nproc in (("zero2", 1), ("zero3", 2)):
-        out = tmp_path / f"{zero}.json"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-               str(free_port()), str(ROOT / "bench" / "train_step.py"), "--preset", "tiny", "--launch", "local",
-               "--zero", zero, "--frames", "5", "--height", "64", "--width", "64", "--refs", "1", "--steps", "1",
-               "--warmup", "1", "--out", str(out)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False, cwd=ROOT, env=env())
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        runs[zero] = (json.loads(out.read_text()), proc.stdout)
-    r3, stdout3 = runs["zero3"]
-    assert "model built under zero.Init" in stdout3 and "model built under" not in runs["zero2"][1]
-    assert r3["world_size"] == 2 and r3["params"] == runs["zero2"][0]["params"] > 0
+    builds it) with the same parameter count as the whole model (the ZeRO-2 bench run's), and every update is
+    applied."""
+    out = tmp_path / "zero3.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(free_port()), str(ROOT / "bench" / "train_step.py"), "--preset", "tiny", "--launch", "local",
+           "--zero", "zero3", "--frames", "5", "--height", "64", "--width", "64", "--refs", "1", "--steps", "1",
+           "--warmup", "1", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False, cwd=ROOT, env=env())
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    r3, stdout3 = json.loads(out.read_text()), proc.stdout
+    _, r2, proc2 = zero2_bench
+    assert "model built under zero.Init" in stdout3 and "model built under" not in proc2.stdout
+    assert r3["world_size"] == 2 and r3["params"] == r2["params"] > 0
     assert r3["updates"] == "applied" and r3["build_host_rss_gib"] > 0 and r3["peak_host_rss_gib"] > 0
 
 
