@@ -133,6 +133,7 @@ def plan_rows(args) -> dict:
         "smplx_fit_gpu_hours": frames * args.smplx_fit_ms_per_frame / 1000 / 3600,
         "head_fit_gpu_hours": frames * args.head_fit_ms_per_frame / 1000 / 3600,
         "networks_gpu_hours": frames * args.networks_ms_per_frame / 1000 / 3600,
+        "embedded_gpu_node_hours": hours / args.embedded_video_hours_per_gpu_hour,
         "latent_cache_gpu_hours": hours * args.clip_coverage / args.encode_video_hours_per_gpu_hour}
     return out
 
@@ -180,7 +181,11 @@ def markdown(plan: dict, args) -> str:
     lines += ["", f"### Preprocessing {p['corpus_hours']:.0f} h", "",
               f"- {p['frames'] / 1e6:.1f} M frames at {args.fps:g} fps; embedded annotators at "
               f"{args.cpu_ms_per_frame:g} CPU-ms per frame: **{p['embedded_cpu_core_hours']:,.0f} core-hours** "
-              f"(e.g. {p['embedded_cpu_core_hours'] / 64 / 24:.1f} days on one 64-core node at full efficiency).",
+              f"(e.g. {p['embedded_cpu_core_hours'] / 64 / 24:.1f} days on one 64-core node at full efficiency). "
+              f"On GPU nodes (`+cluster=prod`, MediaPipe's GPU delegate, 16 cores per GPU) at the measured "
+              f"{args.embedded_video_hours_per_gpu_hour:g} source-video-hours per GPU-hour: "
+              f"**{p['embedded_gpu_node_hours']:,.0f} GPU-hours** "
+              f"({p['embedded_gpu_node_hours'] / args.gpus_per_node:,.0f} hours on one {args.gpus_per_node}-GPU node).",
               f"- latent cache ({args.clip_coverage:.0%} of the footage inside clips, "
               f"{args.encode_video_hours_per_gpu_hour:g} video-hours per GPU-hour): "
               f"**{p['latent_cache_gpu_hours']:,.0f} GPU-hours**.",
@@ -220,8 +225,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--cpu-ms-per-frame", type=float, default=63.3,
                     help="embedded annotators, stages alone (bench/preprocess.py, dev CPU, the pipeline-efficiency "
                          "issue's run)")
-    ap.add_argument("--encode-video-hours-per-gpu-hour", type=float, default=1.89,
-                    help="bench/latents.py --vae, 121 x 640 x 960, H200 (docs/performance.md, 2026-12-01)")
+    ap.add_argument("--embedded-video-hours-per-gpu-hour", type=float, default=2.25,
+                    help="embedded annotators on a GPU node (+cluster=prod, one H200 + 16 cores): bench/preprocess.py "
+                         "--videos 32 (docs/performance.md, 2026-12-03)")
+    ap.add_argument("--encode-video-hours-per-gpu-hour", type=float, default=1.62,
+                    help="the latent pass under Ray, per busy encode-actor hour, 121 x 640 x 960, H200: "
+                         "bench/latents.py --encode (docs/performance.md, 2026-12-03; the VAE stage alone: 1.89)")
     ap.add_argument("--smplx-fit-ms-per-frame", type=float, default=3.12,
                     help="SMPL-X fit, 8 clips of 121 frames per fit, 300 iterations, CUDA graph: "
                          "bench/annotators_gpu.py --clips 8, H200 (docs/performance.md, 2026-12-03)")
