@@ -137,3 +137,25 @@ def full_stack_overrides(files: dict[str, str], det_size: int = 160, fit_iters: 
     out += ([f"{kp}.params.checkpoint=null", f"{kp}.params.device=cpu", f"{kp}.params.batch_size=8"] if rtmw_random
             else [f"{kp}=null"])
     return out
+
+
+@pytest.fixture(scope="session")
+def full_stack_run(full_stack_files, tmp_path_factory):
+    """``annotators=full`` (the whole stack with :func:`full_stack_files`, references and identities included) through
+    the command, once for the session's tests of it, on: a person in motion (``person.mp4``, 256 px, 20 frames), a
+    video of nobody (``nobody.mp4``: nothing to fit) and the first two built-in sample videos (128 px, 26 frames).
+    Returns (its output, its CompletedProcess)."""
+    from tests.preprocess.helpers import make_video, run_cli
+
+    root = tmp_path_factory.mktemp("full_stack_run")
+    media = root / "in"
+    make_video(media / "person.mp4", "astronaut", n=20, size=256)
+    blank = np.full((20, 256, 256, 3), 90, np.uint8)  # nobody in it: nothing to fit
+    blank[:, 100:150, 60:200] = 200
+    demo_media.write_video(media / "nobody.mp4", blank, 25.0)
+    for p in demo_media.ensure_samples(root / "samples", size=128, n_frames=26, fps=25, megamind=False)[:2]:
+        (media / Path(p).name).symlink_to(p)
+    out = root / "out"
+    proc = run_cli([f"input={media}", f"output={out}", "annotators=full", "plan.min_frames=8", "plan.max_frames=26",
+                    "ray.progress_bars=false", *full_stack_overrides(full_stack_files)], timeout=900)
+    return out, proc

@@ -15,6 +15,7 @@ import tarfile
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from preprocess import demo_media, schema
@@ -27,27 +28,24 @@ from .conftest import full_stack_overrides
 HAS_MMPOSE = importlib.util.find_spec("mmpose") is not None
 
 
-def test_full_annotators_fit_smplx_and_record_why_a_fit_failed(tmp_path, full_stack_files):
-    model = write_synthetic_model(tmp_path / "SMPLX_NEUTRAL.npz")
-    media = tmp_path / "in"
-    make_video(media / "person.mp4", "astronaut", n=20, size=256)
-    blank = np.full((20, 256, 256, 3), 90, np.uint8)  # nobody in it: nothing to fit
-    blank[:, 100:150, 60:200] = 200
-    demo_media.write_video(media / "nobody.mp4", blank, 25.0)
-    out = tmp_path / "out"
-    args = [f"input={media}", f"output={out}", "annotators=full", "plan.min_frames=8", "plan.max_frames=16",
-            "ray.progress_bars=false", *full_stack_overrides({**full_stack_files, "smplx": str(model)}),
-            "video_stages.refs.enabled=false"]
-    r = run_cli(args, timeout=600)
+def test_full_annotators_fit_smplx_and_record_why_a_fit_failed(full_stack_run):
+    """The session's ``annotators=full`` run (conftest.full_stack_run): the person's clips carry the SMPL-X fit, the
+    video of nobody fails with the fit's reason."""
+    out, r = full_stack_run
     assert r.returncode in (0, 3), r.stderr[-3000:]
     assert validate(str(out), log=lambda *a: None) == []
     ds = json.loads((out / "dataset.json").read_text())
     assert ds["schema_version"] == schema.SCHEMA_VERSION
+    index = pd.read_parquet(out / "index.parquet")
+    person = set(index.loc[index["source"].str.endswith("person.mp4"), "key"])
+    assert person
     members = {}
     for t in (out / "shards").glob("*.tar"):
         with tarfile.open(t) as tf:
             for m in tf.getmembers():
-                members[m.name.split(".", 1)[1]] = tf.extractfile(m).read()
+                key, member = m.name.split(".", 1)
+                if key in person:
+                    members[member] = tf.extractfile(m).read()
     for f in ("smplx_betas", "smplx_body_pose", "smplx_hand_pose", "smplx_joints3d", "smplx_fit_px", "smplx_valid"):
         assert f"{f}.npy" in members, f
     valid = schema.decode(schema.field("smplx_valid"), members["smplx_valid.npy"])
