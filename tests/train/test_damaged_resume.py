@@ -1,10 +1,11 @@
 """Resume that survives a damaged checkpoint, through the real command (torchrun, 2 CPU processes, gloo, ZeRO-2).
 
 A copy of the uninterrupted reference run keeps its checkpoints of steps 6, 9 and 10. For each kind of file
-(a ZeRO optimizer shard, DeepSpeed's model states, a trainer rank file of ours) the newest checkpoint loses the
-file and the one before has it truncated. ``train.resume=auto`` must verify both against their ``COMPLETE``,
-name the bad files in the log, move both to ``_quarantine/`` (still on disk, with the reason), resume from step 6
-and compute steps 7-10 bitwise as the reference did. An explicit ``train.resume=<damaged checkpoint>`` stops with a
+(a ZeRO optimizer shard of rank 1, DeepSpeed's model states, a trainer rank file of ours: files that different ranks
+verify) the newest checkpoint loses the file and the one before has it truncated, all three kinds in one copy.
+``train.resume=auto`` must verify both against their ``COMPLETE``, name every bad file in the log, move both to
+``_quarantine/`` (still on disk, with every reason), resume from step 6 and compute steps 7-10 bitwise as the
+reference did. An explicit ``train.resume=<damaged checkpoint>`` stops with a
 message naming the file, and loads nothing.
 
 The resumed runs also carry object-store credentials in ``data.source.storage_options``: neither the checkpoints'
@@ -13,8 +14,7 @@ The resumed runs also carry object-store credentials in ``data.source.storage_op
 from __future__ import annotations
 
 import json
-
-import pytest
+import re
 
 from tests.train.conftest import REF_STEPS, copy_run, kill_job, metrics, run, same_training, start
 
@@ -34,26 +34,29 @@ def _damage(ckdir, files: str):
     return gone, cut
 
 
-@pytest.mark.parametrize("kind", sorted(FILES))
-def test_auto_resume_falls_back_past_damaged_checkpoints(kind, tmp_path, base_overrides, reference_zero2):
+def test_auto_resume_falls_back_past_damaged_checkpoints(tmp_path, base_overrides, reference_zero2):
     out = copy_run(reference_zero2, tmp_path / "run", REF_STEPS)
     ckdir = out / "stage1" / "checkpoints"
     assert sorted(d.name for d in ckdir.glob("step_*")) == ["step_00000006", "step_00000009", "step_00000010"]
-    gone, cut = _damage(ckdir, FILES[kind])
+    damaged = {kind: _damage(ckdir, FILES[kind]) for kind in sorted(FILES)}  # kind: (gone, cut)
     log = run(out, [*base_overrides, f"stage.steps={REF_STEPS}", "train.resume=auto", *CREDENTIALS],
               log_name="resume.log")
 
-    assert f"checkpoint step_00000010 is damaged: {gone}: is missing" in log, log[-4000:]
-    assert f"checkpoint step_00000009 is damaged: {cut}: is " in log and "(truncated or replaced)" in log
+    assert "checkpoint step_00000010 is damaged: " in log and "checkpoint step_00000009 is damaged: " in log, \
+        log[-4000:]
+    for kind, (gone, cut) in damaged.items():  # every bad file named, with what is wrong with it
+        assert f"{gone}: is missing" in log, (kind, log[-4000:])
+        assert re.search(re.escape(f"{cut}: is ") + r"\d+ bytes, COMPLETE recorded \d+ \(truncated or replaced\)",
+                         log), (kind, log[-4000:])
     assert "resuming from step_00000006: the newest checkpoint that verifies" in log
     assert f"rank 0 resumed from {ckdir / 'step_00000006'} at step 6" in log
-    for tag, damaged in (("step_00000010", gone), ("step_00000009", cut)):  # moved aside with the reason, kept
+    for tag, i in (("step_00000010", 0), ("step_00000009", 1)):  # moved aside with the reasons, kept
         q = ckdir / "_quarantine" / tag
-        assert (q / "COMPLETE").is_file() and len(list(q.rglob("*.pt"))) == 6 - (damaged is gone)
+        assert (q / "COMPLETE").is_file() and len(list(q.rglob("*.pt"))) == 6 - (len(FILES) if i == 0 else 0)
         reason = json.loads(q.with_name(f"{tag}.reason.json").read_text())
-        assert [p["file"] for p in reason["problems"]] == [str(damaged)]
+        assert sorted(p["file"] for p in reason["problems"]) == sorted(str(d[i]) for d in damaged.values())
     bad = same_training(metrics(out), metrics(reference_zero2), range(7, REF_STEPS + 1))
-    assert not bad, f"{kind}: resumed from step 6 after the fallback:\n" + "\n".join(bad)
+    assert not bad, "resumed from step 6 after the fallback:\n" + "\n".join(bad)
     assert (ckdir / "latest").read_text() == f"step_{REF_STEPS:08d}"
 
     written = [ckdir / "step_00000009" / "config.yaml", ckdir / "step_00000010" / "config.yaml",
