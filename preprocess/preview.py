@@ -141,13 +141,13 @@ def refs_panel(sample: dict, height: int) -> np.ndarray | None:
 
 def render_preview(sample: dict) -> np.ndarray:
     """Overlay frames (T, H, W', 3) of one clip: annotations on the video, references on the right."""
-    from models.render import render_head_sphere_map
-
     frames = decode_mp4(sample["video"])
     T, H, W = frames.shape[:3]
     width = max(2, round(min(H, W) / 160))
     out = frames.copy()
     if "head_center" in sample:
+        from models.render import render_head_sphere_map  # torch: only for a clip with a head (~2 s of imports)
+
         sphere = render_head_sphere_map(sample["head_center"], sample["head_rotation"], sample["head_radius"],
                                         (H, W), valid=sample["head_valid"])
         on = sphere.any(-1, keepdims=True)
