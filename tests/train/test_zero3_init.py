@@ -2,9 +2,9 @@
 allocates only its shard of the model while it is built and its weights are loaded, and the weights are the
 ones a ZeRO-2 run gets.
 
-- Memory: 4 ranks (CPU, gloo) build a sized-up tiny model (13.4 M parameters, 8 layers) from a pretrained Wan
-  checkpoint on disk (4 files); each rank's heap peaks at its shard plus about one module, while the same
-  measurement of an ordinary (ZeRO-2) build sees the whole model.
+- Memory: 2 ranks (CPU, gloo) build a sized-up tiny model (13.4 M parameters, 8 layers) from a pretrained Wan
+  checkpoint on disk (4 files); each rank's heap peaks at its shard (half the model) plus about one module, well
+  below the whole model, while the same measurement of an ordinary (ZeRO-2) build sees the whole model.
 - Weights: the ZeRO-3 build gathered back is bitwise the ZeRO-2 build: random initialisation, the Wan backbone,
   the zero-initialised branches and the Ref Attn copies.
 - Through the real command: a stage started from an export (``stage.init``) and exported again after a step at
@@ -60,12 +60,12 @@ def _build(out, nproc: int, overrides: list[str]) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def wan_builds(tmp_path_factory):
-    """The WIDE model built with its Wan weights: ZeRO-3 on 4 ranks, ZeRO-2 (an ordinary build) on 2."""
+    """The WIDE model built with its Wan weights on 2 ranks: ZeRO-3, and ZeRO-2 (an ordinary build)."""
     root = tmp_path_factory.mktemp("zero3_init")
     _wan_checkpoint(root / "wan")
     overrides = [*WIDE, f"model.weights.wan_transformer_dir={root / 'wan'}"]
     return {"wan": root / "wan",
-            "zero3": (_build(root / "zero3", 4, ["zero=zero3", *overrides]), root / "zero3" / "weights.safetensors"),
+            "zero3": (_build(root / "zero3", 2, ["zero=zero3", *overrides]), root / "zero3" / "weights.safetensors"),
             "zero2": (_build(root / "zero2", 2, ["zero=zero2", *overrides]), root / "zero2" / "weights.safetensors")}
 
 
@@ -79,10 +79,11 @@ def test_zero3_ranks_hold_a_shard_while_building_and_loading(wan_builds):
         shard = model / r["world"]
         assert abs(r["held_bytes"] - shard) < 0.01 * shard, r  # the parameters a rank keeps: its shard
         bound = shard + r["buffer_bytes"] + one_module + FIXED_OVERHEAD
-        print(f"zero3 rank {r['rank']}/4: peak heap {r['peak_bytes'] / MiB:.1f} MiB (bound {bound / MiB:.1f}: shard "
-              f"{shard / MiB:.1f} + one module x2 {one_module / MiB:.1f} + buffers + {FIXED_OVERHEAD / MiB:.0f}), "
+        print(f"zero3 rank {r['rank']}/{r['world']}: peak heap {r['peak_bytes'] / MiB:.1f} MiB "
+              f"(bound {bound / MiB:.1f}: shard {shard / MiB:.1f} + one module x2 {one_module / MiB:.1f} + buffers + "
+              f"{FIXED_OVERHEAD / MiB:.0f}), "
               f"RSS growth {r['rss_growth_bytes'] / MiB:.1f} MiB; model {model / MiB:.1f} MiB")
-        assert r["peak_bytes"] <= bound, r
+        assert r["peak_bytes"] <= bound < model, r
     for r in z2:  # the same measurement sees the whole model without zero.Init
         print(f"zero2 rank {r['rank']}/2: peak heap {r['peak_bytes'] / MiB:.1f} MiB, "
               f"RSS growth {r['rss_growth_bytes'] / MiB:.1f} MiB")
