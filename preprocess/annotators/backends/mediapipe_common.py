@@ -200,9 +200,9 @@ class VideoTask:
     def close(self) -> None:
         """Close the task and any prefetched spare (waiting for it to finish building)."""
         self._close_task()
-        spare = self._take_spare()
-        if spare is not None:
-            _close(spare)
+        if self._spare is not None:  # its finalizer waits for it and closes what it built (a failed build: nothing)
+            self._spare, finalize = None, self._spare_finalizer
+            finalize()
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
