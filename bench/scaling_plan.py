@@ -3,7 +3,7 @@ for the paper's schedule, for ``wan1_3b`` and ``wan14b`` at the paper's shapes, 
 definitions and the figures measured on one H200 (docs/performance.md). Prints markdown tables.
 
     python bench/scaling_plan.py                  # the tables of docs/scaling.md
-    python bench/scaling_plan.py --mfu 0.42 0.44 --inter-node-gbs 50 --json plan.json
+    python bench/scaling_plan.py --mfu 0.44 0.46 --inter-node-gbs 50 --json plan.json
 
 Everything here is arithmetic on inputs that are either computed from the model (parameters, FLOPs per step,
 activation bytes per block: ``models.flops``, ``models.dit.block_activation_bytes`` / ``checkpoint_plan``, the latter
@@ -206,9 +206,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--sp", type=int, nargs="+", default=[1, 2, 4, 8])
     ap.add_argument("--gpu-gib", type=float, default=139.8, help="H200 memory as torch sees it")
     ap.add_argument("--usable", type=float, default=0.9, help="fraction left after the CUDA context, allocator slack")
-    ap.add_argument("--mfu", type=float, nargs=2, default=[0.422, 0.444],
+    ap.add_argument("--mfu", type=float, nargs=2, default=[0.443, 0.460],
                     help="trainer MFU without / with (selective) checkpointing: the trainer's own metric, wan1_3b, one "
-                         "H200, ZeRO-2, 49 and 121 frames, cached latents (docs/performance.md, 2026-12-03); assumed "
+                         "H200, ZeRO-2, 49 and 121 frames, cached latents, compiled encoders (docs/performance.md, "
+                         "2026-12-03); assumed "
                          "to hold for wan14b (uncertain)")
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak used for MFU")
     ap.add_argument("--gpus-per-node", type=int, default=8)

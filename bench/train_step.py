@@ -162,6 +162,10 @@ def main() -> None:
                     help="DiT blocks under activation checkpointing: auto (the trainer's policy), -1 all, 0 none, N")
     ap.add_argument("--compile", default="auto", choices=["auto", "true", "false"],
                     help="train.compile_blocks (auto: on for CUDA + ZeRO-2, the trainer's default)")
+    ap.add_argument("--compile-encoders", default="auto", choices=["auto", "true", "false"],
+                    help="train.compile_encoders (auto: as train.compile_blocks)")
+    ap.add_argument("--encoder-layout", default="channels_last", choices=["channels_last", "contiguous"],
+                    help="the conv encoders' activation layout (the model's default: channels_last)")
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--checkpoint", action="store_true", help="also time a checkpoint save + load")
@@ -188,7 +192,8 @@ def main() -> None:
         cfg = compose("train", [f"model={args.preset}", f"launch={args.launch}", f"zero={args.zero}",
                                 f"stage={args.stage}", "model.weights.required=false",
                                 f"model.dit.activation_checkpointing={args.ckpt_blocks}",
-                                f"train.compile_blocks={args.compile}", "train.resume=none",
+                                f"train.compile_blocks={args.compile}",
+                                f"train.compile_encoders={args.compile_encoders}", "train.resume=none",
                                 "train.checkpoint.keep=1", "train.sample.every=0", "data.latents=true",
                                 # every step's update must be applied: count skipped ones, never stop on them
                                 "train.guard.max_consecutive_nonfinite=1000000000", *args.overrides])
@@ -220,6 +225,7 @@ def main() -> None:
         write_safetensors(Path(args.write_init), weights, {"format": "pt", "weights": "bench-random"})
         print(f"wrote {args.write_init}", flush=True)
         return
+    model.pose_encoder.channels_last = model.face_encoder.model.channels_last = args.encoder_layout == "channels_last"
     model.set_stage(job.stage.id)
     host_batch = synthetic_batch(model, args.batch, args.frames, args.height, args.width, args.refs)
     trainer = Trainer(job, dist, model=model, loader=SyntheticLoader(host_batch))
@@ -273,10 +279,12 @@ def main() -> None:
             trainer.train_step(it, trainer.step + 1)
         ka = prof.key_averages()
     if args.profile and dist.is_main:
+        kernels = ("\n\nKernels by device time:\n"
+                   + ka.table(sort_by="self_cuda_time_total", row_limit=80, max_name_column_width=110)) if cuda else ""
         Path(args.profile).write_text(
             ka.table(sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=40) + "\n\n"
-            + ka.table(sort_by="self_cpu_time_total", row_limit=25) + "\n\nThe optimizer phase by range:\n"
-            + phase_kernels(prof))
+            + ka.table(sort_by="self_cpu_time_total", row_limit=25) + kernels
+            + "\n\nThe optimizer phase by range:\n" + phase_kernels(prof))
     if args.checkpoint:
         t0 = time.perf_counter()
         tag_dir = trainer.save()

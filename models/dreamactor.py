@@ -196,6 +196,16 @@ class DreamActor(nn.Module):
             block.compile(dynamic=False, options=options)
         self.dit.compiled = True
 
+    def compile_encoders(self) -> None:
+        """``torch.compile`` the pose encoder and the face encoder's FAN backbone (static shapes, one graph per
+        clip shape): their activations, BatchNorms and pooling fuse around the cuDNN convolutions, which run at
+        full pixel resolution (the pose encoder) or on every frame's face crop (the face encoder)."""
+        import torch._dynamo
+
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        self.pose_encoder.compile(dynamic=False)
+        self.face_encoder.model.compile(dynamic=False)
+
     # ------------------------------------------------------------------ stages and accounting
 
     def named_param_groups(self) -> dict[str, list[tuple[str, nn.Parameter]]]:

@@ -83,7 +83,12 @@ class HourGlass(nn.Module):
 
 
 class FANBackbone(nn.Module):
-    """PD-FGC's ``FAN_use``: stem, one hourglass, 68 heatmaps -> stride-2 conv -> fc to a 512-d feature."""
+    """PD-FGC's ``FAN_use``: stem, one hourglass, 68 heatmaps -> stride-2 conv -> fc to a 512-d feature.
+
+    ``channels_last`` (default): the convs, BatchNorms and pooling run on NHWC activations (cuDNN's native layout on
+    GPUs: no conversion kernels around each conv); the same function."""
+
+    channels_last = True
 
     def __init__(self, width: float, crop_size: int):
         super().__init__()
@@ -105,6 +110,8 @@ class FANBackbone(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(N, 3, S, S) -> (N, feat_dim)."""
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         x = F.relu(self.bn1(self.conv1(x)))
         x = F.max_pool2d(self.conv2(x), 2)
         x = self.conv4(self.conv3(x))

@@ -19,7 +19,14 @@ from .config import PoseEncoderConfig
 
 
 class PoseEncoder(nn.Module):
-    """(B, in_channels, T, H, W) maps in [0, 1] -> (B, out_channels, 1 + (T-1)/tc, H/s, W/s)."""
+    """(B, in_channels, T, H, W) maps in [0, 1] -> (B, out_channels, 1 + (T-1)/tc, H/s, W/s).
+
+    ``channels_last`` (default): the per-frame convs run on NHWC activations, the layout cuDNN's convolutions use
+    on GPUs, so no NCHW <-> NHWC conversion runs around each of them (the full-resolution stage is the widest
+    tensor of the whole model outside the DiT). The result is the same function (tests/models/test_encoders.py).
+    """
+
+    channels_last = True
 
     def __init__(self, cfg: PoseEncoderConfig, temporal_compression: int, spatial_compression: int):
         super().__init__()
@@ -41,11 +48,17 @@ class PoseEncoder(nn.Module):
         b, c, t, h, w = maps.shape
         if (t - 1) % self.tc:
             raise ValueError(f"pose maps have {t} frames; need 1 + k*{self.tc} (the VAE's causal layout)")
-        x = maps.to(self.conv_in.weight.dtype).transpose(1, 2).reshape(b * t, c, h, w)
+        x = maps.to(self.conv_in.weight.dtype)
+        if self.channels_last:  # one copy straight into (B*T, H, W, C) memory, seen as NCHW with NHWC strides
+            x = x.permute(0, 2, 3, 4, 1).reshape(b * t, h, w, c).permute(0, 3, 1, 2)
+        else:
+            x = x.transpose(1, 2).reshape(b * t, c, h, w)
         x = F.silu(self.conv_in(x))
         for down, conv in self.down:
             x = F.silu(conv(F.silu(down(x))))
         x = x.reshape(b, t, *x.shape[1:])
         x = torch.cat([x[:, :1].expand(-1, self.tc - 1, -1, -1, -1), x], dim=1)
         x = x.reshape(b, (t + self.tc - 1) // self.tc, self.tc * x.shape[2], *x.shape[3:]).transpose(1, 2)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last_3d)
         return self.conv_out(F.silu(self.temporal(x)))

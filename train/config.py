@@ -99,6 +99,7 @@ class TrainSection:
     grad_accum: int
     time_limit_min: float | None  # stop the stage (checkpoint + export) after this many minutes; null: no limit
     compile_blocks: Any  # auto (on for CUDA + ZeRO-2 without SP) | true | false; a bool after to_job
+    compile_encoders: Any  # auto (as compile_blocks) | true | false; a bool after to_job
     continuation_prob: float  # share of samples given their first latent frame as the I2V condition
     optimizer: OptimizerConfig
     ema: EMAConfig
@@ -204,6 +205,8 @@ def to_job(cfg: DictConfig) -> TrainJob:
 
         job.train.compile_blocks = (job.launch.device == "cuda" and job.zero.stage == 2
                                     and job.train.sequence_parallel == 1 and job.stage.id != AUDIO_STAGE)
+    if job.train.compile_encoders == "auto":
+        job.train.compile_encoders = job.train.compile_blocks if isinstance(job.train.compile_blocks, bool) else False
     check(job)
     return job
 
@@ -250,8 +253,9 @@ def check(job: TrainJob) -> None:
         raise ConfigError("zero.offload_param needs zero.stage=3")
     if la.backend == "nccl" and la.device != "cuda":
         raise ConfigError("launch.backend=nccl needs launch.device=cuda")
-    if not isinstance(t.compile_blocks, bool):
-        raise ConfigError(f"train.compile_blocks must be auto, true or false, got {t.compile_blocks!r}")
+    for key in ("compile_blocks", "compile_encoders"):
+        if not isinstance(getattr(t, key), bool):
+            raise ConfigError(f"train.{key} must be auto, true or false, got {getattr(t, key)!r}")
     if t.guard.max_consecutive_nonfinite < 1:
         raise ConfigError("train.guard.max_consecutive_nonfinite must be >= 1")
 
@@ -267,6 +271,8 @@ def check(job: TrainJob) -> None:
         raise ConfigError(f"train.guard.poison_group must be one of {list(PARAM_GROUPS)}, got {t.guard.poison_group!r}")
     if t.compile_blocks and z.stage != 2:
         raise ConfigError("train.compile_blocks needs zero.stage=2 (ZeRO-3 fetches parameters in module hooks)")
+    if t.compile_encoders and z.stage != 2:
+        raise ConfigError("train.compile_encoders needs zero.stage=2 (ZeRO-3 fetches parameters in module hooks)")
     check_sequence_parallel(job)
     if t.grad_accum < 1:
         raise ConfigError("train.grad_accum must be >= 1")

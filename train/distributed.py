@@ -97,6 +97,11 @@ def setup(cfg: LaunchConfig, seed: int, sequence_parallel: int = 1) -> Dist:
     deepspeed.init_distributed(dist_backend=cfg.backend, auto_mpi_discovery=False,
                                timeout=datetime.timedelta(minutes=cfg.timeout_min))
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    # The first collective creates the backend's communicator (NCCL: its device buffers). Made here, before the model
+    # and its activations fill the GPU, not at the first barrier of a run: on a 1-rank H200 run that barrier came
+    # only at the end with the caching allocator holding nearly all memory, and NCCL failed ("Failed to CUDA calloc
+    # async 4 bytes").
+    torch.distributed.barrier()
     seed_everything(seed)
     sp = None
     if sequence_parallel > 1:

@@ -75,6 +75,8 @@ class Trainer:
         model.dit.set_sequence_parallel(dist.sp)
         if job.train.compile_blocks:
             model.compile_blocks()
+        if job.train.compile_encoders:
+            model.compile_encoders()
         self.progress = StageProgress()  # the time-limited stage's fraction done, for the lr cool-down
         self.engine = initialize(model, job, load_universal=universal, progress=self.progress)
         # stage 4 (audio) runs no DiT: no VAE, no sample videos; its step and evaluation are train/audio_step.py's

@@ -118,3 +118,28 @@ def test_pdfgc_errors(tiny_cfg, tmp_path):
     torch.save({"something": torch.zeros(1)}, tmp_path / "other.pth")
     with pytest.raises(KeyError, match="not a PD-FGC"):
         load_pdfgc_weights(enc, tmp_path / "other.pth")
+
+
+def test_channels_last_encoders_compute_the_same_function(tiny_cfg):
+    """The NHWC activation layout of the conv encoders (their default, cuDNN's native layout) changes no value
+    and no gradient: the same weights and inputs in NCHW agree to float rounding."""
+    torch.manual_seed(0)
+    pose = PoseEncoder(tiny_cfg.pose_encoder, 4, 8)
+    face = FaceMotionEncoder(tiny_cfg.face_encoder, token_dim=32, group=4)
+    assert pose.channels_last and face.model.channels_last  # the defaults
+    maps = torch.rand(2, 6, 9, 32, 48)
+    crops = torch.rand(1, 5, 3, 64, 64) * 2 - 1
+    results = {}
+    for layout in (True, False):
+        pose.channels_last = face.model.channels_last = layout
+        pose.zero_grad(), face.zero_grad()
+        out_p, out_f = pose(maps), face(crops)
+        (out_p.square().sum() + out_f.square().sum()).backward()
+        grads = [p.grad.clone() for p in (*pose.parameters(), *face.parameters()) if p.grad is not None]
+        results[layout] = (out_p.detach(), out_f.detach(), grads)
+    (p1, f1, g1), (p0, f0, g0) = results[True], results[False]
+    torch.testing.assert_close(p1, p0, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(f1, f0, rtol=1e-5, atol=1e-6)
+    assert len(g1) == len(g0) > 10
+    for a, b in zip(g1, g0):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

@@ -29,9 +29,11 @@ def test_production_defaults_are_the_papers():
     assert [_job(f"stage={s}").stage.steps for s in ("pose", "face", "full")] == [12, 12, 12]  # launch=local
     assert [_job("launch=gpu", f"stage={s}").stage.steps for s in ("pose", "face", "full")] == [20000, 20000, 30000]
     assert job.launch.precision == "bf16" and job.model.dit.activation_checkpointing == "auto"
-    assert job.train.compile_blocks is True  # CUDA + ZeRO-2
+    assert job.train.compile_blocks is True and job.train.compile_encoders is True  # CUDA + ZeRO-2
     sp = _job("model=wan1_3b", "data=prod", "launch=gpu", "train.sequence_parallel=4")
     assert sp.train.sequence_parallel == 4 and sp.train.compile_blocks is False  # auto: not with SP
+    assert sp.train.compile_encoders is False  # auto: as compile_blocks
+    assert _job("launch=gpu", "train.compile_blocks=false", "train.compile_encoders=true").train.compile_encoders
 
 
 def test_deepspeed_config_zero2():
