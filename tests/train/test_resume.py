@@ -1,9 +1,10 @@
 """Exact and elastic resume through the real command (torchrun, 2 CPU processes, gloo, tiny model).
 
-- ``kill -9`` of the whole job at a random step, then ``train.resume=auto``: every later step's loss, grad
-  norm, lr and samples equal (bitwise) those of an uninterrupted run, under ZeRO-2 and ZeRO-3; a
-  half-written newer checkpoint (and a ``latest`` pointing at it) is ignored.
-- SIGTERM (preemption): a complete checkpoint of the current step, exit 0; resuming it is exact too.
+- An interruption, then ``train.resume=auto``: every later step's loss, grad norm, lr and samples equal (bitwise)
+  those of an uninterrupted run, and a half-written newer checkpoint (and a ``latest`` pointing at it) is ignored
+  and removed. Under ZeRO-2 the interruption is ``kill -9`` of the whole job at a random step (resumed from the
+  last periodic checkpoint); under ZeRO-3 it is SIGTERM (preemption), which checkpoints the current step before
+  the ranks stop, and the resume starts from that step.
 - 2 ranks -> 1 rank (ZeRO-2 and ZeRO-3): DeepSpeed universal conversion happens by itself and the data cursor
   continues the epochs: no (epoch, clip) delivered twice, every partly read epoch completed.
 """
@@ -58,40 +59,46 @@ def _kill_at(out_dir, overrides, step: int) -> int:
     return max(metrics(out_dir))
 
 
-@pytest.mark.parametrize("zero", ["zero2", "zero3"])
-def test_kill9_then_resume_is_bitwise_exact(zero, request, tmp_path, base_overrides):
-    ref_dir = request.getfixturevalue(f"reference_{zero}")
-    ref = metrics(ref_dir)
-    seed = int.from_bytes(os.urandom(4), "little")
-    kill_step = random.Random(seed).randint(2, REF_STEPS - 2)
-    overrides = [*base_overrides, f"zero={zero}", f"stage.steps={REF_STEPS}"]
-    out = tmp_path / "run"
-    killed_at = _kill_at(out, overrides, kill_step)
-    assert killed_at < REF_STEPS, f"the run finished before the kill (target step {kill_step})"
+def _resume_past_half_written(out, overrides, ref, resumed_from: int, what: str) -> None:
+    """Plant a half-written newer checkpoint, resume with ``train.resume=auto``: it is ignored and removed, the run
+    resumes from ``resumed_from`` and every later step equals the uninterrupted reference bitwise."""
     ckdir = out / "stage1" / "checkpoints"
-    done = sorted(int(d.name[5:]) for d in ckdir.glob("step_*") if (d / "COMPLETE").is_file())
     _plant_half_written(out, 99)
     log = run(out, [*overrides, "train.resume=auto"], log_name="resume.log")
-    resumed_from = done[-1] if done else 0
-    assert (f"at step {resumed_from}" in log) if done else ("starts at step 0" in log), log[-3000:]
+    assert (f"at step {resumed_from}" in log) if resumed_from else ("starts at step 0" in log), log[-3000:]
     assert "ignoring incomplete checkpoints" in log and "step_00000099" in log
     assert not (ckdir / "step_00000099").exists(), "the half-written checkpoint was not cleaned up"
     got = metrics(out)
     assert sorted(got) == list(range(1, REF_STEPS + 1))
     bad = same_training(got, ref, range(resumed_from + 1, REF_STEPS + 1))
-    assert not bad, f"kill -9 at step {kill_step} (seed {seed}), resumed from {resumed_from}:\n" + "\n".join(bad)
+    assert not bad, f"{what}, resumed from {resumed_from}:\n" + "\n".join(bad)
     assert (ckdir / "latest").read_text() == f"step_{REF_STEPS:08d}"
 
 
+def test_kill9_then_resume_is_bitwise_exact(tmp_path, base_overrides, reference_zero2):
+    """ZeRO-2: ``kill -9`` of the whole job at a random step; resumed from its last periodic checkpoint."""
+    seed = int.from_bytes(os.urandom(4), "little")
+    kill_step = random.Random(seed).randint(2, REF_STEPS - 2)
+    overrides = [*base_overrides, "zero=zero2", f"stage.steps={REF_STEPS}"]
+    out = tmp_path / "run"
+    killed_at = _kill_at(out, overrides, kill_step)
+    assert killed_at < REF_STEPS, f"the run finished before the kill (target step {kill_step})"
+    ckdir = out / "stage1" / "checkpoints"
+    done = sorted(int(d.name[5:]) for d in ckdir.glob("step_*") if (d / "COMPLETE").is_file())
+    _resume_past_half_written(out, overrides, metrics(reference_zero2), done[-1] if done else 0,
+                              f"kill -9 at step {kill_step} (seed {seed})")
+
+
 def test_sigterm_checkpoints_the_current_step(tmp_path, base_overrides, reference_zero3):
-    """Preemption under ZeRO-3: SIGTERM to the launcher (torchrun signals every rank and loader worker)."""
+    """ZeRO-3 preemption: SIGTERM to the launcher (torchrun signals every rank and loader worker) checkpoints the
+    step it stopped after (no periodic checkpoint is due) and the ranks stop; the resume continues from that step."""
     overrides = [*base_overrides, "zero=zero3", f"stage.steps={REF_STEPS}", "train.checkpoint.every=100"]
     out = tmp_path / "run"
     p = start(out, overrides)
     try:
         wait_for_step(p, out, 4)
         p.send_signal(signal.SIGTERM)
-        p.wait(timeout=120)
+        p.wait(timeout=120)  # torchrun itself exits non-zero on a signal it forwarded
     finally:
         if p.poll() is None:
             kill_job(p)
@@ -100,9 +107,7 @@ def test_sigterm_checkpoints_the_current_step(tmp_path, base_overrides, referenc
     stopped = int(log.split("stopped by a signal after step ")[1].split()[0])
     meta = json.loads((out / "stage1" / "checkpoints" / f"step_{stopped:08d}" / "COMPLETE").read_text())
     assert meta["step"] == stopped and meta["world_size"] == 2
-    run(out, [*overrides, "train.resume=auto"])
-    bad = same_training(metrics(out), metrics(reference_zero3), range(stopped + 1, REF_STEPS + 1))
-    assert not bad, "\n".join(bad)
+    _resume_past_half_written(out, overrides, metrics(reference_zero3), stopped, f"SIGTERM after step {stopped}")
 
 
 @pytest.mark.parametrize("zero", ["zero2", "zero3"])
@@ -163,9 +168,10 @@ def test_a_checkpoint_deepspeed_clipped_resumes_only_as_it_was_trained(tmp_path,
     """A run trained with DeepSpeed's clipping (``train.guard.owns_clipping=false``) resumes with the same setting;
     with the guard clipping (the default) the resume is refused with a message that names the setting, never a
     silent restart or an unclipped continuation."""
-    ds = ["train.guard.owns_clipping=false"]
-    run(tmp_path, [*base_overrides, "stage.steps=1", *ds])
-    rc, log = run_to_exit(tmp_path, [*base_overrides, "stage.steps=2", "train.resume=auto"], log_name="guard.log")
+    ds = ["train.guard.owns_clipping=false"]  # one rank: the rule is the checkpoint's, not the rank count's
+    run(tmp_path, [*base_overrides, "stage.steps=1", *ds], nproc=1)
+    rc, log = run_to_exit(tmp_path, [*base_overrides, "stage.steps=2", "train.resume=auto"], nproc=1,
+                          log_name="guard.log")
     assert rc != 0 and "resume it with train.guard.owns_clipping=false" in log, log[-4000:]
-    run(tmp_path, [*base_overrides, "stage.steps=2", "train.resume=auto", *ds], log_name="same.log")
+    run(tmp_path, [*base_overrides, "stage.steps=2", "train.resume=auto", *ds], nproc=1, log_name="same.log")
     assert sorted(metrics(tmp_path)) == [1, 2]
