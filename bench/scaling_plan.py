@@ -209,8 +209,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--mfu", type=float, nargs=2, default=[0.443, 0.460],
                     help="trainer MFU without / with (selective) checkpointing: the trainer's own metric, wan1_3b, one "
                          "H200, ZeRO-2, 49 and 121 frames, cached latents, compiled encoders (docs/performance.md, "
-                         "2026-12-03); assumed "
-                         "to hold for wan14b (uncertain)")
+                         "2026-12-03); assumed to hold for wan14b (uncertain)")
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak used for MFU")
     ap.add_argument("--gpus-per-node", type=int, default=8)
     ap.add_argument("--intra-node-gbs", type=float, default=300.0,

@@ -60,6 +60,14 @@ def param_group_of(name: str) -> str:
     return "dit"
 
 
+def _allow_shape_recompiles() -> None:
+    """Static shapes, one graph per bucket shape: the loader's batches change clip length, batch size and reference
+    count, and Inductor's dynamic-shape tiling asserted on such a recompile (PyTorch 2.11, H200)."""
+    import torch._dynamo
+
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+
+
 class DreamActor(nn.Module):
     """Pose encoder + face motion encoder + DiT (+ the audio encoder with ``audio``); see the module docstring."""
 
@@ -186,12 +194,8 @@ class DreamActor(nn.Module):
         H200 with wan1_3b blocks at 49x480x832, gradients 20-70x too large in the modulation tables and the
         timestep embedding, non-finite from step 2 under checkpointing, while every CPU test agreed. It stays
         off unless ``mix_order_reduction`` (for the regression check in bench/grad_agreement.py)."""
-        import torch._dynamo
-
         options = {"triton.mix_order_reduction": bool(mix_order_reduction)}
-        # Static shapes, one graph per bucket shape: the loader's batches change clip length, batch size and
-        # reference count, and Inductor's dynamic-shape tiling asserted on such a recompile (PyTorch 2.11, H200).
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        _allow_shape_recompiles()
         for block in self.dit.blocks:
             block.compile(dynamic=False, options=options)
         self.dit.compiled = True
@@ -200,9 +204,7 @@ class DreamActor(nn.Module):
         """``torch.compile`` the pose encoder and the face encoder's FAN backbone (static shapes, one graph per
         clip shape): their activations, BatchNorms and pooling fuse around the cuDNN convolutions, which run at
         full pixel resolution (the pose encoder) or on every frame's face crop (the face encoder)."""
-        import torch._dynamo
-
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        _allow_shape_recompiles()
         self.pose_encoder.compile(dynamic=False)
         self.face_encoder.model.compile(dynamic=False)
 
