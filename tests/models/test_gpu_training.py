@@ -61,31 +61,65 @@ def test_the_trainer_applies_every_update(tmp_path):
         assert r["checkpointed_blocks"] == 0
 
 
+def _encoder_pass(model, maps, crops):
+    """Pose and face encoder outputs and every weight gradient of a scalar of both, in float32."""
+    dtype = next(model.parameters()).dtype
+    pose, face = model.pose_encoder(maps.to(dtype)), model.face_encoder(crops.to(dtype))
+    (pose.float().square().mean() + face.float().square().mean()).backward()
+    grads = {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}
+    return {"pose": pose.float(), "face": face.float(), **grads}
+
+
+def _relative_errors(ref: dict, other: dict) -> dict:
+    assert ref.keys() == other.keys() and len(ref) > 50
+    for name, t in other.items():
+        assert torch.isfinite(t).all(), name
+    return {n: ((ref[n] - other[n]).norm() / ref[n].norm().clamp_min(1e-30)).item() for n in ref}
+
+
 def test_compiled_channels_last_encoders_match_eager_nchw():
     """The trainer's encoders (``compile_encoders``, channels-last activations) against eager NCHW ones with the same
-    wan1_3b weights in bf16: outputs and every weight gradient agree within bf16 tolerance, all finite (pose maps of
-    17 x 240 x 416, 17 face crops of 224 x 224)."""
+    wan1_3b weights (pose maps of 17 x 240 x 416, 17 face crops of 224 x 224).
+
+    In float32 (TF32 off) they are the same function: outputs and every weight gradient agree to 1e-3. In bf16 the
+    two layouts round differently and the face encoder's ~40 BatchNorms amplify it (eager NCHW against eager
+    channels-last differ by up to 7% on the smallest gradients, on the CPU too), so a fixed bf16 tolerance says
+    nothing: each bf16 variant is compared with the float32 eager result, and the compiled channels-last one must
+    be about as close to it as the eager NCHW one is."""
     from models.config import load_preset
     from models.dreamactor import DreamActor
 
     torch.manual_seed(0)
     cfg = load_preset("wan1_3b")
-    ref = DreamActor(cfg).to("cuda", torch.bfloat16)
     maps = torch.rand(1, cfg.pose_encoder.in_channels, 17, 240, 416, device="cuda")
     crops = torch.rand(1, 17, 3, 224, 224, device="cuda") * 2 - 1
-    results = []
-    for compiled in (False, True):
-        model = ref if not compiled else DreamActor(cfg).to("cuda", torch.bfloat16)
+    master = DreamActor(cfg).to("cuda")
+    state = master.state_dict()
+
+    def variant(dtype, compiled):
+        model = DreamActor(cfg).to("cuda", dtype)
+        model.load_state_dict(state)
         if compiled:
-            model.load_state_dict(ref.state_dict())
             model.compile_encoders()
         model.pose_encoder.channels_last = model.face_encoder.model.channels_last = compiled
-        pose, face = model.pose_encoder(maps), model.face_encoder(crops)
-        (pose.float().square().mean() + face.float().square().mean()).backward()
-        grads = {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}
-        results.append((pose.float(), face.float(), grads))
-    (p0, f0, g0), (p1, f1, g1) = results
-    assert g0.keys() == g1.keys() and len(g0) > 50
-    for a, b in ((p0, p1), (f0, f1), *((g0[n], g1[n]) for n in g0)):
-        assert torch.isfinite(b).all()
-        assert ((a - b).norm() / a.norm().clamp_min(1e-12)).item() < 0.05
+        return model
+
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        ref = _encoder_pass(master, maps, crops)
+        del master
+        fp32 = _relative_errors(ref, _encoder_pass(variant(torch.float32, True), maps, crops))
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+    worst = max(fp32, key=fp32.get)
+    assert fp32[worst] < 1e-3, (worst, fp32[worst])
+
+    eager = _relative_errors(ref, _encoder_pass(variant(torch.bfloat16, False), maps, crops))
+    compiled = _relative_errors(ref, _encoder_pass(variant(torch.bfloat16, True), maps, crops))
+    for name in ("pose", "face"):
+        assert compiled[name] < 0.02, (name, compiled[name])
+    ratios = sorted(compiled[n] / max(eager[n], 1e-3) for n in ref)
+    assert ratios[len(ratios) // 2] < 1.5, ratios[len(ratios) // 2]
+    worse = {n: (compiled[n], eager[n]) for n in ref if compiled[n] > 2 * eager[n] + 0.02}
+    assert not worse, worse
