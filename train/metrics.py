@@ -56,6 +56,29 @@ class StepStats:
         return dict(zip(self.FIELDS, t.tolist()))
 
 
+class LogWindow:
+    """The steps since the last metric record: their stats (each already summed over ranks) added up, the slowest
+    step's wall time (mean over ranks) and the sample keys of this rank. A record with ``train.log.every=N``
+    describes all N steps, so a slow step between two records shows in ``step_s_max`` instead of being missed or
+    taken for the steady rate."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.steps = 0
+        self.max_step_s = 0.0
+        self.keys: list = []
+
+    def add(self, stats: dict[str, float], keys: list, world_size: int) -> None:
+        for k, v in stats.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        self.steps += 1
+        self.max_step_s = max(self.max_step_s, stats["step_s"] / world_size)
+        self.keys += keys
+
+
 class MetricLogger:
     """Writes metric records (rank 0 only; other ranks get a no-op)."""
 
@@ -110,8 +133,10 @@ class MetricLogger:
                 if isinstance(v, (int, float)) and k not in ("step", "time") and math.isfinite(v):
                     self.tb.add_scalar(_tb_name(k), v, step)
             self.tb.flush()
-        keys = ("loss", "lr", "grad_norm", "samples_per_s", "tokens_per_s", "tflops", "mfu", "data_wait")
+        keys = ("loss", "lr", "grad_norm", "samples_per_s", "tokens_per_s", "tflops", "mfu", "data_wait", "step_s")
         parts = [f"{k} {record[k]:.4g}" for k in keys if isinstance(record.get(k), float) and math.isfinite(record[k])]
+        if record.get("steps", 1) > 1:
+            parts.append(f"(mean of {record['steps']} steps, slowest {record['step_s_max']:.4g} s)")
         skips = record.get("skipped", {})
         if skips:
             parts.append("skipped " + ",".join(f"{k}={v}" for k, v in sorted(skips.items())))

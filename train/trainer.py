@@ -35,7 +35,7 @@ from .ema import ShardedEMA
 from .engine import StageProgress, guard_clips, initialize, set_activation_budget
 from .guard import StepHealth, UpdateGuard
 from .manifest import load_key
-from .metrics import MetricLogger, StepStats, device_peak_tflops
+from .metrics import LogWindow, MetricLogger, StepStats, device_peak_tflops
 from .stages import build_model, describe, frozen_signature, trainable_names
 from .step import FlowMatchingStep, build_vae, counter_seed
 
@@ -145,6 +145,7 @@ class Trainer:
                         "for a stage over several launches, leave time_limit_min unset and let it follow stage.steps",
                         self.step)
         it = iter(self.loader)
+        window = LogWindow()
         self.t_start = time.perf_counter()
         self.kept_batch = None
         self.engine.train()
@@ -153,11 +154,13 @@ class Trainer:
                 step = self.step + 1
                 stats, keys, health = self.train_step(it, step)
                 total_stats = stats.all_reduce(dist.device)
+                window.add(total_stats, keys, dist.world_size)
                 if job.train.time_limit_min:  # the same on every rank: the mean time since launch
                     self.progress.time_fraction = (total_stats["elapsed_s"] / dist.world_size
                                                    / (60 * job.train.time_limit_min))
                 if step % job.train.log.every == 0 or step == total or total_stats["stop"] or not health.applied:
-                    self._log(logger, step, total_stats, keys, health)
+                    self._log(logger, step, window, health)
+                    window.reset()
                 if self.sample_every and step % self.sample_every == 0:
                     self._sample(logger, self.kept_batch, step)
                 if self.periodic_eval is not None and step % job.train.eval.every == 0:
@@ -261,10 +264,12 @@ class Trainer:
                                  f"(resume=auto continues from the last periodic one)") from None
             raise
 
-    def _log(self, logger: MetricLogger, step: int, s: dict, keys: list, health: StepHealth) -> None:
-        """Gather the per-step numbers and skip counts, write one record (rank 0)."""
-        world = self.dist.world_size
-        step_s = s["step_s"] / world  # mean wall time of the step over ranks
+    def _log(self, logger: MetricLogger, step: int, window: LogWindow, health: StepHealth) -> None:
+        """One record (rank 0) of the steps since the last one: their mean loss, throughput, MFU and data wait, the
+        slowest step, the skip counts; the gradient norm, learning rate and update of the last step."""
+        world, s = self.dist.world_size, window.sums
+        wall = s["step_s"] / world  # the window's wall time (each step's mean over ranks)
+        step_s = wall / window.steps
         record = {
             "loss": s["loss_sum"] / max(1.0, s["micro_steps"]),
             "lr": float(self.engine.get_lr()[0]),
@@ -273,11 +278,13 @@ class Trainer:
                           else health.grad_norm),
             "update_applied": int(health.applied),
             **self.guard.counters(),
-            "samples_per_s": s["samples"] / step_s,
-            "tokens_per_s": s["tokens"] / step_s,
-            "tflops": s["flops"] / step_s / 1e12 / world,  # achieved per device
+            "samples_per_s": s["samples"] / wall,
+            "tokens_per_s": s["tokens"] / wall,
+            "tflops": s["flops"] / wall / 1e12 / world,  # achieved per device
             "data_wait": s["data_s"] / s["step_s"] if s["step_s"] else math.nan,
             "step_s": step_s,
+            "step_s_max": window.max_step_s,
+            "steps": window.steps,
             "samples": int(s["samples"]),
         }
         record["mfu"] = record["tflops"] / self.peak_tflops if self.peak_tflops else math.nan
@@ -287,8 +294,8 @@ class Trainer:
                 merged[k] = merged.get(k, 0) + int(v)
         record["skipped"] = merged
         record.update({f"skipped/{k}": float(v) for k, v in merged.items()})
-        if keys or self.job.train.log.sample_keys:
-            record["sample_keys"] = [k for part in all_gather(keys) for k in part]
+        if window.keys or self.job.train.log.sample_keys:
+            record["sample_keys"] = [k for part in all_gather(window.keys) for k in part]
         if self.dist.device.type == "cuda":
             record["peak_mem_gib"] = torch.cuda.max_memory_allocated(self.dist.device) / 2**30
         logger.log(step, record, to_stdout=True)
