@@ -269,10 +269,9 @@ def check(job: TrainJob) -> None:
             raise ConfigError(f"train.optimizer.lr_scale.{group} must be > 0, got {scale}")
     if t.guard.poison_group not in PARAM_GROUPS:
         raise ConfigError(f"train.guard.poison_group must be one of {list(PARAM_GROUPS)}, got {t.guard.poison_group!r}")
-    if t.compile_blocks and z.stage != 2:
-        raise ConfigError("train.compile_blocks needs zero.stage=2 (ZeRO-3 fetches parameters in module hooks)")
-    if t.compile_encoders and z.stage != 2:
-        raise ConfigError("train.compile_encoders needs zero.stage=2 (ZeRO-3 fetches parameters in module hooks)")
+    for key in ("compile_blocks", "compile_encoders"):
+        if getattr(t, key) and z.stage != 2:
+            raise ConfigError(f"train.{key} needs zero.stage=2 (ZeRO-3 fetches parameters in module hooks)")
     check_sequence_parallel(job)
     if t.grad_accum < 1:
         raise ConfigError("train.grad_accum must be >= 1")

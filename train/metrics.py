@@ -56,24 +56,20 @@ class StepStats:
         return dict(zip(self.FIELDS, t.tolist()))
 
 
-class LogWindow:
+class LogWindow(StepStats):
     """The steps since the last metric record: their stats (each already summed over ranks) added up, the slowest
     step's wall time (mean over ranks) and the sample keys of this rank. A record with ``train.log.every=N``
     describes all N steps, so a slow step between two records shows in ``step_s_max`` instead of being missed or
     taken for the steady rate."""
 
     def __init__(self):
-        self.reset()
-
-    def reset(self) -> None:
-        self.sums: dict[str, float] = {}
+        super().__init__()
         self.steps = 0
         self.max_step_s = 0.0
         self.keys: list = []
 
-    def add(self, stats: dict[str, float], keys: list, world_size: int) -> None:
-        for k, v in stats.items():
-            self.sums[k] = self.sums.get(k, 0.0) + v
+    def add_step(self, stats: dict[str, float], keys: list, world_size: int) -> None:
+        self.add(**stats)
         self.steps += 1
         self.max_step_s = max(self.max_step_s, stats["step_s"] / world_size)
         self.keys += keys

@@ -154,13 +154,13 @@ class Trainer:
                 step = self.step + 1
                 stats, keys, health = self.train_step(it, step)
                 total_stats = stats.all_reduce(dist.device)
-                window.add(total_stats, keys, dist.world_size)
+                window.add_step(total_stats, keys, dist.world_size)
                 if job.train.time_limit_min:  # the same on every rank: the mean time since launch
                     self.progress.time_fraction = (total_stats["elapsed_s"] / dist.world_size
                                                    / (60 * job.train.time_limit_min))
                 if step % job.train.log.every == 0 or step == total or total_stats["stop"] or not health.applied:
                     self._log(logger, step, window, health)
-                    window.reset()
+                    window = LogWindow()
                 if self.sample_every and step % self.sample_every == 0:
                     self._sample(logger, self.kept_batch, step)
                 if self.periodic_eval is not None and step % job.train.eval.every == 0:
@@ -267,7 +267,7 @@ class Trainer:
     def _log(self, logger: MetricLogger, step: int, window: LogWindow, health: StepHealth) -> None:
         """One record (rank 0) of the steps since the last one: their mean loss, throughput, MFU and data wait, the
         slowest step, the skip counts; the gradient norm, learning rate and update of the last step."""
-        world, s = self.dist.world_size, window.sums
+        world, s = self.dist.world_size, window.values
         wall = s["step_s"] / world  # the window's wall time (each step's mean over ranks)
         step_s = wall / window.steps
         record = {
